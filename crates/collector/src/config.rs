@@ -1,0 +1,413 @@
+//! The daemon's configuration (DESIGN §3): TOML, ceilometer's option names, embedded defaults.
+//!
+//! Every section and key has its default here and only here; the defaults are the embedded
+//! mode (SQLite under `./data`, loopback ports). Unknown keys and wrong types are errors that
+//! name the key and the line, because a typo silently ignored is an outage found later.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// ceilometer's default telemetry secret: signing with it is no signing at all.
+pub const CEILOMETER_DEFAULT_SECRET: &str = "change this for valid signing";
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub service: ServiceConfig,
+    pub collector: CollectorConfig,
+    pub publisher: PublisherConfig,
+    pub messaging: MessagingConfig,
+    pub database: DatabaseConfig,
+    pub dispatcher_file: DispatcherFileConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// 0 = number of CPUs.
+    pub workers: usize,
+    pub pidfile: String,
+    pub control_socket: String,
+    pub log_file: String,
+    pub log_level: String,
+    pub graceful_shutdown_timeout: f64,
+    pub worker_timeout: f64,
+    pub user: String,
+    pub group: String,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            workers: 0,
+            pidfile: String::new(),
+            control_socket: "data/collector.sock".into(),
+            log_file: String::new(),
+            log_level: "info".into(),
+            graceful_shutdown_timeout: 30.0,
+            worker_timeout: 30.0,
+            user: String::new(),
+            group: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CollectorConfig {
+    pub udp_address: String,
+    pub udp_port: u16,
+    pub tcp_address: String,
+    pub tcp_port: u16,
+    pub rpc_address: String,
+    pub rpc_port: u16,
+    pub rpc_socket: String,
+    pub batch_size: usize,
+    pub batch_timeout: f64,
+    pub max_frame_bytes: usize,
+    pub max_connections: usize,
+    pub idle_timeout: f64,
+    pub dispatchers: Vec<String>,
+    pub requeue_sample_on_dispatcher_error: bool,
+}
+
+impl Default for CollectorConfig {
+    fn default() -> Self {
+        CollectorConfig {
+            udp_address: "127.0.0.1".into(),
+            udp_port: 4952,
+            tcp_address: "127.0.0.1".into(),
+            tcp_port: 4952,
+            rpc_address: "127.0.0.1".into(),
+            rpc_port: 4953,
+            rpc_socket: String::new(),
+            batch_size: 1000,
+            batch_timeout: 0.05,
+            max_frame_bytes: 16 * 1024 * 1024,
+            max_connections: 1024,
+            idle_timeout: 300.0,
+            dispatchers: vec!["database".into()],
+            requeue_sample_on_dispatcher_error: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublisherConfig {
+    pub telemetry_secret: String,
+}
+
+impl Default for PublisherConfig {
+    fn default() -> Self {
+        PublisherConfig {
+            telemetry_secret: CEILOMETER_DEFAULT_SECRET.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MessagingConfig {
+    pub transport_url: String,
+    pub control_exchange: String,
+    pub metering_topic: String,
+    pub amqp_durable_queues: bool,
+    pub rabbit_qos_prefetch_count: u16,
+}
+
+impl Default for MessagingConfig {
+    fn default() -> Self {
+        MessagingConfig {
+            transport_url: String::new(),
+            control_exchange: "ceilometer".into(),
+            metering_topic: "metering".into(),
+            amqp_durable_queues: false,
+            rabbit_qos_prefetch_count: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub connection: String,
+    pub metering_time_to_live: i64,
+    /// SQLite `PRAGMA synchronous` (OFF, NORMAL, FULL, EXTRA). NORMAL in WAL mode survives a
+    /// process crash; FULL also survives power loss.
+    pub sqlite_synchronous: String,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            connection: "sqlite:///data/collector.db".into(),
+            metering_time_to_live: -1,
+            sqlite_synchronous: "NORMAL".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatcherFileConfig {
+    pub file_path: String,
+    pub max_bytes: u64,
+    pub backup_count: u32,
+}
+
+impl Default for DispatcherFileConfig {
+    fn default() -> Self {
+        DispatcherFileConfig {
+            file_path: "data/samples.log".into(),
+            max_bytes: 0,
+            backup_count: 0,
+        }
+    }
+}
+
+/// A configuration that could not be loaded; the message names the file, key and line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config{where_}: {message}", where_ = .path.as_ref().map(|p| format!(" file {}", p.display())).unwrap_or_default())]
+    Invalid {
+        message: String,
+        path: Option<PathBuf>,
+    },
+}
+
+impl Config {
+    /// Load from a file, or the embedded defaults when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            let c = Config::default();
+            c.validate().map_err(|message| ConfigError::Invalid {
+                message,
+                path: None,
+            })?;
+            return Ok(c);
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let c = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        c.validate().map_err(|message| ConfigError::Invalid {
+            message,
+            path: Some(path.to_path_buf()),
+        })?;
+        Ok(c)
+    }
+
+    /// Parse TOML text; the error text carries line and column and the offending key.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str::<Config>(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    /// Semantic checks serde cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        let c = &self.collector;
+        if c.batch_size == 0 {
+            return Err("[collector] batch_size must be at least 1".into());
+        }
+        if !(c.batch_timeout.is_finite() && c.batch_timeout >= 0.0) {
+            return Err("[collector] batch_timeout must be a non-negative number".into());
+        }
+        if c.max_frame_bytes < 64 {
+            return Err("[collector] max_frame_bytes must be at least 64".into());
+        }
+        if c.max_connections == 0 {
+            return Err("[collector] max_connections must be at least 1".into());
+        }
+        if !(c.idle_timeout.is_finite() && c.idle_timeout > 0.0) {
+            return Err("[collector] idle_timeout must be a positive number".into());
+        }
+        for d in &c.dispatchers {
+            if d != "database" && d != "file" {
+                return Err(format!(
+                    "[collector] dispatchers: unknown dispatcher {d:?}; known: database, file"
+                ));
+            }
+        }
+        let s = &self.service;
+        if !matches!(
+            s.log_level.to_ascii_lowercase().as_str(),
+            "error" | "warn" | "warning" | "info" | "debug" | "trace"
+        ) {
+            return Err(format!(
+                "[service] log_level: unknown level {:?}; known: error, warn, info, debug, trace",
+                s.log_level
+            ));
+        }
+        if !(s.graceful_shutdown_timeout.is_finite() && s.graceful_shutdown_timeout >= 0.0) {
+            return Err("[service] graceful_shutdown_timeout must be a non-negative number".into());
+        }
+        if !(s.worker_timeout.is_finite() && s.worker_timeout > 0.0) {
+            return Err("[service] worker_timeout must be a positive number".into());
+        }
+        if !matches!(
+            self.database.sqlite_synchronous.to_ascii_uppercase().as_str(),
+            "OFF" | "NORMAL" | "FULL" | "EXTRA"
+        ) {
+            return Err(format!(
+                "[database] sqlite_synchronous: {:?} is not one of OFF, NORMAL, FULL, EXTRA",
+                self.database.sqlite_synchronous
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn has_dispatcher(&self, name: &str) -> bool {
+        self.collector.dispatchers.iter().any(|d| d == name)
+    }
+
+    /// The number of workers to run: the configured one, or one per CPU.
+    pub fn worker_count(&self) -> usize {
+        if self.service.workers > 0 {
+            self.service.workers
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }
+    }
+
+    /// The effective configuration as TOML, with secrets masked, for `--check-config` and the
+    /// control socket's `config`.
+    pub fn to_masked_toml(&self) -> String {
+        let mut c = self.clone();
+        if !c.publisher.telemetry_secret.is_empty() {
+            c.publisher.telemetry_secret = "***".into();
+        }
+        c.database.connection = mask_url_password(&c.database.connection);
+        c.messaging.transport_url = mask_url_password(&c.messaging.transport_url);
+        toml::to_string(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// `scheme://user:secret@host` → `scheme://user:***@host`.
+pub fn mask_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let auth = &rest[..auth_end];
+    match (auth.rfind('@'), auth.find(':')) {
+        (Some(at), Some(colon)) if colon < at => format!(
+            "{}{}:***{}",
+            &url[..scheme_end + 3],
+            &auth[..colon],
+            &rest[at..]
+        ),
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_embedded_mode() {
+        let c = Config::load(None).unwrap();
+        assert_eq!(c.database.connection, "sqlite:///data/collector.db");
+        assert_eq!(c.collector.udp_port, 4952);
+        assert_eq!(c.collector.rpc_port, 4953);
+        assert_eq!(c.service.control_socket, "data/collector.sock");
+    }
+
+    #[test]
+    fn full_design_example_parses() {
+        let text = r#"
+[service]
+workers = 2
+pidfile = "/run/collector/collector.pid"
+control_socket = "/run/collector/control.sock"
+log_file = "/var/log/collector/collector.log"
+log_level = "info"
+graceful_shutdown_timeout = 30
+worker_timeout = 30
+user = "collector"
+group = "collector"
+[collector]
+udp_address = "127.0.0.1"
+udp_port = 4952
+tcp_address = "127.0.0.1"
+tcp_port = 4952
+rpc_address = "127.0.0.1"
+rpc_port = 4953
+rpc_socket = ""
+batch_size = 1000
+batch_timeout = 0.05
+max_frame_bytes = 16777216
+max_connections = 1024
+idle_timeout = 300
+dispatchers = ["database", "file"]
+requeue_sample_on_dispatcher_error = true
+[publisher]
+telemetry_secret = "s3cret"
+[messaging]
+transport_url = ""
+control_exchange = "ceilometer"
+metering_topic = "metering"
+amqp_durable_queues = false
+rabbit_qos_prefetch_count = 1000
+[database]
+connection = "sqlite:///var/lib/collector/collector.db"
+metering_time_to_live = -1
+[dispatcher_file]
+file_path = "/var/log/collector/samples.log"
+max_bytes = 0
+backup_count = 0
+"#;
+        let c = Config::parse(text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.service.workers, 2);
+        assert!(c.has_dispatcher("file"));
+        assert_eq!(c.service.graceful_shutdown_timeout, 30.0);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = Config::parse("[collector]\nudp_port = 1\nudp_prot = 2\n").unwrap_err();
+        assert!(e.contains("udp_prot"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let e = Config::parse("[collector]\n\nudp_port = \"x\"\n").unwrap_err();
+        assert!(e.contains("udp_port") || e.contains("line 3"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors() {
+        let c = Config::parse("[collector]\ndispatchers = [\"mongo\"]\n").unwrap();
+        assert!(c.validate().unwrap_err().contains("mongo"));
+        let c = Config::parse("[service]\nlog_level = \"loud\"\n").unwrap();
+        assert!(c.validate().unwrap_err().contains("loud"));
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        let mut c = Config::default();
+        c.publisher.telemetry_secret = "topsecret".into();
+        c.database.connection = "postgresql://u:pw@h:5432/db".into();
+        c.messaging.transport_url = "rabbit://guest:guest@127.0.0.1:5672/".into();
+        let t = c.to_masked_toml();
+        assert!(!t.contains("topsecret") && !t.contains(":pw@") && !t.contains("guest:guest"), "{t}");
+        assert!(t.contains("postgresql://u:***@h:5432/db"), "{t}");
+    }
+}

@@ -1,0 +1,230 @@
+//! Dispatchers and the writer thread.
+//!
+//! The worker's event loop never blocks on storage: it hands whole batches to one writer
+//! thread (started after fork) and keeps draining its sockets while SQLite commits. The writer
+//! runs every configured dispatcher on a batch — `file` appends, `database` stores — and sends
+//! back a [`Completion`] through a channel, waking the loop with a `mio::Waker`. The loop bounds
+//! how many batches are in flight, which is the back-pressure that keeps memory flat when
+//! storage is slower than the network.
+
+use crate::counters::Counters;
+use meter::Sample;
+use std::ops::Range;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use storage::{FileDispatcher, Storage};
+
+/// Who is waiting for (part of) a batch: one RPC request, or an AMQP delivery.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    /// Connection slot and its serial (slots are reused; serials are not).
+    pub conn: usize,
+    pub serial: u64,
+    /// The request's msgid; `None` for a notification (nobody to answer).
+    pub msgid: Option<u64>,
+    /// Where this request's samples sit in `Batch::db`.
+    pub range: Range<usize>,
+    /// Samples of the request refused before storage (bad signature, timestamp, fields).
+    pub rejected: usize,
+}
+
+/// Samples on their way to the dispatchers.
+#[derive(Default)]
+pub struct Batch {
+    pub id: u64,
+    /// For the database dispatcher: verified, timestamp checked.
+    pub db: Vec<Sample>,
+    /// For the file dispatcher: everything decoded.
+    pub file: Vec<Sample>,
+    pub tickets: Vec<Ticket>,
+    pub opened: Option<Instant>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.db.len().max(self.file.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.db.is_empty() && self.file.is_empty() && self.tickets.is_empty()
+    }
+}
+
+/// Per-ticket result of a committed batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TicketResult {
+    pub stored: usize,
+    pub duplicates: usize,
+    pub rejected: usize,
+}
+
+/// What the writer says about one batch.
+pub struct Completion {
+    pub id: u64,
+    pub tickets: Vec<Ticket>,
+    /// `Ok` with one result per ticket, or the dispatcher error text.
+    pub result: Result<Vec<TicketResult>, String>,
+    pub counts: BatchCounts,
+    pub latency: Duration,
+}
+
+/// Aggregates for the worker's counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BatchCounts {
+    pub samples: usize,
+    pub stored: usize,
+    pub duplicates: usize,
+    pub rejected: usize,
+}
+
+pub enum WriterMsg {
+    Batch(Batch),
+    /// USR1 / logrotate: reopen the file dispatcher's file.
+    Reopen,
+}
+
+/// Wakes the event loop; implemented by `mio::Waker` in the daemon.
+pub trait Wake: Send + Sync {
+    fn wake(&self);
+}
+
+impl Wake for mio::Waker {
+    fn wake(&self) {
+        if let Err(e) = mio::Waker::wake(self) {
+            log::error!("cannot wake the worker loop: {e}");
+        }
+    }
+}
+
+pub struct Writer {
+    pub storage: Option<Box<dyn Storage>>,
+    pub file: Option<FileDispatcher>,
+    pub ttl_seconds: Option<u64>,
+}
+
+/// How often the database dispatcher expires old samples when `metering_time_to_live` > 0.
+const EXPIRY_INTERVAL: Duration = Duration::from_secs(600);
+
+impl Writer {
+    /// The writer thread's body: runs until the loop drops its sender.
+    pub fn run(mut self, rx: Receiver<WriterMsg>, tx: Sender<Completion>, waker: Arc<dyn Wake>) {
+        let mut next_expiry = Instant::now();
+        while let Ok(msg) = rx.recv() {
+            match msg {
+                WriterMsg::Reopen => {
+                    if let Some(f) = self.file.as_mut() {
+                        if let Err(e) = f.reopen() {
+                            log::error!("file dispatcher: cannot reopen: {e}");
+                        }
+                    }
+                }
+                WriterMsg::Batch(batch) => {
+                    let c = self.write(batch);
+                    if tx.send(c).is_err() {
+                        return;
+                    }
+                    waker.wake();
+                }
+            }
+            if let (Some(ttl), Some(st)) = (self.ttl_seconds, self.storage.as_mut()) {
+                if Instant::now() >= next_expiry {
+                    next_expiry = Instant::now() + EXPIRY_INTERVAL;
+                    match st.clear_expired_metering_data(ttl) {
+                        Ok(n) if n > 0 => log::info!("expired {n} samples older than {ttl} s"),
+                        Ok(_) => {}
+                        Err(e) => log::warn!("cannot expire old samples: {e}"),
+                    }
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, batch: Batch) -> Completion {
+        let started = Instant::now();
+        let mut counts = BatchCounts {
+            samples: batch.db.len(),
+            ..Default::default()
+        };
+        let mut error = None;
+        if let Some(f) = self.file.as_mut() {
+            if !batch.file.is_empty() {
+                if let Err(e) = f.append(&batch.file) {
+                    error = Some(format!("file dispatcher: {e}"));
+                }
+            }
+        }
+        let mut results: Vec<TicketResult> = batch
+            .tickets
+            .iter()
+            .map(|t| TicketResult {
+                rejected: t.rejected,
+                ..Default::default()
+            })
+            .collect();
+        if let Some(st) = self.storage.as_mut() {
+            if error.is_none() && !batch.db.is_empty() {
+                match st.record_metering_data(&batch.db) {
+                    Ok(out) => {
+                        counts.stored = out.stored;
+                        counts.duplicates = out.duplicate_indices.len();
+                        counts.rejected = out.rejected.len();
+                        for (i, reason) in &out.rejected {
+                            log::warn!(
+                                "sample {} rejected by storage: {reason}",
+                                batch.db.get(*i).map(|s| s.message_id.as_str()).unwrap_or("?")
+                            );
+                        }
+                        attribute(&batch.tickets, &mut results, &out);
+                    }
+                    Err(e) => error = Some(format!("storage unavailable: {e}")),
+                }
+            }
+        } else {
+            // File-only: every sample handed over counts as stored once appended.
+            for (t, r) in batch.tickets.iter().zip(results.iter_mut()) {
+                r.stored = t.range.len();
+            }
+            counts.stored = batch.file.len();
+        }
+        Completion {
+            id: batch.id,
+            tickets: batch.tickets,
+            result: match error {
+                Some(e) => Err(e),
+                None => Ok(results),
+            },
+            counts,
+            latency: started.elapsed(),
+        }
+    }
+}
+
+/// Split the batch's outcome over the requests that contributed to it.
+fn attribute(tickets: &[Ticket], results: &mut [TicketResult], out: &storage::RecordOutcome) {
+    for (t, r) in tickets.iter().zip(results.iter_mut()) {
+        let dup = out
+            .duplicate_indices
+            .iter()
+            .filter(|i| t.range.contains(i))
+            .count();
+        let rej = out.rejected.iter().filter(|(i, _)| t.range.contains(i)).count();
+        r.duplicates = dup;
+        r.rejected += rej;
+        r.stored = t.range.len() - dup - rej;
+    }
+}
+
+/// Fold a completion's aggregates into the worker's counters.
+pub fn count_completion(c: &Completion, counters: &mut Counters) {
+    counters.observe_batch_latency(c.latency.as_millis() as u64);
+    match &c.result {
+        Ok(_) => {
+            counters.batches_written += 1;
+            counters.samples_stored += c.counts.stored as u64;
+            counters.samples_duplicate += c.counts.duplicates as u64;
+            counters.samples_rejected += c.counts.rejected as u64;
+        }
+        Err(_) => counters.dispatch_errors += 1,
+    }
+}

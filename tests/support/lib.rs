@@ -1,0 +1,478 @@
+//! Support for the end-to-end tests in `tests/`: start the real `collector` binary with a
+//! temporary config, wait until it serves (by reading its log, not by sleeping), talk to it
+//! over real loopback sockets, read what it stored, and always kill and reap it on drop.
+
+use meter::Value;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SECRET: &str = "e2e-secret";
+
+/// A built binary of the workspace (`scripts/test` builds them before the tests run).
+pub fn bin(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("COLLECTOR_BIN_DIR") {
+        return Path::new(&dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+/// Poll `f` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Builder for a daemon's config: sections get the lines given here on top of test defaults
+/// (ports 0 on 127.0.0.1, SQLite and log in the temp dir, a test secret).
+pub struct Setup {
+    pub workers: usize,
+    pub service: Vec<String>,
+    pub collector: Vec<String>,
+    pub database: Vec<String>,
+    pub extra: String,
+    pub secret: String,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            workers: 1,
+            service: Vec::new(),
+            collector: Vec::new(),
+            database: Vec::new(),
+            extra: String::new(),
+            secret: SECRET.into(),
+        }
+    }
+}
+
+impl Setup {
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+    pub fn collector(mut self, line: &str) -> Self {
+        self.collector.push(line.into());
+        self
+    }
+    pub fn service(mut self, line: &str) -> Self {
+        self.service.push(line.into());
+        self
+    }
+    pub fn database(mut self, line: &str) -> Self {
+        self.database.push(line.into());
+        self
+    }
+    pub fn extra(mut self, text: &str) -> Self {
+        self.extra.push_str(text);
+        self.extra.push('\n');
+        self
+    }
+
+    pub fn render(&self, dir: &Path) -> String {
+        let d = dir.display();
+        let mut s = format!(
+            "[service]\nworkers = {}\ncontrol_socket = \"{d}/control.sock\"\nlog_file = \"{d}/collector.log\"\nlog_level = \"debug\"\ngraceful_shutdown_timeout = 10\n",
+            self.workers
+        );
+        for l in &self.service {
+            s.push_str(l);
+            s.push('\n');
+        }
+        // Test defaults, each replaced by a caller's line for the same key.
+        let defaults = [
+            "udp_address = \"127.0.0.1\"",
+            "udp_port = 0",
+            "tcp_address = \"127.0.0.1\"",
+            "tcp_port = 0",
+            "rpc_address = \"127.0.0.1\"",
+            "rpc_port = 0",
+        ];
+        let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_string();
+        s.push_str("[collector]\n");
+        for d in defaults {
+            if !self.collector.iter().any(|l| key(l) == key(d)) {
+                s.push_str(d);
+                s.push('\n');
+            }
+        }
+        for l in &self.collector {
+            s.push_str(l);
+            s.push('\n');
+        }
+        s.push_str(&format!("[publisher]\ntelemetry_secret = \"{}\"\n", self.secret));
+        s.push_str(&format!("[database]\nconnection = \"sqlite:///{d}/collector.db\"\n"));
+        for l in &self.database {
+            s.push_str(l);
+            s.push('\n');
+        }
+        s.push_str(&self.extra);
+        s
+    }
+}
+
+/// A running daemon: killed (whole process group) and reaped on drop.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub udp: Option<SocketAddr>,
+    pub tcp: Option<SocketAddr>,
+    pub rpc: Option<SocketAddr>,
+    pub workers: usize,
+}
+
+impl Daemon {
+    pub fn start(setup: Setup) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("collector.toml");
+        std::fs::write(&config_path, setup.render(dir.path())).expect("write config");
+        let mut d = Daemon {
+            child: None,
+            dir,
+            config_path,
+            udp: None,
+            tcp: None,
+            rpc: None,
+            workers: setup.workers,
+        };
+        d.spawn(&[]);
+        d
+    }
+
+    /// Spawn the launcher (in its own process group, so drop can kill every process).
+    pub fn spawn(&mut self, extra_args: &[&str]) {
+        use std::os::unix::process::CommandExt;
+        let child = Command::new(bin("collector"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(extra_args)
+            .current_dir(self.dir.path())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(self.dir.path().join("stderr.log")).expect("stderr log"),
+            ))
+            .process_group(0)
+            .spawn()
+            .expect("spawn collector");
+        self.child = Some(child);
+        self.wait_serving(self.workers);
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.path("collector.db")
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.path("control.sock")
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = std::fs::read_to_string(self.path("collector.log")).unwrap_or_default();
+        s.push_str(&std::fs::read_to_string(self.path("stderr.log")).unwrap_or_default());
+        s
+    }
+
+    /// Count log lines containing `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Wait until the launcher logged its addresses and `n` workers said they serve.
+    pub fn wait_serving(&mut self, n: usize) {
+        let ok = wait_for(Duration::from_secs(30), || {
+            let log = self.log();
+            let line = log.lines().rev().find(|l| l.contains("listening:"))?;
+            let serving = log.lines().filter(|l| l.contains("serving")).count();
+            (serving >= n).then(|| line.to_string())
+        });
+        let Some(line) = ok else {
+            panic!("collector did not start serving; log:\n{}", self.log());
+        };
+        let addr = |tag: &str| -> Option<SocketAddr> {
+            let rest = line.split(&format!("{tag} ")).nth(1)?;
+            rest.split([',', ' ']).next()?.parse().ok()
+        };
+        self.udp = addr("udp");
+        self.tcp = addr("tcp");
+        self.rpc = addr("rpc");
+    }
+
+    pub fn send_signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Wait for the launcher to exit; returns its exit status code (None: killed).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<Option<i32>> {
+        let child = self.child.as_mut()?;
+        let r = wait_for(timeout, || child.try_wait().ok().flatten());
+        if r.is_some() {
+            self.child = None;
+        }
+        r.map(|s| s.code())
+    }
+
+    /// Run `collectorctl --config <ours>` with `args`; (exit code, stdout, stderr).
+    pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(bin("collectorctl"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run collectorctl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn db(&self) -> rusqlite::Connection {
+        let c = rusqlite::Connection::open(self.db_path()).expect("open db");
+        c.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
+        c
+    }
+
+    pub fn count_samples(&self) -> i64 {
+        if !self.db_path().exists() {
+            return 0;
+        }
+        self.db()
+            .query_row("SELECT count(*) FROM sample", [], |r| r.get(0))
+            .unwrap_or(0)
+    }
+
+    /// Wait until at least `n` samples are stored; returns the count seen last.
+    pub fn wait_samples(&self, n: i64, timeout: Duration) -> i64 {
+        let mut last = 0;
+        wait_for(timeout, || {
+            last = self.count_samples();
+            (last >= n).then_some(())
+        });
+        last
+    }
+
+    pub fn message_ids(&self) -> Vec<String> {
+        let c = self.db();
+        let mut st = c.prepare("SELECT message_id FROM sample").expect("prepare");
+        let rows = st.query_map([], |r| r.get::<_, String>(0)).expect("query");
+        rows.map(|r| r.expect("row")).collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pgid = c.id() as i32;
+            // SAFETY: signalling our own process group.
+            unsafe { libc::kill(pgid, libc::SIGTERM) };
+            let done = wait_for(Duration::from_secs(5), || c.try_wait().ok().flatten());
+            if done.is_none() {
+                unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                let _ = c.wait();
+            }
+            // Workers left behind (if any) die with the group.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+    }
+}
+
+// ------------------------------------------------------------------ samples
+
+fn s(x: &str) -> Value {
+    Value::Str(x.into())
+}
+
+/// A ceilometer-like sample map, signed with `secret`.
+pub fn sample(id: &str, secret: &str) -> Value {
+    sample_with(id, secret, "cpu", 1000 + id.len() as i64)
+}
+
+pub fn sample_with(id: &str, secret: &str, meter: &str, volume: i64) -> Value {
+    let mut v = Value::Map(vec![
+        (s("source"), s("openstack")),
+        (s("counter_name"), s(meter)),
+        (s("counter_type"), s("cumulative")),
+        (s("counter_unit"), s("ns")),
+        (s("counter_volume"), Value::Int(volume)),
+        (s("user_id"), s("user-1")),
+        (s("project_id"), s("proj-1")),
+        (s("user_name"), Value::Nil),
+        (s("project_name"), Value::Nil),
+        (s("resource_id"), s("res-1")),
+        (s("timestamp"), s("2026-11-01T12:00:00.000000+02:00")),
+        (
+            s("resource_metadata"),
+            Value::Map(vec![
+                (s("display_name"), s("vm-1")),
+                (
+                    s("flavor"),
+                    Value::Map(vec![(s("name"), s("m1.small")), (s("vcpus"), Value::Int(2))]),
+                ),
+                (s("tags"), Value::Array(vec![s("a"), Value::Int(1)])),
+            ]),
+        ),
+        (s("message_id"), s(id)),
+        (s("monotonic_time"), Value::Nil),
+    ]);
+    meter::signature::sign(&mut v, secret);
+    v
+}
+
+pub fn encode(v: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    meter::encode::encode_value(v, &mut out);
+    out
+}
+
+/// The bytes of ceilometer's `tcp://` publisher: u64 LE length + msgpack.
+pub fn tcp_frame(v: &Value) -> Vec<u8> {
+    let body = encode(v);
+    let mut out = (body.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
+pub fn send_udp(to: SocketAddr, payloads: &[Vec<u8>]) {
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    for p in payloads {
+        sock.send_to(p, to).expect("send udp");
+    }
+}
+
+/// `[0, msgid, "record_metering_data", [[samples...]]]`.
+pub fn rpc_request(msgid: u64, samples: Vec<Value>) -> Vec<u8> {
+    encode(&Value::Array(vec![
+        Value::Int(0),
+        Value::Int(msgid as i64),
+        s("record_metering_data"),
+        Value::Array(vec![Value::Array(samples)]),
+    ]))
+}
+
+/// A decoded RPC response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Response {
+    pub msgid: u64,
+    pub error: Option<String>,
+    pub stored: i64,
+    pub duplicates: i64,
+    pub rejected: i64,
+}
+
+/// A blocking MessagePack-RPC client over TCP.
+pub struct RpcClient {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+    next: u64,
+}
+
+impl RpcClient {
+    pub fn connect(addr: SocketAddr) -> std::io::Result<RpcClient> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.set_nodelay(true)?;
+        Ok(RpcClient {
+            stream,
+            buf: Vec::new(),
+            next: 1,
+        })
+    }
+
+    pub fn send(&mut self, samples: Vec<Value>) -> std::io::Result<u64> {
+        let id = self.next;
+        self.next += 1;
+        self.stream.write_all(&rpc_request(id, samples))?;
+        Ok(id)
+    }
+
+    pub fn call(&mut self, samples: Vec<Value>) -> std::io::Result<Response> {
+        self.send(samples)?;
+        self.recv()
+    }
+
+    pub fn recv(&mut self) -> std::io::Result<Response> {
+        loop {
+            match meter::decode::read_value(&self.buf, &meter::decode::Limits::default()) {
+                Ok((v, n)) => {
+                    self.buf.drain(..n);
+                    return parse_response(v).ok_or_else(|| {
+                        std::io::Error::new(std::io::ErrorKind::InvalidData, "bad response")
+                    });
+                }
+                Err(meter::decode::DecodeError::Incomplete { .. }) => {}
+                Err(e) => {
+                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+                }
+            }
+            let mut chunk = [0u8; 65536];
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+pub fn parse_response(v: Value) -> Option<Response> {
+    let Value::Array(items) = v else { return None };
+    if items.len() != 4 || items[0] != Value::Int(1) {
+        return None;
+    }
+    let msgid = match &items[1] {
+        Value::Int(i) => *i as u64,
+        _ => return None,
+    };
+    let error = items[2].as_str().map(str::to_string);
+    let num = |k: &str| match items[3].get(k) {
+        Some(Value::Int(i)) => *i,
+        _ => -1,
+    };
+    Some(Response {
+        msgid,
+        error,
+        stored: num("stored"),
+        duplicates: num("duplicates"),
+        rejected: num("rejected"),
+    })
+}
+
+/// The signature vectors produced by the real ceilometer code (copied into the repo).
+pub fn vectors() -> Vec<serde_json::Value> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/meter/tests/data/signatures.json");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str::<Vec<serde_json::Value>>(&text).expect("vectors json")
+}
