@@ -432,7 +432,7 @@ impl RpcClient {
                         std::io::Error::new(std::io::ErrorKind::InvalidData, "bad response")
                     });
                 }
-                Err(meter::decode::DecodeError::Incomplete { .. }) => {}
+                Err(meter::decode::DecodeError::Incomplete) => {}
                 Err(e) => {
                     return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
                 }

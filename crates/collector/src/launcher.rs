@@ -27,6 +27,7 @@ pub fn run(cfg: Config, opts: Options) -> u8 {
         eprintln!("collector: cannot open log file: {e}");
         return crate::EXIT_CONFIG;
     }
+    raise_fd_limit();
     let addrs = Addresses::of(&cfg);
     let listeners = match Listeners::bind(&addrs, None) {
         Ok(l) => l,
@@ -44,4 +45,17 @@ pub fn run(cfg: Config, opts: Options) -> u8 {
         }
     };
     worker.run() as u8
+}
+
+/// Raise the soft open-file limit to the hard one: every worker may hold `max_connections`
+/// sockets, and the default soft limit (often 1024) would make accept fail first.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                log::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+            }
+        }
+    }
 }
