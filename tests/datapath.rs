@@ -318,3 +318,20 @@ fn raise_nofile() {
         libc::setrlimit(libc::RLIMIT_NOFILE, &r);
     }
 }
+
+#[test]
+fn ceilometer_udp_and_tcp_publishers_are_real_clients() {
+    let d = Daemon::start(Setup::default());
+    let mut sent = ceilometer_publish("udp", d.udp.unwrap(), SECRET, 50, "py-udp");
+    sent.extend(ceilometer_publish("tcp", d.tcp.unwrap(), SECRET, 50, "py-tcp"));
+    assert_eq!(sent.len(), 100);
+    assert_eq!(d.wait_samples(100, WAIT), 100);
+    let mut ids = d.message_ids();
+    ids.sort();
+    sent.sort();
+    assert_eq!(ids, sent);
+    // Signed with another secret: all rejected.
+    ceilometer_publish("udp", d.udp.unwrap(), "other-secret", 5, "py-forged");
+    assert!(wait_for(WAIT, || (d.log_count("invalid signature on sample py-forged") >= 1).then_some(())).is_some());
+    assert_eq!(d.count_samples(), 100);
+}

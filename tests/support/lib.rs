@@ -476,3 +476,52 @@ pub fn vectors() -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str::<Vec<serde_json::Value>>(&text).expect("vectors json")
 }
+
+// ------------------------------------------------------------------ ceilometer's publishers
+
+/// Python with PyPI's `ceilometer` (publishers only: msgpack and oslo.config/log/utils), in a
+/// venv built once per target dir and shared by every test process (under a file lock).
+pub fn ceilometer_python() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e-venv");
+    let python = root.join("bin/python");
+    let stamp = root.join(".complete");
+    std::fs::create_dir_all(root.parent().unwrap()).expect("target dir");
+    let lock = std::fs::File::create(root.with_extension("lock")).expect("venv lock");
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file we hold open; released when `lock` is dropped.
+    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    if !stamp.exists() {
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().expect("run python");
+            assert!(
+                out.status.success(),
+                "{cmd:?} failed:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let _ = std::fs::remove_dir_all(&root);
+        run(Command::new("python3").args(["-m", "venv"]).arg(&root));
+        // --no-deps: the publishers need only these, not ceilometer's whole service stack.
+        run(Command::new(&python).args(["-m", "pip", "install", "-q", "--no-deps", "ceilometer==27.0.0"]));
+        run(Command::new(&python).args([
+            "-m", "pip", "install", "-q", "msgpack", "oslo.config", "oslo.log", "oslo.utils", "stevedore",
+        ]));
+        std::fs::write(&stamp, "ok").expect("stamp");
+    }
+    drop(lock);
+    python
+}
+
+/// Publish `count` samples with ceilometer's `UDPPublisher` or `TCPPublisher`; returns their
+/// message ids.
+pub fn ceilometer_publish(kind: &str, to: SocketAddr, secret: &str, count: usize, prefix: &str) -> Vec<String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/publish.py");
+    let out = Command::new(ceilometer_python())
+        .arg(script)
+        .args([kind, &to.ip().to_string(), &to.port().to_string(), secret, &count.to_string(), prefix])
+        .output()
+        .expect("run publisher");
+    assert!(out.status.success(), "publisher failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+}
