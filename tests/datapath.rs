@@ -335,3 +335,34 @@ fn ceilometer_udp_and_tcp_publishers_are_real_clients() {
     assert!(wait_for(WAIT, || (d.log_count("invalid signature on sample py-forged") >= 1).then_some(())).is_some());
     assert_eq!(d.count_samples(), 100);
 }
+
+#[test]
+fn storage_failure_answers_errors_and_recovers_without_losing_acked_samples() {
+    let d = Daemon::start(Setup::default());
+    let mut c = RpcClient::connect(d.rpc.unwrap()).unwrap();
+    let r = c.call(vec![sample("before-1", SECRET)]).unwrap();
+    assert_eq!(r.stored, 1);
+    // Another process holds the write lock past the driver's busy timeout.
+    let blocker = d.db();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let mut acked = vec!["before-1".to_string()];
+    let r = c.call(vec![sample("during-1", SECRET), sample("during-2", SECRET)]).unwrap();
+    assert!(
+        r.error.as_deref().is_some_and(|e| e.starts_with("storage unavailable")),
+        "expected a storage error, got {r:?}"
+    );
+    blocker.execute_batch("COMMIT").unwrap();
+    drop(blocker);
+    // The client retries, as ceilometer's RPC publisher would; now it is stored.
+    let r = c.call(vec![sample("during-1", SECRET), sample("during-2", SECRET)]).unwrap();
+    assert_eq!((r.error.as_deref(), r.stored), (None, 2), "{r:?}");
+    acked.extend(["during-1".to_string(), "during-2".to_string()]);
+    let r = c.call(vec![sample("after-1", SECRET)]).unwrap();
+    assert_eq!(r.stored, 1);
+    acked.push("after-1".into());
+    let mut ids = d.message_ids();
+    ids.sort();
+    acked.sort();
+    assert_eq!(ids, acked);
+    assert!(d.log_count("storage recovered") >= 1);
+}

@@ -165,6 +165,7 @@ impl Throttle {
 pub struct Worker {
     cfg: Config,
     verify: bool,
+    signer: meter::signature::SigningKey,
     db: bool,
     file: bool,
     poll: Poll,
@@ -306,6 +307,7 @@ impl Worker {
         let max_batch = cfg.collector.batch_size.max(1);
         Ok(Worker {
             verify: db,
+            signer: meter::signature::SigningKey::new(&cfg.publisher.telemetry_secret),
             db,
             file,
             batch_timeout: Duration::from_secs_f64(cfg.collector.batch_timeout),
@@ -590,7 +592,7 @@ impl Worker {
         if self.batch.opened.is_none() {
             self.batch.opened = Some(Instant::now());
         }
-        let signed_ok = !self.verify || meter::signature::verify_signature(&v, &self.cfg.publisher.telemetry_secret);
+        let signed_ok = !self.verify || self.signer.verify(&v);
         if !signed_ok {
             self.counters.invalid_signature += 1;
             self.counters.samples_rejected += 1;
