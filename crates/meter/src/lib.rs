@@ -4,11 +4,39 @@
 //!
 //! It does no I/O, starts no threads and holds no state: the daemon, the storage drivers and the
 //! load generator all build on it.
+//!
+//! The receive path for one message is:
+//!
+//! ```
+//! # use meter::{decode_value, Sample, SigningKey, Value};
+//! # let mut m = Sample { source: "openstack".into(), counter_name: "cpu".into(),
+//! #   counter_type: meter::CounterType::Cumulative, counter_unit: "ns".into(),
+//! #   counter_volume: meter::Volume::Int(1), user_id: None, project_id: None, user_name: None,
+//! #   project_name: None, resource_id: "r".into(), timestamp: "2014-01-01T12:00:00".into(),
+//! #   resource_metadata: Value::Map(vec![]), message_id: "m".into(), message_signature: None,
+//! #   monotonic_time: None, extra: vec![] }.to_value();
+//! # meter::sign(&mut m, "secret");
+//! # let datagram = meter::encode::to_msgpack(&m);
+//! let key = SigningKey::new("secret"); // once, at start-up
+//! let message: Value = decode_value(&datagram)?; // malformed → count and drop
+//! let signed = key.verify(&message); // before from_value: the Value is what was signed
+//! let sample = Sample::from_value(message)?; // typed, strings moved out
+//! assert!(signed && sample.counter_name == "cpu");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
+pub mod decode;
+pub mod encode;
 pub mod sample;
+pub mod signature;
 pub mod timestamp;
 pub mod value;
 
-pub use sample::{CounterType, Sample, Volume};
+pub use decode::{decode_value, decode_value_with, read_value, DecodeError, Limits};
+pub use encode::encode_value;
+pub use sample::{CounterType, Sample, SampleError, Volume};
+pub use signature::{
+    compute_signature, sign, try_compute_signature, verify_signature, SignatureError, SigningKey,
+};
 pub use timestamp::{parse_timestamp, TimestampError};
 pub use value::Value;

@@ -92,7 +92,14 @@ mod tests {
 
     #[test]
     fn garbage_is_a_clear_error() {
-        for bad in ["", "yesterday", "2014-13-01T00:00:00", "2014-01-01T25:00:00", "2014-01-01T12:00:00+99:00", "\u{0}"] {
+        for bad in [
+            "",
+            "yesterday",
+            "2014-13-01T00:00:00",
+            "2014-01-01T25:00:00",
+            "2014-01-01T12:00:00+99:00",
+            "\u{0}",
+        ] {
             let e = parse_timestamp(bad).unwrap_err();
             assert!(e.to_string().starts_with("invalid timestamp"), "{e}");
         }

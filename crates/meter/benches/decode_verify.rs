@@ -1,0 +1,47 @@
+//! Hot path of every source: decode one msgpack sample, verify its signature, type it.
+//! Throughput is in samples, so criterion reports samples/s.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use meter::{decode_value, Sample, SigningKey};
+
+/// The ceilometer vectors' full samples (0..4), as they arrive on the wire.
+fn samples() -> (String, Vec<Vec<u8>>) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/signatures.json");
+    let text = std::fs::read_to_string(path).expect("signatures.json");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let entries = json.as_array().expect("array");
+    let secret = entries[0]["secret"].as_str().expect("secret").to_owned();
+    let bytes = entries
+        .iter()
+        .take(4)
+        .map(|e| hex::decode(e["msgpack_hex"].as_str().expect("hex")).expect("hex"))
+        .collect();
+    (secret, bytes)
+}
+
+fn decode_verify(c: &mut Criterion) {
+    let (secret, messages) = samples();
+    let key = SigningKey::new(&secret);
+    let mut group = c.benchmark_group("sample");
+    group.throughput(Throughput::Elements(messages.len() as u64));
+    group.bench_function("decode", |b| {
+        b.iter(|| {
+            for m in &messages {
+                black_box(decode_value(black_box(m)).expect("decodes"));
+            }
+        })
+    });
+    group.bench_function("decode+verify+from_value", |b| {
+        b.iter(|| {
+            for m in &messages {
+                let value = decode_value(black_box(m)).expect("decodes");
+                assert!(key.verify(&value));
+                black_box(Sample::from_value(value).expect("sample"));
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decode_verify);
+criterion_main!(benches);

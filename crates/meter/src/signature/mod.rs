@@ -1,0 +1,500 @@
+//! `message_signature`: HMAC-SHA256 over a message exactly as ceilometer's `compute_signature`
+//! feeds it (DESIGN §5, `shared/vectors/README.md`).
+//!
+//! The message's fields are visited in sorted key order, nested maps flattened to `a:b:c`
+//! names, the top-level `message_signature` skipped, and for each field its name and Python's
+//! `str()` of its value go into the HMAC. Arrays are first passed through ceilometer's
+//! `decode_unicode` (str ↔ bytes swapped, inner maps sorted) and fed as Python's list repr.
+//! The input is streamed into the HMAC through a small stack buffer: no string is built per
+//! sample.
+//!
+//! Some messages have no ceilometer signature at all, because ceilometer's own code raises on
+//! them (maps with keys that are not all str or all bin, duplicate keys, a bin inside an array
+//! that is not UTF-8). [`verify_signature`] refuses those; [`compute_signature`] still returns a
+//! deterministic value for them (keys ordered by type then bytes, last duplicate wins, invalid
+//! UTF-8 replaced), and [`try_compute_signature`] says why.
+//!
+//! With an empty secret signing is off: the signature is `""` and every message verifies.
+
+mod pyrepr;
+mod unprintable;
+
+use std::cmp::Ordering;
+
+use ring::hmac;
+
+use crate::decode::Where;
+use crate::value::Value;
+use pyrepr::Sink;
+
+/// The top-level field that carries the signature, and is left out of it.
+pub const SIGNATURE_FIELD: &str = "message_signature";
+
+/// Why a message has no ceilometer-compatible signature.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("the message is a {got}, not a map")]
+    NotAMap { got: &'static str },
+    /// msgpack-python refuses keys that are not str or bin, and Python cannot sort a mix.
+    #[error("{}: map keys must be all str or all bin (found {found})", Where(path))]
+    MixedKeys { path: String, found: &'static str },
+    /// A Python dict cannot hold the same key twice; only crafted messages do.
+    #[error("{}: duplicate key {key:?}", Where(path))]
+    DuplicateKey { path: String, key: String },
+    /// ceilometer decodes bin inside arrays as UTF-8 and raises on anything else.
+    #[error("{}: bin inside an array is not UTF-8", Where(path))]
+    BinNotUtf8 { path: String },
+}
+
+/// A prepared secret: the HMAC key schedule is computed once, not per sample.
+#[derive(Clone)]
+pub struct SigningKey {
+    /// `None` for the empty secret: signing disabled.
+    key: Option<hmac::Key>,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("SigningKey")
+            .field("enabled", &self.is_enabled())
+            .finish()
+    }
+}
+
+impl SigningKey {
+    pub fn new(secret: &str) -> Self {
+        let key = if secret.is_empty() {
+            None
+        } else {
+            Some(hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes()))
+        };
+        SigningKey { key }
+    }
+
+    /// False for the empty secret, where signatures are `""` and everything verifies.
+    pub fn is_enabled(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// The signature ceilometer would compute, or why it would fail to.
+    pub fn try_compute(&self, message: &Value) -> Result<String, SignatureError> {
+        match &self.key {
+            None => Ok(String::new()),
+            Some(key) => {
+                digest(key, message, true).map(|tag| hex(&tag).iter().map(|&b| b as char).collect())
+            }
+        }
+    }
+
+    /// The signature, with the lenient fallback for messages ceilometer cannot sign.
+    pub fn compute(&self, message: &Value) -> String {
+        match &self.key {
+            None => String::new(),
+            Some(key) => match digest(key, message, false) {
+                Ok(tag) => hex(&tag).iter().map(|&b| b as char).collect(),
+                // The lenient walk reports no errors; keep a value anyway rather than panic.
+                Err(_) => String::new(),
+            },
+        }
+    }
+
+    /// True if the message's `message_signature` is the one ceilometer would compute.
+    ///
+    /// Compared in constant time. A missing, non-string or non-ASCII signature fails, and so
+    /// does any message ceilometer could not sign (see the module docs).
+    pub fn verify(&self, message: &Value) -> bool {
+        let Some(key) = &self.key else {
+            return true;
+        };
+        let claimed: &[u8] = match top_level_signature(message) {
+            Some(Value::Str(s)) => s.as_bytes(),
+            Some(Value::Bin(b)) => b,
+            _ => return false,
+        };
+        let Ok(tag) = digest(key, message, true) else {
+            return false;
+        };
+        constant_time_eq(&hex(&tag), claimed)
+    }
+
+    /// Set (or replace) the message's `message_signature`.
+    pub fn sign(&self, message: &mut Value) {
+        let sig = self.compute(message);
+        let Value::Map(pairs) = message else {
+            return;
+        };
+        let is_sig = |k: &Value| matches!(k, Value::Str(s) if s == SIGNATURE_FIELD);
+        match pairs.iter().position(|(k, _)| is_sig(k)) {
+            Some(first) => {
+                pairs[first].1 = Value::Str(sig);
+                let mut i = 0;
+                pairs.retain(|(k, _)| {
+                    i += 1;
+                    i - 1 == first || !is_sig(k)
+                });
+            }
+            None => pairs.push((Value::Str(SIGNATURE_FIELD.to_owned()), Value::Str(sig))),
+        }
+    }
+}
+
+/// Lowercase hex HMAC-SHA256 of `message` keyed with `secret`, as ceilometer computes it; `""`
+/// for an empty secret. For a message ceilometer cannot sign, a deterministic stand-in (see the
+/// module docs); [`try_compute_signature`] reports those instead.
+pub fn compute_signature(message: &Value, secret: &str) -> String {
+    SigningKey::new(secret).compute(message)
+}
+
+/// [`compute_signature`], or why ceilometer itself could not sign this message.
+pub fn try_compute_signature(message: &Value, secret: &str) -> Result<String, SignatureError> {
+    SigningKey::new(secret).try_compute(message)
+}
+
+/// Whether `message_signature` matches; always true for an empty secret. Constant-time.
+/// Daemons verifying many samples should keep a [`SigningKey`] instead.
+pub fn verify_signature(message: &Value, secret: &str) -> bool {
+    SigningKey::new(secret).verify(message)
+}
+
+/// Set `message_signature` on a message map (for the load generator and tests).
+pub fn sign(message: &mut Value, secret: &str) {
+    SigningKey::new(secret).sign(message)
+}
+
+/// The top-level signature field as Python's `dict.get` sees it: the last one wins.
+fn top_level_signature(message: &Value) -> Option<&Value> {
+    match message {
+        Value::Map(pairs) => pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| matches!(k, Value::Str(s) if s == SIGNATURE_FIELD))
+            .map(|(_, v)| v),
+        _ => None,
+    }
+}
+
+fn hex(tag: &hmac::Tag) -> [u8; 64] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 64];
+    for (i, b) in tag.as_ref().iter().enumerate().take(32) {
+        out[2 * i] = HEX[usize::from(b >> 4)];
+        out[2 * i + 1] = HEX[usize::from(b & 0xf)];
+    }
+    out
+}
+
+/// Compare without an early exit, so timing does not tell how many leading characters of a
+/// forged signature were right. The length (always 64 for a real signature) is not secret.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// Buffers small writes so the HMAC sees a few large updates instead of many tiny ones.
+struct HmacSink {
+    ctx: hmac::Context,
+    buf: [u8; 512],
+    len: usize,
+}
+
+impl HmacSink {
+    fn flush(&mut self) {
+        self.ctx.update(&self.buf[..self.len]);
+        self.len = 0;
+    }
+}
+
+impl Sink for HmacSink {
+    fn put(&mut self, bytes: &[u8]) {
+        if bytes.len() > self.buf.len() - self.len {
+            self.flush();
+            if bytes.len() >= self.buf.len() {
+                self.ctx.update(bytes);
+                return;
+            }
+        }
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+}
+
+fn digest(key: &hmac::Key, message: &Value, strict: bool) -> Result<hmac::Tag, SignatureError> {
+    let Value::Map(pairs) = message else {
+        if strict {
+            return Err(SignatureError::NotAMap {
+                got: message.type_name(),
+            });
+        }
+        return Ok(hmac::sign(key, b""));
+    };
+    let mut sink = HmacSink {
+        ctx: hmac::Context::with_key(key),
+        buf: [0; 512],
+        len: 0,
+    };
+    let mut walker = Walker {
+        out: &mut sink,
+        strict,
+        scratch: Vec::with_capacity(64),
+    };
+    walker.fields(pairs, &mut Vec::new())?;
+    sink.flush();
+    Ok(sink.ctx.sign())
+}
+
+/// Feeds a message to a [`Sink`] the way ceilometer's `recursive_keypairs` +
+/// `compute_signature` do. `strict`: fail where ceilometer raises; otherwise fall back.
+pub(crate) struct Walker<'o, S: Sink> {
+    pub(crate) out: &'o mut S,
+    pub(crate) strict: bool,
+    /// Sorted entry indices of the maps being walked, one slice per open map (a stack), so
+    /// sorting allocates once per message rather than once per map.
+    pub(crate) scratch: Vec<usize>,
+}
+
+/// Type order for keys in the lenient fallback (strict mode only admits all-str or all-bin).
+fn key_rank(k: &Value) -> u8 {
+    match k {
+        Value::Str(_) => 0,
+        Value::Bin(_) => 1,
+        Value::Nil => 2,
+        Value::Bool(_) => 3,
+        Value::Int(_) | Value::UInt(_) | Value::Float(_) => 4,
+        Value::Array(_) => 5,
+        Value::Map(_) => 6,
+    }
+}
+
+fn as_f64(v: &Value) -> f64 {
+    match v {
+        Value::Int(i) => *i as f64,
+        Value::UInt(u) => *u as f64,
+        Value::Float(f) => *f,
+        _ => 0.0,
+    }
+}
+
+fn cmp_keys(a: &Value, b: &Value) -> Ordering {
+    key_rank(a).cmp(&key_rank(b)).then_with(|| match (a, b) {
+        // Code point order is UTF-8 byte order.
+        (Value::Str(x), Value::Str(y)) => x.as_bytes().cmp(y.as_bytes()),
+        (Value::Bin(x), Value::Bin(y)) => x.cmp(y),
+        (Value::Bool(x), Value::Bool(y)) => x.cmp(y),
+        (Value::Int(x), Value::Int(y)) => x.cmp(y),
+        (Value::UInt(x), Value::UInt(y)) => x.cmp(y),
+        (Value::Int(_), Value::UInt(_)) => Ordering::Less,
+        (Value::UInt(_), Value::Int(_)) => Ordering::Greater,
+        _ => as_f64(a).total_cmp(&as_f64(b)),
+    })
+}
+
+impl<S: Sink> Walker<'_, S> {
+    /// Push the entries of `pairs` onto `scratch` in Python's iteration order for
+    /// `sorted(d.items())` on the dict msgpack-python would build (last duplicate wins).
+    /// Returns the range of `scratch` holding them; the caller truncates back to its start.
+    fn sort_entries(
+        &mut self,
+        pairs: &[(Value, Value)],
+        path: &dyn Fn() -> String,
+    ) -> Result<std::ops::Range<usize>, SignatureError> {
+        let base = self.scratch.len();
+        if let Some((first, _)) = pairs.first() {
+            if self.strict {
+                let str_keys = matches!(first, Value::Str(_));
+                for (k, _) in pairs {
+                    let ok = match k {
+                        Value::Str(_) => str_keys,
+                        Value::Bin(_) => !str_keys,
+                        _ => false,
+                    };
+                    if !ok {
+                        return Err(SignatureError::MixedKeys {
+                            path: path(),
+                            found: k.type_name(),
+                        });
+                    }
+                }
+            }
+        }
+        self.scratch.extend(0..pairs.len());
+        // Ties (duplicates) keep wire order, so the last of each run is the last on the wire.
+        self.scratch[base..]
+            .sort_unstable_by(|&a, &b| cmp_keys(&pairs[a].0, &pairs[b].0).then(a.cmp(&b)));
+        // Drop all but the last entry of each run of equal keys.
+        let mut write = base;
+        for read in base..self.scratch.len() {
+            let idx = self.scratch[read];
+            let dup_of_next = self
+                .scratch
+                .get(read + 1)
+                .is_some_and(|&next| cmp_keys(&pairs[idx].0, &pairs[next].0) == Ordering::Equal);
+            if dup_of_next {
+                if self.strict {
+                    let key = pairs[idx].0.clone();
+                    self.scratch.truncate(base);
+                    return Err(SignatureError::DuplicateKey {
+                        path: path(),
+                        key: key_text(&key),
+                    });
+                }
+                continue;
+            }
+            self.scratch[write] = idx;
+            write += 1;
+        }
+        self.scratch.truncate(write);
+        Ok(base..write)
+    }
+
+    /// `recursive_keypairs`: one (name, str(value)) per non-map leaf, maps flattened.
+    pub(crate) fn fields<'v>(
+        &mut self,
+        pairs: &'v [(Value, Value)],
+        prefix: &mut Vec<&'v Value>,
+    ) -> Result<(), SignatureError> {
+        let top = prefix.is_empty();
+        let range = self.sort_entries(pairs, &|| name_text(prefix, None))?;
+        let base = range.start;
+        for j in range {
+            let (k, v) = &pairs[self.scratch[j]];
+            if top && matches!(k, Value::Str(s) if s == SIGNATURE_FIELD) {
+                continue;
+            }
+            if let Value::Map(inner) = v {
+                prefix.push(k);
+                let r = self.fields(inner, prefix);
+                prefix.pop();
+                r?;
+                continue;
+            }
+            for p in prefix.iter() {
+                self.key_str(p)?;
+                self.out.byte(b':');
+            }
+            self.key_str(k)?;
+            self.value_str(v, &|| name_text(prefix, Some(k)))?;
+        }
+        self.scratch.truncate(base);
+        Ok(())
+    }
+
+    /// `'%s' % key`: only str and bin keys occur in strict mode.
+    fn key_str(&mut self, k: &Value) -> Result<(), SignatureError> {
+        match k {
+            Value::Map(_) => self.converted_repr(k, &String::new),
+            _ => self.value_str(k, &String::new),
+        }
+    }
+
+    /// Python `str(value)` for a non-map value.
+    fn value_str(&mut self, v: &Value, path: &dyn Fn() -> String) -> Result<(), SignatureError> {
+        match v {
+            Value::Str(s) => self.out.put(s.as_bytes()),
+            Value::Array(_) => return self.converted_repr(v, path),
+            _ => self.scalar_repr(v),
+        }
+        Ok(())
+    }
+
+    /// repr of the values whose `str()` and `repr()` agree once strings are excluded.
+    fn scalar_repr(&mut self, v: &Value) {
+        match v {
+            Value::Nil => self.out.put(b"None"),
+            Value::Bool(true) => self.out.put(b"True"),
+            Value::Bool(false) => self.out.put(b"False"),
+            Value::Int(i) => pyrepr::int(self.out, i),
+            Value::UInt(u) => pyrepr::int(self.out, u),
+            Value::Float(f) => pyrepr::float(self.out, *f),
+            Value::Bin(b) => pyrepr::bytes(self.out, b),
+            Value::Str(s) => pyrepr::str(self.out, s),
+            // Only reached for keys in the lenient fallback.
+            Value::Array(_) | Value::Map(_) => self.out.put(b"?"),
+        }
+    }
+
+    /// repr of `decode_unicode(v)`: str becomes bytes, bin becomes str, maps are sorted.
+    fn converted_repr(
+        &mut self,
+        v: &Value,
+        path: &dyn Fn() -> String,
+    ) -> Result<(), SignatureError> {
+        match v {
+            Value::Str(s) => pyrepr::bytes(self.out, s.as_bytes()),
+            Value::Bin(b) => match std::str::from_utf8(b) {
+                Ok(s) => pyrepr::str(self.out, s),
+                Err(_) if self.strict => return Err(SignatureError::BinNotUtf8 { path: path() }),
+                Err(_) => pyrepr::str(self.out, &String::from_utf8_lossy(b)),
+            },
+            Value::Array(items) => {
+                self.out.byte(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        self.out.put(b", ");
+                    }
+                    self.converted_repr(item, path)?;
+                }
+                self.out.byte(b']');
+            }
+            Value::Map(pairs) => {
+                let range = self.sort_entries(pairs, path)?;
+                let base = range.start;
+                self.out.byte(b'{');
+                for j in range {
+                    let (k, v) = &pairs[self.scratch[j]];
+                    if j > base {
+                        self.out.put(b", ");
+                    }
+                    self.converted_repr(k, path)?;
+                    self.out.put(b": ");
+                    self.converted_repr(v, path)?;
+                }
+                self.out.byte(b'}');
+                self.scratch.truncate(base);
+            }
+            _ => self.scalar_repr(v),
+        }
+        Ok(())
+    }
+}
+
+/// A key as text for error messages.
+fn key_text(k: &Value) -> String {
+    match k {
+        Value::Str(s) => s.clone(),
+        Value::Bin(b) => String::from_utf8_lossy(b).into_owned(),
+        other => format!("<{}>", other.type_name()),
+    }
+}
+
+/// The `a:b:c` signature name of a field, for error messages.
+fn name_text(prefix: &[&Value], last: Option<&Value>) -> String {
+    let mut s = String::new();
+    for k in prefix.iter().copied().chain(last) {
+        if !s.is_empty() {
+            s.push(':');
+        }
+        s.push_str(&key_text(k));
+    }
+    s
+}
+
+/// Render the exact bytes ceilometer feeds its HMAC (for tests and debugging).
+pub fn signing_input(message: &Value) -> Result<Vec<u8>, SignatureError> {
+    let Value::Map(pairs) = message else {
+        return Err(SignatureError::NotAMap {
+            got: message.type_name(),
+        });
+    };
+    let mut out = Vec::new();
+    let mut walker = Walker {
+        out: &mut out,
+        strict: true,
+        scratch: Vec::new(),
+    };
+    walker.fields(pairs, &mut Vec::new())?;
+    Ok(out)
+}
