@@ -1,0 +1,112 @@
+//! The launcher's signals: a self-pipe plus one counter per signal.
+//!
+//! The handlers (run by signal-hook) only bump an atomic counter and write one byte to the
+//! pipe so the event loop wakes up; the loop then reads the counters. Counting (rather than a
+//! byte per signal) means a full pipe never loses a signal, and two TERMs are two TERMs.
+
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use nix::sys::signal::Signal;
+use signal_hook::SigId;
+
+/// Signals the launcher handles. Workers get them reset (see `fork::child_after_fork`).
+pub(crate) const HANDLED: [Signal; 8] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGQUIT,
+    Signal::SIGHUP,
+    Signal::SIGUSR1,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+    Signal::SIGCHLD,
+];
+
+pub(crate) struct SignalPipe {
+    read: UnixStream,
+    // Kept open for the handlers, which write to its raw fd.
+    write: UnixStream,
+    counts: Vec<(Signal, Arc<AtomicUsize>)>,
+    ids: Vec<SigId>,
+}
+
+impl SignalPipe {
+    /// Installs handlers for [`HANDLED`]. They stay until the pipe is dropped.
+    pub(crate) fn install() -> io::Result<Self> {
+        let (read, write) = UnixStream::pair()?;
+        read.set_nonblocking(true)?;
+        write.set_nonblocking(true)?;
+        let mut pipe = SignalPipe {
+            read,
+            write,
+            counts: Vec::new(),
+            ids: Vec::new(),
+        };
+        let wake_fd = pipe.write.as_raw_fd();
+        for sig in HANDLED {
+            let count = Arc::new(AtomicUsize::new(0));
+            let c = Arc::clone(&count);
+            let action = move || {
+                c.fetch_add(1, Ordering::SeqCst);
+                let byte = [sig as u8];
+                // SAFETY: send(2) on a valid fd with a live 1-byte buffer; async-signal-safe.
+                // MSG_DONTWAIT: a full pipe already guarantees a wake-up, the count is kept.
+                unsafe {
+                    libc::send(
+                        wake_fd,
+                        byte.as_ptr().cast(),
+                        1,
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    );
+                }
+            };
+            // SAFETY: the action only does an atomic add and a send(2): both async-signal-safe,
+            // no allocation, no locks. The fd it writes to lives as long as the registration
+            // (both are owned by this struct; Drop unregisters before closing).
+            let id = unsafe { signal_hook::low_level::register(sig as libc::c_int, action) }?;
+            pipe.ids.push(id);
+            pipe.counts.push((sig, count));
+        }
+        Ok(pipe)
+    }
+
+    /// Empties the pipe and returns the signals received since the last call, each as many
+    /// times as it arrived, in [`HANDLED`] order.
+    pub(crate) fn drain(&mut self) -> Vec<Signal> {
+        let mut buf = [0u8; 256];
+        loop {
+            match self.read.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        let mut out = Vec::new();
+        for (sig, count) in &self.counts {
+            let n = count.swap(0, Ordering::SeqCst);
+            out.extend(std::iter::repeat(*sig).take(n));
+        }
+        out
+    }
+
+    /// Descriptors a forked worker must close.
+    pub(crate) fn fds(&self) -> [RawFd; 2] {
+        [self.read.as_raw_fd(), self.write.as_raw_fd()]
+    }
+
+    pub(crate) fn read_fd(&self) -> RawFd {
+        self.read.as_raw_fd()
+    }
+}
+
+impl Drop for SignalPipe {
+    fn drop(&mut self) {
+        for id in self.ids.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
+    }
+}
