@@ -4,7 +4,7 @@
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::net::UnixDatagram;
@@ -102,7 +102,7 @@ impl Daemonized {
 
     fn report(&mut self, code: u8, message: &str) {
         if let Some(fd) = self.pipe.take() {
-            let _ = write_report(&File::from(fd), code, message);
+            let _ = write_report(fd.as_fd(), code, message);
         }
     }
 
@@ -114,12 +114,20 @@ impl Daemonized {
 }
 
 /// Report on the readiness pipe: status byte, 2-byte big-endian length, message.
-fn write_report(mut out: &File, code: u8, message: &str) -> io::Result<()> {
+fn write_report(out: BorrowedFd<'_>, code: u8, message: &str) -> io::Result<()> {
     let msg = &message.as_bytes()[..message.len().min(u16::MAX as usize)];
     let mut frame = vec![code];
     frame.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     frame.extend_from_slice(msg);
-    out.write_all(&frame)
+    let mut rest = &frame[..];
+    while !rest.is_empty() {
+        match nix::unistd::write(out, rest) {
+            Ok(n) => rest = &rest[n..],
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// What the original process does with the report: the exit code, after printing a failure.
@@ -181,11 +189,7 @@ pub fn daemonize() -> Result<Daemonized, DaemonError> {
     }
     drop(read);
     let fail = |what: &str, e: Errno| -> ! {
-        let _ = write_report(
-            &File::from(write.try_clone().expect("dup of the readiness pipe")),
-            1,
-            &format!("cannot daemonize ({what}): {e}"),
-        );
+        let _ = write_report(write.as_fd(), 1, &format!("cannot daemonize ({what}): {e}"));
         // SAFETY: _exit(2) ends this intermediate process without running destructors
         // that belong to the caller.
         unsafe { libc::_exit(1) }
@@ -248,7 +252,8 @@ impl Pidfile {
             path: path.clone(),
             source,
         };
-        loop {
+        // Each retry needs another process to remove or replace the file meanwhile.
+        for _ in 0..16 {
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -289,6 +294,10 @@ impl Pidfile {
             pidfile.write_pid()?;
             return Ok(pidfile);
         }
+        Err(io_err(
+            "lock pidfile",
+            io::Error::other("it keeps being removed or replaced by another process"),
+        ))
     }
 
     /// Writes this process's pid (again): after [`daemonize`], the pid changed.
@@ -525,15 +534,13 @@ mod tests {
     #[test]
     fn readiness_report_round_trips() {
         let mut wire = Vec::new();
-        let (r, w) = UnixDatagram::pair().unwrap();
-        drop((r, w));
         // Success.
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("report");
-        write_report(&File::create(&p).unwrap(), 0, "").unwrap();
+        write_report(File::create(&p).unwrap().as_fd(), 0, "").unwrap();
         assert_eq!(exit_code_from_report(File::open(&p).unwrap()), 0);
         // Failure with a message.
-        write_report(&File::create(&p).unwrap(), 2, "bad config").unwrap();
+        write_report(File::create(&p).unwrap().as_fd(), 2, "bad config").unwrap();
         File::open(&p).unwrap().read_to_end(&mut wire).unwrap();
         assert_eq!(wire, b"\x02\x00\x0abad config");
         assert_eq!(exit_code_from_report(File::open(&p).unwrap()), 2);

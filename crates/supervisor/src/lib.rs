@@ -51,6 +51,26 @@
 //! # Ok::<(), supervisor::Error>(())
 //! ```
 //!
+//! # A daemon's start-up, in order
+//! 1. [`daemon::Pidfile::acquire`] (a second instance is refused on the terminal);
+//! 2. with `--daemon`, [`daemon::daemonize`], then [`daemon::Pidfile::write_pid`]; otherwise
+//!    [`daemon::Daemonized::foreground`] so the rest is one code path;
+//! 3. bind the listening sockets (workers inherit them: capture their fds in the worker),
+//!    open the control socket, then [`daemon::drop_privileges`];
+//! 4. [`Supervisor::new`]; through [`Supervisor::handle`]: `register_extra` the control
+//!    socket, `close_in_children` the pidfile's and the readiness pipe's fds;
+//! 5. [`Supervisor::run`] with hooks that, on the first [`SupervisorEvent::GenerationReady`],
+//!    call [`daemon::Daemonized::notify_ready`] and `sd_notify("READY=1")`; `RELOADING=1` on
+//!    [`SupervisorEvent::ReloadStarted`], `STOPPING=1` on [`SupervisorEvent::Stopping`];
+//! 6. map the result to an exit status (a boot error: tell the waiting original process with
+//!    [`daemon::Daemonized::notify_failure`]).
+//!
+//! On reload, [`Hooks::reload`] re-reads the configuration, binds sockets whose address
+//! changed (keeping the others open, so nothing is refused meanwhile) and returns the new
+//! worker; once [`SupervisorEvent::GenerationReady`] names the retired generation, the
+//! launcher closes the sockets the new configuration dropped (after `keep_in_children` if
+//! it had asked to close them in workers, see [`SupervisorHandle::keep_in_children`]).
+//!
 //! # The single-thread rule
 //! The launcher process must have exactly one thread whenever it forks, that is during
 //! [`Supervisor::run`] and [`daemon::daemonize`]: a forked child inherits only the forking

@@ -7,6 +7,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use mio::unix::SourceFd;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{send, MsgFlags};
@@ -136,9 +137,9 @@ impl AsRawFd for Channel {
 
 /// A worker's end of its link to the launcher, handed to [`crate::Worker::run`].
 ///
-/// The descriptor is non-blocking. A worker with an event loop registers
-/// [`as_raw_fd`](AsRawFd::as_raw_fd) for readability (e.g. `mio::unix::SourceFd`) and, when
-/// it is readable, calls [`try_recv`](Self::try_recv) until it returns `Ok(None)` (required
+/// The descriptor is non-blocking. A worker with an event loop registers the link (it is a
+/// `mio` source; or use [`as_raw_fd`](AsRawFd::as_raw_fd)) for readability and, when it is
+/// readable, calls [`try_recv`](Self::try_recv) until it returns `Ok(None)` (required
 /// with edge-triggered polling). `Err(LinkError::Closed)` means the launcher is gone: flush
 /// and exit. Sends never block: what does not fit in the socket buffer is queued and written
 /// by the next send, `try_recv` or [`flush`](Self::flush).
@@ -283,6 +284,32 @@ impl AsRawFd for ChildLink {
     }
 }
 
+/// Register a link directly with a worker's own `mio::Poll` (readable interest; add writable
+/// while [`ChildLink::has_pending_output`]).
+impl mio::event::Source for ChildLink {
+    fn register(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+        interests: mio::Interest,
+    ) -> io::Result<()> {
+        SourceFd(&self.as_raw_fd()).register(registry, token, interests)
+    }
+
+    fn reregister(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+        interests: mio::Interest,
+    ) -> io::Result<()> {
+        SourceFd(&self.as_raw_fd()).reregister(registry, token, interests)
+    }
+
+    fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
+        SourceFd(&self.as_raw_fd()).deregister(registry)
+    }
+}
+
 impl AsFd for ChildLink {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.chan.sock.as_fd()
@@ -352,6 +379,26 @@ mod tests {
         let (reports, state) = parent_reports(&mut parent);
         assert!(reports.is_empty());
         assert_eq!(state, ReadState::Closed);
+    }
+
+    #[test]
+    fn link_is_a_mio_source() {
+        use mio::{Events, Interest, Poll, Token};
+        let (mut parent, mut child) = pair();
+        let mut poll = Poll::new().unwrap();
+        poll.registry()
+            .register(&mut child, Token(7), Interest::READABLE)
+            .unwrap();
+        parent.queue(|o| Command::ReopenLogs.encode(o));
+        parent.flush().unwrap();
+        let mut events = Events::with_capacity(4);
+        poll.poll(&mut events, Some(Duration::from_secs(5)))
+            .unwrap();
+        assert!(events
+            .iter()
+            .any(|e| e.token() == Token(7) && e.is_readable()));
+        assert_eq!(child.try_recv().unwrap(), Some(Command::ReopenLogs));
+        assert!(child.try_recv().unwrap().is_none());
     }
 
     #[test]

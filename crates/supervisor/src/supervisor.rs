@@ -1,6 +1,6 @@
 //! The launcher's event loop: generations of workers, their links, signals, timers.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -155,8 +155,8 @@ struct Core {
     poll: Poll,
     signals: SignalPipe,
     launcher: Pid,
-    /// Extra sources: token → fd (closed in workers).
-    extras: BTreeMap<usize, RawFd>,
+    /// Descriptors of the caller's extra sources (closed in workers).
+    extras: BTreeSet<RawFd>,
     close_in_children: Vec<RawFd>,
     current: Generation,
     next: Option<Generation>,
@@ -203,7 +203,7 @@ impl Supervisor {
                 poll,
                 signals,
                 launcher: getpid(),
-                extras: BTreeMap::new(),
+                extras: BTreeSet::new(),
                 close_in_children: Vec::new(),
                 current: Generation {
                     id: 1,
@@ -488,7 +488,7 @@ impl Core {
     fn fds_to_close_in_child(&self) -> Vec<RawFd> {
         let mut fds = vec![self.poll.as_raw_fd()];
         fds.extend(self.signals.fds());
-        fds.extend(self.extras.values().copied());
+        fds.extend(self.extras.iter().copied());
         fds.extend(self.close_in_children.iter().copied());
         fds.extend(
             self.children
@@ -1259,7 +1259,7 @@ impl SupervisorHandle<'_> {
                 token: token.0,
                 source,
             })?;
-        self.core.extras.insert(token.0, fd);
+        self.core.extras.insert(fd);
         Ok(())
     }
 
@@ -1285,7 +1285,7 @@ impl SupervisorHandle<'_> {
                 token: token.0,
                 source,
             })?;
-        self.core.extras.insert(token.0, fd);
+        self.core.extras.insert(fd);
         Ok(())
     }
 
@@ -1295,7 +1295,7 @@ impl SupervisorHandle<'_> {
         S: Source + AsRawFd + ?Sized,
     {
         let fd = source.as_raw_fd();
-        self.core.extras.retain(|_, f| *f != fd);
+        self.core.extras.remove(&fd);
         self.core
             .poll
             .registry()

@@ -516,6 +516,23 @@ fn silent_worker_is_terminated_and_replaced() {
 }
 
 #[test]
+fn worker_that_closes_its_link_is_terminated_and_replaced() {
+    let toy = Toy::start_ready(1, &[("TOY_DROP_LINK", "1"), ("TOY_KILL_GRACE_MS", "300")]);
+    let first = toy.status().ready_pids()[0];
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            toy.status().workers.iter().any(|w| w.pid != first)
+        }),
+        "deaf worker not replaced: {:?}",
+        toy.status()
+    );
+    assert!(toy.stderr().contains("closed its link but did not exit"));
+    assert!(toy
+        .events()
+        .contains(&format!("exited {first} signal SIGTERM expected=false")));
+}
+
+#[test]
 fn usr1_reopens_logs_in_launcher_and_workers() {
     let toy = Toy::start_ready(2, &[]);
     let pids = toy.status().ready_pids();

@@ -9,7 +9,8 @@
 //!   socket `ctl.sock` (lines: `workers N`, `ping`, `reload`, `stop`).
 //! - `TOY_WORKERS` (default 2), `TOY_PIDFILE`, `TOY_DAEMON=1`, `TOY_USER`, `TOY_GROUP`.
 //! - Worker behaviour: `TOY_CRASH_ON_START=1` (exit 1 at once), `TOY_BOOT_ERROR=1` (exit with
-//!   the boot error code), `TOY_SILENT=1` (ready, then no heartbeat), `TOY_IGNORE_STOP=1`,
+//!   the boot error code), `TOY_SILENT=1` (ready, then no heartbeat), `TOY_DROP_LINK=1`
+//!   (ready, then closes its link and lives on), `TOY_IGNORE_STOP=1`,
 //!   `TOY_HEARTBEAT_MS` (default 100).
 //! - Timeouts in ms: `TOY_WORKER_TIMEOUT_MS`, `TOY_BOOT_TIMEOUT_MS`, `TOY_GRACEFUL_MS`,
 //!   `TOY_KILL_GRACE_MS`.
@@ -50,6 +51,7 @@ enum Mode {
     BootError,
     Silent,
     NeverReady,
+    DropLink,
 }
 
 struct ToyWorker {
@@ -77,6 +79,13 @@ impl Worker for ToyWorker {
         }
         if self.mode != Mode::NeverReady && link.ready().is_err() {
             return 1;
+        }
+        if self.mode == Mode::DropLink {
+            // A broken worker: alive but deaf. Only SIGTERM/SIGKILL end it.
+            drop(link);
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+            }
         }
         let mut beats = 0u64;
         loop {
@@ -435,6 +444,8 @@ fn main() -> ExitCode {
         Mode::BootError
     } else if env_flag("TOY_SILENT") {
         Mode::Silent
+    } else if env_flag("TOY_DROP_LINK") {
+        Mode::DropLink
     } else {
         Mode::Normal
     };
