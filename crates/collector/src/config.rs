@@ -256,7 +256,10 @@ impl Config {
             return Err("[service] worker_timeout must be a positive number".into());
         }
         if !matches!(
-            self.database.sqlite_synchronous.to_ascii_uppercase().as_str(),
+            self.database
+                .sqlite_synchronous
+                .to_ascii_uppercase()
+                .as_str(),
             "OFF" | "NORMAL" | "FULL" | "EXTRA"
         ) {
             return Err(format!(
@@ -407,7 +410,10 @@ backup_count = 0
         c.database.connection = "postgresql://u:pw@h:5432/db".into();
         c.messaging.transport_url = "rabbit://guest:guest@127.0.0.1:5672/".into();
         let t = c.to_masked_toml();
-        assert!(!t.contains("topsecret") && !t.contains(":pw@") && !t.contains("guest:guest"), "{t}");
+        assert!(
+            !t.contains("topsecret") && !t.contains(":pw@") && !t.contains("guest:guest"),
+            "{t}"
+        );
         assert!(t.contains("postgresql://u:***@h:5432/db"), "{t}");
     }
 }

@@ -59,11 +59,26 @@ impl Counters {
             ($($f:ident),*) => { $( self.$f += o.$f; )* };
         }
         sum!(
-            udp_received, udp_malformed, tcp_connections, tcp_malformed, amqp_deliveries,
-            amqp_malformed, amqp_reconnects, rpc_connections, rpc_requests, rpc_errors,
-            samples_received, samples_stored, samples_duplicate, samples_rejected,
-            invalid_signature, invalid_timestamp, dispatch_errors, samples_dropped,
-            batches_written, respawns
+            udp_received,
+            udp_malformed,
+            tcp_connections,
+            tcp_malformed,
+            amqp_deliveries,
+            amqp_malformed,
+            amqp_reconnects,
+            rpc_connections,
+            rpc_requests,
+            rpc_errors,
+            samples_received,
+            samples_stored,
+            samples_duplicate,
+            samples_rejected,
+            invalid_signature,
+            invalid_timestamp,
+            dispatch_errors,
+            samples_dropped,
+            batches_written,
+            respawns
         );
         if self.batch_latency_ms.len() < o.batch_latency_ms.len() {
             self.batch_latency_ms.resize(o.batch_latency_ms.len(), 0);

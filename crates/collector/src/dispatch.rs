@@ -172,7 +172,11 @@ impl Writer {
                         for (i, reason) in &out.rejected {
                             log::warn!(
                                 "sample {} rejected by storage: {reason}",
-                                batch.db.get(*i).map(|s| s.message_id.as_str()).unwrap_or("?")
+                                batch
+                                    .db
+                                    .get(*i)
+                                    .map(|s| s.message_id.as_str())
+                                    .unwrap_or("?")
                             );
                         }
                         attribute(&batch.tickets, &mut results, &out);
@@ -208,7 +212,11 @@ fn attribute(tickets: &[Ticket], results: &mut [TicketResult], out: &storage::Re
             .iter()
             .filter(|i| t.range.contains(i))
             .count();
-        let rej = out.rejected.iter().filter(|(i, _)| t.range.contains(i)).count();
+        let rej = out
+            .rejected
+            .iter()
+            .filter(|(i, _)| t.range.contains(i))
+            .count();
         r.duplicates = dup;
         r.rejected += rej;
         r.stored = t.range.len() - dup - rej;

@@ -56,8 +56,7 @@ impl MsgpackScanner {
                     limit: self.max_frame,
                 });
             }
-            let Some((header, payload, children)) = item_extent(&buf[self.pos..], self.pos)?
-            else {
+            let Some((header, payload, children)) = item_extent(&buf[self.pos..], self.pos)? else {
                 // Not even the header is complete: the frame is at least pos + 1 bytes. A
                 // payload length alone can already prove the frame too large.
                 return Ok(None);
@@ -221,7 +220,10 @@ mod tests {
     #[test]
     fn scalars_and_containers() {
         assert_eq!(scan_all_at_once(&[0x01]), Ok(Some(1)));
-        assert_eq!(scan_all_at_once(&[0x92, 0x01, 0xa1, b'x', 0xff]), Ok(Some(4)));
+        assert_eq!(
+            scan_all_at_once(&[0x92, 0x01, 0xa1, b'x', 0xff]),
+            Ok(Some(4))
+        );
         // [0, 7, "m", []]
         let req = [0x94, 0x00, 0x07, 0xa1, b'm', 0x90];
         assert_eq!(scan_all_at_once(&req), Ok(Some(6)));
@@ -229,12 +231,17 @@ mod tests {
         let m = [0x81, 0xa1, b'a', 0x81, 0xa1, b'b', 0xc0, 0x00];
         assert_eq!(scan_all_at_once(&m), Ok(Some(7)));
         assert_eq!(scan_all_at_once(&[0xcb, 0, 0, 0]), Ok(None));
-        assert_eq!(scan_all_at_once(&[0xc1]), Err(FrameError::BadMarker { offset: 0 }));
+        assert_eq!(
+            scan_all_at_once(&[0xc1]),
+            Err(FrameError::BadMarker { offset: 0 })
+        );
     }
 
     #[test]
     fn resumes_byte_by_byte() {
-        let req = [0x94, 0x00, 0xcd, 0x01, 0x00, 0xda, 0x00, 0x02, b'a', b'b', 0x91, 0xc3];
+        let req = [
+            0x94, 0x00, 0xcd, 0x01, 0x00, 0xda, 0x00, 0x02, b'a', b'b', 0x91, 0xc3,
+        ];
         let mut s = MsgpackScanner::new(1 << 20, 64);
         for i in 1..req.len() {
             assert_eq!(s.scan(&req[..i]), Ok(None), "prefix {i}");

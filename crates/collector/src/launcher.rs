@@ -1,9 +1,29 @@
-//! The launcher: binds the sockets, then runs the workers.
+//! The launcher: the daemon's parent process, on the `supervisor` crate.
+//!
+//! Start-up order matters and is deliberate: pidfile lock (a second daemon is refused before
+//! it touches anything), daemonize, logging, bind every socket (errors reach the terminal or
+//! init script through the daemon's readiness pipe), control socket, privilege drop, then
+//! fork the workers. The pidfile records the daemon's pid, and `--daemon` returns, only once
+//! every worker of the first generation serves.
+//!
+//! The launcher never starts a thread (fork discipline) and never opens storage: workers do,
+//! after fork.
 
 use crate::config::Config;
+use crate::control::{ControlServer, Request};
+use crate::counters::Counters;
 use crate::sockets::{Addresses, Listeners};
-use crate::worker::Worker;
-use std::path::PathBuf;
+use crate::worker::{Custom, Worker};
+use serde_json::{json, Value as Json};
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use supervisor::daemon::{self, Daemonized, Pidfile};
+use supervisor::{
+    ChildLink, Hooks, Pid, Settings, StopMode, Supervisor, SupervisorEvent, SupervisorHandle,
+    Token, WorkerContext, WorkerExit,
+};
 
 /// Command-line values that win over the config file, also after a reload.
 #[derive(Debug, Clone, Default)]
@@ -21,30 +41,668 @@ pub struct Options {
     pub overrides: Overrides,
 }
 
-pub fn run(cfg: Config, opts: Options) -> u8 {
+/// The worker entry point the supervisor forks: a config and the launcher's sockets.
+struct CollectorWorker {
+    cfg: Config,
+    listeners: Rc<Listeners>,
+}
+
+impl supervisor::Worker for CollectorWorker {
+    fn run(&self, link: ChildLink, ctx: WorkerContext) -> i32 {
+        // Our own descriptors for the inherited sockets: the launcher keeps its copies.
+        let listeners = match self.listeners.try_clone() {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("worker cannot take its sockets: {e}");
+                return 1;
+            }
+        };
+        match Worker::new(self.cfg.clone(), listeners, Some(link), ctx.slot) {
+            Ok(w) => w.run(),
+            Err(e) => {
+                log::error!("worker cannot start: {e}");
+                supervisor::BOOT_ERROR
+            }
+        }
+    }
+}
+
+fn settings_of(cfg: &Config) -> Settings {
+    Settings {
+        workers: cfg.worker_count(),
+        worker_timeout: Duration::from_secs_f64(cfg.service.worker_timeout),
+        graceful_shutdown_timeout: Duration::from_secs_f64(cfg.service.graceful_shutdown_timeout),
+        ..Settings::default()
+    }
+}
+
+/// Make relative paths absolute against the start directory: a daemon runs in `/`.
+fn absolutize(cfg: &mut Config, base: &Path) {
+    let abs = |p: &mut String| {
+        if !p.is_empty() && Path::new(p.as_str()).is_relative() {
+            *p = base.join(&*p).display().to_string();
+        }
+    };
+    abs(&mut cfg.service.pidfile);
+    abs(&mut cfg.service.control_socket);
+    abs(&mut cfg.service.log_file);
+    abs(&mut cfg.collector.rpc_socket);
+    abs(&mut cfg.dispatcher_file.file_path);
+    // sqlite:///relative/path → sqlite:////abs/path
+    if let Some(rest) = cfg.database.connection.strip_prefix("sqlite:///") {
+        if !rest.starts_with('/') && !rest.is_empty() && !rest.starts_with(':') {
+            cfg.database.connection = format!("sqlite:///{}", base.join(rest).display());
+        }
+    }
+}
+
+fn apply_overrides(cfg: &mut Config, o: &Overrides) {
+    if let Some(n) = o.workers {
+        cfg.service.workers = n;
+    }
+    if let Some(p) = &o.pidfile {
+        cfg.service.pidfile = p.display().to_string();
+    }
+    if let Some(p) = &o.log_file {
+        cfg.service.log_file = p.display().to_string();
+    }
+}
+
+pub fn run(mut cfg: Config, mut opts: Options) -> u8 {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    if opts.daemon {
+        absolutize(&mut cfg, &cwd);
+    }
+    if let Some(p) = opts.config_path.as_mut() {
+        if p.is_relative() {
+            *p = cwd.join(&*p);
+        }
+    }
+    // 1. The pidfile lock: refuse a second daemon before touching anything.
+    let mut pidfile = if cfg.service.pidfile.is_empty() {
+        None
+    } else {
+        if let Some(dir) = Path::new(&cfg.service.pidfile).parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        match Pidfile::acquire(&cfg.service.pidfile) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("collector: {e}");
+                return 1;
+            }
+        }
+    };
+    // 2. Detach.
+    let mut daemonized = if opts.daemon {
+        match daemon::daemonize() {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("collector: {e}");
+                return 1;
+            }
+        }
+    } else {
+        Daemonized::foreground()
+    };
+    let fail = |d: &mut Daemonized, code: u8, msg: String| -> u8 {
+        log::error!("{msg}");
+        eprintln!("collector: {msg}");
+        d.notify_failure(code, &format!("collector: {msg}"));
+        code
+    };
+    if let Some(p) = pidfile.as_mut() {
+        if let Err(e) = p.write_pid() {
+            return fail(&mut daemonized, 1, e.to_string());
+        }
+    }
+    // 3. Logging (after daemonize: stderr is /dev/null there, the log file is ours).
+    if opts.daemon && cfg.service.log_file.is_empty() {
+        cfg.service.log_file = cwd.join("data/collector.log").display().to_string();
+    }
     let log_file = (!cfg.service.log_file.is_empty()).then_some(cfg.service.log_file.as_str());
     if let Err(e) = crate::logging::init(&cfg.service.log_level, log_file, opts.verbosity) {
-        eprintln!("collector: cannot open log file: {e}");
-        return crate::EXIT_CONFIG;
+        return fail(
+            &mut daemonized,
+            crate::EXIT_CONFIG,
+            format!("cannot open log file: {e}"),
+        );
     }
     raise_fd_limit();
+    // 4. Sockets, bound once for every worker and generation.
     let addrs = Addresses::of(&cfg);
     let listeners = match Listeners::bind(&addrs, None) {
         Ok(l) => l,
-        Err(e) => {
-            log::error!("{e}");
-            return crate::EXIT_BOOT_ERROR;
-        }
+        Err(e) => return fail(&mut daemonized, crate::EXIT_BOOT_ERROR, e.to_string()),
+    };
+    let control = match ControlServer::bind(&cfg.service.control_socket) {
+        Ok(c) => c,
+        Err(e) => return fail(&mut daemonized, crate::EXIT_BOOT_ERROR, e),
     };
     log::info!("listening: {}", listeners.describe().join(", "));
-    let worker = match Worker::new(cfg, listeners, None, 0) {
-        Ok(w) => w,
+    log::info!("control socket {}", cfg.service.control_socket);
+    // 5. Privileges, once everything privileged is done.
+    let user = (!cfg.service.user.is_empty()).then_some(cfg.service.user.as_str());
+    let group = (!cfg.service.group.is_empty()).then_some(cfg.service.group.as_str());
+    if user.is_some() || group.is_some() {
+        if let Err(e) = control.chown_to(user, group) {
+            return fail(&mut daemonized, crate::EXIT_BOOT_ERROR, e);
+        }
+        if let Err(e) = daemon::drop_privileges(user, group) {
+            return fail(&mut daemonized, crate::EXIT_BOOT_ERROR, e.to_string());
+        }
+        log::info!("running as user {:?} group {:?}", user, group);
+    }
+    // 6. Workers.
+    let listeners = Rc::new(listeners);
+    let worker = CollectorWorker {
+        cfg: cfg.clone(),
+        listeners: listeners.clone(),
+    };
+    let mut sup = match Supervisor::new(settings_of(&cfg), Box::new(worker)) {
+        Ok(s) => s,
+        Err(e) => return fail(&mut daemonized, 1, e.to_string()),
+    };
+    let mut launcher = Launcher {
+        cfg,
+        opts,
+        addrs,
+        listeners,
+        control,
+        daemonized,
+        pidfile_fd: pidfile.as_ref().map(Pidfile::raw_fd),
+        started: Instant::now(),
+        ready_once: false,
+        pending_reloads: Vec::new(),
+        pending_introspect: HashMap::new(),
+        history: HashMap::new(),
+        retired: Counters::new(),
+        respawns: 0,
+        last_stats: HashMap::new(),
+    };
+    {
+        let mut h = sup.handle();
+        if let Some(fd) = launcher.pidfile_fd {
+            h.close_in_children(fd);
+        }
+        if let Some(fd) = launcher.daemonized.raw_fd() {
+            h.close_in_children(fd);
+        }
+        if let Err(e) = launcher.control.register(&mut h) {
+            return fail(&mut launcher.daemonized, 1, e);
+        }
+    }
+    let result = sup.run(&mut launcher);
+    let _ = daemon::sd_notify("STOPPING=1");
+    launcher.control.close();
+    if let Ok(mut l) = Rc::try_unwrap(launcher.listeners) {
+        l.remove_unix_path();
+    }
+    drop(pidfile);
+    match result {
+        Ok(reason) => {
+            log::info!(
+                "collector stopped ({:?} stop{}, {} workers killed)",
+                reason.mode,
+                reason
+                    .signal
+                    .map(|s| format!(" on {s}"))
+                    .unwrap_or_default(),
+                reason.killed
+            );
+            if launcher.daemonized.is_pending() {
+                launcher
+                    .daemonized
+                    .notify_failure(1, "collector: stopped before it was ready");
+            }
+            0
+        }
         Err(e) => {
             log::error!("{e}");
-            return crate::EXIT_BOOT_ERROR;
+            let code = if matches!(e, supervisor::Error::BootError { .. }) {
+                crate::EXIT_BOOT_ERROR
+            } else {
+                1
+            };
+            launcher
+                .daemonized
+                .notify_failure(code, &format!("collector: {e} (see the log)"));
+            code
         }
-    };
-    worker.run() as u8
+    }
+}
+
+/// Rates are computed over this window of heartbeats.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// How long `worker ID` waits for the worker's answer.
+const INTROSPECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Launcher {
+    cfg: Config,
+    opts: Options,
+    addrs: Addresses,
+    listeners: Rc<Listeners>,
+    control: ControlServer,
+    daemonized: Daemonized,
+    pidfile_fd: Option<i32>,
+    started: Instant,
+    ready_once: bool,
+    /// Control connections waiting for a reload to finish.
+    pending_reloads: Vec<usize>,
+    /// Control connections waiting for a worker's introspection reply, with their deadline.
+    pending_introspect: HashMap<Pid, Vec<(usize, Instant)>>,
+    /// Per worker: (time, samples received, samples stored) of recent heartbeats.
+    history: HashMap<Pid, VecDeque<(Instant, u64, u64)>>,
+    /// Counters of workers that exited, so sums never go backwards.
+    retired: Counters,
+    respawns: u64,
+    /// Latest counters per live worker.
+    last_stats: HashMap<Pid, Counters>,
+}
+
+/// What a worker's heartbeat payload holds.
+#[derive(serde::Deserialize, Default)]
+struct Heartbeat {
+    #[serde(default)]
+    counters: Counters,
+    #[serde(default)]
+    connections: u64,
+    #[serde(default)]
+    last_error: Option<String>,
+}
+
+fn parse_heartbeat(p: Option<&Vec<u8>>) -> Heartbeat {
+    p.and_then(|b| serde_json::from_slice(b).ok())
+        .unwrap_or_default()
+}
+
+impl Launcher {
+    fn load_config(&self) -> Result<Config, String> {
+        let mut cfg = Config::load(self.opts.config_path.as_deref()).map_err(|e| e.to_string())?;
+        apply_overrides(&mut cfg, &self.opts.overrides);
+        if self.opts.daemon {
+            let base = self
+                .opts
+                .config_path
+                .as_ref()
+                .and_then(|_| std::env::current_dir().ok())
+                .unwrap_or_else(|| PathBuf::from("/"));
+            absolutize(&mut cfg, &base);
+        }
+        Ok(cfg)
+    }
+
+    fn totals(&self, sup: &SupervisorHandle<'_>) -> Counters {
+        let mut total = self.retired.clone();
+        for w in sup.workers() {
+            let hb = parse_heartbeat(w.last_heartbeat.as_ref());
+            total.add(&hb.counters);
+        }
+        total.respawns = self.respawns;
+        total
+    }
+
+    fn rates(&self, pid: Pid) -> (f64, f64) {
+        let Some(h) = self.history.get(&pid) else {
+            return (0.0, 0.0);
+        };
+        match (h.front(), h.back()) {
+            (Some(a), Some(b)) if b.0 > a.0 => {
+                let dt = b.0.duration_since(a.0).as_secs_f64();
+                (
+                    (b.1 - a.1.min(b.1)) as f64 / dt,
+                    (b.2 - a.2.min(b.2)) as f64 / dt,
+                )
+            }
+            _ => (0.0, 0.0),
+        }
+    }
+
+    fn status(&self, sup: &SupervisorHandle<'_>) -> Json {
+        let mut workers: Vec<_> = sup.workers();
+        workers.sort_by_key(|w| (w.generation, w.slot));
+        let rows: Vec<Json> = workers
+            .iter()
+            .map(|w| {
+                let hb = parse_heartbeat(w.last_heartbeat.as_ref());
+                let (rr, sr) = self.rates(w.pid);
+                json!({
+                    "index": w.slot,
+                    "pid": w.pid.as_raw(),
+                    "generation": w.generation,
+                    "state": format!("{:?}", w.state).to_lowercase(),
+                    "uptime_s": w.uptime.as_secs_f64(),
+                    "since_heartbeat_s": w.since_heartbeat.map(|d| d.as_secs_f64()),
+                    "counters": hb.counters,
+                    "connections": hb.connections,
+                    "last_error": hb.last_error,
+                    "rates": {"received_per_s": rr, "stored_per_s": sr},
+                })
+            })
+            .collect();
+        json!({
+            "ok": true,
+            "pid": std::process::id(),
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "config_file": self.opts.config_path.as_ref().map(|p| p.display().to_string()),
+            "generation": sup.generation(),
+            "booting_generation": sup.booting_generation(),
+            "workers_wanted": sup.settings().workers,
+            "respawns": self.respawns,
+            "workers": rows,
+        })
+    }
+
+    fn handle_request(&mut self, sup: &mut SupervisorHandle<'_>, conn: usize, req: Request) {
+        let reply = |l: &mut Launcher, v: Json| l.control.reply(conn, &v);
+        match req {
+            Request::Help => {
+                let v = json!({"ok": true, "commands": crate::control::HELP});
+                reply(self, v);
+            }
+            Request::Status => {
+                let v = self.status(sup);
+                reply(self, v);
+            }
+            Request::Stats => {
+                let v = json!({"ok": true, "stats": self.totals(sup)});
+                reply(self, v);
+            }
+            Request::Config => {
+                let v = json!({"ok": true, "config": self.cfg.to_masked_toml()});
+                reply(self, v);
+            }
+            Request::Workers(n) => {
+                sup.set_workers(n);
+                log::info!("workers set to {n} (control socket)");
+                reply(self, json!({"ok": true, "workers": n.max(1)}));
+            }
+            Request::Loglevel(level) => {
+                if crate::logging::set_level(&level) {
+                    let cmd = serde_json::to_vec(&Custom::Loglevel {
+                        level: level.clone(),
+                    })
+                    .unwrap_or_default();
+                    sup.broadcast(&supervisor::Command::Custom(cmd));
+                    reply(self, json!({"ok": true, "level": level.to_lowercase()}));
+                } else {
+                    reply(
+                        self,
+                        json!({"ok": false, "error": format!("unknown log level {level:?}; known: error, warn, info, debug, trace")}),
+                    );
+                }
+            }
+            Request::Reload => {
+                self.pending_reloads.push(conn);
+                self.control.set_waiting(conn, true);
+                sup.request_reload();
+            }
+            Request::Stop => {
+                reply(self, json!({"ok": true, "pid": std::process::id()}));
+                log::info!("stop requested on the control socket");
+                sup.request_stop(StopMode::Graceful);
+            }
+            Request::Worker(id) => {
+                let workers = sup.workers();
+                let target = workers
+                    .iter()
+                    .filter(|w| w.generation == sup.generation())
+                    .find(|w| id == w.slot.to_string())
+                    .or_else(|| workers.iter().find(|w| id == w.pid.as_raw().to_string()))
+                    .map(|w| w.pid);
+                let Some(pid) = target else {
+                    reply(
+                        self,
+                        json!({"ok": false, "error": format!("no worker {id}")}),
+                    );
+                    return;
+                };
+                let cmd = serde_json::to_vec(&Custom::Introspect).unwrap_or_default();
+                match sup.send(pid, &supervisor::Command::Custom(cmd)) {
+                    Ok(()) => {
+                        self.control.set_waiting(conn, true);
+                        self.pending_introspect
+                            .entry(pid)
+                            .or_default()
+                            .push((conn, Instant::now() + INTROSPECT_TIMEOUT));
+                    }
+                    Err(e) => reply(self, json!({"ok": false, "error": e.to_string()})),
+                }
+            }
+            Request::Invalid(msg) => reply(self, json!({"ok": false, "error": msg})),
+        }
+    }
+
+    fn finish_reloads(&mut self, v: Json) {
+        for conn in std::mem::take(&mut self.pending_reloads) {
+            self.control.set_waiting(conn, false);
+            self.control.reply(conn, &v);
+        }
+    }
+}
+
+fn proc_status(pid: Pid) -> (Option<u64>, Option<usize>) {
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", pid.as_raw()))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        });
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", pid.as_raw()))
+        .ok()
+        .map(|d| d.count());
+    (rss, fds)
+}
+
+impl Hooks for Launcher {
+    fn reload(
+        &mut self,
+        sup: &mut SupervisorHandle<'_>,
+    ) -> Result<Box<dyn supervisor::Worker>, String> {
+        let _ = daemon::sd_notify("RELOADING=1");
+        let result = (|| {
+            let cfg = self.load_config()?;
+            let addrs = Addresses::of(&cfg);
+            let old = self.listeners.try_clone().map_err(|e| e.to_string())?;
+            let listeners =
+                Listeners::bind(&addrs, Some((&self.addrs, old))).map_err(|e| e.to_string())?;
+            if cfg.service.control_socket != self.cfg.service.control_socket {
+                log::warn!("control_socket changed: the new path takes effect at the next restart");
+            }
+            if cfg.service.log_level != self.cfg.service.log_level
+                && std::env::var_os("RUST_LOG").is_none()
+            {
+                crate::logging::set_level(&cfg.service.log_level);
+            }
+            if addrs != self.addrs {
+                log::info!("listening: {}", listeners.describe().join(", "));
+            }
+            sup.set_settings(settings_of(&cfg));
+            let listeners = Rc::new(listeners);
+            self.listeners = listeners.clone();
+            self.addrs = addrs;
+            self.cfg = cfg.clone();
+            Ok(Box::new(CollectorWorker { cfg, listeners }) as Box<dyn supervisor::Worker>)
+        })();
+        match &result {
+            Ok(_) => log::info!("configuration reloaded; starting a new generation"),
+            Err(e) => {
+                log::error!("reload failed, keeping the running configuration: {e}");
+                let _ = daemon::sd_notify("READY=1");
+            }
+        }
+        result
+    }
+
+    fn reopen_logs(&mut self) {
+        crate::logging::reopen();
+        log::info!("log file reopened");
+    }
+
+    fn on_extra_ready(
+        &mut self,
+        sup: &mut SupervisorHandle<'_>,
+        token: Token,
+        event: &mio::event::Event,
+    ) {
+        let requests = self.control.on_ready(sup, token, event);
+        for (conn, req) in requests {
+            self.handle_request(sup, conn, req);
+        }
+    }
+
+    fn on_event(&mut self, sup: &mut SupervisorHandle<'_>, event: SupervisorEvent) {
+        match event {
+            SupervisorEvent::GenerationReady {
+                generation,
+                previous,
+            } => {
+                if !self.ready_once {
+                    self.ready_once = true;
+                    self.daemonized.notify_ready();
+                    log::info!("collector ready: generation {generation} serving");
+                } else {
+                    log::info!(
+                        "generation {generation} serving{}",
+                        previous
+                            .map(|p| format!("; retiring generation {p}"))
+                            .unwrap_or_default()
+                    );
+                }
+                let _ = daemon::sd_notify("READY=1");
+                if previous.is_some() || !self.pending_reloads.is_empty() {
+                    self.finish_reloads(json!({"ok": true, "generation": generation}));
+                }
+            }
+            SupervisorEvent::ReloadFailed { generation, reason } => {
+                let _ = daemon::sd_notify("READY=1");
+                self.finish_reloads(json!({"ok": false, "generation": generation, "error": format!("reload failed: {reason}")}));
+            }
+            SupervisorEvent::WorkerExited {
+                pid,
+                status,
+                expected,
+                slot,
+                generation,
+            } => {
+                if let Some(c) = self.last_stats.remove(&pid) {
+                    self.retired.add(&c);
+                }
+                self.history.remove(&pid);
+                if !expected {
+                    self.respawns += 1;
+                    let why = match status {
+                        WorkerExit::Code(c) => format!("exit code {c}"),
+                        WorkerExit::Signal(s) => format!("signal {s}"),
+                    };
+                    log::warn!("worker {pid} (slot {slot}, generation {generation}) died: {why}");
+                }
+                for (conn, _) in self.pending_introspect.remove(&pid).unwrap_or_default() {
+                    self.control.set_waiting(conn, false);
+                    self.control.reply(
+                        conn,
+                        &json!({"ok": false, "error": format!("worker {pid} exited")}),
+                    );
+                }
+            }
+            SupervisorEvent::Reply {
+                pid,
+                slot,
+                generation,
+                payload,
+            } => {
+                let mut v: Json = serde_json::from_slice(&payload).unwrap_or(Json::Null);
+                let (rss, fds) = proc_status(pid);
+                let info = sup.workers().into_iter().find(|w| w.pid == pid);
+                if let Json::Object(m) = &mut v {
+                    m.insert("ok".into(), Json::Bool(true));
+                    m.insert("slot".into(), json!(slot));
+                    m.insert("generation".into(), json!(generation));
+                    m.insert("rss_kib".into(), json!(rss));
+                    m.insert("fds".into(), json!(fds));
+                    m.insert(
+                        "uptime_s".into(),
+                        json!(info.map(|w| w.uptime.as_secs_f64())),
+                    );
+                }
+                for (conn, _) in self.pending_introspect.remove(&pid).unwrap_or_default() {
+                    self.control.set_waiting(conn, false);
+                    self.control.reply(conn, &v);
+                }
+            }
+            SupervisorEvent::Stopping { mode } => {
+                let _ = daemon::sd_notify("STOPPING=1");
+                log::info!("stopping ({mode:?})");
+            }
+            _ => {}
+        }
+        let _ = sup;
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        let intro = self
+            .pending_introspect
+            .values()
+            .flatten()
+            .map(|(_, d)| *d)
+            .min();
+        let hb = Some(Instant::now() + Duration::from_secs(1));
+        [intro, hb].into_iter().flatten().min()
+    }
+
+    fn on_tick(&mut self, sup: &mut SupervisorHandle<'_>) {
+        let now = Instant::now();
+        // Rate history and latest counters from heartbeats.
+        for w in sup.workers() {
+            let hb = parse_heartbeat(w.last_heartbeat.as_ref());
+            let h = self.history.entry(w.pid).or_default();
+            let point = (
+                now,
+                hb.counters.samples_received,
+                hb.counters.samples_stored,
+            );
+            if h.back().is_none_or(|b| {
+                b.1 != point.1
+                    || b.2 != point.2
+                    || now.duration_since(b.0) >= Duration::from_secs(1)
+            }) {
+                h.push_back(point);
+            }
+            while h
+                .front()
+                .is_some_and(|f| now.duration_since(f.0) > RATE_WINDOW)
+            {
+                h.pop_front();
+            }
+            self.last_stats.insert(w.pid, hb.counters);
+        }
+        // Introspection requests nobody answered.
+        let mut expired = Vec::new();
+        for list in self.pending_introspect.values_mut() {
+            list.retain(|(conn, deadline)| {
+                if *deadline <= now {
+                    expired.push(*conn);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        self.pending_introspect.retain(|_, l| !l.is_empty());
+        for conn in expired {
+            self.control.set_waiting(conn, false);
+            self.control.reply(
+                conn,
+                &json!({"ok": false, "error": "the worker did not answer in time"}),
+            );
+        }
+        self.control.on_tick(sup);
+        for (conn, req) in self.control.take_backlog() {
+            self.handle_request(sup, conn, req);
+        }
+    }
 }
 
 /// Raise the soft open-file limit to the hard one: every worker may hold `max_connections`

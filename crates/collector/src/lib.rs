@@ -6,6 +6,7 @@
 //! `storage`; process supervision in `supervisor`. This crate is where they meet.
 
 pub mod config;
+pub mod control;
 pub mod counters;
 pub mod dispatch;
 pub mod framing;

@@ -64,7 +64,8 @@ pub fn parse_message(v: Value) -> Result<RpcMessage, RpcError> {
             let (Some(id), Some(m), Some(params)) = (it.next(), it.next(), it.next()) else {
                 return Err(bad(None, "short RPC request"));
             };
-            let msgid = as_msgid(&id).ok_or_else(|| bad(None, "msgid is not a 32-bit unsigned integer"))?;
+            let msgid =
+                as_msgid(&id).ok_or_else(|| bad(None, "msgid is not a 32-bit unsigned integer"))?;
             let method =
                 method_name(m).ok_or_else(|| bad(Some(msgid), "method name is not a string"))?;
             Ok(RpcMessage::Request {
@@ -85,7 +86,10 @@ pub fn parse_message(v: Value) -> Result<RpcMessage, RpcError> {
             items.get(1).and_then(as_msgid),
             format!("RPC request has {n} elements, expected 4"),
         )),
-        (2, n) => Err(bad(None, format!("RPC notification has {n} elements, expected 3"))),
+        (2, n) => Err(bad(
+            None,
+            format!("RPC notification has {n} elements, expected 3"),
+        )),
         (1, _) => Err(bad(None, "RPC responses are not accepted by the collector")),
         (k, _) => Err(bad(None, format!("unknown RPC message type {k}"))),
     }
@@ -110,13 +114,23 @@ pub fn samples_of(params: Value) -> Result<Vec<Value>, String> {
 }
 
 /// `[1, msgid, nil, {"stored": n, "duplicates": d, "rejected": r}]`.
-pub fn encode_result(out: &mut Vec<u8>, msgid: u64, stored: usize, duplicates: usize, rejected: usize) {
+pub fn encode_result(
+    out: &mut Vec<u8>,
+    msgid: u64,
+    stored: usize,
+    duplicates: usize,
+    rejected: usize,
+) {
     let _ = rmp::encode::write_array_len(out, 4);
     let _ = rmp::encode::write_uint(out, 1);
     let _ = rmp::encode::write_uint(out, msgid);
     let _ = rmp::encode::write_nil(out);
     let _ = rmp::encode::write_map_len(out, 3);
-    for (k, v) in [("stored", stored), ("duplicates", duplicates), ("rejected", rejected)] {
+    for (k, v) in [
+        ("stored", stored),
+        ("duplicates", duplicates),
+        ("rejected", rejected),
+    ] {
         let _ = rmp::encode::write_str(out, k);
         let _ = rmp::encode::write_uint(out, v as u64);
     }
@@ -141,7 +155,12 @@ mod tests {
 
     #[test]
     fn parses_requests_and_notifications() {
-        let req = Value::Array(vec![Value::Int(0), Value::Int(7), s(METHOD), Value::Array(vec![])]);
+        let req = Value::Array(vec![
+            Value::Int(0),
+            Value::Int(7),
+            s(METHOD),
+            Value::Array(vec![]),
+        ]);
         match parse_message(req).unwrap() {
             RpcMessage::Request { msgid, method, .. } => {
                 assert_eq!((msgid, method.as_str()), (7, METHOD))
@@ -149,13 +168,21 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let n = Value::Array(vec![Value::Int(2), s(METHOD), Value::Array(vec![])]);
-        assert!(matches!(parse_message(n).unwrap(), RpcMessage::Notification { .. }));
+        assert!(matches!(
+            parse_message(n).unwrap(),
+            RpcMessage::Notification { .. }
+        ));
     }
 
     #[test]
     fn malformed_messages_keep_msgid_when_known() {
-        let e = parse_message(Value::Array(vec![Value::Int(0), Value::Int(9), Value::Nil, Value::Nil]))
-            .unwrap_err();
+        let e = parse_message(Value::Array(vec![
+            Value::Int(0),
+            Value::Int(9),
+            Value::Nil,
+            Value::Nil,
+        ]))
+        .unwrap_err();
         assert_eq!(e.msgid, Some(9));
         let e = parse_message(Value::Array(vec![Value::Int(0), Value::Int(9)])).unwrap_err();
         assert_eq!(e.msgid, Some(9));
@@ -167,11 +194,20 @@ mod tests {
     fn params_shapes() {
         let m = Value::Map(vec![]);
         assert_eq!(samples_of(m.clone()).unwrap().len(), 1);
-        assert_eq!(samples_of(Value::Array(vec![m.clone(), m.clone()])).unwrap().len(), 2);
         assert_eq!(
-            samples_of(Value::Array(vec![Value::Array(vec![m.clone(), m.clone(), m])]))
+            samples_of(Value::Array(vec![m.clone(), m.clone()]))
                 .unwrap()
                 .len(),
+            2
+        );
+        assert_eq!(
+            samples_of(Value::Array(vec![Value::Array(vec![
+                m.clone(),
+                m.clone(),
+                m
+            ])]))
+            .unwrap()
+            .len(),
             3
         );
         assert!(samples_of(Value::Int(1)).is_err());

@@ -76,7 +76,10 @@ fn resolve(addr: &str, what: &'static str) -> Result<std::net::SocketAddr, BindE
 impl Listeners {
     /// Bind what `addrs` names, reusing any socket of `old` whose address did not change (a
     /// reload must not close a socket that clients are sending to).
-    pub fn bind(addrs: &Addresses, old: Option<(&Addresses, Listeners)>) -> Result<Listeners, BindError> {
+    pub fn bind(
+        addrs: &Addresses,
+        old: Option<(&Addresses, Listeners)>,
+    ) -> Result<Listeners, BindError> {
         let (old_addrs, mut old) = match old {
             Some((a, l)) => (a.clone(), l),
             None => (Addresses::default(), Listeners::default()),

@@ -17,10 +17,11 @@ use mio::net::{TcpListener, TcpStream, UdpSocket, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use supervisor::{ChildLink, Command};
 
 const LINK: Token = Token(0);
 const UDP: Token = Token(1);
@@ -45,23 +46,10 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 /// How long a stopping worker keeps trying to deliver replies before giving up.
 const STOP_FLUSH_LIMIT: Duration = Duration::from_secs(10);
 
-/// The worker's side of its link to the launcher.
-pub trait ParentLink {
-    fn raw_fd(&self) -> RawFd;
-    fn send_ready(&mut self) -> io::Result<()>;
-    fn send_heartbeat(&mut self, payload: &[u8]) -> io::Result<()>;
-    /// The next command from the parent: `Ok(None)` when there is none right now,
-    /// `Err(UnexpectedEof)` when the parent is gone.
-    fn recv_command(&mut self) -> io::Result<Option<Vec<u8>>>;
-    fn send_reply(&mut self, payload: &[u8]) -> io::Result<()>;
-}
-
-/// A command from the launcher, JSON over the link.
-#[derive(Debug, serde::Deserialize)]
+/// A custom command from the launcher (JSON in a `supervisor::Command::Custom`).
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum Command {
-    Stop,
-    Reopen,
+pub enum Custom {
     Loglevel { level: String },
     Introspect,
 }
@@ -148,7 +136,10 @@ impl Throttle {
     }
     fn log(&mut self, level: log::Level, msg: impl FnOnce() -> String) {
         let now = Instant::now();
-        if self.last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
             self.suppressed += 1;
             return;
         }
@@ -185,7 +176,7 @@ pub struct Worker {
     completions: mpsc::Receiver<Completion>,
     writer: Option<std::thread::JoinHandle<()>>,
     pub counters: Counters,
-    link: Option<Box<dyn ParentLink>>,
+    link: Option<ChildLink>,
     signals: Option<std::os::unix::net::UnixStream>,
     stopping: Option<Instant>,
     last_error: Option<String>,
@@ -217,7 +208,7 @@ impl Worker {
     pub fn new(
         cfg: Config,
         listeners: Listeners,
-        link: Option<Box<dyn ParentLink>>,
+        link: Option<ChildLink>,
         index: usize,
     ) -> Result<Worker, BootError> {
         let db = cfg.has_dispatcher("database");
@@ -285,7 +276,11 @@ impl Worker {
             registry.register(s, UNIX_LISTENER, Interest::READABLE)?;
         }
         if let Some(l) = link.as_ref() {
-            registry.register(&mut mio::unix::SourceFd(&l.raw_fd()), LINK, Interest::READABLE)?;
+            registry.register(
+                &mut mio::unix::SourceFd(&l.as_raw_fd()),
+                LINK,
+                Interest::READABLE,
+            )?;
         }
         // TERM asks for a graceful stop (systemd, the launcher's timeout path, PDEATHSIG).
         // INT and HUP from a terminal's process group are ignored: workers obey their link.
@@ -344,13 +339,15 @@ impl Worker {
 
     /// Serve until stopped; returns the process exit code.
     pub fn run(mut self) -> i32 {
-        if self.db && self.cfg.publisher.telemetry_secret == crate::config::CEILOMETER_DEFAULT_SECRET {
+        if self.db
+            && self.cfg.publisher.telemetry_secret == crate::config::CEILOMETER_DEFAULT_SECRET
+        {
             log::warn!(
                 "[publisher] telemetry_secret is ceilometer's default: anyone can forge samples; set a secret shared with the publishers"
             );
         }
         if let Some(l) = self.link.as_mut() {
-            if let Err(e) = l.send_ready() {
+            if let Err(e) = l.ready() {
                 log::error!("cannot tell the launcher we are ready: {e}");
                 return 1;
             }
@@ -415,6 +412,11 @@ impl Worker {
             }
             self.drain_completions();
             self.resume_paused();
+            if let Some(l) = self.link.as_mut() {
+                if l.has_pending_output() {
+                    let _ = l.flush();
+                }
+            }
         }
         self.shutdown();
         0
@@ -431,7 +433,7 @@ impl Worker {
             "in_flight": self.in_flight,
             "last_error": &self.last_error,
         });
-        if let Err(e) = link.send_heartbeat(hb.to_string().as_bytes()) {
+        if let Err(e) = link.heartbeat(hb.to_string().as_bytes()) {
             log::debug!("heartbeat not sent: {e}");
         }
     }
@@ -467,26 +469,28 @@ impl Worker {
             let Some(link) = self.link.as_mut() else {
                 return;
             };
-            match link.recv_command() {
-                Ok(Some(bytes)) => match serde_json::from_slice::<Command>(&bytes) {
-                    Ok(Command::Stop) => self.begin_stop("the launcher asked us to stop"),
-                    Ok(Command::Reopen) => {
-                        crate::logging::reopen();
-                        if let Some(tx) = self.writer_tx.as_ref() {
-                            let _ = tx.send(WriterMsg::Reopen);
+            match link.try_recv() {
+                Ok(Some(Command::Stop)) => self.begin_stop("the launcher asked us to stop"),
+                Ok(Some(Command::ReopenLogs)) => {
+                    crate::logging::reopen();
+                    if let Some(tx) = self.writer_tx.as_ref() {
+                        let _ = tx.send(WriterMsg::Reopen);
+                    }
+                }
+                Ok(Some(Command::Custom(bytes))) => {
+                    match serde_json::from_slice::<Custom>(&bytes) {
+                        Ok(Custom::Loglevel { level }) => {
+                            crate::logging::set_level(&level);
                         }
-                    }
-                    Ok(Command::Loglevel { level }) => {
-                        crate::logging::set_level(&level);
-                    }
-                    Ok(Command::Introspect) => {
-                        let reply = self.introspect().to_string();
-                        if let Some(l) = self.link.as_mut() {
-                            let _ = l.send_reply(reply.as_bytes());
+                        Ok(Custom::Introspect) => {
+                            let reply = self.introspect().to_string();
+                            if let Some(l) = self.link.as_mut() {
+                                let _ = l.reply(reply.as_bytes());
+                            }
                         }
+                        Err(e) => log::warn!("unknown command from the launcher: {e}"),
                     }
-                    Err(e) => log::warn!("unknown command from the launcher: {e}"),
-                },
+                }
                 Ok(None) => return,
                 Err(e) => {
                     if self.stopping.is_none() {
@@ -496,7 +500,7 @@ impl Worker {
                         let _ = self
                             .poll
                             .registry()
-                            .deregister(&mut mio::unix::SourceFd(&l.raw_fd()));
+                            .deregister(&mut mio::unix::SourceFd(&l.as_raw_fd()));
                     }
                     self.begin_stop("launcher gone");
                     return;
@@ -558,7 +562,11 @@ impl Worker {
     fn stop_complete(&self) -> bool {
         self.batch.is_empty()
             && self.in_flight == 0
-            && self.conns.iter().flatten().all(|c| c.replies.is_empty() && c.unsent() == 0)
+            && self
+                .conns
+                .iter()
+                .flatten()
+                .all(|c| c.replies.is_empty() && c.unsent() == 0)
     }
 
     fn shutdown(&mut self) {
@@ -596,9 +604,14 @@ impl Worker {
         if !signed_ok {
             self.counters.invalid_signature += 1;
             self.counters.samples_rejected += 1;
-            let id = v.get("message_id").and_then(Value::as_str).unwrap_or("?").to_string();
-            self.log_sig
-                .log(log::Level::Warn, || format!("{source}: invalid signature on sample {id}"));
+            let id = v
+                .get("message_id")
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .to_string();
+            self.log_sig.log(log::Level::Warn, || {
+                format!("{source}: invalid signature on sample {id}")
+            });
             if !self.file {
                 return false;
             }
@@ -607,8 +620,9 @@ impl Worker {
             Ok(s) => s,
             Err(e) => {
                 self.counters.samples_rejected += 1;
-                self.log_bad
-                    .log(log::Level::Warn, || format!("{source}: malformed sample: {e}"));
+                self.log_bad.log(log::Level::Warn, || {
+                    format!("{source}: malformed sample: {e}")
+                });
                 return false;
             }
         };
@@ -699,7 +713,11 @@ impl Worker {
                     log::error!("batch of {} samples not written: {e}", c.counts.samples);
                     self.last_error = Some(e.clone());
                     let acked_by_nobody = c.counts.samples
-                        - c.tickets.iter().filter(|t| t.msgid.is_some() && requeue).map(|t| t.range.len()).sum::<usize>();
+                        - c.tickets
+                            .iter()
+                            .filter(|t| t.msgid.is_some() && requeue)
+                            .map(|t| t.range.len())
+                            .sum::<usize>();
                     self.counters.samples_dropped += acked_by_nobody as u64;
                 }
             }
@@ -735,12 +753,17 @@ impl Worker {
         if c.serial != t.serial {
             return; // the client went away; its slot was reused
         }
-        if let Some(slot) = c.replies.iter_mut().find(|r| r.msgid == msgid && r.bytes.is_none()) {
+        if let Some(slot) = c
+            .replies
+            .iter_mut()
+            .find(|r| r.msgid == msgid && r.bytes.is_none())
+        {
             slot.bytes = Some(bytes);
         }
         while c.replies.front().is_some_and(|r| r.bytes.is_some()) {
             if let Some(r) = c.replies.pop_front() {
-                c.wbuf.extend_from_slice(r.bytes.as_deref().unwrap_or_default());
+                c.wbuf
+                    .extend_from_slice(r.bytes.as_deref().unwrap_or_default());
             }
         }
         self.conn_writable(t.conn);
@@ -755,7 +778,9 @@ impl Worker {
                 self.udp_backlog = true;
                 return;
             }
-            let Some(sock) = self.udp.as_ref() else { return };
+            let Some(sock) = self.udp.as_ref() else {
+                return;
+            };
             match sock.recv_from(&mut buf) {
                 Ok((n, peer)) => {
                     self.counters.udp_received += 1;
@@ -783,7 +808,8 @@ impl Worker {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    self.log_udp.log(log::Level::Error, || format!("udp: receive failed: {e}"));
+                    self.log_udp
+                        .log(log::Level::Error, || format!("udp: receive failed: {e}"));
                     return;
                 }
             }
@@ -796,12 +822,24 @@ impl Worker {
         loop {
             let accepted = if unix {
                 match self.unix.as_ref().map(|l| l.accept()) {
-                    Some(Ok((s, addr))) => Ok((Stream::Unix(s), format!("unix:{:?}", addr.as_pathname().unwrap_or(std::path::Path::new("")).display()))),
+                    Some(Ok((s, addr))) => Ok((
+                        Stream::Unix(s),
+                        format!(
+                            "unix:{:?}",
+                            addr.as_pathname()
+                                .unwrap_or(std::path::Path::new(""))
+                                .display()
+                        ),
+                    )),
                     Some(Err(e)) => Err(e),
                     None => return,
                 }
             } else {
-                let l = if kind == ConnKind::Rpc { self.rpc.as_ref() } else { self.tcp.as_ref() };
+                let l = if kind == ConnKind::Rpc {
+                    self.rpc.as_ref()
+                } else {
+                    self.tcp.as_ref()
+                };
                 match l.map(|l| l.accept()) {
                     Some(Ok((s, addr))) => {
                         let _ = s.set_nodelay(true);
@@ -815,7 +853,10 @@ impl Worker {
                 Ok((stream, peer)) => {
                     if self.open_conns >= self.cfg.collector.max_connections {
                         self.log_conn.log(log::Level::Warn, || {
-                            format!("refusing connection from {peer}: max_connections ({}) reached", self.cfg.collector.max_connections)
+                            format!(
+                                "refusing connection from {peer}: max_connections ({}) reached",
+                                self.cfg.collector.max_connections
+                            )
                         });
                         drop(stream);
                         continue;
@@ -830,7 +871,8 @@ impl Worker {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // EMFILE and friends: log, and try again on the next readiness.
-                    self.log_conn.log(log::Level::Error, || format!("accept failed: {e}"));
+                    self.log_conn
+                        .log(log::Level::Error, || format!("accept failed: {e}"));
                     return;
                 }
             }
@@ -845,7 +887,11 @@ impl Worker {
                 self.conns.len() - 1
             }
         };
-        if let Err(e) = self.poll.registry().register(stream.source(), Token(FIRST_CONN + i), Interest::READABLE) {
+        if let Err(e) = self.poll.registry().register(
+            stream.source(),
+            Token(FIRST_CONN + i),
+            Interest::READABLE,
+        ) {
             log::error!("cannot register connection from {peer}: {e}");
             self.free.push(i);
             return;
@@ -909,7 +955,10 @@ impl Worker {
                     c.read_closed = true;
                     let partial = c.rbuf.len() - c.rpos;
                     if partial > 0 {
-                        log::debug!("{}: closed with {partial} bytes of an unfinished frame", c.peer);
+                        log::debug!(
+                            "{}: closed with {partial} bytes of an unfinished frame",
+                            c.peer
+                        );
                     }
                     break;
                 }
@@ -949,13 +998,21 @@ impl Worker {
             let avail = &c.rbuf[c.rpos..];
             let frame = match c.kind {
                 ConnKind::Rpc => c.scanner.scan(avail).map(|o| o.map(|n| (0, n))),
-                ConnKind::CeiloTcp => LengthPrefixed { max_frame: self.cfg.collector.max_frame_bytes }.scan(avail),
+                ConnKind::CeiloTcp => LengthPrefixed {
+                    max_frame: self.cfg.collector.max_frame_bytes,
+                }
+                .scan(avail),
             };
             let (start, end) = match frame {
                 Ok(Some(r)) => r,
                 Ok(None) => return,
                 Err(e) => {
-                    self.protocol_error(i, None, &e.to_string(), matches!(e, FrameError::TooLarge { .. }));
+                    self.protocol_error(
+                        i,
+                        None,
+                        &e.to_string(),
+                        matches!(e, FrameError::TooLarge { .. }),
+                    );
                     return;
                 }
             };
@@ -988,9 +1045,14 @@ impl Worker {
             ConnKind::CeiloTcp => self.counters.tcp_malformed += 1,
         }
         let peer = c.peer.clone();
-        let kind = if c.kind == ConnKind::Rpc { "rpc" } else { "tcp" };
-        self.log_conn
-            .log(log::Level::Warn, || format!("{kind}: {peer}: {reason}; closing the connection"));
+        let kind = if c.kind == ConnKind::Rpc {
+            "rpc"
+        } else {
+            "tcp"
+        };
+        self.log_conn.log(log::Level::Warn, || {
+            format!("{kind}: {peer}: {reason}; closing the connection")
+        });
         c.read_closed = true;
         c.rbuf = Vec::new();
         c.rpos = 0;
@@ -1003,7 +1065,8 @@ impl Worker {
             });
             while c.replies.front().is_some_and(|r| r.bytes.is_some()) {
                 if let Some(r) = c.replies.pop_front() {
-                    c.wbuf.extend_from_slice(r.bytes.as_deref().unwrap_or_default());
+                    c.wbuf
+                        .extend_from_slice(r.bytes.as_deref().unwrap_or_default());
                 }
             }
         }
@@ -1017,13 +1080,22 @@ impl Worker {
         let msg = match rpc::parse_message(v) {
             Ok(m) => m,
             Err(e) => {
-                self.protocol_error(i, e.msgid, &format!("malformed RPC message: {}", e.reason), false);
+                self.protocol_error(
+                    i,
+                    e.msgid,
+                    &format!("malformed RPC message: {}", e.reason),
+                    false,
+                );
                 return;
             }
         };
         self.counters.rpc_requests += 1;
         let (msgid, method, params) = match msg {
-            RpcMessage::Request { msgid, method, params } => (Some(msgid), method, params),
+            RpcMessage::Request {
+                msgid,
+                method,
+                params,
+            } => (Some(msgid), method, params),
             RpcMessage::Notification { method, params } => (None, method, params),
         };
         if method != rpc::METHOD {
@@ -1083,7 +1155,8 @@ impl Worker {
             c.replies.push_back(PendingReply { msgid, bytes });
             while c.replies.front().is_some_and(|r| r.bytes.is_some()) {
                 if let Some(r) = c.replies.pop_front() {
-                    c.wbuf.extend_from_slice(r.bytes.as_deref().unwrap_or_default());
+                    c.wbuf
+                        .extend_from_slice(r.bytes.as_deref().unwrap_or_default());
                 }
             }
         }
@@ -1187,7 +1260,11 @@ impl Worker {
     fn sweep_idle(&mut self, now: Instant) {
         for i in 0..self.conns.len() {
             let idle = match self.conns[i].as_ref() {
-                Some(c) => c.replies.is_empty() && c.unsent() == 0 && now.duration_since(c.last_active) > self.idle_timeout,
+                Some(c) => {
+                    c.replies.is_empty()
+                        && c.unsent() == 0
+                        && now.duration_since(c.last_active) > self.idle_timeout
+                }
                 None => false,
             };
             if idle {

@@ -17,7 +17,11 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_NOT_RUNNING: u8 = 3;
 
 #[derive(Parser, Debug)]
-#[command(name = "collectorctl", version, about = "Control and inspect a running collector")]
+#[command(
+    name = "collectorctl",
+    version,
+    about = "Control and inspect a running collector"
+)]
 struct Cli {
     /// The daemon's control socket.
     #[arg(long, value_name = "PATH", conflicts_with = "config")]
@@ -163,7 +167,11 @@ fn ask(cli: &Cli, line: &str) -> Result<Json, Failure> {
     let v: Json = serde_json::from_str(&answer)
         .map_err(|e| Failure::Daemon(format!("unreadable answer from the daemon: {e}")))?;
     if v.get("ok") == Some(&Json::Bool(false)) {
-        let msg = v.get("error").and_then(Json::as_str).unwrap_or("error").to_string();
+        let msg = v
+            .get("error")
+            .and_then(Json::as_str)
+            .unwrap_or("error")
+            .to_string();
         return Err(Failure::Daemon(msg));
     }
     Ok(v)
@@ -198,7 +206,9 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             let deadline = Instant::now() + Duration::from_secs_f64(cli.timeout.max(0.1));
             while pid > 0 && process_exists(pid as i32) {
                 if Instant::now() > deadline {
-                    return Err(Failure::Daemon(format!("collector (pid {pid}) did not exit in time")));
+                    return Err(Failure::Daemon(format!(
+                        "collector (pid {pid}) did not exit in time"
+                    )));
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -210,14 +220,24 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Cmd::Loglevel { level } => {
             let v = ask(cli, &format!("loglevel {level}"))?;
-            println!("log level: {}", v.get("level").and_then(Json::as_str).unwrap_or(level));
+            println!(
+                "log level: {}",
+                v.get("level").and_then(Json::as_str).unwrap_or(level)
+            );
         }
         Cmd::Config => {
             let v = ask(cli, "config")?;
             print!("{}", v.get("config").and_then(Json::as_str).unwrap_or(""));
         }
         Cmd::Worker { id } => print_json(&ask(cli, &format!("worker {id}"))?),
-        Cmd::Samples { meter, resource, since, until, limit, json } => {
+        Cmd::Samples {
+            meter,
+            resource,
+            since,
+            until,
+            limit,
+            json,
+        } => {
             let filter = storage::SampleFilter {
                 meter: Some(meter.clone()),
                 resource_id: resource.clone(),
@@ -249,11 +269,29 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     .collect();
                 print!(
                     "{}",
-                    render_table(&["TIMESTAMP", "RESOURCE", "METER", "TYPE", "VOLUME", "UNIT", "MESSAGE_ID"], &table)
+                    render_table(
+                        &[
+                            "TIMESTAMP",
+                            "RESOURCE",
+                            "METER",
+                            "TYPE",
+                            "VOLUME",
+                            "UNIT",
+                            "MESSAGE_ID"
+                        ],
+                        &table
+                    )
                 );
             }
         }
-        Cmd::Statistics { meter, period, resource, since, until, json } => {
+        Cmd::Statistics {
+            meter,
+            period,
+            resource,
+            since,
+            until,
+            json,
+        } => {
             let filter = storage::SampleFilter {
                 meter: Some(meter.clone()),
                 resource_id: resource.clone(),
@@ -285,7 +323,19 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     .collect();
                 print!(
                     "{}",
-                    render_table(&["PERIOD_START", "PERIOD_END", "COUNT", "MIN", "MAX", "AVG", "SUM", "UNIT"], &table)
+                    render_table(
+                        &[
+                            "PERIOD_START",
+                            "PERIOD_END",
+                            "COUNT",
+                            "MIN",
+                            "MAX",
+                            "AVG",
+                            "SUM",
+                            "UNIT"
+                        ],
+                        &table
+                    )
                 );
             }
         }
@@ -355,7 +405,9 @@ fn render_status(v: &Json) -> String {
         "collector pid {}  uptime {}  config {}  generation {}  workers {}\n",
         g(v, "pid"),
         fmt_secs(v.get("uptime_s").and_then(Json::as_f64).unwrap_or(0.0)),
-        v.get("config_file").and_then(Json::as_str).unwrap_or("(embedded defaults)"),
+        v.get("config_file")
+            .and_then(Json::as_str)
+            .unwrap_or("(embedded defaults)"),
         g(v, "generation"),
         g(v, "workers_wanted"),
     );
@@ -370,20 +422,51 @@ fn render_status(v: &Json) -> String {
                 g(w, "index").to_string(),
                 g(w, "pid").to_string(),
                 g(w, "generation").to_string(),
-                w.get("state").and_then(Json::as_str).unwrap_or("?").to_string(),
+                w.get("state")
+                    .and_then(Json::as_str)
+                    .unwrap_or("?")
+                    .to_string(),
                 fmt_secs(w.get("uptime_s").and_then(Json::as_f64).unwrap_or(0.0)),
                 num(&c, "samples_received").to_string(),
                 num(&c, "samples_stored").to_string(),
                 num(&c, "samples_rejected").to_string(),
-                format!("{:.1}", rates.get("received_per_s").and_then(Json::as_f64).unwrap_or(0.0)),
-                format!("{:.1}", rates.get("stored_per_s").and_then(Json::as_f64).unwrap_or(0.0)),
+                format!(
+                    "{:.1}",
+                    rates
+                        .get("received_per_s")
+                        .and_then(Json::as_f64)
+                        .unwrap_or(0.0)
+                ),
+                format!(
+                    "{:.1}",
+                    rates
+                        .get("stored_per_s")
+                        .and_then(Json::as_f64)
+                        .unwrap_or(0.0)
+                ),
                 num(w, "connections").to_string(),
-                w.get("last_error").and_then(Json::as_str).unwrap_or("-").to_string(),
+                w.get("last_error")
+                    .and_then(Json::as_str)
+                    .unwrap_or("-")
+                    .to_string(),
             ]
         })
         .collect();
     out.push_str(&render_table(
-        &["ID", "PID", "GEN", "STATE", "UPTIME", "RECEIVED", "STORED", "REJECTED", "RECV/S", "STORED/S", "CONNS", "LAST_ERROR"],
+        &[
+            "ID",
+            "PID",
+            "GEN",
+            "STATE",
+            "UPTIME",
+            "RECEIVED",
+            "STORED",
+            "REJECTED",
+            "RECV/S",
+            "STORED/S",
+            "CONNS",
+            "LAST_ERROR",
+        ],
         &rows,
     ));
     out
