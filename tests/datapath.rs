@@ -17,7 +17,11 @@ fn vector_bytes() -> Vec<(String, Vec<u8>, bool)> {
             let m = &e["message"];
             let id = m["message_id"].as_str().unwrap_or("").to_string();
             let full = m.get("counter_type").is_some() && m.get("timestamp").is_some();
-            (id, hex::decode(e["msgpack_hex"].as_str().unwrap()).unwrap(), full)
+            (
+                id,
+                hex::decode(e["msgpack_hex"].as_str().unwrap()).unwrap(),
+                full,
+            )
         })
         .collect()
 }
@@ -34,7 +38,10 @@ fn udp_stores_the_ceilometer_vectors_with_their_fields() {
     let vs = vector_bytes();
     let full: Vec<_> = vs.iter().filter(|v| v.2).collect();
     assert!(full.len() >= 4);
-    send_udp(d.udp.unwrap(), &vs.iter().map(|v| v.1.clone()).collect::<Vec<_>>());
+    send_udp(
+        d.udp.unwrap(),
+        &vs.iter().map(|v| v.1.clone()).collect::<Vec<_>>(),
+    );
     assert_eq!(d.wait_samples(full.len() as i64, WAIT), full.len() as i64);
     let mut ids = d.message_ids();
     ids.sort();
@@ -81,7 +88,10 @@ fn tampered_or_wrongly_signed_samples_are_rejected() {
     let mut ids = d.message_ids();
     ids.sort();
     assert_eq!(ids, vec!["good-1", "good-2"]);
-    assert!(d.log_count("invalid signature on sample wrong-secret") >= 1 || d.log_count("invalid signature") >= 2);
+    assert!(
+        d.log_count("invalid signature on sample wrong-secret") >= 1
+            || d.log_count("invalid signature") >= 2
+    );
 }
 
 #[test]
@@ -104,10 +114,17 @@ fn tcp_framing_of_ceilometer_publisher() {
     s.write_all(&(100u64 << 20).to_le_bytes()).unwrap();
     let mut buf = [0u8; 1];
     s.set_read_timeout(Some(WAIT)).unwrap();
-    assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "oversize frame must close the connection");
+    assert_eq!(
+        s.read(&mut buf).unwrap_or(0),
+        0,
+        "oversize frame must close the connection"
+    );
     let mut s2 = TcpStream::connect(d.tcp.unwrap()).unwrap();
-    s2.write_all(&tcp_frame(&sample("after-junk", "change this for valid signing")))
-        .unwrap();
+    s2.write_all(&tcp_frame(&sample(
+        "after-junk",
+        "change this for valid signing",
+    )))
+    .unwrap();
     assert_eq!(d.wait_samples(full + 1, WAIT), full + 1);
 }
 
@@ -117,7 +134,9 @@ fn rpc_batches_of_1_1000_10000_and_replay() {
     let mut c = RpcClient::connect(d.rpc.unwrap()).unwrap();
     let mut total = 0;
     for (n, tag) in [(1, "a"), (1000, "b"), (10_000, "c")] {
-        let batch: Vec<Value> = (0..n).map(|i| sample(&format!("{tag}-{i}"), SECRET)).collect();
+        let batch: Vec<Value> = (0..n)
+            .map(|i| sample(&format!("{tag}-{i}"), SECRET))
+            .collect();
         let r = c.call(batch.clone()).unwrap();
         assert_eq!(r.error, None);
         assert_eq!((r.stored, r.duplicates, r.rejected), (n as i64, 0, 0));
@@ -136,7 +155,13 @@ fn rpc_pipelined_requests_are_answered_in_order() {
     let d = Daemon::start(Setup::default());
     let mut c = RpcClient::connect(d.rpc.unwrap()).unwrap();
     let ids: Vec<u64> = (0..50)
-        .map(|i| c.send(vec![sample(&format!("p-{i}"), SECRET), sample(&format!("p-{i}-b"), SECRET)]).unwrap())
+        .map(|i| {
+            c.send(vec![
+                sample(&format!("p-{i}"), SECRET),
+                sample(&format!("p-{i}-b"), SECRET),
+            ])
+            .unwrap()
+        })
         .collect();
     for id in ids {
         let r = c.recv().unwrap();
@@ -156,7 +181,11 @@ fn rpc_100_concurrent_connections() {
                 let mut c = RpcClient::connect(addr).unwrap();
                 for j in 0..5 {
                     let r = c
-                        .call((0..10).map(|k| sample(&format!("c{t}-{j}-{k}"), SECRET)).collect())
+                        .call(
+                            (0..10)
+                                .map(|k| sample(&format!("c{t}-{j}-{k}"), SECRET))
+                                .collect(),
+                        )
                         .unwrap();
                     assert_eq!(r.stored, 10, "{r:?}");
                 }
@@ -197,12 +226,20 @@ fn rpc_notifications_unknown_methods_and_malformed_frames() {
     assert_eq!(d.wait_samples(2, WAIT), 2);
     // A request with a bad shape and a known msgid: an error answer, then close.
     c.stream
-        .write_all(&encode(&Value::Array(vec![Value::Int(0), Value::Int(77), Value::Nil, Value::Nil])))
+        .write_all(&encode(&Value::Array(vec![
+            Value::Int(0),
+            Value::Int(77),
+            Value::Nil,
+            Value::Nil,
+        ])))
         .unwrap();
     let r = c.recv().unwrap();
     assert_eq!(r.msgid, 77);
     assert!(r.error.is_some());
-    assert!(c.recv().is_err(), "connection must be closed after a malformed request");
+    assert!(
+        c.recv().is_err(),
+        "connection must be closed after a malformed request"
+    );
 }
 
 #[test]
@@ -214,7 +251,8 @@ fn bad_input_never_disturbs_good_clients() {
     g.write_all(&[0xc1, 0xff, 0x00, 0x13]).unwrap();
     // A 100 MB length claim (bin32 header) on RPC.
     let mut big = TcpStream::connect(rpc).unwrap();
-    big.write_all(&[0x94, 0x00, 0x01, 0xa1, b'x', 0xc6, 0x06, 0x40, 0x00, 0x00]).unwrap();
+    big.write_all(&[0x94, 0x00, 0x01, 0xa1, b'x', 0xc6, 0x06, 0x40, 0x00, 0x00])
+        .unwrap();
     // A truncated frame, then the peer goes away.
     {
         let mut t = TcpStream::connect(rpc).unwrap();
@@ -227,8 +265,17 @@ fn bad_input_never_disturbs_good_clients() {
     slow.write_all(&slow_req[..3]).unwrap();
     // Wrong types in every field: each sample is rejected, the good one stored.
     let fields = [
-        "source", "counter_name", "counter_type", "counter_unit", "counter_volume", "user_id",
-        "project_id", "resource_id", "timestamp", "resource_metadata", "message_id",
+        "source",
+        "counter_name",
+        "counter_type",
+        "counter_unit",
+        "counter_volume",
+        "user_id",
+        "project_id",
+        "resource_id",
+        "timestamp",
+        "resource_metadata",
+        "message_id",
     ];
     let mut c = RpcClient::connect(rpc).unwrap();
     let mut batch = vec![sample("good-among-bad", SECRET)];
@@ -237,7 +284,11 @@ fn bad_input_never_disturbs_good_clients() {
         if let Value::Map(pairs) = &mut v {
             for (k, val) in pairs.iter_mut() {
                 if k.as_str() == Some(f) {
-                    *val = if *f == "counter_volume" { Value::Str("x".into()) } else { Value::Array(vec![Value::Int(1)]) };
+                    *val = if *f == "counter_volume" {
+                        Value::Str("x".into())
+                    } else {
+                        Value::Array(vec![Value::Int(1)])
+                    };
                 }
             }
         }
@@ -292,7 +343,9 @@ fn two_thousand_connections_at_once() {
     let mut served = 0;
     for (i, s) in conns.iter_mut().enumerate().step_by(97) {
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        if s.write_all(&rpc_request(1, vec![sample(&format!("flood-{i}"), SECRET)])).is_err() {
+        if s.write_all(&rpc_request(1, vec![sample(&format!("flood-{i}"), SECRET)]))
+            .is_err()
+        {
             continue;
         }
         let mut b = [0u8; 128];
@@ -310,7 +363,10 @@ fn two_thousand_connections_at_once() {
 }
 
 fn raise_nofile() {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: plain getrlimit/setrlimit on our own process.
     unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
@@ -323,7 +379,13 @@ fn raise_nofile() {
 fn ceilometer_udp_and_tcp_publishers_are_real_clients() {
     let d = Daemon::start(Setup::default());
     let mut sent = ceilometer_publish("udp", d.udp.unwrap(), SECRET, 50, "py-udp");
-    sent.extend(ceilometer_publish("tcp", d.tcp.unwrap(), SECRET, 50, "py-tcp"));
+    sent.extend(ceilometer_publish(
+        "tcp",
+        d.tcp.unwrap(),
+        SECRET,
+        50,
+        "py-tcp",
+    ));
     assert_eq!(sent.len(), 100);
     assert_eq!(d.wait_samples(100, WAIT), 100);
     let mut ids = d.message_ids();
@@ -332,7 +394,11 @@ fn ceilometer_udp_and_tcp_publishers_are_real_clients() {
     assert_eq!(ids, sent);
     // Signed with another secret: all rejected.
     ceilometer_publish("udp", d.udp.unwrap(), "other-secret", 5, "py-forged");
-    assert!(wait_for(WAIT, || (d.log_count("invalid signature on sample py-forged") >= 1).then_some(())).is_some());
+    assert!(wait_for(WAIT, || (d
+        .log_count("invalid signature on sample py-forged")
+        >= 1)
+        .then_some(()))
+    .is_some());
     assert_eq!(d.count_samples(), 100);
 }
 
@@ -346,15 +412,21 @@ fn storage_failure_answers_errors_and_recovers_without_losing_acked_samples() {
     let blocker = d.db();
     blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
     let mut acked = vec!["before-1".to_string()];
-    let r = c.call(vec![sample("during-1", SECRET), sample("during-2", SECRET)]).unwrap();
+    let r = c
+        .call(vec![sample("during-1", SECRET), sample("during-2", SECRET)])
+        .unwrap();
     assert!(
-        r.error.as_deref().is_some_and(|e| e.starts_with("storage unavailable")),
+        r.error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("storage unavailable")),
         "expected a storage error, got {r:?}"
     );
     blocker.execute_batch("COMMIT").unwrap();
     drop(blocker);
     // The client retries, as ceilometer's RPC publisher would; now it is stored.
-    let r = c.call(vec![sample("during-1", SECRET), sample("during-2", SECRET)]).unwrap();
+    let r = c
+        .call(vec![sample("during-1", SECRET), sample("during-2", SECRET)])
+        .unwrap();
     assert_eq!((r.error.as_deref(), r.stored), (None, 2), "{r:?}");
     acked.extend(["during-1".to_string(), "during-2".to_string()]);
     let r = c.call(vec![sample("after-1", SECRET)]).unwrap();

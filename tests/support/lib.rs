@@ -120,8 +120,13 @@ impl Setup {
             s.push_str(l);
             s.push('\n');
         }
-        s.push_str(&format!("[publisher]\ntelemetry_secret = \"{}\"\n", self.secret));
-        s.push_str(&format!("[database]\nconnection = \"sqlite:///{d}/collector.db\"\n"));
+        s.push_str(&format!(
+            "[publisher]\ntelemetry_secret = \"{}\"\n",
+            self.secret
+        ));
+        s.push_str(&format!(
+            "[database]\nconnection = \"sqlite:///{d}/collector.db\"\n"
+        ));
         for l in &self.database {
             s.push_str(l);
             s.push('\n');
@@ -144,9 +149,28 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(setup: Setup) -> Daemon {
+        Daemon::start_with_dir_prep(setup, |_| {})
+    }
+
+    /// Like `start`; a `pidfile = "PIDFILE"` service line becomes the temp dir's pidfile.
+    pub fn start_with_pidfile(setup: Setup) -> Daemon {
+        Daemon::start_with_dir_prep(setup, |_| {})
+    }
+
+    pub fn start_with_pidfile_and(setup: Setup, prep: impl FnOnce(&Path)) -> Daemon {
+        Daemon::start_with_dir_prep(setup, prep)
+    }
+
+    /// Start after `prep` ran on the temp dir (to plant files or change its mode).
+    pub fn start_with_dir_prep(setup: Setup, prep: impl FnOnce(&Path)) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
+        prep(dir.path());
         let config_path = dir.path().join("collector.toml");
-        std::fs::write(&config_path, setup.render(dir.path())).expect("write config");
+        let text = setup.render(dir.path()).replace(
+            "\"PIDFILE\"",
+            &format!("\"{}/collector.pid\"", dir.path().display()),
+        );
+        std::fs::write(&config_path, text).expect("write config");
         let mut d = Daemon {
             child: None,
             dir,
@@ -261,7 +285,8 @@ impl Daemon {
 
     pub fn db(&self) -> rusqlite::Connection {
         let c = rusqlite::Connection::open(self.db_path()).expect("open db");
-        c.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
+        c.busy_timeout(Duration::from_secs(10))
+            .expect("busy timeout");
         c
     }
 
@@ -339,7 +364,10 @@ pub fn sample_with(id: &str, secret: &str, meter: &str, volume: i64) -> Value {
                 (s("display_name"), s("vm-1")),
                 (
                     s("flavor"),
-                    Value::Map(vec![(s("name"), s("m1.small")), (s("vcpus"), Value::Int(2))]),
+                    Value::Map(vec![
+                        (s("name"), s("m1.small")),
+                        (s("vcpus"), Value::Int(2)),
+                    ]),
                 ),
                 (s("tags"), Value::Array(vec![s("a"), Value::Int(1)])),
             ]),
@@ -434,13 +462,19 @@ impl RpcClient {
                 }
                 Err(meter::decode::DecodeError::Incomplete) => {}
                 Err(e) => {
-                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        e.to_string(),
+                    ))
                 }
             }
             let mut chunk = [0u8; 65536];
             let n = self.stream.read(&mut chunk)?;
             if n == 0 {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "closed",
+                ));
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }
@@ -503,9 +537,24 @@ pub fn ceilometer_python() -> PathBuf {
         let _ = std::fs::remove_dir_all(&root);
         run(Command::new("python3").args(["-m", "venv"]).arg(&root));
         // --no-deps: the publishers need only these, not ceilometer's whole service stack.
-        run(Command::new(&python).args(["-m", "pip", "install", "-q", "--no-deps", "ceilometer==27.0.0"]));
         run(Command::new(&python).args([
-            "-m", "pip", "install", "-q", "msgpack", "oslo.config", "oslo.log", "oslo.utils", "stevedore",
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "ceilometer==27.0.0",
+        ]));
+        run(Command::new(&python).args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "msgpack",
+            "oslo.config",
+            "oslo.log",
+            "oslo.utils",
+            "stevedore",
         ]));
         std::fs::write(&stamp, "ok").expect("stamp");
     }
@@ -515,13 +564,117 @@ pub fn ceilometer_python() -> PathBuf {
 
 /// Publish `count` samples with ceilometer's `UDPPublisher` or `TCPPublisher`; returns their
 /// message ids.
-pub fn ceilometer_publish(kind: &str, to: SocketAddr, secret: &str, count: usize, prefix: &str) -> Vec<String> {
+pub fn ceilometer_publish(
+    kind: &str,
+    to: SocketAddr,
+    secret: &str,
+    count: usize,
+    prefix: &str,
+) -> Vec<String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/publish.py");
     let out = Command::new(ceilometer_python())
         .arg(script)
-        .args([kind, &to.ip().to_string(), &to.port().to_string(), secret, &count.to_string(), prefix])
+        .args([
+            kind,
+            &to.ip().to_string(),
+            &to.port().to_string(),
+            secret,
+            &count.to_string(),
+            prefix,
+        ])
         .output()
         .expect("run publisher");
-    assert!(out.status.success(), "publisher failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+    assert!(
+        out.status.success(),
+        "publisher failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+// ------------------------------------------------------------------ launcher helpers
+
+impl Daemon {
+    /// `collectorctl status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let (code, out, err) = self.ctl(&["status", "--json"]);
+        assert_eq!(code, 0, "collectorctl status failed: {err}");
+        serde_json::from_str(&out).expect("status json")
+    }
+
+    /// Pids of workers of the serving generation in state `ready`.
+    pub fn ready_workers(&self) -> Vec<i32> {
+        let s = self.status();
+        let gen = s["generation"].as_u64().unwrap_or(0);
+        s["workers"]
+            .as_array()
+            .map(|ws| {
+                ws.iter()
+                    .filter(|w| w["generation"].as_u64() == Some(gen) && w["state"] == "ready")
+                    .filter_map(|w| w["pid"].as_i64().map(|p| p as i32))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Wait until exactly `n` ready workers serve, none of them in `not`; returns their pids.
+    pub fn wait_workers(&self, n: usize, not: &[i32], timeout: Duration) -> Vec<i32> {
+        let mut last = Vec::new();
+        let ok = wait_for(timeout, || {
+            last = self.ready_workers();
+            (last.len() == n && !last.iter().any(|p| not.contains(p))).then_some(())
+        });
+        assert!(
+            ok.is_some(),
+            "wanted {n} ready workers not in {not:?}, have {last:?}; log:\n{}",
+            self.log()
+        );
+        last
+    }
+
+    /// `collectorctl stats` as JSON.
+    pub fn stats(&self) -> serde_json::Value {
+        let (code, out, err) = self.ctl(&["stats"]);
+        assert_eq!(code, 0, "collectorctl stats failed: {err}");
+        serde_json::from_str(&out).expect("stats json")
+    }
+}
+
+/// Child processes of `pid` (from /proc), zombies included.
+pub fn children_of(pid: i32) -> Vec<(i32, char)> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r.trim().to_string()) else {
+                continue;
+            };
+            let mut f = rest.split_whitespace();
+            let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
+            let ppid: i32 = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+            if ppid == pid {
+                out.push((p, state));
+            }
+        }
+    }
+    out
+}
+
+pub fn alive(pid: i32) -> bool {
+    // A zombie still "exists" for kill(0): look at its state too.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim().starts_with('Z')),
+        Err(_) => false,
+    }
 }

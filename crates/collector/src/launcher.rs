@@ -561,6 +561,11 @@ impl Hooks for Launcher {
             } => {
                 if !self.ready_once {
                     self.ready_once = true;
+                    // The readiness pipe closes now: its number may be reused by a socket
+                    // later workers need, so stop closing it in them.
+                    if let Some(fd) = self.daemonized.raw_fd() {
+                        sup.keep_in_children(fd);
+                    }
                     self.daemonized.notify_ready();
                     log::info!("collector ready: generation {generation} serving");
                 } else {

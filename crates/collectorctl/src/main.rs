@@ -137,7 +137,22 @@ fn socket_path(cli: &Cli) -> Result<PathBuf, Failure> {
     if let Some(s) = &cli.socket {
         return Ok(s.clone());
     }
-    Ok(PathBuf::from(load_config(cli)?.service.control_socket))
+    match load_config(cli) {
+        Ok(c) => Ok(PathBuf::from(c.service.control_socket)),
+        // A config being edited may be broken while the daemon runs on the previous one:
+        // still find the socket if the file names it.
+        Err(e) => lenient_socket(cli).ok_or(e),
+    }
+}
+
+fn lenient_socket(cli: &Cli) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(cli.config.as_ref()?).ok()?;
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("control_socket"))?;
+    let value = line.split_once('=')?.1.trim();
+    let value = value.split('#').next()?.trim().trim_matches('"');
+    (!value.is_empty()).then(|| PathBuf::from(value))
 }
 
 /// One command line to the control socket, one JSON answer back.
