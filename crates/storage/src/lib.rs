@@ -1,1 +1,85 @@
-//! placeholder
+//! `storage`: where metering samples go once the daemon has decoded and verified them.
+//!
+//! Two kinds of destination live here:
+//!
+//! - **Storage drivers** behind the [`Storage`] trait, chosen once at start-up by the URL scheme
+//!   of `[database] connection` through [`open`] (the role stevedore's `DriverManager` plays in
+//!   ceilometer). Today the registry holds the embedded SQLite driver ([`sqlite`]); server
+//!   databases are added as one module plus one line in [`registry`].
+//!
+//! This crate opens no sockets, starts no threads and keeps no global state: the daemon owns
+//! one [`Storage`] (and/or one [`FileDispatcher`]) per worker and calls it from its writer
+//! thread. Design notes and the SQL schema are in `docs/storage.md`.
+
+pub mod error;
+pub mod json;
+pub mod model;
+pub mod registry;
+pub mod sqlite;
+pub mod url;
+
+pub use error::StorageError;
+pub use model::{MeterInfo, RecordOutcome, ResourceInfo, SampleFilter, Statistics, StoredSample};
+pub use registry::{known_schemes, open};
+
+use meter::Sample;
+
+/// One storage backend. Every driver offers the same operations (DESIGN §7).
+///
+/// Methods take `&mut self` because a driver owns one connection and its caches; a daemon
+/// worker holds one `Box<dyn Storage>` on its writer thread.
+pub trait Storage: Send {
+    /// Store a batch. Idempotent on `message_id`; one transaction per call.
+    ///
+    /// Samples that cannot be stored on their own merits (unparseable timestamp, non-finite
+    /// volume, empty message_id) are listed in [`RecordOutcome::rejected`] while the rest of the
+    /// batch is stored. A storage-level failure stores nothing and returns
+    /// [`StorageError::Unavailable`]; the caller retries the whole batch later, which is safe
+    /// because of the idempotence.
+    fn record_metering_data(&mut self, batch: &[Sample]) -> Result<RecordOutcome, StorageError>;
+
+    /// Samples matching `filter`, newest first, at most `filter.limit`.
+    fn get_samples(&mut self, filter: &SampleFilter) -> Result<Vec<StoredSample>, StorageError>;
+
+    /// One entry per (meter, resource) pair that has samples matching `filter`.
+    fn get_meters(&mut self, filter: &SampleFilter) -> Result<Vec<MeterInfo>, StorageError>;
+
+    /// One entry per resource id that has samples matching `filter`, with the metadata of its
+    /// newest matching sample.
+    fn get_resources(&mut self, filter: &SampleFilter) -> Result<Vec<ResourceInfo>, StorageError>;
+
+    /// min/max/avg/sum/count of the volumes of the samples matching `filter`, per unit.
+    ///
+    /// `period: None` (or `Some(0)`) gives one bucket over the whole range; `Some(seconds)`
+    /// gives buckets of that length aligned to `filter.start`, or to the first matching sample
+    /// when the filter has no start. Buckets without samples are omitted.
+    fn get_meter_statistics(
+        &mut self,
+        filter: &SampleFilter,
+        period: Option<u64>,
+    ) -> Result<Vec<Statistics>, StorageError>;
+
+    /// Delete samples whose timestamp is older than now − `ttl_seconds`, then the resources
+    /// and meters no sample refers to any more. Returns the number of samples deleted.
+    fn clear_expired_metering_data(&mut self, ttl_seconds: u64) -> Result<u64, StorageError>;
+}
+
+/// Driver tuning that does not belong in the connection URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageOptions {
+    /// SQLite `PRAGMA synchronous`: `OFF`, `NORMAL`, `FULL` or `EXTRA`. With WAL, `NORMAL`
+    /// never corrupts the database; a power loss may lose the last commits.
+    pub sqlite_synchronous: String,
+    /// How long a write waits for another process's lock before the batch fails as
+    /// [`StorageError::Unavailable`].
+    pub busy_timeout_ms: u64,
+}
+
+impl Default for StorageOptions {
+    fn default() -> Self {
+        StorageOptions {
+            sqlite_synchronous: "NORMAL".to_string(),
+            busy_timeout_ms: 5000,
+        }
+    }
+}

@@ -1,0 +1,658 @@
+//! The embedded SQLite driver (`sqlite://`), modelled on ceilometer's normalized SQL model.
+//!
+//! Several worker processes write one file: WAL mode lets readers proceed beside the single
+//! writer, every batch is one `BEGIN IMMEDIATE` transaction (the write lock is taken up front,
+//! so a busy database fails at `BEGIN` after `busy_timeout` instead of deadlocking mid-batch),
+//! and `message_id` is `UNIQUE`, so retried or redelivered batches store nothing twice.
+//!
+//! The hot path is one `INSERT ... ON CONFLICT (message_id) DO NOTHING` per sample: meter and
+//! resource ids come from in-process caches, valid across processes because ids never change
+//! while a row lives; rows are only deleted by expiry, which bumps `cache_epoch` so every
+//! process drops its caches at its next batch. Schema and reasoning: docs/storage.md.
+
+mod query;
+pub mod schema;
+
+use crate::json::{flatten, FlatValue, Json};
+use crate::model::to_micros;
+use crate::url::StorageUrl;
+use crate::{
+    MeterInfo, RecordOutcome, ResourceInfo, SampleFilter, Statistics, Storage, StorageError,
+    StorageOptions, StoredSample,
+};
+use meter::{CounterType, Sample, Volume};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, ToSql, TransactionBehavior};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
+
+/// Where the database lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    File(PathBuf),
+    /// `sqlite://`, `sqlite://:memory:`: private to this connection, gone when it closes.
+    Memory,
+}
+
+impl Target {
+    /// Parse the part of a `sqlite://` URL after `://`, following SQLAlchemy: `/data/x.db` is
+    /// the relative path `data/x.db`, `//var/lib/x.db` the absolute `/var/lib/x.db`, and an
+    /// empty path or `:memory:` an in-memory database.
+    pub fn from_url(url: &StorageUrl<'_>) -> Result<Target, StorageError> {
+        let rest = url.rest;
+        if rest.contains('?') {
+            return Err(url.error("query parameters are not supported"));
+        }
+        if rest.is_empty() || rest == ":memory:" {
+            return Ok(Target::Memory);
+        }
+        let Some(path) = rest.strip_prefix('/') else {
+            return Err(url.error(
+                "sqlite URLs take no host: use sqlite:///relative/path.db or sqlite:////absolute/path.db",
+            ));
+        };
+        if path.is_empty() || path == ":memory:" {
+            return Ok(Target::Memory);
+        }
+        Ok(Target::File(PathBuf::from(path)))
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Target::File(p) => p.display().to_string(),
+            Target::Memory => ":memory:".to_string(),
+        }
+    }
+}
+
+/// Meter ids by name, then (type, unit): lookups borrow the sample's strings, no allocation.
+type MeterCache = HashMap<String, Vec<(CounterType, String, i64)>>;
+
+/// The SQLite [`Storage`] driver.
+pub struct SqliteStorage {
+    target: Target,
+    opts: StorageOptions,
+    synchronous: &'static str,
+    /// `None` after a fault that may have left the connection unusable; the next call reopens.
+    conn: Option<Connection>,
+    meters: MeterCache,
+    /// Resource internal ids by [`resource_key`].
+    resources: HashMap<String, i64>,
+    /// The `cache_epoch` the caches were filled under.
+    epoch: i64,
+    /// Scratch buffers reused across samples.
+    key_buf: String,
+    json_buf: Vec<u8>,
+}
+
+const INSERT_SAMPLE: &str = "INSERT INTO sample
+    (meter_id, resource_id, volume, timestamp, recorded_at, message_id, message_signature)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+    ON CONFLICT (message_id) DO NOTHING";
+
+/// Expiry deletes in chunks of this many samples, one transaction each, so writers in other
+/// processes wait for one chunk at most.
+const EXPIRY_CHUNK: i64 = 10_000;
+
+/// Registry entry point.
+pub fn open_boxed(
+    url: &StorageUrl<'_>,
+    opts: &StorageOptions,
+) -> Result<Box<dyn Storage>, StorageError> {
+    Ok(Box::new(SqliteStorage::open(Target::from_url(url)?, opts)?))
+}
+
+impl SqliteStorage {
+    /// Open (creating the file and its parent directory if missing) and migrate the schema.
+    pub fn open(target: Target, opts: &StorageOptions) -> Result<Self, StorageError> {
+        let synchronous = synchronous_level(&opts.sqlite_synchronous)?;
+        let mut storage = SqliteStorage {
+            target,
+            opts: opts.clone(),
+            synchronous,
+            conn: None,
+            meters: HashMap::new(),
+            resources: HashMap::new(),
+            epoch: i64::MIN,
+            key_buf: String::new(),
+            json_buf: Vec::new(),
+        };
+        storage.connection()?;
+        Ok(storage)
+    }
+
+    /// The database file, or `None` in memory.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.target {
+            Target::File(p) => Some(p),
+            Target::Memory => None,
+        }
+    }
+
+    /// The open connection, reopening it after a fault.
+    fn connection(&mut self) -> Result<&mut Connection, StorageError> {
+        if self.conn.is_none() {
+            let conn = connect(&self.target, &self.opts, self.synchronous)?;
+            self.conn = Some(conn);
+        }
+        match self.conn.as_mut() {
+            Some(c) => Ok(c),
+            None => Err(StorageError::Database("connection vanished".into())),
+        }
+    }
+
+    /// Map a rusqlite error and leave the driver ready for the next call.
+    fn fail(&mut self, e: rusqlite::Error) -> StorageError {
+        let err = map_error(&self.target, &e);
+        // Ids created by the rolled-back transaction may sit in the caches.
+        self.clear_caches();
+        let busy = matches!(
+            e.sqlite_error_code(),
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+        );
+        let in_tx = self.conn.as_ref().is_some_and(|c| !c.is_autocommit());
+        if self.target != Target::Memory && ((err.is_transient() && !busy) || in_tx) {
+            // After I/O errors, a read-only or full disk, SQLite's own state is suspect: start
+            // over with a fresh connection once the fault clears. (Busy is harmless.)
+            log::warn!("sqlite {}: reopening after: {err}", self.target.describe());
+            self.conn = None;
+        }
+        err
+    }
+
+    fn clear_caches(&mut self) {
+        self.meters.clear();
+        self.resources.clear();
+        self.epoch = i64::MIN;
+    }
+
+    fn write_batch(
+        &mut self,
+        batch: &[Sample],
+        valid: &[(usize, i64)],
+        recorded_at: i64,
+        outcome: &mut RecordOutcome,
+    ) -> rusqlite::Result<()> {
+        let conn = match self.conn.as_mut() {
+            Some(c) => c,
+            None => return Err(rusqlite::Error::InvalidQuery),
+        };
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let epoch: i64 = tx
+            .prepare_cached("SELECT epoch FROM cache_epoch")?
+            .query_row([], |r| r.get(0))?;
+        if epoch != self.epoch {
+            self.meters.clear();
+            self.resources.clear();
+            self.epoch = epoch;
+        }
+        {
+            let mut insert = tx.prepare_cached(INSERT_SAMPLE)?;
+            for &(i, timestamp) in valid {
+                let s = &batch[i];
+                let meter_id = meter_id(&tx, &mut self.meters, s)?;
+                let resource_id = resource_id(
+                    &tx,
+                    &mut self.resources,
+                    &mut self.key_buf,
+                    &mut self.json_buf,
+                    s,
+                )?;
+                let n = insert.execute(params![
+                    meter_id,
+                    resource_id,
+                    s.counter_volume.as_f64(),
+                    timestamp,
+                    recorded_at,
+                    s.message_id,
+                    s.message_signature,
+                ])?;
+                if n == 0 {
+                    outcome.duplicate_indices.push(i);
+                } else {
+                    outcome.stored += 1;
+                }
+            }
+        }
+        tx.commit()
+    }
+
+    fn expire(&mut self, cutoff: i64) -> rusqlite::Result<u64> {
+        let conn = match self.conn.as_mut() {
+            Some(c) => c,
+            None => return Err(rusqlite::Error::InvalidQuery),
+        };
+        let mut total = 0u64;
+        loop {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let n = tx.execute(
+                "DELETE FROM sample WHERE id IN
+                   (SELECT id FROM sample WHERE timestamp < ?1 LIMIT ?2)",
+                params![cutoff, EXPIRY_CHUNK],
+            )?;
+            tx.commit()?;
+            total += n as u64;
+            if (n as i64) < EXPIRY_CHUNK {
+                break;
+            }
+        }
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        const ORPHAN: &str =
+            "NOT EXISTS (SELECT 1 FROM sample s WHERE s.resource_id = resource.internal_id)";
+        tx.execute(
+            &format!("DELETE FROM metadata WHERE id IN (SELECT internal_id FROM resource WHERE {ORPHAN})"),
+            [],
+        )?;
+        let resources = tx.execute(&format!("DELETE FROM resource WHERE {ORPHAN}"), [])?;
+        let meters = tx.execute(
+            "DELETE FROM meter WHERE NOT EXISTS (SELECT 1 FROM sample s WHERE s.meter_id = meter.id)",
+            [],
+        )?;
+        if resources + meters > 0 {
+            // Ids may be reused now: every process must forget the ones it cached.
+            tx.execute("UPDATE cache_epoch SET epoch = epoch + 1", [])?;
+        }
+        tx.commit()?;
+        Ok(total)
+    }
+
+    /// Run a read-only query with the connection, mapping errors.
+    fn read<T>(
+        &mut self,
+        f: impl FnOnce(&Connection) -> Result<T, query::QueryError>,
+    ) -> Result<T, StorageError> {
+        let conn = self.connection()?;
+        match f(conn) {
+            Ok(v) => Ok(v),
+            Err(query::QueryError::Sql(e)) => Err(self.fail(e)),
+            Err(query::QueryError::Storage(e)) => Err(e),
+        }
+    }
+}
+
+impl Storage for SqliteStorage {
+    fn record_metering_data(&mut self, batch: &[Sample]) -> Result<RecordOutcome, StorageError> {
+        let mut outcome = RecordOutcome::default();
+        let mut valid = Vec::with_capacity(batch.len());
+        for (i, s) in batch.iter().enumerate() {
+            match validate(s) {
+                Ok(ts) => valid.push((i, ts)),
+                Err(reason) => outcome.rejected.push((i, reason)),
+            }
+        }
+        if valid.is_empty() {
+            return Ok(outcome);
+        }
+        let recorded_at = to_micros(OffsetDateTime::now_utc());
+        self.connection()?;
+        if let Err(e) = self.write_batch(batch, &valid, recorded_at, &mut outcome) {
+            return Err(self.fail(e));
+        }
+        outcome.duplicates = outcome.duplicate_indices.len();
+        Ok(outcome)
+    }
+
+    fn get_samples(&mut self, filter: &SampleFilter) -> Result<Vec<StoredSample>, StorageError> {
+        self.read(|c| query::samples(c, filter))
+    }
+
+    fn get_meters(&mut self, filter: &SampleFilter) -> Result<Vec<MeterInfo>, StorageError> {
+        self.read(|c| query::meters(c, filter))
+    }
+
+    fn get_resources(&mut self, filter: &SampleFilter) -> Result<Vec<ResourceInfo>, StorageError> {
+        self.read(|c| query::resources(c, filter))
+    }
+
+    fn get_meter_statistics(
+        &mut self,
+        filter: &SampleFilter,
+        period: Option<u64>,
+    ) -> Result<Vec<Statistics>, StorageError> {
+        self.read(|c| query::statistics(c, filter, period))
+    }
+
+    fn clear_expired_metering_data(&mut self, ttl_seconds: u64) -> Result<u64, StorageError> {
+        let ttl_us = i64::try_from(ttl_seconds)
+            .ok()
+            .and_then(|s| s.checked_mul(1_000_000))
+            .unwrap_or(i64::MAX);
+        let cutoff = to_micros(OffsetDateTime::now_utc()).saturating_sub(ttl_us);
+        self.connection()?;
+        match self.expire(cutoff) {
+            Ok(n) => Ok(n),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+}
+
+/// The sample's UTC timestamp in microseconds, or why it cannot be stored.
+fn validate(s: &Sample) -> Result<i64, String> {
+    let ts = meter::parse_timestamp(&s.timestamp).map_err(|e| e.to_string())?;
+    if let Volume::Float(f) = s.counter_volume {
+        if !f.is_finite() {
+            return Err(format!("non-finite counter_volume {f}"));
+        }
+    }
+    if s.message_id.is_empty() {
+        return Err("empty message_id".to_string());
+    }
+    Ok(to_micros(ts))
+}
+
+fn meter_id(conn: &Connection, cache: &mut MeterCache, s: &Sample) -> rusqlite::Result<i64> {
+    if let Some(list) = cache.get(&s.counter_name) {
+        if let Some((_, _, id)) = list
+            .iter()
+            .find(|(t, u, _)| *t == s.counter_type && *u == s.counter_unit)
+        {
+            return Ok(*id);
+        }
+    }
+    // Under the batch's write lock nobody else can insert between the lookup and the insert.
+    let kind = s.counter_type.as_str();
+    let found = conn
+        .prepare_cached("SELECT id FROM meter WHERE name = ?1 AND type = ?2 AND unit = ?3")?
+        .query_row(params![s.counter_name, kind, s.counter_unit], |r| r.get(0))
+        .optional()?;
+    let id = match found {
+        Some(id) => id,
+        None => {
+            conn.prepare_cached("INSERT INTO meter (name, type, unit) VALUES (?1, ?2, ?3)")?
+                .execute(params![s.counter_name, kind, s.counter_unit])?;
+            conn.last_insert_rowid()
+        }
+    };
+    cache.entry(s.counter_name.clone()).or_default().push((
+        s.counter_type,
+        s.counter_unit.clone(),
+        id,
+    ));
+    Ok(id)
+}
+
+/// The cache key of a sample's resource row: its identifying fields and canonical metadata,
+/// separated by bytes that cannot occur in them unescaped (`\u{0}`; `\u{1}` marks `None`).
+fn resource_key(key: &mut String, s: &Sample, metadata_json: &str) {
+    key.clear();
+    for part in [
+        Some(s.resource_id.as_str()),
+        s.user_id.as_deref(),
+        s.project_id.as_deref(),
+        Some(s.source.as_str()),
+    ] {
+        match part {
+            Some(p) => key.push_str(p),
+            None => key.push('\u{1}'),
+        }
+        key.push('\u{0}');
+    }
+    key.push_str(metadata_json);
+}
+
+fn resource_id(
+    conn: &Connection,
+    cache: &mut HashMap<String, i64>,
+    key: &mut String,
+    json: &mut Vec<u8>,
+    s: &Sample,
+) -> rusqlite::Result<i64> {
+    json.clear();
+    serde_json::to_writer(&mut *json, &Json::canonical(&s.resource_metadata))
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    // serde_json writes UTF-8; the lossy conversion never replaces anything.
+    let metadata = String::from_utf8_lossy(json);
+    resource_key(key, s, &metadata);
+    if let Some(id) = cache.get(key.as_str()) {
+        return Ok(*id);
+    }
+    let hash = sha256_hex(metadata.as_bytes());
+    let found = conn
+        .prepare_cached(
+            "SELECT internal_id FROM resource WHERE resource_id = ?1 AND user_id IS ?2
+               AND project_id IS ?3 AND source_id = ?4 AND metadata_hash = ?5",
+        )?
+        .query_row(
+            params![s.resource_id, s.user_id, s.project_id, s.source, hash],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let id = match found {
+        Some(id) => id,
+        None => {
+            conn.prepare_cached(
+                "INSERT INTO resource
+                   (resource_id, user_id, project_id, source_id, resource_metadata, metadata_hash)
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                s.resource_id,
+                s.user_id,
+                s.project_id,
+                s.source,
+                metadata,
+                hash
+            ])?;
+            let id = conn.last_insert_rowid();
+            // Metadata rows are written once, with the resource row they describe.
+            let mut insert = conn.prepare_cached(
+                "INSERT OR IGNORE INTO metadata (id, meta_key, value) VALUES (?1, ?2, ?3)",
+            )?;
+            for (k, v) in flatten(&s.resource_metadata) {
+                let value: &dyn ToSql = match &v {
+                    FlatValue::Text(t) => t,
+                    FlatValue::Int(i) => i,
+                    FlatValue::Real(f) => f,
+                };
+                insert.execute(params![id, k, value])?;
+            }
+            id
+        }
+    };
+    cache.insert(key.clone(), id);
+    Ok(id)
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = String::with_capacity(64);
+    for b in digest.as_ref() {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// Validate `PRAGMA synchronous` before it reaches SQL.
+fn synchronous_level(value: &str) -> Result<&'static str, StorageError> {
+    match value.trim().to_ascii_uppercase().as_str() {
+        "OFF" | "0" => Ok("OFF"),
+        "NORMAL" | "1" => Ok("NORMAL"),
+        "FULL" | "2" => Ok("FULL"),
+        "EXTRA" | "3" => Ok("EXTRA"),
+        _ => Err(StorageError::InvalidOption {
+            name: "sqlite_synchronous",
+            value: value.to_string(),
+            reason: "expected OFF, NORMAL, FULL or EXTRA".to_string(),
+        }),
+    }
+}
+
+/// Open, configure and migrate one connection.
+fn connect(
+    target: &Target,
+    opts: &StorageOptions,
+    synchronous: &str,
+) -> Result<Connection, StorageError> {
+    let conn = match target {
+        Target::Memory => Connection::open_in_memory(),
+        Target::File(path) => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    StorageError::Unavailable(format!(
+                        "sqlite {}: cannot create directory {}: {e}",
+                        target.describe(),
+                        dir.display()
+                    ))
+                })?;
+            }
+            Connection::open(path)
+        }
+    }
+    .map_err(|e| map_error(target, &e))?;
+    let mut conn = conn;
+    let setup = |conn: &mut Connection| -> Result<(), schema::MigrateError> {
+        conn.busy_timeout(Duration::from_millis(opts.busy_timeout_ms))?;
+        set_wal(conn, Duration::from_millis(opts.busy_timeout_ms))?;
+        conn.pragma_update(None, "synchronous", synchronous)?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+        conn.set_prepared_statement_cache_capacity(32);
+        schema::migrate(conn)
+    };
+    match setup(&mut conn) {
+        Ok(()) => Ok(conn),
+        Err(schema::MigrateError::Sql(e)) => Err(map_error(target, &e)),
+        Err(schema::MigrateError::TooNew(e)) => Err(e),
+    }
+}
+
+/// Switch to WAL. Converting a fresh file needs an exclusive lock for a moment, for which
+/// SQLite does not always consult the busy handler, so retry up to the busy timeout when
+/// several processes open the same new file at once.
+fn set_wal(conn: &Connection, timeout: Duration) -> rusqlite::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0)) {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if matches!(
+                    e.sqlite_error_code(),
+                    Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+                ) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sort rusqlite's errors into transient (`Unavailable`) and the rest.
+fn map_error(target: &Target, e: &rusqlite::Error) -> StorageError {
+    let what = format!("sqlite {}: {e}", target.describe());
+    match e.sqlite_error_code() {
+        Some(
+            ErrorCode::DatabaseBusy
+            | ErrorCode::DatabaseLocked
+            | ErrorCode::ReadOnly
+            | ErrorCode::DiskFull
+            | ErrorCode::SystemIoFailure
+            | ErrorCode::CannotOpen
+            | ErrorCode::FileLockingProtocolFailed
+            | ErrorCode::PermissionDenied
+            | ErrorCode::OutOfMemory,
+        ) => StorageError::Unavailable(what),
+        _ => StorageError::Database(what),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(url: &str) -> Result<Target, StorageError> {
+        Target::from_url(&StorageUrl::parse(url)?)
+    }
+
+    #[test]
+    fn url_forms() {
+        assert_eq!(target("sqlite://").unwrap(), Target::Memory);
+        assert_eq!(target("sqlite://:memory:").unwrap(), Target::Memory);
+        assert_eq!(target("sqlite:///:memory:").unwrap(), Target::Memory);
+        assert_eq!(
+            target("sqlite:///data/x.db").unwrap(),
+            Target::File("data/x.db".into())
+        );
+        assert_eq!(
+            target("sqlite:////var/lib/x.db").unwrap(),
+            Target::File("/var/lib/x.db".into())
+        );
+        for bad in ["sqlite://host/x.db", "sqlite:///x.db?mode=ro"] {
+            assert!(
+                matches!(target(bad), Err(StorageError::BadUrl { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn synchronous_is_validated() {
+        assert_eq!(synchronous_level("normal").unwrap(), "NORMAL");
+        assert_eq!(synchronous_level("2").unwrap(), "FULL");
+        let e = synchronous_level("FULL; DROP TABLE sample").unwrap_err();
+        assert!(e.to_string().contains("sqlite_synchronous"), "{e}");
+    }
+
+    fn sample(i: usize) -> Sample {
+        Sample {
+            source: "openstack".into(),
+            counter_name: "cpu".into(),
+            counter_type: CounterType::Gauge,
+            counter_unit: "%".into(),
+            counter_volume: Volume::Int(i as i64),
+            user_id: None,
+            project_id: None,
+            user_name: None,
+            project_name: None,
+            resource_id: format!("vm-{i}"),
+            timestamp: "2026-01-01T00:00:00Z".into(),
+            resource_metadata: meter::Value::Map(vec![(
+                meter::Value::Str("name".into()),
+                meter::Value::Str(format!("server number {i}")),
+            )]),
+            message_id: format!("id-{i}"),
+            message_signature: None,
+            monotonic_time: None,
+            extra: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_full_database_is_unavailable_then_recovers_by_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = Target::File(dir.path().join("c.db"));
+        let mut st = SqliteStorage::open(target, &StorageOptions::default()).unwrap();
+        assert_eq!(st.record_metering_data(&[sample(0)]).unwrap().stored, 1);
+        // A full disk, as far as this connection is concerned: the file may not grow.
+        let conn = st.conn.as_ref().unwrap();
+        let pages: i64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        let _: i64 = conn
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        let batch: Vec<Sample> = (1..2000).map(sample).collect();
+        let err = st.record_metering_data(&batch).unwrap_err();
+        assert!(err.is_transient(), "{err:?}");
+        assert!(err.to_string().contains("full"), "{err}");
+        assert!(st.conn.is_none(), "connection dropped after the fault");
+        // The fault is gone with the old connection: the retry reopens and stores it all.
+        let out = st.record_metering_data(&batch).unwrap();
+        assert_eq!((out.stored, out.duplicates), (1999, 0));
+        assert_eq!(
+            st.get_samples(&SampleFilter::default()).unwrap().len(),
+            2000
+        );
+    }
+
+    #[test]
+    fn sha256_is_hex() {
+        assert_eq!(
+            sha256_hex(b"{}"),
+            "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+        );
+    }
+}

@@ -1,0 +1,367 @@
+//! The read side of the SQLite driver: [`SampleFilter`] to SQL, and the four queries.
+//!
+//! Timestamps are integer microseconds, so range filters are integer comparisons on
+//! `ix_sample_*_timestamp` and statistics periods are one `GROUP BY` on an integer division.
+
+use crate::model::{counter_type_from_str, from_micros, to_micros};
+use crate::{MeterInfo, ResourceInfo, SampleFilter, Statistics, StorageError, StoredSample};
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{params_from_iter, Connection, Row};
+use time::OffsetDateTime;
+
+/// Failure of a query: SQLite's (mapped by the driver) or a stored value we cannot read back.
+pub enum QueryError {
+    Sql(rusqlite::Error),
+    Storage(StorageError),
+}
+
+impl From<rusqlite::Error> for QueryError {
+    fn from(e: rusqlite::Error) -> Self {
+        QueryError::Sql(e)
+    }
+}
+
+type Result<T> = std::result::Result<T, QueryError>;
+
+const FROM: &str = " FROM sample s
+    JOIN meter m ON m.id = s.meter_id
+    JOIN resource r ON r.internal_id = s.resource_id";
+
+/// A `WHERE` clause and its parameters, in textual order.
+struct Where {
+    sql: String,
+    params: Vec<SqlValue>,
+}
+
+impl Where {
+    fn new(filter: &SampleFilter) -> Where {
+        let mut w = Where {
+            sql: String::from(" WHERE 1 = 1"),
+            params: Vec::new(),
+        };
+        let text = |v: &String| SqlValue::Text(v.clone());
+        let columns = [
+            ("m.name", &filter.meter),
+            ("r.resource_id", &filter.resource_id),
+            ("r.project_id", &filter.project_id),
+            ("r.user_id", &filter.user_id),
+            ("r.source_id", &filter.source),
+        ];
+        for (column, value) in columns {
+            if let Some(v) = value {
+                w.sql.push_str(&format!(" AND {column} = ?"));
+                w.params.push(text(v));
+            }
+        }
+        if let Some(start) = filter.start {
+            w.push(" AND s.timestamp >= ?", SqlValue::Integer(to_micros(start)));
+        }
+        if let Some(end) = filter.end {
+            w.push(" AND s.timestamp < ?", SqlValue::Integer(to_micros(end)));
+        }
+        for (key, value) in &filter.metadata {
+            w.sql.push_str(
+                " AND s.resource_id IN (SELECT md.id FROM metadata md
+                    WHERE md.meta_key = ? AND (md.value = ? OR md.value = ?))",
+            );
+            w.params.push(SqlValue::Text(key.clone()));
+            w.params.push(SqlValue::Text(value.clone()));
+            w.params.push(typed_metadata_value(value));
+        }
+        w
+    }
+
+    fn push(&mut self, sql: &str, param: SqlValue) {
+        self.sql.push_str(sql);
+        self.params.push(param);
+    }
+}
+
+/// The number or boolean a metadata filter's text stands for, as stored in `metadata.value`
+/// (booleans are 0/1); NULL (matches nothing) when it is neither.
+fn typed_metadata_value(text: &str) -> SqlValue {
+    let t = text.trim();
+    if let Ok(i) = t.parse::<i64>() {
+        return SqlValue::Integer(i);
+    }
+    match t.parse::<f64>() {
+        Ok(f) if f.is_finite() => return SqlValue::Real(f),
+        _ => {}
+    }
+    if t.eq_ignore_ascii_case("true") {
+        SqlValue::Integer(1)
+    } else if t.eq_ignore_ascii_case("false") {
+        SqlValue::Integer(0)
+    } else {
+        SqlValue::Null
+    }
+}
+
+fn limit(filter: &SampleFilter) -> i64 {
+    filter
+        .limit
+        .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+fn corrupt(what: impl Into<String>) -> QueryError {
+    QueryError::Storage(StorageError::Database(what.into()))
+}
+
+fn time_at(us: i64) -> Result<OffsetDateTime> {
+    from_micros(us).ok_or_else(|| corrupt(format!("timestamp {us} µs out of range")))
+}
+
+fn json_at(text: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| corrupt(format!("stored metadata is not JSON: {e}")))
+}
+
+fn counter_type_at(text: &str) -> Result<meter::CounterType> {
+    counter_type_from_str(text)
+        .ok_or_else(|| corrupt(format!("unknown stored counter type {text:?}")))
+}
+
+pub fn samples(conn: &Connection, filter: &SampleFilter) -> Result<Vec<StoredSample>> {
+    let mut w = Where::new(filter);
+    let sql = format!(
+        "SELECT r.source_id, m.name, m.type, m.unit, s.volume, r.user_id, r.project_id,
+                r.resource_id, s.timestamp, s.recorded_at, r.resource_metadata, s.message_id,
+                s.message_signature
+         {FROM}{} ORDER BY s.timestamp DESC, s.id DESC LIMIT ?",
+        w.sql
+    );
+    w.params.push(SqlValue::Integer(limit(filter)));
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut rows = stmt.query(params_from_iter(w.params.iter()))?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(sample_row(row)?);
+    }
+    Ok(out)
+}
+
+fn sample_row(row: &Row<'_>) -> Result<StoredSample> {
+    Ok(StoredSample {
+        source: row.get(0)?,
+        counter_name: row.get(1)?,
+        counter_type: counter_type_at(&row.get::<_, String>(2)?)?,
+        counter_unit: row.get(3)?,
+        counter_volume: row.get(4)?,
+        user_id: row.get(5)?,
+        project_id: row.get(6)?,
+        resource_id: row.get(7)?,
+        timestamp: time_at(row.get(8)?)?,
+        recorded_at: time_at(row.get(9)?)?,
+        resource_metadata: json_at(&row.get::<_, String>(10)?)?,
+        message_id: row.get(11)?,
+        message_signature: row.get(12)?,
+    })
+}
+
+pub fn meters(conn: &Connection, filter: &SampleFilter) -> Result<Vec<MeterInfo>> {
+    let mut w = Where::new(filter);
+    let sql = format!(
+        "SELECT DISTINCT m.name, m.type, m.unit, r.resource_id, r.project_id, r.user_id,
+                r.source_id
+         {FROM}{}
+         ORDER BY m.name, m.type, m.unit, r.resource_id, r.project_id, r.user_id, r.source_id
+         LIMIT ?",
+        w.sql
+    );
+    w.params.push(SqlValue::Integer(limit(filter)));
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut rows = stmt.query(params_from_iter(w.params.iter()))?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(MeterInfo {
+            name: row.get(0)?,
+            counter_type: counter_type_at(&row.get::<_, String>(1)?)?,
+            unit: row.get(2)?,
+            resource_id: row.get(3)?,
+            project_id: row.get(4)?,
+            user_id: row.get(5)?,
+            source: row.get(6)?,
+        });
+    }
+    Ok(out)
+}
+
+pub fn resources(conn: &Connection, filter: &SampleFilter) -> Result<Vec<ResourceInfo>> {
+    let mut w = Where::new(filter);
+    // Per resource id: the span of its matching samples, and owner/metadata of the newest one
+    // (a resource id has one row per metadata version it was seen with).
+    let sql = format!(
+        "SELECT resource_id, user_id, project_id, source_id, resource_metadata, first, last
+         FROM (
+           SELECT r.resource_id, r.user_id, r.project_id, r.source_id, r.resource_metadata,
+                  MIN(s.timestamp) OVER w AS first, MAX(s.timestamp) OVER w AS last,
+                  ROW_NUMBER() OVER (PARTITION BY r.resource_id
+                                     ORDER BY s.timestamp DESC, s.id DESC) AS rn
+           {FROM}{}
+           WINDOW w AS (PARTITION BY r.resource_id)
+         )
+         WHERE rn = 1 ORDER BY resource_id LIMIT ?",
+        w.sql
+    );
+    w.params.push(SqlValue::Integer(limit(filter)));
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut rows = stmt.query(params_from_iter(w.params.iter()))?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(ResourceInfo {
+            resource_id: row.get(0)?,
+            user_id: row.get(1)?,
+            project_id: row.get(2)?,
+            source: row.get(3)?,
+            metadata: json_at(&row.get::<_, String>(4)?)?,
+            first_sample_timestamp: time_at(row.get(5)?)?,
+            last_sample_timestamp: time_at(row.get(6)?)?,
+        });
+    }
+    Ok(out)
+}
+
+const AGGREGATES: &str = "m.unit, COUNT(*), MIN(s.volume), MAX(s.volume), AVG(s.volume),
+    SUM(s.volume), MIN(s.timestamp), MAX(s.timestamp)";
+
+/// Aggregates of one result row, starting at column `at`.
+struct Agg {
+    unit: String,
+    count: u64,
+    min: f64,
+    max: f64,
+    avg: f64,
+    sum: f64,
+    first: i64,
+    last: i64,
+}
+
+fn agg_row(row: &Row<'_>, at: usize) -> Result<Agg> {
+    Ok(Agg {
+        unit: row.get(at)?,
+        count: row.get::<_, i64>(at + 1)?.max(0) as u64,
+        min: row.get(at + 2)?,
+        max: row.get(at + 3)?,
+        avg: row.get(at + 4)?,
+        sum: row.get(at + 5)?,
+        first: row.get(at + 6)?,
+        last: row.get(at + 7)?,
+    })
+}
+
+fn stats_of(
+    a: Agg,
+    period_start: OffsetDateTime,
+    period_end: OffsetDateTime,
+    period: u64,
+) -> Result<Statistics> {
+    let duration_start = time_at(a.first)?;
+    let duration_end = time_at(a.last)?;
+    Ok(Statistics {
+        period_start,
+        period_end,
+        period,
+        count: a.count,
+        min: a.min,
+        max: a.max,
+        avg: a.avg,
+        sum: a.sum,
+        duration_start,
+        duration_end,
+        duration: (a.last - a.first) as f64 / 1e6,
+        unit: a.unit,
+    })
+}
+
+pub fn statistics(
+    conn: &Connection,
+    filter: &SampleFilter,
+    period: Option<u64>,
+) -> Result<Vec<Statistics>> {
+    let w = Where::new(filter);
+    let period = period.filter(|p| *p > 0);
+    let Some(period) = period else {
+        // One bucket per unit over the filter's range (or the samples' span where it is open).
+        let sql = format!(
+            "SELECT {AGGREGATES}{FROM}{} GROUP BY m.unit ORDER BY m.unit",
+            w.sql
+        );
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query(params_from_iter(w.params.iter()))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let a = agg_row(row, 0)?;
+            let start = match filter.start {
+                Some(t) => t,
+                None => time_at(a.first)?,
+            };
+            let end = match filter.end {
+                Some(t) => t,
+                None => time_at(a.last)?,
+            };
+            out.push(stats_of(a, start, end, 0)?);
+        }
+        return Ok(out);
+    };
+    let period_us = i64::try_from(period)
+        .ok()
+        .and_then(|p| p.checked_mul(1_000_000))
+        .ok_or_else(|| {
+            QueryError::Storage(StorageError::InvalidOption {
+                name: "period",
+                value: period.to_string(),
+                reason: "too long".to_string(),
+            })
+        })?;
+    // Buckets are aligned to the filter's start, or to the first matching sample.
+    let anchor = match filter.start {
+        Some(t) => to_micros(t),
+        None => {
+            let sql = format!("SELECT MIN(s.timestamp){FROM}{}", w.sql);
+            let first: Option<i64> = conn
+                .prepare_cached(&sql)?
+                .query_row(params_from_iter(w.params.iter()), |r| r.get(0))?;
+            match first {
+                Some(t) => t,
+                None => return Ok(Vec::new()),
+            }
+        }
+    };
+    // timestamp >= anchor, so the integer division is a floor.
+    let sql = format!(
+        "SELECT (s.timestamp - ?) / ? AS bucket, {AGGREGATES}{FROM}{} AND s.timestamp >= ?
+         GROUP BY bucket, m.unit ORDER BY bucket, m.unit",
+        w.sql
+    );
+    let mut params = vec![SqlValue::Integer(anchor), SqlValue::Integer(period_us)];
+    params.extend(w.params.iter().cloned());
+    params.push(SqlValue::Integer(anchor));
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut rows = stmt.query(params_from_iter(params.iter()))?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let bucket: i64 = row.get(0)?;
+        let a = agg_row(row, 1)?;
+        let start_us = bucket
+            .checked_mul(period_us)
+            .and_then(|o| o.checked_add(anchor))
+            .ok_or_else(|| corrupt("period start out of range"))?;
+        let start = time_at(start_us)?;
+        let end = time_at(start_us.saturating_add(period_us))?;
+        out.push(stats_of(a, start, end, period)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_filter_text_is_typed() {
+        assert_eq!(typed_metadata_value("2"), SqlValue::Integer(2));
+        assert_eq!(typed_metadata_value("2.5"), SqlValue::Real(2.5));
+        assert_eq!(typed_metadata_value("True"), SqlValue::Integer(1));
+        assert_eq!(typed_metadata_value("nan"), SqlValue::Null);
+        assert_eq!(typed_metadata_value("m1.tiny"), SqlValue::Null);
+    }
+}

@@ -1,0 +1,53 @@
+//! Shared helpers for the storage integration tests: sample builders and store setup.
+#![allow(dead_code)]
+
+use meter::{CounterType, Sample, Value, Volume};
+use std::path::Path;
+use storage::{Storage, StorageOptions};
+
+pub fn s(x: &str) -> Value {
+    Value::Str(x.to_string())
+}
+
+/// A gauge sample with small nested metadata; tweak fields on the result.
+pub fn sample(
+    message_id: &str,
+    meter: &str,
+    resource: &str,
+    timestamp: &str,
+    volume: f64,
+) -> Sample {
+    Sample {
+        source: "openstack".into(),
+        counter_name: meter.into(),
+        counter_type: CounterType::Gauge,
+        counter_unit: "%".into(),
+        counter_volume: Volume::Float(volume),
+        user_id: Some("user-1".into()),
+        project_id: Some("project-1".into()),
+        user_name: None,
+        project_name: None,
+        resource_id: resource.into(),
+        timestamp: timestamp.into(),
+        resource_metadata: Value::Map(vec![
+            (s("display_name"), s(&format!("vm-{resource}"))),
+            (
+                s("flavor"),
+                Value::Map(vec![(s("name"), s("m1.tiny")), (s("vcpus"), Value::Int(1))]),
+            ),
+        ]),
+        message_id: message_id.into(),
+        message_signature: Some(format!("sig-{message_id}")),
+        monotonic_time: None,
+        extra: Vec::new(),
+    }
+}
+
+pub fn url_for(path: &Path) -> String {
+    // An absolute path after `sqlite:///` gives the four-slash absolute form.
+    format!("sqlite:///{}", path.display())
+}
+
+pub fn open_db(path: &Path) -> Box<dyn Storage> {
+    storage::open(&url_for(path), &StorageOptions::default()).expect("open sqlite")
+}
