@@ -6,12 +6,15 @@
 //!   of `[database] connection` through [`open`] (the role stevedore's `DriverManager` plays in
 //!   ceilometer). Today the registry holds the embedded SQLite driver ([`sqlite`]); server
 //!   databases are added as one module plus one line in [`registry`].
+//! - The **file dispatcher** ([`FileDispatcher`]): one JSON line per sample in a size-rotated
+//!   file, like ceilometer's `file` dispatcher.
 //!
 //! This crate opens no sockets, starts no threads and keeps no global state: the daemon owns
 //! one [`Storage`] (and/or one [`FileDispatcher`]) per worker and calls it from its writer
 //! thread. Design notes and the SQL schema are in `docs/storage.md`.
 
 pub mod error;
+pub mod file;
 pub mod json;
 pub mod model;
 pub mod registry;
@@ -19,6 +22,7 @@ pub mod sqlite;
 pub mod url;
 
 pub use error::StorageError;
+pub use file::FileDispatcher;
 pub use model::{MeterInfo, RecordOutcome, ResourceInfo, SampleFilter, Statistics, StoredSample};
 pub use registry::{known_schemes, open};
 
