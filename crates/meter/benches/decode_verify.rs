@@ -31,6 +31,17 @@ fn decode_verify(c: &mut Criterion) {
             }
         })
     });
+    let values: Vec<_> = messages
+        .iter()
+        .map(|m| decode_value(m).expect("decodes"))
+        .collect();
+    group.bench_function("verify", |b| {
+        b.iter(|| {
+            for v in &values {
+                assert!(key.verify(black_box(v)));
+            }
+        })
+    });
     group.bench_function("decode+verify+from_value", |b| {
         b.iter(|| {
             for m in &messages {
