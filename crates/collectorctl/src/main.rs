@@ -168,13 +168,22 @@ fn ask(cli: &Cli, line: &str) -> Result<Json, Failure> {
     let _ = stream.set_read_timeout(Some(timeout));
     let _ = stream.set_write_timeout(Some(timeout));
     let mut w = &stream;
-    w.write_all(format!("{line}\n").as_bytes())
-        .map_err(|e| Failure::NotRunning(format!("control socket write failed: {e}")))?;
+    // The daemon may answer (e.g. "permission denied") and close before reading our line:
+    // a failed write is reported only if no answer follows.
+    let written = w.write_all(format!("{line}\n").as_bytes());
     let mut answer = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut answer)
-        .map_err(|e| Failure::NotRunning(format!("no answer from the daemon: {e}")))?;
+    let read = BufReader::new(&stream).read_line(&mut answer);
     if answer.is_empty() {
+        if let Err(e) = written {
+            return Err(Failure::NotRunning(format!(
+                "control socket write failed: {e}"
+            )));
+        }
+        if let Err(e) = read {
+            return Err(Failure::NotRunning(format!(
+                "no answer from the daemon: {e}"
+            )));
+        }
         return Err(Failure::NotRunning(
             "the daemon closed the control connection without answering".into(),
         ));
@@ -381,10 +390,17 @@ fn fmt_time(t: time::OffsetDateTime) -> String {
         .unwrap_or_else(|_| t.to_string())
 }
 
+/// True while `pid` runs. A zombie (exited, not yet reaped by its parent) counts as gone.
 fn process_exists(pid: i32) -> bool {
-    // SAFETY: kill with signal 0 only checks for existence and permission.
+    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        return !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    }
+    // No procfs: kill with signal 0 only checks for existence and permission.
+    // SAFETY: signal 0 sends nothing.
     let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(1)
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
