@@ -27,9 +27,10 @@ fn vector_bytes() -> Vec<(String, Vec<u8>, bool)> {
 }
 
 fn vector_setup() -> Setup {
-    let mut s = Setup::default();
-    s.secret = "change this for valid signing".into();
-    s
+    Setup {
+        secret: "change this for valid signing".into(),
+        ..Setup::default()
+    }
 }
 
 #[test]
