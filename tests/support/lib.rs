@@ -51,6 +51,8 @@ pub struct Setup {
     pub database: Vec<String>,
     pub extra: String,
     pub secret: String,
+    /// The SQLite file, relative to the temp dir.
+    pub db_file: String,
 }
 
 impl Default for Setup {
@@ -62,6 +64,7 @@ impl Default for Setup {
             database: Vec::new(),
             extra: String::new(),
             secret: SECRET.into(),
+            db_file: "collector.db".into(),
         }
     }
 }
@@ -81,6 +84,10 @@ impl Setup {
     }
     pub fn database(mut self, line: &str) -> Self {
         self.database.push(line.into());
+        self
+    }
+    pub fn db_file(mut self, rel: &str) -> Self {
+        self.db_file = rel.into();
         self
     }
     pub fn extra(mut self, text: &str) -> Self {
@@ -125,7 +132,8 @@ impl Setup {
             self.secret
         ));
         s.push_str(&format!(
-            "[database]\nconnection = \"sqlite:///{d}/collector.db\"\n"
+            "[database]\nconnection = \"sqlite:///{d}/{}\"\n",
+            self.db_file
         ));
         for l in &self.database {
             s.push_str(l);
@@ -145,6 +153,7 @@ pub struct Daemon {
     pub tcp: Option<SocketAddr>,
     pub rpc: Option<SocketAddr>,
     pub workers: usize,
+    pub db_file: String,
 }
 
 impl Daemon {
@@ -179,6 +188,7 @@ impl Daemon {
             tcp: None,
             rpc: None,
             workers: setup.workers,
+            db_file: setup.db_file.clone(),
         };
         d.spawn(&[]);
         d
@@ -214,7 +224,7 @@ impl Daemon {
     }
 
     pub fn db_path(&self) -> PathBuf {
-        self.path("collector.db")
+        self.path(&self.db_file)
     }
 
     pub fn control_socket(&self) -> PathBuf {

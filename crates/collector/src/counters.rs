@@ -32,6 +32,9 @@ pub struct Counters {
     /// extra last entry counts slower ones.
     pub batch_latency_ms: Vec<u64>,
     pub respawns: u64,
+    /// Datagrams the kernel dropped on the UDP socket because its receive buffer was full
+    /// (the socket's `drops` in /proc/net/udp); filled in by the launcher.
+    pub udp_kernel_drops: u64,
 }
 
 impl Counters {

@@ -339,6 +339,7 @@ impl Launcher {
             total.add(&hb.counters);
         }
         total.respawns = self.respawns;
+        total.udp_kernel_drops = self.listeners.udp.as_ref().and_then(udp_drops).unwrap_or(0);
         total
     }
 
@@ -721,4 +722,21 @@ pub fn raise_fd_limit() {
             }
         }
     }
+}
+
+/// The kernel's drop count for a UDP socket: the `drops` column of its line (found by inode)
+/// in /proc/net/udp or udp6.
+fn udp_drops(sock: &std::net::UdpSocket) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let st = nix::sys::stat::fstat(sock.as_raw_fd()).ok()?;
+    let inode = st.st_ino.to_string();
+    ["/proc/net/udp", "/proc/net/udp6"].iter().find_map(|f| {
+        let text = std::fs::read_to_string(f).ok()?;
+        text.lines().skip(1).find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.get(9) == Some(&inode.as_str()))
+                .then(|| cols.last().and_then(|d| d.parse().ok()))
+                .flatten()
+        })
+    })
 }
