@@ -214,6 +214,41 @@ fn duplicates_within_and_across_batches_are_counted_not_stored() {
 }
 
 #[test]
+fn duplicates_inside_large_batches_are_attributed_to_their_indices() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = open_db(&dir.path().join("c.db"));
+    let t = "2026-01-01T00:00:00";
+    let mk = |i: usize| sample(&format!("d{i}"), "cpu", &format!("r{}", i % 4), t, i as f64);
+    // Every third id is stored beforehand.
+    let before: Vec<Sample> = (0..300).filter(|i| i % 3 == 0).map(mk).collect();
+    assert_eq!(db.record_metering_data(&before).unwrap().stored, 100);
+
+    // 300 ids, then 20 repeats of ids that are new in this batch: several multi-row chunks,
+    // each mixing new rows with old and repeated ones.
+    let mut batch: Vec<Sample> = (0..300).map(mk).collect();
+    batch.extend((0..20).map(|k| {
+        let mut repeat = mk(1 + 3 * k);
+        repeat.counter_volume = Volume::Float(-1.0);
+        repeat
+    }));
+    let out = db.record_metering_data(&batch).unwrap();
+    let mut want: Vec<usize> = (0..300).filter(|i| i % 3 == 0).collect();
+    want.extend(300..320);
+    assert_eq!(out.duplicate_indices, want);
+    assert_eq!((out.stored, out.duplicates), (200, 120));
+    // The first occurrence was stored, not the repeat.
+    let got = db
+        .get_samples(&SampleFilter {
+            limit: None,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(got.len(), 300);
+    let d4 = got.iter().find(|s| s.message_id == "d4").unwrap();
+    assert_eq!(d4.counter_volume, 4.0);
+}
+
+#[test]
 fn a_partially_bad_batch_stores_the_good_samples() {
     let dir = tempfile::tempdir().unwrap();
     let mut db = open_db(&dir.path().join("c.db"));
@@ -817,4 +852,29 @@ fn memory_url_works() {
         assert_eq!(out.stored, 1);
         assert_eq!(db.get_samples(&SampleFilter::default()).unwrap().len(), 1);
     }
+}
+
+#[test]
+fn metadata_in_another_key_order_is_the_same_resource_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let mut db = open_db(&path);
+    let t = "2026-01-01T00:00:00";
+    let a = sample("a", "cpu", "vm", t, 1.0);
+    let mut b = sample("b", "cpu", "vm", t, 2.0);
+    if let Value::Map(pairs) = &mut b.resource_metadata {
+        pairs.reverse();
+    }
+    assert_ne!(a.resource_metadata, b.resource_metadata);
+    let mut c = sample("c", "cpu", "vm", t, 3.0);
+    c.resource_metadata = Value::Map(vec![(s("display_name"), s("other"))]);
+    assert_eq!(db.record_metering_data(&[a, b, c]).unwrap().stored, 3);
+    let conn = Connection::open(&path).unwrap();
+    let rows: i64 = conn
+        .query_row("SELECT COUNT(*) FROM resource", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        rows, 2,
+        "same metadata in any order: one row; other metadata: another"
+    );
 }

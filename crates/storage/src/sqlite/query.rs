@@ -53,6 +53,10 @@ impl Where {
                 w.params.push(text(v));
             }
         }
+        if filter.meter.is_none() && (filter.start.is_some() || filter.end.is_some()) {
+            // There is no index on timestamp alone: walk (meter_id, timestamp) per meter.
+            w.sql.push_str(" AND s.meter_id IN (SELECT id FROM meter)");
+        }
         if let Some(start) = filter.start {
             w.push(" AND s.timestamp >= ?", SqlValue::Integer(to_micros(start)));
         }
