@@ -2,6 +2,7 @@
 `oslo.messaging`, `kombu`) to RabbitMQ, as a real ceilometer would.
 
 usage: notify.py HOST:PORT EXCHANGE TOPIC SECRET COUNT PER_MESSAGE PREFIX [durable]
+       notify.py --delete HOST:PORT EXCHANGE QUEUE    (test cleanup, with py-amqp)
 
 `SampleNotifierPublisher` with `notifier://guest:guest@HOST:PORT/?topic=TOPIC` sends, through
 oslo.messaging's `messagingv2` driver over the rabbit transport, one notification per
@@ -13,16 +14,15 @@ Prints one message_id per line for every sample published.
 import datetime
 import sys
 
-from oslo_config import cfg
-import oslo_messaging
-from oslo_messaging._drivers import amqp
-from oslo_messaging._drivers import impl_rabbit
-from oslo_utils import netutils
 
-from ceilometer import messaging
-from ceilometer import sample
-from ceilometer.publisher import messaging as publisher_messaging
-from ceilometer.publisher import utils
+def delete(address, exchange, queue):
+    import amqp as pyamqp
+    conn = pyamqp.Connection(address, userid='guest', password='guest')
+    conn.connect()
+    ch = conn.channel()
+    ch.queue_delete(queue)
+    ch.exchange_delete(exchange)
+    conn.close()
 
 
 def make_sample(prefix, i):
@@ -30,6 +30,7 @@ def make_sample(prefix, i):
     # (must stay 1.0, not 1), floats with 17 significant digits, big and negative ints, None,
     # non-ASCII text, nested maps and lists.
     volume = [1000 + i, float(i), 0.1 * i + 1 / 3.0, -(2 ** 62) + i][i % 4]
+    from ceilometer import sample
     return sample.Sample(
         name='cpu' if i % 2 else 'memory.usage',
         type=sample.TYPE_CUMULATIVE if i % 2 else sample.TYPE_GAUGE,
@@ -47,6 +48,16 @@ def make_sample(prefix, i):
 
 
 def main():
+    from oslo_config import cfg
+    import oslo_messaging
+    from oslo_messaging._drivers import amqp
+    from oslo_messaging._drivers import impl_rabbit
+    from oslo_utils import netutils
+
+    from ceilometer import messaging
+    from ceilometer.publisher import messaging as publisher_messaging
+    from ceilometer.publisher import utils
+
     address, exchange, topic, secret, count, per_message, prefix = sys.argv[1:8]
     durable = len(sys.argv) > 8 and sys.argv[8] == 'durable'
     conf = cfg.ConfigOpts()
@@ -79,4 +90,7 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    if sys.argv[1] == '--delete':
+        delete(*sys.argv[2:5])
+    else:
+        main()

@@ -5,6 +5,7 @@
 //! Samples themselves (decoding, signatures, timestamps) live in `meter`; storage drivers in
 //! `storage`; process supervision in `supervisor`. This crate is where they meet.
 
+pub mod amqp;
 pub mod config;
 pub mod control;
 pub mod counters;

@@ -1,0 +1,2049 @@
+//! The message-bus source: an AMQP 0-9-1 consumer for ceilometer's `notifier://` samples
+//! (oslo.messaging, driver `messagingv2`, rabbit transport), one per worker process.
+//!
+//! [`AmqpConsumer::start`] starts one thread (after fork; nothing runs before it is called). The
+//! thread owns the broker connection: it connects, declares what oslo.messaging's rabbit driver
+//! declares for a notification listener on `<metering_topic>` priority `sample` — the topic
+//! exchange `control_exchange`, the queue `<metering_topic>.sample` bound with that routing key,
+//! durability as `amqp_durable_queues`, no queue arguments — sets the prefetch, consumes with
+//! manual acks and answers heartbeats. It hands each delivery to the worker loop through a
+//! channel and wakes the loop; the loop answers with [`AmqpConsumer::ack`] or
+//! [`AmqpConsumer::reject`], which wake the thread in turn. A lost connection is reopened with
+//! exponential backoff (cap 30 s); the loop never blocks on the network.
+//!
+//! Delivery tags carry the connection's epoch in their top 16 bits, so an ack for a delivery of
+//! a connection that has since died is recognised and dropped: the broker has already put that
+//! message back in the queue and will deliver it again (with `redelivered` set).
+//!
+//! The protocol codec is `amq-protocol` (the one lapin is built on); the I/O is a `mio` poll in
+//! the thread. [`decode_envelope`] turns a message body into sample maps with a small JSON
+//! reader of its own, because ceilometer's signature needs what a generic JSON value loses: int
+//! versus float (`1` versus `1.0`), exact float digits, map order, and Python's `NaN` and
+//! `Infinity`. What this module does not do: TLS (`ssl=1` is refused), kombu compression, or
+//! anything but consuming.
+
+use crate::config::MessagingConfig;
+use crate::dispatch::Wake;
+use amq_protocol::frame::{gen_frame, parse_frame, AMQPFrame, ProtocolVersion, WriteContext};
+use amq_protocol::protocol::{basic, channel, connection, exchange, queue, AMQPClass};
+use amq_protocol::types::{AMQPValue, FieldTable, LongString};
+use meter::Value;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token, Waker};
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::ToSocketAddrs;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Heartbeat we ask for (oslo's `heartbeat_timeout_threshold` default; the URL may override
+/// it, 0 disables); the broker's proposal wins when smaller (RabbitMQ's default is 60 s).
+const HEARTBEAT: u16 = 60;
+/// Connect, log in, declare and start consuming within this, or try again later.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a requeued delivery is held before the reject goes out, so that a dead database
+/// does not make the broker and this worker spin on the same messages.
+const REQUEUE_DELAY: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A connection that consumed this long was healthy: the next reconnect is immediate.
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+/// Bound on the wait for the broker's close-ok at shutdown, and on the thread's join.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Frames before `connection.tune` are small; the broker's own limit applies after it.
+const FRAME_MAX_BEFORE_TUNE: u32 = 128 * 1024;
+/// RabbitMQ refuses messages over 128 MiB by default; a bigger body is dropped, not buffered.
+const MAX_BODY: u64 = 128 * 1024 * 1024;
+const CHANNEL: u16 = 1;
+const EPOCH_SHIFT: u32 = 48;
+const TAG_MASK: u64 = (1 << EPOCH_SHIFT) - 1;
+
+const WAKE: Token = Token(0);
+const SOCKET: Token = Token(1);
+
+/// What the consumer thread reports, for `collectorctl status` and the worker's counters.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct AmqpStatus {
+    /// Logged in, channel open.
+    pub connected: bool,
+    /// The broker confirmed the consumer (and it was not cancelled since).
+    pub consuming: bool,
+    pub last_error: Option<String>,
+    /// Connections established after the first one.
+    pub reconnects: u64,
+    /// Deliveries handed to the loop.
+    pub deliveries: u64,
+}
+
+/// One message from the queue. `tag` is what [`AmqpConsumer::ack`] and
+/// [`AmqpConsumer::reject`] take; it is only valid on the connection that delivered it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub tag: u64,
+    pub body: Vec<u8>,
+    /// The broker delivered this message before (to us or someone else) without an ack.
+    pub redelivered: bool,
+}
+
+enum Command {
+    Ack(u64),
+    Reject(u64, bool),
+    StopConsuming,
+    Shutdown,
+}
+
+/// The worker loop's handle on its consumer thread.
+pub struct AmqpConsumer {
+    commands: Sender<Command>,
+    thread_waker: Arc<Waker>,
+    deliveries: Receiver<Delivery>,
+    status: Arc<Mutex<AmqpStatus>>,
+    thread: Option<JoinHandle<()>>,
+    /// Disconnected when the thread has returned (its sender is dropped), for a bounded join.
+    done: Receiver<()>,
+}
+
+impl AmqpConsumer {
+    /// Start the consumer thread (call in the worker process, after fork). Never blocks on the
+    /// network: connection happens in the thread, with reconnect and exponential backoff (cap
+    /// 30 s). `Err` is for a `transport_url` that cannot be used (a boot error), or a thread or
+    /// poll that cannot be created.
+    pub fn start(cfg: &MessagingConfig, wake: Arc<dyn Wake>) -> Result<AmqpConsumer, String> {
+        let target = TransportUrl::parse(&cfg.transport_url)?;
+        if cfg.metering_topic.is_empty() {
+            return Err("[messaging] metering_topic is empty".into());
+        }
+        let poll = Poll::new().map_err(|e| format!("amqp: cannot create a poll: {e}"))?;
+        let thread_waker = Arc::new(
+            Waker::new(poll.registry(), WAKE)
+                .map_err(|e| format!("amqp: cannot create a waker: {e}"))?,
+        );
+        let (cmd_tx, cmd_rx) = mpsc::channel();
+        let (dlv_tx, dlv_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let status = Arc::new(Mutex::new(AmqpStatus::default()));
+        let queue = format!("{}.sample", cfg.metering_topic);
+        let pid = std::process::id();
+        let thread = Consumer {
+            next_host: pid as usize % target.hosts.len(),
+            connection_name: format!("collector[{pid}] {}/{queue}", cfg.control_exchange),
+            target,
+            exchange: cfg.control_exchange.clone(),
+            queue,
+            durable: cfg.amqp_durable_queues,
+            prefetch: cfg.rabbit_qos_prefetch_count,
+            poll,
+            commands: cmd_rx,
+            deliveries: dlv_tx,
+            wake,
+            status: status.clone(),
+            epoch: 0,
+            connections: 0,
+            want_consume: true,
+        };
+        let handle = std::thread::Builder::new()
+            .name("amqp-consumer".into())
+            .spawn(move || {
+                let _done = done_tx;
+                thread.run();
+            })
+            .map_err(|e| format!("amqp: cannot start the consumer thread: {e}"))?;
+        Ok(AmqpConsumer {
+            commands: cmd_tx,
+            thread_waker,
+            deliveries: dlv_rx,
+            status,
+            thread: Some(handle),
+            done: done_rx,
+        })
+    }
+
+    /// Next delivery, non-blocking. The loop calls it after every wake.
+    pub fn try_recv(&mut self) -> Option<Delivery> {
+        self.deliveries.try_recv().ok()
+    }
+
+    /// Ack after every sample of the delivery is committed (or it was malformed).
+    pub fn ack(&mut self, tag: u64) {
+        self.send(Command::Ack(tag));
+    }
+
+    /// Reject; with `requeue` the broker redelivers, but only after the thread held the reject
+    /// for [`REQUEUE_DELAY`] (the loop does not wait), so a dead database does not spin.
+    pub fn reject(&mut self, tag: u64, requeue: bool) {
+        self.send(Command::Reject(tag, requeue));
+    }
+
+    /// Graceful stop or reload: cancel the consumer (no new deliveries) but keep the channel
+    /// open so the deliveries in flight can still be acked. A lost connection is not reopened
+    /// after this.
+    pub fn stop_consuming(&mut self) {
+        self.send(Command::StopConsuming);
+    }
+
+    /// Close the channel and the connection (unacked deliveries return to the queue) and join
+    /// the thread, waiting at most 5 s. Acks sent before this go out first.
+    pub fn shutdown(mut self) {
+        self.finish(JOIN_TIMEOUT);
+    }
+
+    pub fn status(&self) -> AmqpStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn send(&self, cmd: Command) {
+        if self.commands.send(cmd).is_ok() {
+            if let Err(e) = self.thread_waker.wake() {
+                log::error!("amqp: cannot wake the consumer thread: {e}");
+            }
+        }
+    }
+
+    fn finish(&mut self, timeout: Duration) {
+        let Some(handle) = self.thread.take() else {
+            return;
+        };
+        self.send(Command::Shutdown);
+        match self.done.recv_timeout(timeout) {
+            Err(RecvTimeoutError::Disconnected) => {
+                if handle.join().is_err() {
+                    log::error!("amqp: the consumer thread panicked");
+                }
+            }
+            _ => log::warn!(
+                "amqp: the consumer thread did not stop within {} s; leaving it",
+                timeout.as_secs()
+            ),
+        }
+    }
+}
+
+impl Drop for AmqpConsumer {
+    /// A consumer dropped without [`AmqpConsumer::shutdown`] still closes its connection, but
+    /// waits only briefly for the thread.
+    fn drop(&mut self) {
+        self.finish(CLOSE_TIMEOUT);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// transport_url
+
+/// One broker of a `transport_url`.
+#[derive(Debug, Clone, PartialEq)]
+struct Host {
+    host: String,
+    port: u16,
+    user: String,
+    password: String,
+}
+
+/// `rabbit://user:pass@host:port[,user:pass@host2:port2]/vhost?options`, read as
+/// oslo.messaging's `TransportURL.parse` reads it.
+#[derive(Debug, Clone, PartialEq)]
+struct TransportUrl {
+    hosts: Vec<Host>,
+    vhost: String,
+    /// `?heartbeat_timeout_threshold=N`: oslo.messaging lets the URL's query override its
+    /// `[oslo_messaging_rabbit]` options; this is the one a consumer needs.
+    heartbeat: u16,
+}
+
+impl TransportUrl {
+    fn parse(url: &str) -> Result<TransportUrl, String> {
+        let bad = |why: &str| format!("[messaging] transport_url {:?}: {why}", redact(url));
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad("expected rabbit://user:password@host:port/vhost"))?;
+        if !matches!(scheme, "rabbit" | "kombu") {
+            return Err(bad(&format!(
+                "unsupported scheme \"{scheme}\" (only rabbit:// is supported)"
+            )));
+        }
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (netloc, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let mut heartbeat = HEARTBEAT;
+        for (key, value) in query
+            .split('&')
+            .filter(|kv| !kv.is_empty())
+            .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+        {
+            match key {
+                "ssl" if !matches!(value, "0" | "false" | "False") => {
+                    return Err(bad("TLS (ssl) is not supported"));
+                }
+                "heartbeat_timeout_threshold" => {
+                    heartbeat = value
+                        .parse()
+                        .map_err(|_| bad(&format!("bad heartbeat_timeout_threshold {value:?}")))?;
+                }
+                _ => log::warn!("amqp: transport_url option {key:?} is ignored"),
+            }
+        }
+        let vhost = match percent_decode(path).map_err(|e| bad(&e))? {
+            v if v.is_empty() => "/".to_string(),
+            v => v,
+        };
+        let mut hosts = Vec::new();
+        for part in netloc.split(',').filter(|p| !p.is_empty()) {
+            let (creds, hostport) = match part.rsplit_once('@') {
+                Some((c, h)) => (Some(c), h),
+                None => (None, part),
+            };
+            let (user, password) = match creds {
+                Some(c) => {
+                    let (u, p) = c.split_once(':').unwrap_or((c, ""));
+                    (
+                        percent_decode(u).map_err(|e| bad(&e))?,
+                        percent_decode(p).map_err(|e| bad(&e))?,
+                    )
+                }
+                None => (String::new(), String::new()),
+            };
+            let (host, port) = split_host_port(hostport).map_err(|e| bad(&e))?;
+            hosts.push(Host {
+                host,
+                port,
+                user,
+                password,
+            });
+        }
+        if hosts.is_empty() {
+            // oslo.messaging's default for a URL without hosts.
+            hosts.push(Host {
+                host: "localhost".into(),
+                port: 5672,
+                user: "guest".into(),
+                password: "guest".into(),
+            });
+        }
+        Ok(TransportUrl {
+            hosts,
+            vhost,
+            heartbeat,
+        })
+    }
+}
+
+fn split_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(v6) = s.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("unclosed '[' in host {s:?}"))?;
+        match after {
+            "" => (h, None),
+            p => (
+                h,
+                Some(
+                    p.strip_prefix(':')
+                        .ok_or_else(|| format!("bad host {s:?}"))?,
+                ),
+            ),
+        }
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("empty host in {s:?}"));
+    }
+    let port = match port {
+        None | Some("") => 5672,
+        Some(p) => p.parse().map_err(|_| format!("bad port {p:?}"))?,
+    };
+    Ok((host.to_string(), port))
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent-escape in {s:?}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("percent-escapes in {s:?} are not UTF-8"))
+}
+
+/// The URL with passwords replaced, for messages.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (netloc, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let hosts: Vec<String> = netloc
+        .split(',')
+        .map(|h| match h.rsplit_once('@') {
+            Some((creds, host)) => match creds.split_once(':') {
+                Some((user, _)) => format!("{user}:***@{host}"),
+                None => h.to_string(),
+            },
+            None => h.to_string(),
+        })
+        .collect();
+    format!("{scheme}://{}{tail}", hosts.join(","))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The consumer thread
+
+/// Why a connection ended.
+enum End {
+    /// `shutdown`: close and leave.
+    Shutdown,
+    /// `stop_consuming` before the consumer was set up: close, stay idle.
+    Stopped,
+    /// The broker closed the channel (code, text); some callers recover from it.
+    Channel(u16, String),
+    Failed(String),
+}
+
+impl End {
+    fn into_error(self) -> Option<String> {
+        match self {
+            End::Shutdown | End::Stopped => None,
+            End::Channel(code, text) => Some(format!("broker closed the channel: {code} {text}")),
+            End::Failed(e) => Some(e),
+        }
+    }
+}
+
+fn failed(e: impl Into<String>) -> End {
+    End::Failed(e.into())
+}
+
+/// A delivery whose content is still arriving.
+struct Partial {
+    tag: u64,
+    redelivered: bool,
+    size: Option<u64>,
+    body: Vec<u8>,
+    /// Over [`MAX_BODY`]: read and thrown away, then rejected.
+    discard: bool,
+}
+
+/// One connection's state.
+struct Session {
+    sock: TcpStream,
+    peer: String,
+    epoch: u64,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    writable_interest: bool,
+    /// The TCP connection is up (a write went through).
+    established: bool,
+    /// `connection.open-ok` was received: a graceful close is possible.
+    open: bool,
+    frame_max: u32,
+    heartbeat: Option<Duration>,
+    last_read: Instant,
+    last_write: Instant,
+    inbox: VecDeque<AMQPFrame>,
+    consumer_tag: Option<String>,
+    consuming_since: Option<Instant>,
+    cancel_sent: bool,
+    partial: Option<Partial>,
+    /// Requeue-rejects held until their time (raw delivery tags).
+    delayed: VecDeque<(Instant, u64)>,
+    wake_loop: bool,
+}
+
+struct Consumer {
+    target: TransportUrl,
+    next_host: usize,
+    connection_name: String,
+    exchange: String,
+    queue: String,
+    durable: bool,
+    prefetch: u16,
+    poll: Poll,
+    commands: Receiver<Command>,
+    deliveries: Sender<Delivery>,
+    wake: Arc<dyn Wake>,
+    status: Arc<Mutex<AmqpStatus>>,
+    epoch: u64,
+    connections: u64,
+    want_consume: bool,
+}
+
+impl Consumer {
+    fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            if !self.want_consume {
+                // Stopped: nothing in flight can come back from a connection we would open
+                // now, so there is no reason to open one; wait for shutdown.
+                if self.idle(None) {
+                    return;
+                }
+                continue;
+            }
+            let started = Instant::now();
+            let (end, healthy_for) = self.session();
+            self.set_status(|s| {
+                s.connected = false;
+                s.consuming = false;
+            });
+            let error = match end {
+                End::Shutdown => return,
+                End::Stopped => continue,
+                end => end.into_error().unwrap_or_default(),
+            };
+            log::warn!("amqp: {error}");
+            self.set_status(|s| s.last_error = Some(error));
+            if !self.want_consume {
+                continue;
+            }
+            let delay = if healthy_for >= HEALTHY_AFTER {
+                backoff = BACKOFF_MIN;
+                Duration::ZERO
+            } else {
+                let d = backoff;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                d
+            };
+            log::debug!(
+                "amqp: reconnecting in {:.1} s (last attempt lasted {:.1} s)",
+                delay.as_secs_f64(),
+                started.elapsed().as_secs_f64()
+            );
+            if self.idle(Some(Instant::now() + delay)) {
+                return;
+            }
+        }
+    }
+
+    fn set_status(&self, f: impl FnOnce(&mut AmqpStatus)) {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut status);
+    }
+
+    /// Wait without a connection until `until` (or forever), obeying commands. Acks and
+    /// rejects here belong to dead connections and are dropped. True: shut down.
+    fn idle(&mut self, until: Option<Instant>) -> bool {
+        loop {
+            loop {
+                match self.commands.try_recv() {
+                    Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => return true,
+                    Ok(Command::StopConsuming) => self.want_consume = false,
+                    Ok(Command::Ack(_) | Command::Reject(..)) => {}
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+            let timeout = match until {
+                Some(t) => {
+                    let now = Instant::now();
+                    if now >= t {
+                        return false;
+                    }
+                    Some(t - now)
+                }
+                None => None,
+            };
+            let mut events = Events::with_capacity(4);
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::error!("amqp: poll failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// One connection from connect to close. Returns why it ended and how long it consumed.
+    fn session(&mut self) -> (End, Duration) {
+        self.epoch = self.epoch % 0xffff + 1; // 1..=65535: the top 16 bits of every tag
+        let host = self.target.hosts[self.next_host % self.target.hosts.len()].clone();
+        self.next_host = self.next_host.wrapping_add(1);
+        let mut s = match self.connect(&host) {
+            Ok(s) => s,
+            Err(end) => return (end, Duration::ZERO),
+        };
+        let end = match self.setup(&mut s, &host) {
+            Ok(()) => self.consume(&mut s),
+            Err(end) => end,
+        };
+        let healthy_for = s.consuming_since.map(|t| t.elapsed()).unwrap_or_default();
+        if matches!(end, End::Shutdown | End::Stopped) && s.open {
+            self.close(&mut s);
+        }
+        let _ = self.poll.registry().deregister(&mut s.sock);
+        (end, healthy_for)
+    }
+
+    fn connect(&mut self, host: &Host) -> Result<Session, End> {
+        let peer = format!("{}:{}", host.host, host.port);
+        // Name resolution is the one blocking step (instant for an address literal).
+        let addr = (host.host.as_str(), host.port)
+            .to_socket_addrs()
+            .map_err(|e| failed(format!("cannot resolve {peer}: {e}")))?
+            .next()
+            .ok_or_else(|| failed(format!("cannot resolve {peer}: no address")))?;
+        let mut sock = TcpStream::connect(addr)
+            .map_err(|e| failed(format!("cannot connect to {peer}: {e}")))?;
+        // Acks are small frames written one by one; Nagle would hold them back.
+        let _ = sock.set_nodelay(true);
+        self.poll
+            .registry()
+            .register(&mut sock, SOCKET, Interest::READABLE | Interest::WRITABLE)
+            .map_err(|e| failed(format!("cannot register the socket: {e}")))?;
+        let now = Instant::now();
+        let mut s = Session {
+            sock,
+            peer,
+            epoch: self.epoch,
+            rbuf: Vec::with_capacity(64 * 1024),
+            wbuf: Vec::new(),
+            writable_interest: true,
+            established: false,
+            open: false,
+            frame_max: FRAME_MAX_BEFORE_TUNE,
+            heartbeat: None,
+            last_read: now,
+            last_write: now,
+            inbox: VecDeque::new(),
+            consumer_tag: None,
+            consuming_since: None,
+            cancel_sent: false,
+            partial: None,
+            delayed: VecDeque::new(),
+            wake_loop: false,
+        };
+        push_frame(
+            &mut s,
+            &AMQPFrame::ProtocolHeader(ProtocolVersion::amqp_0_9_1()),
+        )?;
+        Ok(s)
+    }
+
+    /// Log in, open the channel, declare, set the prefetch and start the consumer.
+    fn setup(&mut self, s: &mut Session, host: &Host) -> Result<(), End> {
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        let start = match self.next_frame(s, deadline, "connection.start")? {
+            AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Start(m))) => m,
+            AMQPFrame::ProtocolHeader(v) => {
+                return Err(failed(format!(
+                    "{} speaks AMQP {}.{}.{}, not 0-9-1",
+                    s.peer, v.major, v.minor, v.revision
+                )))
+            }
+            other => return Err(failed(format!("expected connection.start, got {other:?}"))),
+        };
+        let mechanisms = String::from_utf8_lossy(start.mechanisms.as_bytes()).into_owned();
+        if !mechanisms.split(' ').any(|m| m == "PLAIN") {
+            return Err(failed(format!(
+                "{} offers no PLAIN login (mechanisms: {mechanisms})",
+                s.peer
+            )));
+        }
+        let response = format!("\0{}\0{}", host.user, host.password);
+        send_method(
+            s,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+                client_properties: self.client_properties(),
+                mechanism: "PLAIN".into(),
+                response: response.into(),
+                locale: "en_US".into(),
+            })),
+        )?;
+        let tune = match self.next_frame(s, deadline, "connection.tune")? {
+            AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Tune(t))) => t,
+            other => return Err(failed(format!("expected connection.tune, got {other:?}"))),
+        };
+        let heartbeat = match (self.target.heartbeat, tune.heartbeat) {
+            (0, _) => 0,
+            (ours, 0) => ours,
+            (ours, theirs) => ours.min(theirs),
+        };
+        let frame_max = match tune.frame_max {
+            0 => FRAME_MAX_BEFORE_TUNE,
+            f => f,
+        };
+        send_method(
+            s,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+                channel_max: tune.channel_max,
+                frame_max,
+                heartbeat,
+            })),
+        )?;
+        s.frame_max = frame_max;
+        s.heartbeat = Some(Duration::from_secs(u64::from(heartbeat)));
+        self.call(
+            s,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
+                virtual_host: self.target.vhost.as_str().into(),
+            })),
+            "connection.open-ok",
+            deadline,
+        )?;
+        s.open = true;
+        self.open_channel(s, deadline)?;
+        if self.connections > 0 {
+            self.set_status(|st| st.reconnects += 1);
+        }
+        self.connections += 1;
+        self.set_status(|st| st.connected = true);
+        log::info!(
+            "amqp: connected to {} vhost {:?} as {:?}",
+            s.peer,
+            self.target.vhost,
+            host.user
+        );
+
+        match self.declare(s, self.durable, deadline) {
+            Err(End::Channel(406, text)) if self.durable && text.contains("'durable'") => {
+                // oslo.messaging's fallback: an exchange or queue that exists non-durable is
+                // used as it is rather than refused.
+                log::warn!(
+                    "amqp: {text}; declaring exchange {:?} and queue {:?} non-durable instead",
+                    self.exchange,
+                    self.queue
+                );
+                self.open_channel(s, deadline)?;
+                self.declare(s, false, deadline)?;
+            }
+            other => other?,
+        }
+        self.call(
+            s,
+            CHANNEL,
+            AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+                prefetch_count: self.prefetch,
+                global: false,
+            })),
+            "basic.qos-ok",
+            deadline,
+        )?;
+        if !self.want_consume {
+            return Err(End::Stopped);
+        }
+        let ok = self.call(
+            s,
+            CHANNEL,
+            AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+                queue: self.queue.as_str().into(),
+                consumer_tag: "".into(),
+                no_local: false,
+                no_ack: false,
+                exclusive: false,
+                nowait: false,
+                arguments: FieldTable::default(),
+            })),
+            "basic.consume-ok",
+            deadline,
+        )?;
+        if let AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(ok)) = ok {
+            s.consumer_tag = Some(ok.consumer_tag.to_string());
+        }
+        s.consuming_since = Some(Instant::now());
+        self.set_status(|st| st.consuming = true);
+        log::info!(
+            "amqp: consuming queue {:?} (exchange {:?}, prefetch {})",
+            self.queue,
+            self.exchange,
+            self.prefetch
+        );
+        if !self.want_consume {
+            // stop_consuming arrived while we were setting up.
+            self.cancel(s)?;
+        }
+        Ok(())
+    }
+
+    fn open_channel(&mut self, s: &mut Session, deadline: Instant) -> Result<(), End> {
+        self.call(
+            s,
+            CHANNEL,
+            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+            "channel.open-ok",
+            deadline,
+        )
+        .map(drop)
+    }
+
+    /// The topology of oslo.messaging's `declare_topic_consumer` for `<topic>.sample`.
+    fn declare(&mut self, s: &mut Session, durable: bool, deadline: Instant) -> Result<(), End> {
+        self.call(
+            s,
+            CHANNEL,
+            AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {
+                exchange: self.exchange.as_str().into(),
+                kind: "topic".into(),
+                passive: false,
+                durable,
+                auto_delete: false,
+                internal: false,
+                nowait: false,
+                arguments: FieldTable::default(),
+            })),
+            "exchange.declare-ok",
+            deadline,
+        )?;
+        self.call(
+            s,
+            CHANNEL,
+            AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+                queue: self.queue.as_str().into(),
+                passive: false,
+                durable,
+                exclusive: false,
+                auto_delete: false,
+                nowait: false,
+                arguments: FieldTable::default(),
+            })),
+            "queue.declare-ok",
+            deadline,
+        )?;
+        self.call(
+            s,
+            CHANNEL,
+            AMQPClass::Queue(queue::AMQPMethod::Bind(queue::Bind {
+                queue: self.queue.as_str().into(),
+                exchange: self.exchange.as_str().into(),
+                routing_key: self.queue.as_str().into(),
+                nowait: false,
+                arguments: FieldTable::default(),
+            })),
+            "queue.bind-ok",
+            deadline,
+        )
+        .map(drop)
+    }
+
+    fn client_properties(&self) -> FieldTable {
+        let mut caps = FieldTable::default();
+        caps.insert("consumer_cancel_notify".into(), AMQPValue::Boolean(true));
+        caps.insert(
+            "authentication_failure_close".into(),
+            AMQPValue::Boolean(true),
+        );
+        let mut props = FieldTable::default();
+        let s = |v: &str| AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()));
+        props.insert("product".into(), s("collector"));
+        props.insert("version".into(), s(env!("CARGO_PKG_VERSION")));
+        props.insert("platform".into(), s("Rust"));
+        props.insert("connection_name".into(), s(&self.connection_name));
+        props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
+        props
+    }
+
+    /// Send a synchronous method and wait for its reply (`what`, for messages). Frames that
+    /// arrive after the reply stay in the inbox.
+    fn call(
+        &mut self,
+        s: &mut Session,
+        channel_id: u16,
+        method: AMQPClass,
+        what: &str,
+        deadline: Instant,
+    ) -> Result<AMQPClass, End> {
+        send_method(s, channel_id, method)?;
+        loop {
+            match self.next_frame(s, deadline, what)? {
+                AMQPFrame::Method(_, m) if is_reply(&m, what) => return Ok(m),
+                AMQPFrame::Heartbeat(_) => {}
+                other => log::debug!("amqp: ignoring {other:?} while waiting for {what}"),
+            }
+        }
+    }
+
+    /// The next frame, by `deadline`. Closes from the broker end the wait with their reason.
+    fn next_frame(
+        &mut self,
+        s: &mut Session,
+        deadline: Instant,
+        what: &str,
+    ) -> Result<AMQPFrame, End> {
+        loop {
+            if let Some(frame) = s.inbox.pop_front() {
+                return match frame {
+                    AMQPFrame::Method(
+                        0,
+                        AMQPClass::Connection(connection::AMQPMethod::Close(c)),
+                    ) => {
+                        let _ = send_method(s, 0, close_ok());
+                        let _ = self.flush(s);
+                        Err(connection_closed(&c, what))
+                    }
+                    AMQPFrame::Method(ch, AMQPClass::Channel(channel::AMQPMethod::Close(c))) => {
+                        send_method(
+                            s,
+                            ch,
+                            AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                        )?;
+                        Err(End::Channel(c.reply_code, c.reply_text.to_string()))
+                    }
+                    f => Ok(f),
+                };
+            }
+            if Instant::now() >= deadline {
+                return Err(failed(format!(
+                    "{}: no {what} within {} s",
+                    s.peer,
+                    HANDSHAKE_TIMEOUT.as_secs()
+                )));
+            }
+            self.pump(s, Some(deadline), true)?;
+        }
+    }
+
+    /// The consuming phase: hand deliveries to the loop until the connection ends.
+    fn consume(&mut self, s: &mut Session) -> End {
+        loop {
+            while let Some(frame) = s.inbox.pop_front() {
+                if let Err(end) = self.on_frame(s, frame) {
+                    return end;
+                }
+            }
+            if s.wake_loop {
+                s.wake_loop = false;
+                self.wake.wake();
+            }
+            if let Err(end) = self.pump(s, None, true) {
+                return end;
+            }
+        }
+    }
+
+    fn on_frame(&mut self, s: &mut Session, frame: AMQPFrame) -> Result<(), End> {
+        match frame {
+            AMQPFrame::Method(_, AMQPClass::Basic(basic::AMQPMethod::Deliver(d))) => {
+                if s.partial.is_some() {
+                    return Err(failed("basic.deliver before the previous content ended"));
+                }
+                if d.delivery_tag > TAG_MASK {
+                    return Err(failed("delivery tags exhausted on this channel"));
+                }
+                s.partial = Some(Partial {
+                    tag: d.delivery_tag,
+                    redelivered: d.redelivered,
+                    size: None,
+                    body: Vec::new(),
+                    discard: false,
+                });
+            }
+            AMQPFrame::Header(_, _, header) => {
+                let Some(p) = s.partial.as_mut() else {
+                    return Err(failed("content header without basic.deliver"));
+                };
+                p.size = Some(header.body_size);
+                if header.body_size > MAX_BODY {
+                    p.discard = true;
+                } else {
+                    p.body.reserve(header.body_size.min(4 << 20) as usize);
+                }
+                self.complete_delivery(s)?;
+            }
+            AMQPFrame::Body(_, data) => {
+                let Some(p) = s.partial.as_mut() else {
+                    return Err(failed("content body without basic.deliver"));
+                };
+                if p.size.is_none() {
+                    return Err(failed("content body before its header"));
+                }
+                if p.discard {
+                    p.size = p.size.map(|n| n.saturating_sub(data.len() as u64));
+                } else {
+                    p.body.extend_from_slice(&data);
+                }
+                self.complete_delivery(s)?;
+            }
+            AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(c))) => {
+                let _ = send_method(s, 0, close_ok());
+                let _ = self.flush(s);
+                return Err(connection_closed(&c, "deliveries"));
+            }
+            AMQPFrame::Method(ch, AMQPClass::Channel(channel::AMQPMethod::Close(c))) => {
+                let _ = send_method(
+                    s,
+                    ch,
+                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                );
+                let _ = self.flush(s);
+                return Err(End::Channel(c.reply_code, c.reply_text.to_string()));
+            }
+            AMQPFrame::Method(ch, AMQPClass::Basic(basic::AMQPMethod::Cancel(c))) => {
+                // The broker cancelled us (queue deleted, node failover): declare again.
+                let _ = send_method(
+                    s,
+                    ch,
+                    AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+                        consumer_tag: c.consumer_tag.clone(),
+                    })),
+                );
+                let _ = self.flush(s);
+                if self.want_consume {
+                    return Err(failed(format!(
+                        "broker cancelled consumer {} (queue {:?} deleted?)",
+                        c.consumer_tag, self.queue
+                    )));
+                }
+                self.set_status(|st| st.consuming = false);
+            }
+            AMQPFrame::Method(_, AMQPClass::Basic(basic::AMQPMethod::CancelOk(_))) => {
+                log::info!("amqp: consumer on {:?} cancelled", self.queue);
+                self.set_status(|st| st.consuming = false);
+            }
+            AMQPFrame::Method(_, AMQPClass::Connection(connection::AMQPMethod::Blocked(b))) => {
+                log::warn!("amqp: broker blocked the connection: {}", b.reason);
+            }
+            AMQPFrame::Heartbeat(_) => {}
+            other => log::debug!("amqp: ignoring {other:?}"),
+        }
+        Ok(())
+    }
+
+    fn complete_delivery(&mut self, s: &mut Session) -> Result<(), End> {
+        let done = match &s.partial {
+            Some(p) => match p.size {
+                Some(n) if p.discard => n == 0,
+                Some(n) => p.body.len() as u64 >= n,
+                None => false,
+            },
+            None => false,
+        };
+        if !done {
+            return Ok(());
+        }
+        let Some(p) = s.partial.take() else {
+            return Ok(());
+        };
+        if p.discard {
+            log::error!(
+                "amqp: dropped a message over {} MiB from {:?}",
+                MAX_BODY >> 20,
+                self.queue
+            );
+            return send_method(s, CHANNEL, reject_method(p.tag, false));
+        }
+        let delivery = Delivery {
+            tag: (s.epoch << EPOCH_SHIFT) | p.tag,
+            body: p.body,
+            redelivered: p.redelivered,
+        };
+        if self.deliveries.send(delivery).is_err() {
+            return Err(End::Shutdown); // the loop is gone
+        }
+        self.set_status(|st| st.deliveries += 1);
+        s.wake_loop = true;
+        Ok(())
+    }
+
+    /// Send basic.cancel for our consumer (once).
+    fn cancel(&mut self, s: &mut Session) -> Result<(), End> {
+        if s.cancel_sent {
+            return Ok(());
+        }
+        if let Some(tag) = s.consumer_tag.clone() {
+            s.cancel_sent = true;
+            send_method(
+                s,
+                CHANNEL,
+                AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                    consumer_tag: tag.into(),
+                    nowait: false,
+                })),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn on_command(&mut self, s: &mut Session, cmd: Command) -> Result<(), End> {
+        let epoch = s.epoch;
+        let ours = |tag: u64| tag >> EPOCH_SHIFT == epoch;
+        match cmd {
+            Command::Ack(tag) if ours(tag) => send_method(
+                s,
+                CHANNEL,
+                AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+                    delivery_tag: tag & TAG_MASK,
+                    multiple: false,
+                })),
+            ),
+            Command::Reject(tag, true) if ours(tag) => {
+                s.delayed
+                    .push_back((Instant::now() + REQUEUE_DELAY, tag & TAG_MASK));
+                Ok(())
+            }
+            Command::Reject(tag, false) if ours(tag) => {
+                send_method(s, CHANNEL, reject_method(tag & TAG_MASK, false))
+            }
+            Command::Ack(tag) | Command::Reject(tag, _) => {
+                log::debug!("amqp: dropping ack/reject of {tag:#x} from an earlier connection");
+                Ok(())
+            }
+            Command::StopConsuming => {
+                self.want_consume = false;
+                self.cancel(s)
+            }
+            Command::Shutdown => Err(End::Shutdown),
+        }
+    }
+
+    /// One round of I/O: wait for the socket, a command or a timer (at most until `deadline`),
+    /// then read what arrived into the inbox, obey commands, send heartbeats and due rejects,
+    /// and write what is pending.
+    fn pump(
+        &mut self,
+        s: &mut Session,
+        deadline: Option<Instant>,
+        commands: bool,
+    ) -> Result<(), End> {
+        let now = Instant::now();
+        let mut wake_at = deadline;
+        let mut earliest = |t: Instant| wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
+        if let Some(hb) = s.heartbeat.filter(|h| !h.is_zero()) {
+            // While a write is pending, the socket's writable edge is what we wait for.
+            if s.wbuf.is_empty() {
+                earliest(s.last_write + hb / 2);
+            }
+            earliest(s.last_read + hb * 2);
+        }
+        if let Some(&(t, _)) = s.delayed.front() {
+            earliest(t);
+        }
+        let timeout = wake_at.map(|t| t.saturating_duration_since(now));
+        // What earlier steps queued goes out before we sleep.
+        self.flush(s)?;
+        let mut events = Events::with_capacity(8);
+        match self.poll.poll(&mut events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(failed(format!("poll failed: {e}"))),
+        }
+        // Socket events are edge-triggered hints; reading and writing until WouldBlock on
+        // every round is cheap and cannot miss one.
+        self.read(s)?;
+        if commands {
+            loop {
+                match self.commands.try_recv() {
+                    Ok(cmd) => self.on_command(s, cmd)?,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return Err(End::Shutdown),
+                }
+            }
+        }
+        let now = Instant::now();
+        while let Some(&(t, tag)) = s.delayed.front() {
+            if t > now {
+                break;
+            }
+            s.delayed.pop_front();
+            send_method(s, CHANNEL, reject_method(tag, true))?;
+        }
+        if let Some(hb) = s.heartbeat.filter(|h| !h.is_zero()) {
+            if now.duration_since(s.last_read) >= hb * 2 {
+                return Err(failed(format!(
+                    "{}: no heartbeat from the broker for {} s",
+                    s.peer,
+                    (hb * 2).as_secs()
+                )));
+            }
+            if s.wbuf.is_empty() && now.duration_since(s.last_write) >= hb / 2 {
+                push_frame(s, &AMQPFrame::Heartbeat(0))?;
+            }
+        }
+        self.flush(s)
+    }
+
+    fn read(&mut self, s: &mut Session) -> Result<(), End> {
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            match s.sock.read(&mut chunk) {
+                Ok(0) => {
+                    return Err(failed(if s.open {
+                        format!("{} closed the connection", s.peer)
+                    } else {
+                        format!(
+                            "{} closed the connection during the handshake (wrong user, \
+                             password or vhost?)",
+                            s.peer
+                        )
+                    }))
+                }
+                Ok(n) => {
+                    s.last_read = Instant::now();
+                    s.rbuf.extend_from_slice(&chunk[..n]);
+                    take_frames(s).map_err(|e| failed(format!("{}: {e}", s.peer)))?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if !s.established && e.kind() == io::ErrorKind::NotConnected => {
+                    return Ok(())
+                }
+                Err(e) => return Err(io_failed(s, e)),
+            }
+        }
+    }
+
+    fn flush(&mut self, s: &mut Session) -> Result<(), End> {
+        while !s.wbuf.is_empty() {
+            match s.sock.write(&s.wbuf) {
+                Ok(0) => return Err(failed(format!("{}: connection closed", s.peer))),
+                Ok(n) => {
+                    s.wbuf.drain(..n);
+                    s.established = true;
+                    s.last_write = Instant::now();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if !s.established && e.kind() == io::ErrorKind::NotConnected => break,
+                Err(e) => return Err(io_failed(s, e)),
+            }
+        }
+        let want_writable = !s.wbuf.is_empty();
+        if want_writable != s.writable_interest {
+            let interest = if want_writable {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            self.poll
+                .registry()
+                .reregister(&mut s.sock, SOCKET, interest)
+                .map_err(|e| failed(format!("cannot reregister the socket: {e}")))?;
+            s.writable_interest = want_writable;
+        }
+        Ok(())
+    }
+
+    /// connection.close, then wait (bounded) for close-ok so the broker requeues what we
+    /// hold before we go.
+    fn close(&mut self, s: &mut Session) {
+        let close = AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: 200,
+            reply_text: "shutdown".into(),
+            class_id: 0,
+            method_id: 0,
+        }));
+        if send_method(s, 0, close).is_err() {
+            return;
+        }
+        let deadline = Instant::now() + CLOSE_TIMEOUT;
+        while Instant::now() < deadline {
+            if self.pump(s, Some(deadline), false).is_err() {
+                return;
+            }
+            while let Some(frame) = s.inbox.pop_front() {
+                if let AMQPFrame::Method(
+                    0,
+                    AMQPClass::Connection(
+                        connection::AMQPMethod::CloseOk(_) | connection::AMQPMethod::Close(_),
+                    ),
+                ) = frame
+                {
+                    log::info!("amqp: connection to {} closed", s.peer);
+                    return;
+                }
+            }
+        }
+        log::warn!("amqp: no close-ok from {}; closing the socket", s.peer);
+    }
+}
+
+fn io_failed(s: &Session, e: io::Error) -> End {
+    if s.established {
+        failed(format!("{}: {e}", s.peer))
+    } else {
+        failed(format!("cannot connect to {}: {e}", s.peer))
+    }
+}
+
+fn connection_closed(c: &connection::Close, during: &str) -> End {
+    failed(format!(
+        "broker closed the connection ({during}): {} {}",
+        c.reply_code, c.reply_text
+    ))
+}
+
+fn close_ok() -> AMQPClass {
+    AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {}))
+}
+
+fn reject_method(tag: u64, requeue: bool) -> AMQPClass {
+    AMQPClass::Basic(basic::AMQPMethod::Reject(basic::Reject {
+        delivery_tag: tag,
+        requeue,
+    }))
+}
+
+/// Is `m` the reply named `what` (e.g. "queue.declare-ok")?
+fn is_reply(m: &AMQPClass, what: &str) -> bool {
+    use amq_protocol::protocol::queue::AMQPMethod as Q;
+    use amq_protocol::protocol::{basic::AMQPMethod as B, channel::AMQPMethod as Ch};
+    use amq_protocol::protocol::{connection::AMQPMethod as C, exchange::AMQPMethod as E};
+    matches!(
+        (what, m),
+        ("connection.open-ok", AMQPClass::Connection(C::OpenOk(_)))
+            | ("channel.open-ok", AMQPClass::Channel(Ch::OpenOk(_)))
+            | ("exchange.declare-ok", AMQPClass::Exchange(E::DeclareOk(_)))
+            | ("queue.declare-ok", AMQPClass::Queue(Q::DeclareOk(_)))
+            | ("queue.bind-ok", AMQPClass::Queue(Q::BindOk(_)))
+            | ("basic.qos-ok", AMQPClass::Basic(B::QosOk(_)))
+            | ("basic.consume-ok", AMQPClass::Basic(B::ConsumeOk(_)))
+    )
+}
+
+fn send_method(s: &mut Session, channel_id: u16, method: AMQPClass) -> Result<(), End> {
+    push_frame(s, &AMQPFrame::Method(channel_id, method))
+}
+
+fn push_frame(s: &mut Session, frame: &AMQPFrame) -> Result<(), End> {
+    let buf = std::mem::take(&mut s.wbuf);
+    match gen_frame(frame)(WriteContext::from(buf)) {
+        Ok(ctx) => {
+            s.wbuf = ctx.into_inner().0;
+            Ok(())
+        }
+        Err(e) => Err(failed(format!("cannot encode {frame:?}: {e:?}"))),
+    }
+}
+
+/// Move every complete frame from the read buffer to the inbox. A frame is checked against
+/// `frame_max` from its header before it is waited for.
+fn take_frames(s: &mut Session) -> Result<(), String> {
+    let mut pos = 0;
+    let result = loop {
+        let buf = &s.rbuf[pos..];
+        if buf.first() == Some(&b'A') {
+            // A protocol header instead of a frame: the broker refuses our version.
+            if buf.len() < 8 {
+                break Ok(());
+            }
+            match parse_frame(&buf[..8]) {
+                Ok((_, frame)) => {
+                    s.inbox.push_back(frame);
+                    pos += 8;
+                    continue;
+                }
+                Err(e) => break Err(format!("undecodable protocol header: {e}")),
+            }
+        }
+        if buf.len() < 7 {
+            break Ok(());
+        }
+        let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]);
+        if u64::from(size) + 8 > u64::from(s.frame_max) {
+            break Err(format!(
+                "frame of {size} bytes exceeds frame_max {}",
+                s.frame_max
+            ));
+        }
+        let total = size as usize + 8;
+        if buf.len() < total {
+            break Ok(());
+        }
+        let frame = if buf[0] == 3 {
+            // Content body: copied as a slice rather than byte by byte.
+            if buf[total - 1] != 0xCE {
+                break Err("frame without frame-end octet".into());
+            }
+            AMQPFrame::Body(
+                u16::from_be_bytes([buf[1], buf[2]]),
+                buf[7..total - 1].to_vec(),
+            )
+        } else {
+            match parse_frame(&buf[..total]) {
+                Ok((_, frame)) => frame,
+                Err(e) => break Err(format!("undecodable frame: {e}")),
+            }
+        };
+        s.inbox.push_back(frame);
+        pos += total;
+    };
+    s.rbuf.drain(..pos);
+    result
+}
+
+// ---------------------------------------------------------------------------------------------
+// Message bodies
+
+/// Decode oslo.messaging's v2 envelope: outer JSON `{"oslo.version": "2.0", "oslo.message":
+/// "<JSON text>"}` whose inner object has `event_type`, `priority`, `publisher_id`,
+/// `message_id`, `timestamp` and `payload` (a list of sample maps). A v1 body (the message
+/// object itself, as the `messaging` driver sends it) is accepted too. Returns the inner
+/// `message_id` and the samples, JSON ints as `Int`/`UInt`, floats as `Float` (`1.0` stays a
+/// float), strings as `Str`, null as `Nil`, objects as `Map` in document order.
+pub fn decode_envelope(body: &[u8]) -> Result<(Option<String>, Vec<Value>), String> {
+    let outer = json::parse(body).map_err(|e| format!("message body is not JSON: {e}"))?;
+    if !matches!(outer, Value::Map(_)) {
+        return Err(format!(
+            "message body is a JSON {}, not an object",
+            json_type(&outer)
+        ));
+    }
+    let message = match outer.get("oslo.version") {
+        Some(Value::Str(v)) if v == "2.0" => match outer.get("oslo.message") {
+            Some(Value::Str(inner)) => json::parse(inner.as_bytes())
+                .map_err(|e| format!("oslo.message is not JSON: {e}"))?,
+            Some(other) => {
+                return Err(format!(
+                    "oslo.message is a JSON {}, not a string",
+                    json_type(other)
+                ))
+            }
+            None => return Err("envelope without oslo.message".into()),
+        },
+        Some(Value::Str(v)) => return Err(format!("unsupported oslo.version {v:?}")),
+        Some(other) => {
+            return Err(format!(
+                "oslo.version is a JSON {}, not a string",
+                json_type(other)
+            ))
+        }
+        None => outer,
+    };
+    let message_id = message
+        .get("message_id")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let Value::Map(pairs) = message else {
+        return Err(format!(
+            "the notification is a JSON {}, not an object",
+            json_type(&message)
+        ));
+    };
+    let payload = pairs
+        .into_iter()
+        .rev() // the last of duplicate keys wins, as in Python
+        .find_map(|(k, v)| matches!(&k, Value::Str(s) if s == "payload").then_some(v))
+        .ok_or("notification without payload")?;
+    let samples = match payload {
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                if !matches!(item, Value::Map(_)) {
+                    return Err(format!(
+                        "payload[{i}] is a JSON {}, not a sample object",
+                        json_type(item)
+                    ));
+                }
+            }
+            items
+        }
+        one @ Value::Map(_) => vec![one],
+        other => {
+            return Err(format!(
+                "payload is a JSON {}, not a list of samples",
+                json_type(&other)
+            ))
+        }
+    };
+    Ok((message_id, samples))
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Nil => "null",
+        Value::Bool(_) => "boolean",
+        Value::Int(_) | Value::UInt(_) | Value::Float(_) => "number",
+        Value::Str(_) | Value::Bin(_) => "string",
+        Value::Array(_) => "array",
+        Value::Map(_) => "object",
+    }
+}
+
+/// A JSON reader that keeps what Python's `json` module writes: int versus float, the exact
+/// float (correctly rounded), object member order, and `NaN`/`Infinity`/`-Infinity`.
+mod json {
+    use meter::Value;
+
+    /// Python nests far less; this bounds the recursion on hostile input.
+    const MAX_DEPTH: usize = 128;
+
+    pub fn parse(text: &[u8]) -> Result<Value, String> {
+        let text = std::str::from_utf8(text).map_err(|e| format!("not UTF-8: {e}"))?;
+        let mut p = Parser {
+            s: text,
+            b: text.as_bytes(),
+            i: 0,
+        };
+        p.ws();
+        let v = p.value(0)?;
+        p.ws();
+        if p.i != p.b.len() {
+            return Err(p.err("extra data after the value"));
+        }
+        Ok(v)
+    }
+
+    struct Parser<'a> {
+        s: &'a str,
+        b: &'a [u8],
+        i: usize,
+    }
+
+    impl Parser<'_> {
+        fn err(&self, what: &str) -> String {
+            format!("{what} at byte {}", self.i)
+        }
+
+        fn peek(&self) -> Option<u8> {
+            self.b.get(self.i).copied()
+        }
+
+        fn ws(&mut self) {
+            while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+                self.i += 1;
+            }
+        }
+
+        fn expect(&mut self, c: u8) -> Result<(), String> {
+            if self.peek() == Some(c) {
+                self.i += 1;
+                Ok(())
+            } else {
+                Err(self.err(&format!("expected '{}'", c as char)))
+            }
+        }
+
+        fn value(&mut self, depth: usize) -> Result<Value, String> {
+            if depth > MAX_DEPTH {
+                return Err(self.err(&format!("nested deeper than {MAX_DEPTH}")));
+            }
+            match self.peek() {
+                None => Err(self.err("unexpected end")),
+                Some(b'{') => self.object(depth),
+                Some(b'[') => self.array(depth),
+                Some(b'"') => self.string().map(Value::Str),
+                Some(b't') => self.literal("true", Value::Bool(true)),
+                Some(b'f') => self.literal("false", Value::Bool(false)),
+                Some(b'n') => self.literal("null", Value::Nil),
+                Some(b'N') => self.literal("NaN", Value::Float(f64::NAN)),
+                Some(b'I') => self.literal("Infinity", Value::Float(f64::INFINITY)),
+                Some(b'-') if self.b[self.i..].starts_with(b"-Infinity") => {
+                    self.literal("-Infinity", Value::Float(f64::NEG_INFINITY))
+                }
+                Some(b'-' | b'0'..=b'9') => self.number(),
+                Some(c) => Err(self.err(&format!("unexpected character {:?}", c as char))),
+            }
+        }
+
+        fn literal(&mut self, word: &str, v: Value) -> Result<Value, String> {
+            if self.b[self.i..].starts_with(word.as_bytes()) {
+                self.i += word.len();
+                Ok(v)
+            } else {
+                Err(self.err("invalid literal"))
+            }
+        }
+
+        fn object(&mut self, depth: usize) -> Result<Value, String> {
+            self.i += 1;
+            let mut pairs = Vec::new();
+            self.ws();
+            if self.peek() == Some(b'}') {
+                self.i += 1;
+                return Ok(Value::Map(pairs));
+            }
+            loop {
+                self.ws();
+                if self.peek() != Some(b'"') {
+                    return Err(self.err("expected a string key"));
+                }
+                let key = self.string()?;
+                self.ws();
+                self.expect(b':')?;
+                self.ws();
+                let v = self.value(depth + 1)?;
+                pairs.push((Value::Str(key), v));
+                self.ws();
+                match self.peek() {
+                    Some(b',') => self.i += 1,
+                    Some(b'}') => {
+                        self.i += 1;
+                        return Ok(Value::Map(pairs));
+                    }
+                    _ => return Err(self.err("expected ',' or '}'")),
+                }
+            }
+        }
+
+        fn array(&mut self, depth: usize) -> Result<Value, String> {
+            self.i += 1;
+            let mut items = Vec::new();
+            self.ws();
+            if self.peek() == Some(b']') {
+                self.i += 1;
+                return Ok(Value::Array(items));
+            }
+            loop {
+                self.ws();
+                items.push(self.value(depth + 1)?);
+                self.ws();
+                match self.peek() {
+                    Some(b',') => self.i += 1,
+                    Some(b']') => {
+                        self.i += 1;
+                        return Ok(Value::Array(items));
+                    }
+                    _ => return Err(self.err("expected ',' or ']'")),
+                }
+            }
+        }
+
+        fn string(&mut self) -> Result<String, String> {
+            self.i += 1; // opening quote
+            let mut out = String::new();
+            let mut start = self.i;
+            loop {
+                match self.peek() {
+                    None => return Err(self.err("unterminated string")),
+                    Some(b'"') => {
+                        out.push_str(&self.s[start..self.i]);
+                        self.i += 1;
+                        return Ok(out);
+                    }
+                    Some(b'\\') => {
+                        out.push_str(&self.s[start..self.i]);
+                        self.i += 1;
+                        self.escape(&mut out)?;
+                        start = self.i;
+                    }
+                    Some(c) if c < 0x20 => {
+                        return Err(self.err("control character in string"));
+                    }
+                    Some(_) => self.i += 1,
+                }
+            }
+        }
+
+        fn escape(&mut self, out: &mut String) -> Result<(), String> {
+            let c = self.peek().ok_or_else(|| self.err("unterminated escape"))?;
+            self.i += 1;
+            match c {
+                b'"' => out.push('"'),
+                b'\\' => out.push('\\'),
+                b'/' => out.push('/'),
+                b'b' => out.push('\u{8}'),
+                b'f' => out.push('\u{c}'),
+                b'n' => out.push('\n'),
+                b'r' => out.push('\r'),
+                b't' => out.push('\t'),
+                b'u' => {
+                    let hi = self.hex4()?;
+                    let ch =
+                        if (0xD800..0xDC00).contains(&hi) && self.b[self.i..].starts_with(b"\\u") {
+                            let save = self.i;
+                            self.i += 2;
+                            let lo = self.hex4()?;
+                            if (0xDC00..0xE000).contains(&lo) {
+                                char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))
+                            } else {
+                                self.i = save; // a lone high surrogate; the next escape stands alone
+                                None
+                            }
+                        } else {
+                            char::from_u32(hi)
+                        };
+                    // Lone surrogates (Python can write them) cannot be in a Rust string.
+                    out.push(ch.unwrap_or(char::REPLACEMENT_CHARACTER));
+                }
+                _ => {
+                    self.i -= 1;
+                    return Err(self.err("invalid escape"));
+                }
+            }
+            Ok(())
+        }
+
+        fn hex4(&mut self) -> Result<u32, String> {
+            let h = self
+                .s
+                .get(self.i..self.i + 4)
+                .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
+                .ok_or_else(|| self.err("invalid \\u escape"))?;
+            self.i += 4;
+            u32::from_str_radix(h, 16).map_err(|_| self.err("invalid \\u escape"))
+        }
+
+        fn digits(&mut self) -> usize {
+            let start = self.i;
+            while let Some(b'0'..=b'9') = self.peek() {
+                self.i += 1;
+            }
+            self.i - start
+        }
+
+        fn number(&mut self) -> Result<Value, String> {
+            let start = self.i;
+            if self.peek() == Some(b'-') {
+                self.i += 1;
+            }
+            match self.peek() {
+                Some(b'0') => self.i += 1,
+                Some(b'1'..=b'9') => {
+                    self.digits();
+                }
+                _ => return Err(self.err("invalid number")),
+            }
+            let mut float = false;
+            if self.peek() == Some(b'.') {
+                self.i += 1;
+                if self.digits() == 0 {
+                    return Err(self.err("invalid number"));
+                }
+                float = true;
+            }
+            if let Some(b'e' | b'E') = self.peek() {
+                self.i += 1;
+                if let Some(b'+' | b'-') = self.peek() {
+                    self.i += 1;
+                }
+                if self.digits() == 0 {
+                    return Err(self.err("invalid number"));
+                }
+                float = true;
+            }
+            let text = &self.s[start..self.i];
+            if float {
+                // Rust's float parsing is correctly rounded, so Python's repr round-trips.
+                return text
+                    .parse::<f64>()
+                    .map(Value::Float)
+                    .map_err(|_| self.err("invalid number"));
+            }
+            if let Ok(i) = text.parse::<i64>() {
+                Ok(Value::Int(i))
+            } else if let Ok(u) = text.parse::<u64>() {
+                Ok(Value::UInt(u))
+            } else {
+                Err(self.err(&format!("integer {text} out of the 64-bit range")))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(inner: &str) -> Vec<u8> {
+        let quoted = json_quote(inner);
+        format!("{{\"oslo.version\": \"2.0\", \"oslo.message\": {quoted}}}").into_bytes()
+    }
+
+    /// JSON string literal for `s` (what Python's json.dumps does to the inner text).
+    fn json_quote(s: &str) -> String {
+        let mut out = String::from("\"");
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if (c as u32) < 0x20 || (c as u32) > 0x7e => {
+                    let mut buf = [0u16; 2];
+                    for u in c.encode_utf16(&mut buf) {
+                        out.push_str(&format!("\\u{u:04x}"));
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    fn s(x: &str) -> Value {
+        Value::Str(x.into())
+    }
+
+    #[test]
+    fn decodes_a_v2_envelope_keeping_int_and_float_apart() {
+        let inner = r#"{"message_id": "m-1", "publisher_id": "telemetry.publisher.h",
+            "event_type": "metering", "priority": "SAMPLE", "timestamp": "2026-01-01 00:00:00",
+            "payload": [{"counter_volume": 1.0, "b": 1, "c": -7, "d": 18446744073709551615,
+                         "e": 0.1, "f": 1e-05, "g": 1.7976931348623157e+308, "h": null,
+                         "i": true, "j": "\u00fc\ud83d\ude00", "k": {"z": 1, "a": [1, 2.5]},
+                         "l": -0.0, "m": NaN, "n": -Infinity, "o": 12345678901234567890.0}]}"#;
+        let (id, samples) = decode_envelope(&envelope(inner)).unwrap();
+        assert_eq!(id.as_deref(), Some("m-1"));
+        assert_eq!(samples.len(), 1);
+        let v = &samples[0];
+        assert_eq!(v.get("counter_volume"), Some(&Value::Float(1.0)));
+        assert_eq!(v.get("b"), Some(&Value::Int(1)));
+        assert_eq!(v.get("c"), Some(&Value::Int(-7)));
+        assert_eq!(v.get("d"), Some(&Value::UInt(u64::MAX)));
+        assert_eq!(v.get("e"), Some(&Value::Float(0.1)));
+        assert_eq!(v.get("f"), Some(&Value::Float(1e-5)));
+        assert_eq!(v.get("g"), Some(&Value::Float(f64::MAX)));
+        assert_eq!(v.get("h"), Some(&Value::Nil));
+        assert_eq!(v.get("i"), Some(&Value::Bool(true)));
+        assert_eq!(v.get("j"), Some(&s("ü😀")));
+        assert_eq!(
+            v.get("k"),
+            Some(&Value::Map(vec![
+                (s("z"), Value::Int(1)),
+                (s("a"), Value::Array(vec![Value::Int(1), Value::Float(2.5)])),
+            ]))
+        );
+        match v.get("l") {
+            Some(Value::Float(f)) => assert!(*f == 0.0 && f.is_sign_negative()),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(v.get("m"), Some(Value::Float(f)) if f.is_nan()));
+        assert_eq!(v.get("n"), Some(&Value::Float(f64::NEG_INFINITY)));
+        assert_eq!(v.get("o"), Some(&Value::Float(12345678901234567890.0)));
+        // Document order is kept.
+        let Value::Map(pairs) = v else { panic!() };
+        let keys: Vec<_> = pairs.iter().map(|(k, _)| k.as_str().unwrap()).collect();
+        assert_eq!(keys[..4], ["counter_volume", "b", "c", "d"]);
+    }
+
+    #[test]
+    fn floats_are_correctly_rounded() {
+        // Shortest repr strings Python writes for awkward doubles; each must come back exact.
+        for f in [
+            0.1 + 0.2,
+            1.0 / 3.0,
+            2.2250738585072014e-308,
+            5e-324,
+            9007199254740993.0,
+            123456.789e3,
+            0.30000000000000004,
+            4.35,
+        ] {
+            let text = format!("{{\"payload\": [{{\"v\": {f:?}}}]}}");
+            let (_, samples) = decode_envelope(text.as_bytes()).unwrap();
+            assert_eq!(samples[0].get("v"), Some(&Value::Float(f)), "{text}");
+        }
+    }
+
+    #[test]
+    fn accepts_a_v1_message_and_a_single_map_payload() {
+        let body = br#"{"message_id": "x", "priority": "SAMPLE", "payload": [{"a": 1}, {"a": 2}]}"#;
+        let (id, samples) = decode_envelope(body).unwrap();
+        assert_eq!(id.as_deref(), Some("x"));
+        assert_eq!(samples.len(), 2);
+        let (id, samples) = decode_envelope(br#"{"payload": {"a": 1}}"#).unwrap();
+        assert_eq!(id, None);
+        assert_eq!(samples, vec![Value::Map(vec![(s("a"), Value::Int(1))])]);
+        let (_, samples) = decode_envelope(&envelope(r#"{"payload": []}"#)).unwrap();
+        assert!(samples.is_empty());
+    }
+
+    #[test]
+    fn malformed_bodies_say_what_is_wrong() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "unexpected end"),
+            (b"\xff\xfe", "not UTF-8"),
+            (b"[1, 2]", "JSON array, not an object"),
+            (b"{\"oslo.version\": \"2.0\"}", "without oslo.message"),
+            (
+                b"{\"oslo.version\": \"3.0\", \"oslo.message\": \"{}\"}",
+                "unsupported oslo.version",
+            ),
+            (
+                b"{\"oslo.version\": 2, \"oslo.message\": \"{}\"}",
+                "oslo.version is a JSON number",
+            ),
+            (
+                b"{\"oslo.version\": \"2.0\", \"oslo.message\": {}}",
+                "oslo.message is a JSON object",
+            ),
+            (
+                b"{\"oslo.version\": \"2.0\", \"oslo.message\": \"{\\\"payload\\\": [\"}",
+                "oslo.message is not JSON",
+            ),
+            (
+                b"{\"oslo.version\": \"2.0\", \"oslo.message\": \"[]\"}",
+                "notification is a JSON array",
+            ),
+            (b"{\"message_id\": \"m\"}", "without payload"),
+            (b"{\"payload\": \"x\"}", "payload is a JSON string"),
+            (b"{\"payload\": [{}, 3]}", "payload[1] is a JSON number"),
+            (b"{\"payload\": [{\"a\": 1}]} x", "extra data"),
+            (b"{\"payload\": [{\"a\": 01}]}", "expected ',' or '}'"),
+            (b"{\"payload\": [{\"a\": 1.}]}", "invalid number"),
+            (b"{\"payload\": [{\"a\": 1e}]}", "invalid number"),
+            (
+                b"{\"payload\": [{\"a\": 99999999999999999999}]}",
+                "out of the 64-bit range",
+            ),
+            (
+                b"{\"payload\": [{\"a\": -9999999999999999999}]}",
+                "out of the 64-bit range",
+            ),
+            (b"{\"payload\": [{\"a\": \"x\ty\"}]}", "control character"),
+            (b"{\"payload\": [{\"a\": \"\\x\"}]}", "invalid escape"),
+            (b"{\"payload\": [{\"a\": \"\\u12\"}]}", "invalid \\u escape"),
+            (b"{\"payload\": [{\"a\": \"abc}]}", "unterminated string"),
+            (b"{\"payload\": [{\"a\": tru}]}", "invalid literal"),
+            (b"{\"payload\": [{1: 2}]}", "expected a string key"),
+            (b"{\"payload\" [{}]}", "expected ':'"),
+        ];
+        for (body, want) in cases {
+            let err = decode_envelope(body).unwrap_err();
+            assert!(
+                err.contains(want),
+                "{:?}: got {err:?}, want {want:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let deep = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
+        let err = decode_envelope(format!("{{\"payload\": {deep}}}").as_bytes()).unwrap_err();
+        assert!(err.contains("nested deeper"), "{err}");
+    }
+
+    #[test]
+    fn surrogates_pair_up_and_lone_ones_are_replaced() {
+        let (_, v) = decode_envelope(
+            br#"{"payload": [{"a": "\ud83d\ude00", "b": "x\ud800y", "c": "\udc00\ud800\u0041"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(v[0].get("a"), Some(&s("😀")));
+        assert_eq!(v[0].get("b"), Some(&s("x\u{fffd}y")));
+        assert_eq!(v[0].get("c"), Some(&s("\u{fffd}\u{fffd}A")));
+    }
+
+    #[test]
+    fn transport_urls_read_like_oslo_messaging() {
+        let u = TransportUrl::parse("rabbit://guest:guest@127.0.0.1:5672/").unwrap();
+        assert_eq!(u.vhost, "/");
+        assert_eq!(
+            u.hosts,
+            vec![Host {
+                host: "127.0.0.1".into(),
+                port: 5672,
+                user: "guest".into(),
+                password: "guest".into()
+            }]
+        );
+        let u = TransportUrl::parse(
+            "rabbit://a:p%40ss@h1:5673,b:q@h2,c:r@[::1]:5674/open%2Fstack?heartbeat_timeout_threshold=5",
+        )
+        .unwrap();
+        assert_eq!(u.vhost, "open/stack");
+        assert_eq!(u.heartbeat, 5);
+        let hp: Vec<_> = u
+            .hosts
+            .iter()
+            .map(|h| {
+                (
+                    h.host.as_str(),
+                    h.port,
+                    h.user.as_str(),
+                    h.password.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            hp,
+            [
+                ("h1", 5673, "a", "p@ss"),
+                ("h2", 5672, "b", "q"),
+                ("::1", 5674, "c", "r")
+            ]
+        );
+        let u = TransportUrl::parse("rabbit://").unwrap();
+        assert_eq!(u.hosts[0].host, "localhost");
+        assert_eq!(u.hosts[0].user, "guest");
+        assert_eq!(u.vhost, "/");
+        assert_eq!(u.heartbeat, HEARTBEAT);
+        let u = TransportUrl::parse("kombu://h").unwrap();
+        assert_eq!((u.hosts[0].port, u.hosts[0].user.as_str()), (5672, ""));
+
+        for (bad, want) in [
+            ("127.0.0.1:5672", "expected rabbit://"),
+            ("amqp://h/", "unsupported scheme \"amqp\""),
+            ("kafka://h/", "unsupported scheme"),
+            ("rabbit://u:secret@h:port/", "bad port \"port\""),
+            ("rabbit://u:secret@h/?ssl=1", "TLS"),
+            ("rabbit://u:secret@[::1/", "unclosed"),
+            ("rabbit://u:secret@h/%zz", "percent-escape"),
+            (
+                "rabbit://u:secret@h/?heartbeat_timeout_threshold=-1",
+                "bad heartbeat",
+            ),
+        ] {
+            let err = TransportUrl::parse(bad).unwrap_err();
+            assert!(err.contains(want), "{bad}: {err}");
+            assert!(!err.contains("secret"), "password leaked: {err}");
+        }
+    }
+
+    #[test]
+    fn malformed_url_is_a_start_error() {
+        struct Nop;
+        impl Wake for Nop {
+            fn wake(&self) {}
+        }
+        let cfg = MessagingConfig {
+            transport_url: "amqp://h/".into(),
+            ..MessagingConfig::default()
+        };
+        let err = AmqpConsumer::start(&cfg, Arc::new(Nop)).err().unwrap();
+        assert!(err.contains("transport_url"), "{err}");
+    }
+
+    #[test]
+    fn frames_over_frame_max_are_refused_before_buffering() {
+        // A session needs a socket: a loopback connection is the cheapest.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let now = Instant::now();
+        let mut s = Session {
+            sock,
+            peer: "test".into(),
+            epoch: 1,
+            rbuf: Vec::new(),
+            wbuf: Vec::new(),
+            writable_interest: false,
+            established: true,
+            open: true,
+            frame_max: 4096,
+            heartbeat: None,
+            last_read: now,
+            last_write: now,
+            inbox: VecDeque::new(),
+            consumer_tag: None,
+            consuming_since: None,
+            cancel_sent: false,
+            partial: None,
+            delayed: VecDeque::new(),
+            wake_loop: false,
+        };
+        // A heartbeat and a body frame, then the start of a frame that claims 1 MiB.
+        s.rbuf.extend_from_slice(&[8, 0, 0, 0, 0, 0, 0, 0xCE]);
+        s.rbuf
+            .extend_from_slice(&[3, 0, 1, 0, 0, 0, 2, b'h', b'i', 0xCE]);
+        s.rbuf.extend_from_slice(&[3, 0, 1, 0, 16, 0, 0]);
+        let err = take_frames(&mut s).unwrap_err();
+        assert!(err.contains("exceeds frame_max 4096"), "{err}");
+        assert_eq!(s.inbox.len(), 2);
+        assert!(matches!(&s.inbox[1], AMQPFrame::Body(1, b) if b == b"hi"));
+        // Partial frames wait for more bytes.
+        s.rbuf.clear();
+        s.inbox.clear();
+        s.rbuf.extend_from_slice(&[3, 0, 1, 0, 0, 0, 2, b'h']);
+        take_frames(&mut s).unwrap();
+        assert!(s.inbox.is_empty());
+        s.rbuf.extend_from_slice(&[b'i', 0xCE]);
+        take_frames(&mut s).unwrap();
+        assert_eq!(s.inbox.len(), 1);
+        assert!(s.rbuf.is_empty());
+    }
+}
