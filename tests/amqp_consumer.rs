@@ -20,55 +20,9 @@ fn broker() -> String {
     std::env::var("COLLECTOR_TEST_AMQP").unwrap_or_else(|_| "127.0.0.1:5672".into())
 }
 
-/// The venv with ceilometer's publisher stack, built once (under a lock: tests run in
-/// parallel) in target/e2e-venv-amqp.
+/// The venv with ceilometer's publisher stack (shared with the other end-to-end tests).
 fn python() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e-venv-amqp");
-    let python = root.join("bin/python");
-    let stamp = root.join(".complete");
-    std::fs::create_dir_all(root.parent().unwrap()).expect("target dir");
-    let lock = std::fs::File::create(root.with_extension("lock")).expect("venv lock");
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a file we hold open; released when `lock` is dropped.
-    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-    if !stamp.exists() {
-        let run = |cmd: &mut Command| {
-            let out = cmd.output().expect("run python");
-            assert!(
-                out.status.success(),
-                "{cmd:?} failed:\n{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let _ = std::fs::remove_dir_all(&root);
-        run(Command::new("python3").args(["-m", "venv"]).arg(&root));
-        // --no-deps: the publisher needs these, not ceilometer's whole service stack.
-        run(Command::new(&python).args([
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "ceilometer==27.0.0",
-        ]));
-        run(Command::new(&python).args([
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "oslo.messaging",
-            "kombu",
-            "msgpack",
-            "oslo.config",
-            "oslo.log",
-            "oslo.utils",
-            "stevedore",
-        ]));
-        std::fs::write(&stamp, "ok").expect("stamp");
-    }
-    drop(lock);
-    python
+    collector_e2e::ceilometer_python()
 }
 
 fn script() -> PathBuf {

@@ -523,8 +523,10 @@ pub fn vectors() -> Vec<serde_json::Value> {
 
 // ------------------------------------------------------------------ ceilometer's publishers
 
-/// Python with PyPI's `ceilometer` (publishers only: msgpack and oslo.config/log/utils), in a
-/// venv built once per target dir and shared by every test process (under a file lock).
+/// Python with PyPI's `ceilometer` publishers: `ceilometer` itself without its service
+/// dependencies, plus what the udp/tcp publishers need (msgpack, oslo.config/log/utils) and
+/// what the notifier publisher needs (oslo.messaging, kombu). Built once per target dir and
+/// shared by every test process (under a file lock).
 pub fn ceilometer_python() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e-venv");
     let python = root.join("bin/python");
@@ -534,7 +536,10 @@ pub fn ceilometer_python() -> PathBuf {
     use std::os::fd::AsRawFd;
     // SAFETY: flock on a file we hold open; released when `lock` is dropped.
     unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-    if !stamp.exists() {
+    // The stamp names what was installed, so a changed list rebuilds the venv.
+    const WANT: &str =
+        "ceilometer==27.0.0 msgpack oslo.config oslo.log oslo.utils stevedore oslo.messaging kombu";
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(WANT) {
         let run = |cmd: &mut Command| {
             let out = cmd.output().expect("run python");
             assert!(
@@ -565,8 +570,10 @@ pub fn ceilometer_python() -> PathBuf {
             "oslo.log",
             "oslo.utils",
             "stevedore",
+            "oslo.messaging",
+            "kombu",
         ]));
-        std::fs::write(&stamp, "ok").expect("stamp");
+        std::fs::write(&stamp, WANT).expect("stamp");
     }
     drop(lock);
     python

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage::{FileDispatcher, Storage};
 
-/// Who is waiting for (part of) a batch: one RPC request, or an AMQP delivery.
+/// Who is waiting for (part of) a batch: one RPC request or notification, or an AMQP
+/// delivery.
 #[derive(Debug, Clone)]
 pub struct Ticket {
     /// Connection slot and its serial (slots are reused; serials are not).
@@ -23,6 +24,8 @@ pub struct Ticket {
     pub serial: u64,
     /// The request's msgid; `None` for a notification (nobody to answer).
     pub msgid: Option<u64>,
+    /// The AMQP delivery to ack or reject (then `conn` is unused).
+    pub amqp_tag: Option<u64>,
     /// Where this request's samples sit in `Batch::db`.
     pub range: Range<usize>,
     /// Samples of the request refused before storage (bad signature, timestamp, fields).

@@ -309,6 +309,8 @@ struct Heartbeat {
     connections: u64,
     #[serde(default)]
     last_error: Option<String>,
+    #[serde(default)]
+    amqp: Option<Json>,
 }
 
 fn parse_heartbeat(p: Option<&Vec<u8>>) -> Heartbeat {
@@ -377,6 +379,7 @@ impl Launcher {
                     "counters": hb.counters,
                     "connections": hb.connections,
                     "last_error": hb.last_error,
+                    "amqp": hb.amqp,
                     "rates": {"received_per_s": rr, "stored_per_s": sr},
                 })
             })

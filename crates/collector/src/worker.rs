@@ -6,6 +6,7 @@
 //! for the dispatchers. Storage runs on a writer thread (see [`crate::dispatch`]); the loop only
 //! decodes, verifies and moves bytes, so UDP keeps draining while SQLite commits.
 
+use crate::amqp::{self, AmqpConsumer};
 use crate::config::Config;
 use crate::counters::Counters;
 use crate::dispatch::{self, Batch, Completion, Ticket, TicketResult, Wake, Writer, WriterMsg};
@@ -175,6 +176,8 @@ pub struct Worker {
     writer_tx: Option<mpsc::Sender<WriterMsg>>,
     completions: mpsc::Receiver<Completion>,
     writer: Option<std::thread::JoinHandle<()>>,
+    amqp: Option<AmqpConsumer>,
+    log_amqp: Throttle,
     pub counters: Counters,
     link: Option<ChildLink>,
     signals: Option<std::os::unix::net::UnixStream>,
@@ -199,6 +202,8 @@ pub enum BootError {
     },
     #[error("cannot open file dispatcher {path}: {source}")]
     File { path: String, source: io::Error },
+    #[error("[messaging] transport_url: {0}")]
+    Amqp(String),
     #[error("worker setup failed: {0}")]
     Io(#[from] io::Error),
 }
@@ -253,6 +258,11 @@ impl Worker {
             storage,
             file: file_dispatcher,
             ttl_seconds: ttl,
+        };
+        let amqp = if cfg.messaging.transport_url.is_empty() {
+            None
+        } else {
+            Some(AmqpConsumer::start(&cfg.messaging, waker.clone()).map_err(BootError::Amqp)?)
         };
         let handle = std::thread::Builder::new()
             .name("writer".into())
@@ -325,6 +335,8 @@ impl Worker {
             writer_tx: Some(wtx),
             completions: crx,
             writer: Some(handle),
+            amqp,
+            log_amqp: Throttle::new(),
             counters: Counters::new(),
             link,
             signals: Some(sig_r),
@@ -395,7 +407,10 @@ impl Worker {
                     TCP_LISTENER => self.accept(ConnKind::CeiloTcp, false),
                     RPC_LISTENER => self.accept(ConnKind::Rpc, false),
                     UNIX_LISTENER => self.accept(ConnKind::Rpc, true),
-                    WAKER => self.drain_completions(),
+                    WAKER => {
+                        self.drain_completions();
+                        self.drain_amqp();
+                    }
                     SIGNALS => self.read_signals(),
                     LINK => self.read_link(),
                     Token(t) if t >= FIRST_CONN => {
@@ -412,6 +427,7 @@ impl Worker {
             }
             self.drain_completions();
             self.resume_paused();
+            self.drain_amqp();
             if let Some(l) = self.link.as_mut() {
                 if l.has_pending_output() {
                     let _ = l.flush();
@@ -423,10 +439,15 @@ impl Worker {
     }
 
     fn heartbeat(&mut self) {
+        let amqp = self.amqp.as_ref().map(|a| a.status());
+        if let Some(st) = &amqp {
+            self.counters.amqp_reconnects = st.reconnects;
+        }
         let Some(link) = self.link.as_mut() else {
             return;
         };
         let hb = serde_json::json!({
+            "amqp": amqp,
             "counters": &self.counters,
             "connections": self.open_conns,
             "pending_batch": self.batch.len(),
@@ -460,6 +481,7 @@ impl Worker {
             "pending_batch": self.batch.len(),
             "in_flight": self.in_flight,
             "last_error": self.last_error,
+            "amqp": self.amqp.as_ref().map(|a| a.status()),
             "counters": self.counters,
         })
     }
@@ -532,6 +554,10 @@ impl Worker {
         }
         log::info!("worker {} stopping: {why}", std::process::id());
         self.stopping = Some(Instant::now());
+        if let Some(a) = self.amqp.as_mut() {
+            // No new deliveries; those in flight are still committed and acked.
+            a.stop_consuming();
+        }
         let r = self.poll.registry();
         if let Some(mut s) = self.udp.take() {
             let _ = r.deregister(&mut s);
@@ -576,6 +602,10 @@ impl Worker {
             let _ = h.join();
         }
         self.drain_completions();
+        if let Some(a) = self.amqp.take() {
+            // Acks sent above go out first; unacked deliveries return to the queue.
+            a.shutdown();
+        }
         self.heartbeat();
         log::info!(
             "worker {} stopped: {} samples received, {} stored",
@@ -722,6 +752,16 @@ impl Worker {
                 }
             }
             for (k, t) in c.tickets.iter().enumerate() {
+                if let (Some(tag), Some(a)) = (t.amqp_tag, self.amqp.as_mut()) {
+                    match &c.result {
+                        // Committed (or refused on its merits): done with it.
+                        Ok(_) => a.ack(tag),
+                        // The broker keeps it for a retry (the consumer delays the reject).
+                        Err(_) if requeue => a.reject(tag, true),
+                        Err(_) => a.ack(tag),
+                    }
+                    continue;
+                }
                 let Some(msgid) = t.msgid else { continue };
                 let mut out = Vec::with_capacity(64);
                 match &c.result {
@@ -767,6 +807,71 @@ impl Worker {
             }
         }
         self.conn_writable(t.conn);
+    }
+
+    // ---------------------------------------------------------------- AMQP
+
+    /// Take deliveries from the consumer thread while there is room; each becomes a ticket
+    /// acked (or rejected for redelivery) when its batch completes.
+    fn drain_amqp(&mut self) {
+        while self.stopping.is_none() || self.amqp.as_ref().is_some_and(|a| a.status().consuming) {
+            if !self.can_accept() {
+                return;
+            }
+            let Some(d) = self.amqp.as_mut().and_then(|a| a.try_recv()) else {
+                return;
+            };
+            self.counters.amqp_deliveries += 1;
+            match amqp::decode_envelope(&d.body) {
+                Err(e) => {
+                    self.counters.amqp_malformed += 1;
+                    self.log_amqp.log(log::Level::Warn, || {
+                        format!(
+                            "amqp: malformed message (delivery {}): {e}; acked and dropped",
+                            d.tag & 0xffff_ffff_ffff
+                        )
+                    });
+                    if let Some(a) = self.amqp.as_mut() {
+                        a.ack(d.tag);
+                    }
+                }
+                Ok((message_id, samples)) => {
+                    let start = self.primary_len();
+                    let mut rejected = 0;
+                    for s in samples {
+                        let accepted = if matches!(s, Value::Map(_)) {
+                            self.ingest(s, "amqp")
+                        } else {
+                            self.counters.samples_received += 1;
+                            self.counters.samples_rejected += 1;
+                            false
+                        };
+                        rejected += usize::from(!accepted);
+                    }
+                    if rejected > 0 {
+                        let id = message_id.unwrap_or_else(|| "?".into());
+                        self.log_amqp.log(log::Level::Warn, || {
+                            format!("amqp: message {id}: {rejected} samples rejected")
+                        });
+                    }
+                    let end = self.primary_len();
+                    if self.batch.opened.is_none() {
+                        self.batch.opened = Some(Instant::now());
+                    }
+                    self.batch.tickets.push(Ticket {
+                        conn: usize::MAX,
+                        serial: 0,
+                        msgid: None,
+                        amqp_tag: Some(d.tag),
+                        range: start..end,
+                        rejected,
+                    });
+                    if self.batch.len() >= self.max_batch {
+                        self.maybe_flush(Instant::now());
+                    }
+                }
+            }
+        }
     }
 
     // ---------------------------------------------------------------- UDP
@@ -1142,6 +1247,7 @@ impl Worker {
             conn: i,
             serial,
             msgid,
+            amqp_tag: None,
             range: start..end,
             rejected,
         });

@@ -476,8 +476,14 @@ fn render_status(v: &Json) -> String {
                         .unwrap_or(0.0)
                 ),
                 num(w, "connections").to_string(),
+                amqp_state(w.get("amqp")),
                 w.get("last_error")
                     .and_then(Json::as_str)
+                    .or_else(|| {
+                        w.get("amqp")
+                            .and_then(|a| a.get("last_error"))
+                            .and_then(Json::as_str)
+                    })
                     .unwrap_or("-")
                     .to_string(),
             ]
@@ -496,11 +502,23 @@ fn render_status(v: &Json) -> String {
             "RECV/S",
             "STORED/S",
             "CONNS",
+            "AMQP",
             "LAST_ERROR",
         ],
         &rows,
     ));
     out
+}
+
+/// A worker's AMQP consumer in one word: `-` (not configured), `consuming`, `connected`
+/// (not consuming: stopping) or `down` (reconnecting; the error is in LAST_ERROR).
+fn amqp_state(a: Option<&Json>) -> String {
+    match a {
+        None | Some(Json::Null) => "-".into(),
+        Some(a) if a.get("consuming") == Some(&Json::Bool(true)) => "consuming".into(),
+        Some(a) if a.get("connected") == Some(&Json::Bool(true)) => "connected".into(),
+        Some(_) => "down".into(),
+    }
 }
 
 fn fmt_secs(s: f64) -> String {
