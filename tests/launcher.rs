@@ -408,3 +408,31 @@ fn privileges_are_dropped_after_binding_when_root() {
     let mut c = RpcClient::connect(d.rpc.unwrap()).unwrap();
     assert_eq!(c.call(vec![sample("as-nobody", SECRET)]).unwrap().stored, 1);
 }
+
+#[test]
+fn systemd_notifications_follow_the_lifecycle() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let mut setup = Setup::default().workers(2);
+    setup
+        .env
+        .push(("NOTIFY_SOCKET".into(), path.display().to_string()));
+    let mut d = Daemon::start(setup);
+    let mut next = || {
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert!(next().contains("READY=1"));
+    d.send_signal(libc::SIGHUP);
+    assert!(next().contains("RELOADING=1"));
+    assert!(
+        next().contains("READY=1"),
+        "READY=1 again once the new generation serves"
+    );
+    d.send_signal(libc::SIGTERM);
+    assert!(next().contains("STOPPING=1"));
+    assert_eq!(d.wait_exit(WAIT), Some(Some(0)));
+}

@@ -53,6 +53,8 @@ pub struct Setup {
     pub secret: String,
     /// The SQLite file, relative to the temp dir.
     pub db_file: String,
+    /// Extra environment for the daemon.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Setup {
@@ -65,6 +67,7 @@ impl Default for Setup {
             extra: String::new(),
             secret: SECRET.into(),
             db_file: "collector.db".into(),
+            env: Vec::new(),
         }
     }
 }
@@ -154,6 +157,7 @@ pub struct Daemon {
     pub rpc: Option<SocketAddr>,
     pub workers: usize,
     pub db_file: String,
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -189,6 +193,7 @@ impl Daemon {
             rpc: None,
             workers: setup.workers,
             db_file: setup.db_file.clone(),
+            env: setup.env.clone(),
         };
         d.spawn(&[]);
         d
@@ -203,6 +208,8 @@ impl Daemon {
             .args(extra_args)
             .current_dir(self.dir.path())
             .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(

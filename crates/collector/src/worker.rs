@@ -10,7 +10,7 @@ use crate::amqp::{self, AmqpConsumer};
 use crate::config::Config;
 use crate::counters::Counters;
 use crate::dispatch::{self, Batch, Completion, Ticket, TicketResult, Wake, Writer, WriterMsg};
-use crate::framing::{FrameError, LengthPrefixed, MsgpackScanner};
+use crate::framing::{LengthPrefixed, MsgpackScanner};
 use crate::rpc::{self, RpcMessage};
 use crate::sockets::Listeners;
 use meter::{Sample, Value};
@@ -1112,12 +1112,7 @@ impl Worker {
                 Ok(Some(r)) => r,
                 Ok(None) => return,
                 Err(e) => {
-                    self.protocol_error(
-                        i,
-                        None,
-                        &e.to_string(),
-                        matches!(e, FrameError::TooLarge { .. }),
-                    );
+                    self.protocol_error(i, None, &e.to_string());
                     return;
                 }
             };
@@ -1129,19 +1124,19 @@ impl Worker {
                     self.ingest(v, "tcp");
                 }
                 (ConnKind::CeiloTcp, Ok(_)) => {
-                    self.protocol_error(i, None, "frame is not a sample map", false);
+                    self.protocol_error(i, None, "frame is not a sample map");
                     return;
                 }
                 (ConnKind::Rpc, Ok(v)) => self.handle_rpc(i, v),
                 (_, Err(e)) => {
-                    self.protocol_error(i, None, &format!("undecodable frame: {e}"), false);
+                    self.protocol_error(i, None, &format!("undecodable frame: {e}"));
                     return;
                 }
             }
         }
     }
 
-    fn protocol_error(&mut self, i: usize, msgid: Option<u64>, reason: &str, _oversize: bool) {
+    fn protocol_error(&mut self, i: usize, msgid: Option<u64>, reason: &str) {
         let Some(c) = self.conns.get_mut(i).and_then(Option::as_mut) else {
             return;
         };
@@ -1185,12 +1180,7 @@ impl Worker {
         let msg = match rpc::parse_message(v) {
             Ok(m) => m,
             Err(e) => {
-                self.protocol_error(
-                    i,
-                    e.msgid,
-                    &format!("malformed RPC message: {}", e.reason),
-                    false,
-                );
+                self.protocol_error(i, e.msgid, &format!("malformed RPC message: {}", e.reason));
                 return;
             }
         };
