@@ -1,0 +1,18 @@
+//! `collector-load`: the benchmark's load generator and raw-limit probes.
+//!
+//! It produces realistic, signed, ceilometer-shaped samples whose `message_id` carries a
+//! sequence number ([`samples`]); sends them over UDP with `sendmmsg` ([`udp`]) or as pipelined
+//! MessagePack-RPC calls ([`rpc`]); watches the database for their commits to measure
+//! send→committed latency ([`watch`]); and measures what the machine can do without the
+//! collector: a `recvmmsg` loop into nothing ([`udp::raw_limit`]) and bare rusqlite inserts
+//! ([`raw_sqlite`]). Every mode prints one JSON line. `scripts/bench` drives it; docs/
+//! performance.md explains the figures.
+//!
+//! It is a measuring tool, not part of the daemon: nothing in the daemon depends on it.
+
+pub mod raw_sqlite;
+pub mod rpc;
+pub mod samples;
+pub mod stats;
+pub mod udp;
+pub mod watch;

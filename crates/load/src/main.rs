@@ -1,0 +1,312 @@
+//! `collector-load`: load generator and raw-limit probes for benchmarking the collector.
+//! Every mode prints one JSON object on one line on stdout; see docs/performance.md.
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use collector_load::samples::{self, Payloads};
+use collector_load::stats::{latency_summary, udp_rcvbuf_errors};
+use collector_load::{raw_sqlite, rpc, udp, watch};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "collector-load",
+    version,
+    about = "Load generator and raw-limit probes for the collector"
+)]
+struct Cli {
+    /// Secret the generated samples are signed with (the collector's telemetry_secret).
+    #[arg(long, global = true, default_value = "change this for valid signing")]
+    secret: String,
+    /// Read the samples from this file (written by `gen`) instead of generating them first.
+    #[arg(long, global = true, value_name = "FILE")]
+    samples: Option<PathBuf>,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Generate COUNT signed samples into a file, so timed runs need not sign.
+    Gen {
+        /// Samples to generate.
+        #[arg(long)]
+        count: usize,
+        /// File to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Send COUNT samples, one per datagram, with sendmmsg; flat out or paced at RATE/s.
+    Udp {
+        /// The collector's UDP address (udp_address:udp_port).
+        #[arg(long)]
+        to: SocketAddr,
+        /// Samples to send (sequence numbers 0..COUNT).
+        #[arg(long)]
+        count: usize,
+        /// Datagrams per second; flat out when absent.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Watch this SQLite file for the samples' commits: stored count, throughput, latency.
+        #[arg(long, value_name = "PATH")]
+        watch_db: Option<PathBuf>,
+        /// Poll interval of the watcher (latency resolution).
+        #[arg(long, default_value_t = 5)]
+        watch_interval_ms: u64,
+        /// After sending, stop watching once no new sample was committed for this long.
+        #[arg(long, default_value_t = 1500)]
+        settle_ms: u64,
+        /// Also write (seq, send time) pairs here, for `latency`.
+        #[arg(long, value_name = "FILE")]
+        sends_out: Option<PathBuf>,
+    },
+    /// Pipelined MessagePack-RPC record_metering_data calls of BATCH samples.
+    Rpc {
+        /// The collector's RPC address (rpc_address:rpc_port).
+        #[arg(long)]
+        to: SocketAddr,
+        /// Samples to send (sequence numbers 0..COUNT).
+        #[arg(long)]
+        count: usize,
+        /// Samples per request.
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        /// Requests in flight per connection.
+        #[arg(long, default_value_t = 8)]
+        depth: usize,
+        #[arg(long, default_value_t = 2)]
+        connections: usize,
+        /// Samples per second over all connections (default: as fast as acks come).
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// p50/p99 of recorded_at − send time from a collector's SQLite file and a `--sends-out` file.
+    Latency {
+        /// The collector's SQLite file.
+        #[arg(long, value_name = "PATH")]
+        db: PathBuf,
+        /// The file `udp --sends-out` wrote.
+        #[arg(long, value_name = "FILE")]
+        sends: PathBuf,
+    },
+    /// The raw UDP limit: a recvmmsg loop into nothing while a thread sends COUNT datagrams.
+    RawUdp {
+        /// Port to bind on 127.0.0.1 (0: any free one).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Datagrams to send.
+        #[arg(long)]
+        count: usize,
+        /// Datagrams per receive call; 1 uses recv(2) like a one-at-a-time loop.
+        #[arg(long, default_value_t = udp::BATCH)]
+        batch: usize,
+    },
+    /// The raw SQLite limit: bare rusqlite inserts of the same rows, 1000 per transaction.
+    RawSqlite {
+        /// Rows to insert.
+        #[arg(long)]
+        count: usize,
+        /// Database file to create (replaced if it exists).
+        #[arg(long, value_name = "PATH", default_value = "raw-sqlite.db")]
+        db: PathBuf,
+        /// Rows per transaction.
+        #[arg(long, default_value_t = 1000)]
+        per_tx: usize,
+        /// Add the indexes the collector's sample table has.
+        #[arg(long)]
+        indexed: bool,
+    },
+}
+
+fn round(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(v) => println!("{v}"),
+        Err(e) => {
+            eprintln!("collector-load: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<serde_json::Value> {
+    let payloads = |count: usize| samples::obtain(cli.samples.as_deref(), count, &cli.secret);
+    Ok(match cli.mode {
+        Mode::Gen { count, out } => {
+            let started = std::time::Instant::now();
+            let p = Payloads::generate(count, &cli.secret);
+            p.save(&out)?;
+            json!({
+                "mode": "gen",
+                "count": p.len(),
+                "bytes": p.total_bytes(),
+                "mean_sample_bytes": p.total_bytes() / p.len().max(1),
+                "seconds": started.elapsed().as_secs_f64(),
+            })
+        }
+        Mode::Udp {
+            to,
+            count,
+            rate,
+            watch_db,
+            watch_interval_ms,
+            settle_ms,
+            sends_out,
+        } => {
+            let p = payloads(count)?;
+            let sock = udp::connect(to)?;
+            let progress = Arc::new(watch::Progress::default());
+            let watcher = watch_db.as_ref().map(|db| {
+                watch::spawn(
+                    watch::WatchOptions {
+                        db: db.clone(),
+                        interval: Duration::from_millis(watch_interval_ms),
+                        settle: Duration::from_millis(settle_ms),
+                        limit: Duration::from_secs(60),
+                    },
+                    count,
+                    progress.clone(),
+                )
+            });
+            let rcvbuf_before = udp_rcvbuf_errors();
+            let sent = udp::send(&sock, &p, count, rate, &progress);
+            let send_s = (sent.last_ns - sent.first_ns) as f64 / 1e9;
+            let mut out = json!({
+                "mode": "udp",
+                "to": to.to_string(),
+                "sent": sent.sent,
+                "send_failed": sent.failed,
+                "send_s": send_s,
+                "send_per_s": round(sent.sent as f64 / send_s.max(1e-9)),
+                "rate_asked": rate,
+                "mean_sample_bytes": p.total_bytes() / p.len().max(1),
+            });
+            if let Some(path) = &sends_out {
+                watch::save_sends(path, &sent.send_ns)?;
+            }
+            if let (Some(w), Some(db)) = (watcher, watch_db.as_ref()) {
+                let obs = match w.join() {
+                    Ok(r) => r?,
+                    Err(_) => bail!("watcher thread panicked"),
+                };
+                let rcvbuf_after = udp_rcvbuf_errors();
+                let committed: Vec<i64> = obs
+                    .seen_at
+                    .iter()
+                    .zip(&sent.send_ns)
+                    .filter(|(seen, sent)| **seen > 0 && **sent > 0)
+                    .map(|(seen, sent)| seen - sent)
+                    .collect();
+                let duration = (obs.last_new_ns - sent.first_ns) as f64 / 1e9;
+                let recorded = watch::recorded_latencies(db, &sent.send_ns)?;
+                out["stored"] = json!(obs.stored);
+                out["lost"] = json!(sent.sent.saturating_sub(obs.stored));
+                out["foreign_rows"] = json!(obs.foreign);
+                out["duration_s"] = json!(duration);
+                out["stored_per_s"] = json!(round(obs.stored as f64 / duration.max(1e-9)));
+                out["rcvbuf_errors"] = json!(match (rcvbuf_before, rcvbuf_after) {
+                    (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+                    _ => None,
+                });
+                out["latency_ms"] = latency_summary(committed);
+                out["latency_basis"] = json!(format!(
+                    "send to first poll that saw the row committed (poll every {watch_interval_ms} ms)"
+                ));
+                out["recorded_at_latency_ms"] = latency_summary(recorded);
+            }
+            out
+        }
+        Mode::Rpc {
+            to,
+            count,
+            batch,
+            depth,
+            connections,
+            rate,
+        } => {
+            let p = payloads(count)?;
+            let o = rpc::RpcOptions {
+                to,
+                count,
+                batch,
+                depth,
+                connections,
+                rate,
+            };
+            let r = rpc::run(&p, &o)?;
+            let sum = |f: fn(&rpc::Ack) -> u64| r.acks.iter().map(f).sum::<u64>();
+            let stored = sum(|a| a.stored);
+            let secs = r.elapsed.as_secs_f64();
+            json!({
+                "mode": "rpc",
+                "to": to.to_string(),
+                "batch": batch,
+                "depth": depth,
+                "connections": connections,
+                "rate_asked": rate,
+                "requests": r.requests,
+                "samples": r.samples,
+                "acked_requests": r.acks.len(),
+                "error_answers": r.acks.iter().filter(|a| a.error).count(),
+                "stored": stored,
+                "duplicates": sum(|a| a.duplicates),
+                "rejected": sum(|a| a.rejected),
+                "duration_s": secs,
+                "stored_per_s": round(stored as f64 / secs.max(1e-9)),
+                "latency_ms": latency_summary(r.latency_ns),
+                "latency_basis": "send of a request to its answer, which the collector sends after commit",
+                "errors": r.errors,
+            })
+        }
+        Mode::Latency { db, sends } => {
+            let table = watch::load_sends(&sends)?;
+            let lat = watch::recorded_latencies(&db, &table)?;
+            json!({
+                "mode": "latency",
+                "latency_ms": latency_summary(lat),
+                "latency_basis": "recorded_at (stamped as the driver starts writing the batch) minus send time",
+            })
+        }
+        Mode::RawUdp { port, count, batch } => {
+            let p = payloads(count)?;
+            let r = udp::raw_limit(port, &p, count, batch)?;
+            let secs = (r.last_recv_ns - r.first_send_ns) as f64 / 1e9;
+            json!({
+                "mode": "raw-udp",
+                "recv_batch": batch,
+                "sent": r.sent,
+                "received": r.received,
+                "lost": r.sent.saturating_sub(r.received),
+                "bytes": r.bytes,
+                "send_s": r.send_s,
+                "duration_s": secs,
+                "recv_per_s": round(r.received as f64 / secs.max(1e-9)),
+            })
+        }
+        Mode::RawSqlite {
+            count,
+            db,
+            per_tx,
+            indexed,
+        } => {
+            let p = payloads(count)?;
+            let r = raw_sqlite::run(&db, &p, count, per_tx, indexed)?;
+            json!({
+                "mode": "raw-sqlite",
+                "indexed": indexed,
+                "rows": r.rows,
+                "per_tx": per_tx,
+                "seconds": r.seconds,
+                "insert_per_s": round(r.rows as f64 / r.seconds.max(1e-9)),
+            })
+        }
+    })
+}
