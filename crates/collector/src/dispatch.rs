@@ -65,6 +65,8 @@ pub struct TicketResult {
 /// What the writer says about one batch.
 pub struct Completion {
     pub id: u64,
+    /// How many of the loop's batches this commit covered (the writer merges queued ones).
+    pub batches: usize,
     pub tickets: Vec<Ticket>,
     /// `Ok` with one result per ticket, or the dispatcher error text.
     pub result: Result<Vec<TicketResult>, String>,
@@ -106,6 +108,9 @@ pub struct Writer {
     pub ttl_seconds: Option<u64>,
 }
 
+/// At most this many queued batches are merged into one transaction.
+const MERGE_MAX: usize = 8;
+
 /// How often the database dispatcher expires old samples when `metering_time_to_live` > 0.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(600);
 
@@ -114,21 +119,25 @@ impl Writer {
     pub fn run(mut self, rx: Receiver<WriterMsg>, tx: Sender<Completion>, waker: Arc<dyn Wake>) {
         let mut next_expiry = Instant::now();
         while let Ok(msg) = rx.recv() {
-            match msg {
-                WriterMsg::Reopen => {
-                    if let Some(f) = self.file.as_mut() {
-                        if let Err(e) = f.reopen() {
-                            log::error!("file dispatcher: cannot reopen: {e}");
-                        }
-                    }
+            // Group commit: whatever queued behind the previous commit goes in this one.
+            let mut batches = Vec::new();
+            let mut next = Some(msg);
+            while let Some(msg) = next.take() {
+                match msg {
+                    WriterMsg::Reopen => self.reopen(),
+                    WriterMsg::Batch(b) => batches.push(b),
                 }
-                WriterMsg::Batch(batch) => {
-                    let c = self.write(batch);
-                    if tx.send(c).is_err() {
-                        return;
-                    }
-                    waker.wake();
+                if batches.len() < MERGE_MAX {
+                    next = rx.try_recv().ok();
                 }
+            }
+            if !batches.is_empty() {
+                let primary_is_db = self.storage.is_some();
+                let c = self.write(merge(batches, primary_is_db));
+                if tx.send(c).is_err() {
+                    return;
+                }
+                waker.wake();
             }
             if let (Some(ttl), Some(st)) = (self.ttl_seconds, self.storage.as_mut()) {
                 if Instant::now() >= next_expiry {
@@ -143,7 +152,15 @@ impl Writer {
         }
     }
 
-    fn write(&mut self, batch: Batch) -> Completion {
+    fn reopen(&mut self) {
+        if let Some(f) = self.file.as_mut() {
+            if let Err(e) = f.reopen() {
+                log::error!("file dispatcher: cannot reopen: {e}");
+            }
+        }
+    }
+
+    fn write(&mut self, (batch, merged): (Batch, usize)) -> Completion {
         let started = Instant::now();
         let mut counts = BatchCounts {
             samples: batch.db.len(),
@@ -196,6 +213,7 @@ impl Writer {
         }
         Completion {
             id: batch.id,
+            batches: merged,
             tickets: batch.tickets,
             result: match error {
                 Some(e) => Err(e),
@@ -205,6 +223,30 @@ impl Writer {
             latency: started.elapsed(),
         }
     }
+}
+
+/// Concatenate batches into one, shifting each ticket's range (into `db`, or into `file` when
+/// the file dispatcher runs alone); returns it and how many went in.
+fn merge(batches: Vec<Batch>, primary_is_db: bool) -> (Batch, usize) {
+    let n = batches.len();
+    let mut it = batches.into_iter();
+    let Some(mut all) = it.next() else {
+        return (Batch::default(), 0);
+    };
+    for mut b in it {
+        let shift = if primary_is_db {
+            all.db.len()
+        } else {
+            all.file.len()
+        };
+        for t in &mut b.tickets {
+            t.range = t.range.start + shift..t.range.end + shift;
+        }
+        all.db.append(&mut b.db);
+        all.file.append(&mut b.file);
+        all.tickets.append(&mut b.tickets);
+    }
+    (all, n)
 }
 
 /// Split the batch's outcome over the requests that contributed to it.
@@ -237,5 +279,69 @@ pub fn count_completion(c: &Completion, counters: &mut Counters) {
             counters.samples_rejected += c.counts.rejected as u64;
         }
         Err(_) => counters.dispatch_errors += 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ticket(range: Range<usize>) -> Ticket {
+        Ticket {
+            conn: 0,
+            serial: 0,
+            msgid: Some(1),
+            amqp_tag: None,
+            range,
+            rejected: 0,
+        }
+    }
+
+    #[test]
+    fn merged_batches_keep_each_ticket_on_its_own_samples() {
+        let a = Batch {
+            id: 1,
+            tickets: vec![ticket(0..0), ticket(0..0)],
+            ..Default::default()
+        };
+        let b = Batch {
+            id: 2,
+            tickets: vec![ticket(0..0)],
+            ..Default::default()
+        };
+        // No samples: ranges stay empty wherever they land.
+        let (m, n) = merge(vec![a, b], true);
+        assert_eq!(n, 2);
+        assert_eq!(m.tickets.len(), 3);
+        assert!(m.tickets.iter().all(|t| t.range.is_empty()));
+    }
+
+    #[test]
+    fn attribution_splits_duplicates_and_rejects_per_ticket() {
+        let tickets = vec![ticket(0..3), ticket(3..5)];
+        let mut results = vec![TicketResult::default(); 2];
+        let out = storage::RecordOutcome {
+            stored: 2,
+            duplicates: 2,
+            duplicate_indices: vec![1, 3],
+            rejected: vec![(4, "bad".into())],
+        };
+        attribute(&tickets, &mut results, &out);
+        assert_eq!(
+            results[0],
+            TicketResult {
+                stored: 2,
+                duplicates: 1,
+                rejected: 0
+            }
+        );
+        assert_eq!(
+            results[1],
+            TicketResult {
+                stored: 0,
+                duplicates: 1,
+                rejected: 1
+            }
+        );
     }
 }

@@ -33,9 +33,12 @@ const WAKER: Token = Token(5);
 const SIGNALS: Token = Token(6);
 const FIRST_CONN: usize = 16;
 
-/// Batches handed to the writer and not yet completed. Two keeps the writer busy while the
-/// loop fills the next one, and bounds memory when storage is slow.
-const MAX_IN_FLIGHT: usize = 2;
+/// Batches handed to the writer and not yet completed. More than one keeps the writer busy
+/// while the loop fills the next; the writer commits the ones that queued up behind a slow
+/// commit together (group commit), so under load transactions grow and the per-commit cost
+/// of SQLite's indexes is shared. With the pending batch's cap this bounds a worker's memory
+/// to about (MAX_IN_FLIGHT + 2) × batch_size samples when storage is slower than the input.
+const MAX_IN_FLIGHT: usize = 4;
 /// Read no more from a connection whose unsent replies exceed this.
 const MAX_WRITE_BUFFER: usize = 1 << 20;
 /// Read no more from a connection with this many unanswered requests.
@@ -620,7 +623,15 @@ impl Worker {
     /// Room for more samples? When the writer is behind, sources stop reading and the kernel's
     /// buffers (and TCP flow control) hold the rest.
     fn can_accept(&self) -> bool {
-        self.batch.len() < self.max_batch * 4 || self.in_flight < MAX_IN_FLIGHT
+        self.batch.len() < self.max_batch * 2
+    }
+
+    /// A full batch goes to the writer at once (if it has room), from inside read loops too:
+    /// otherwise one readiness event could drain a flood into a single unbounded batch.
+    fn flush_if_full(&mut self) {
+        if self.batch.len() >= self.max_batch {
+            self.maybe_flush(Instant::now());
+        }
     }
 
     /// One decoded sample map from any source: verify, check, batch. Returns whether it was
@@ -729,7 +740,7 @@ impl Worker {
 
     fn drain_completions(&mut self) {
         while let Ok(c) = self.completions.try_recv() {
-            self.in_flight = self.in_flight.saturating_sub(1);
+            self.in_flight = self.in_flight.saturating_sub(c.batches);
             dispatch::count_completion(&c, &mut self.counters);
             let requeue = self.cfg.collector.requeue_sample_on_dispatcher_error;
             match &c.result {
@@ -866,9 +877,7 @@ impl Worker {
                         range: start..end,
                         rejected,
                     });
-                    if self.batch.len() >= self.max_batch {
-                        self.maybe_flush(Instant::now());
-                    }
+                    self.flush_if_full();
                 }
             }
         }
@@ -892,6 +901,7 @@ impl Worker {
                     match meter::decode::decode_value(&buf[..n]) {
                         Ok(v) if matches!(v, Value::Map(_)) => {
                             self.ingest(v, "udp");
+                            self.flush_if_full();
                         }
                         Ok(_) => {
                             self.counters.udp_malformed += 1;
@@ -1122,6 +1132,7 @@ impl Worker {
             match (kind, decoded) {
                 (ConnKind::CeiloTcp, Ok(v @ Value::Map(_))) => {
                     self.ingest(v, "tcp");
+                    self.flush_if_full();
                 }
                 (ConnKind::CeiloTcp, Ok(_)) => {
                     self.protocol_error(i, None, "frame is not a sample map");
@@ -1241,9 +1252,7 @@ impl Worker {
             range: start..end,
             rejected,
         });
-        if self.batch.len() >= self.max_batch {
-            self.maybe_flush(Instant::now());
-        }
+        self.flush_if_full();
     }
 
     fn queue_reply(&mut self, i: usize, msgid: u64, bytes: Option<Vec<u8>>) {
