@@ -4,8 +4,9 @@
 //!
 //! - **Storage drivers** behind the [`Storage`] trait, chosen once at start-up by the URL scheme
 //!   of `[database] connection` through [`open`] (the role stevedore's `DriverManager` plays in
-//!   ceilometer). Today the registry holds the embedded SQLite driver ([`sqlite`]); server
-//!   databases are added as one module plus one line in [`registry`].
+//!   ceilometer): the embedded SQLite driver ([`sqlite`]) and the server drivers for
+//!   PostgreSQL ([`postgres`]) and MySQL/MariaDB ([`mysql`]), which share [`server`]. A new
+//!   driver is one module plus one line in [`registry`].
 //! - The **file dispatcher** ([`FileDispatcher`]): one JSON line per sample in a size-rotated
 //!   file, like ceilometer's `file` dispatcher.
 //!
@@ -17,7 +18,10 @@ pub mod error;
 pub mod file;
 pub mod json;
 pub mod model;
+pub mod mysql;
+pub mod postgres;
 pub mod registry;
+pub mod server;
 pub mod sqlite;
 pub mod url;
 

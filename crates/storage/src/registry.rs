@@ -2,11 +2,11 @@
 //!
 //! Adding a driver is one module plus one entry in [`DRIVERS`]. A scheme appears in
 //! [`known_schemes`] (and so in the "unknown scheme" error) only once its driver is compiled
-//! in: ceilometer's `postgresql`, `postgresql+psycopg2`, `mysql`, `mysql+pymysql` and `mariadb`
-//! are reserved for the server drivers and rejected until those exist.
+//! in. The server schemes are ceilometer's (`postgresql+psycopg2`, `mysql+pymysql`), so a
+//! `ceilometer.conf` connection string works unchanged.
 
 use crate::url::StorageUrl;
-use crate::{sqlite, Storage, StorageError, StorageOptions};
+use crate::{mysql, postgres, sqlite, Storage, StorageError, StorageOptions};
 use std::sync::OnceLock;
 
 /// Opens a driver from a parsed URL.
@@ -25,8 +25,14 @@ pub const DRIVERS: &[Driver] = &[
         schemes: &["sqlite"],
         open: sqlite::open_boxed,
     },
-    // Driver { schemes: &["postgresql", "postgresql+psycopg2"], open: postgres::open_boxed },
-    // Driver { schemes: &["mysql", "mysql+pymysql", "mariadb"], open: mysql::open_boxed },
+    Driver {
+        schemes: &["postgresql", "postgresql+psycopg2"],
+        open: postgres::open_boxed,
+    },
+    Driver {
+        schemes: &["mysql", "mysql+pymysql", "mariadb"],
+        open: mysql::open_boxed,
+    },
 ];
 
 /// Every scheme [`open`] accepts, in registry order.
@@ -63,7 +69,17 @@ mod tests {
 
     #[test]
     fn only_implemented_schemes_are_known() {
-        assert_eq!(known_schemes(), &["sqlite"]);
+        assert_eq!(
+            known_schemes(),
+            &[
+                "sqlite",
+                "postgresql",
+                "postgresql+psycopg2",
+                "mysql",
+                "mysql+pymysql",
+                "mariadb"
+            ]
+        );
     }
 
     #[test]
@@ -73,14 +89,14 @@ mod tests {
             .expect("mongodb must be refused");
         assert_eq!(
             err.to_string(),
-            "unknown storage scheme \"mongodb\"; known: sqlite"
+            "unknown storage scheme \"mongodb\"; known: sqlite, postgresql, \
+             postgresql+psycopg2, mysql, mysql+pymysql, mariadb"
         );
-        // Reserved for later drivers, but refused until they exist.
-        let err = open("mysql+pymysql://u:pw@db/c", &StorageOptions::default())
+        // A server URL is parsed at open: a bad one is refused before any connection.
+        let err = open("mysql+pymysql://u:pw@db:port/c", &StorageOptions::default())
             .err()
-            .expect("mysql is not implemented yet");
-        assert!(
-            matches!(err, StorageError::UnknownScheme { ref scheme, .. } if scheme == "mysql+pymysql")
-        );
+            .expect("bad port");
+        assert!(matches!(err, StorageError::BadUrl { .. }), "{err}");
+        assert!(!err.to_string().contains("pw@"), "{err}");
     }
 }

@@ -1,0 +1,738 @@
+//! The MySQL/MariaDB driver (`mysql://`, `mysql+pymysql://`, `mariadb://`), on the `mysql`
+//! crate built without TLS and with the pure-Rust deflate backend (no OpenSSL, no C zlib).
+//!
+//! Same logical model as the SQLite driver, with `DATETIME(6)` timestamps (UTC), a `JSON`
+//! metadata column, the flattened `metadata` table for filters, and binary no-pad collations
+//! so text compares exactly. The session runs at READ COMMITTED (no gap locks between
+//! concurrent writers; each statement sees what others committed).
+//!
+//! A batch is one transaction: the cache-epoch row read `LOCK IN SHARE MODE`, then the rows in
+//! multi-row `INSERT`s of 512, 256, … rows (a fixed set of statement sizes stays in the
+//! prepared-statement cache). Duplicates are found exactly: repeats within the batch before
+//! any SQL; a chunk that hits an existing `message_id` fails as a whole (error 1062, nothing
+//! of it stored), so the ids of that chunk already in the table are looked up (now committed:
+//! InnoDB made our insert wait for their writer), set aside as duplicates, and the rest goes
+//! in again. Plain `INSERT` rather than `INSERT IGNORE`, which would also turn a truncated or
+//! invalid value into a warning and a silently skipped row. Nothing is looked up when there
+//! are no duplicates, the normal case.
+
+mod query;
+pub mod schema;
+
+use crate::json::{flatten, FlatValue};
+use crate::server::cache::{MeterCache, ResourceCache};
+use crate::server::{self, Link, Valid, CONFLICT_RETRIES};
+use crate::url::StorageUrl;
+use crate::{
+    MeterInfo, RecordOutcome, ResourceInfo, SampleFilter, Statistics, Storage, StorageError,
+    StorageOptions, StoredSample,
+};
+use ::mysql::prelude::Queryable;
+use ::mysql::{Opts, OptsBuilder, Params, Value as MyValue};
+use meter::Sample;
+use std::collections::HashSet;
+use std::sync::OnceLock;
+use std::time::Duration;
+use time::OffsetDateTime;
+
+type MyConn = ::mysql::Conn;
+
+/// Registry entry point.
+pub fn open_boxed(
+    url: &StorageUrl<'_>,
+    opts: &StorageOptions,
+) -> Result<Box<dyn Storage>, StorageError> {
+    Ok(Box::new(MysqlStorage::open(url, opts)?))
+}
+
+/// The MySQL/MariaDB [`Storage`] driver.
+pub struct MysqlStorage {
+    opts: Opts,
+    database: String,
+    link: Link<MyConn>,
+    meters: MeterCache,
+    resources: ResourceCache,
+    epoch: i64,
+    json_buf: Vec<u8>,
+}
+
+/// Why a write or read failed: the client's error, or one of ours.
+pub(crate) enum Fail {
+    My(::mysql::Error),
+    Storage(StorageError),
+}
+
+impl From<::mysql::Error> for Fail {
+    fn from(e: ::mysql::Error) -> Self {
+        Fail::My(e)
+    }
+}
+
+/// Longest text the indexed `VARCHAR(255)` columns hold (characters).
+const MAX_TEXT: usize = 255;
+
+/// Multi-row INSERT sizes, largest that fits first: any batch in at most ten statements.
+const CHUNK_SIZES: [usize; 10] = [512, 256, 128, 64, 32, 16, 8, 4, 2, 1];
+
+/// Expiry deletes in chunks of this many samples, each committed on its own.
+const EXPIRY_CHUNK: i64 = 10_000;
+
+fn insert_statement(remaining: usize) -> (usize, &'static str) {
+    static SQL: OnceLock<Vec<String>> = OnceLock::new();
+    let sql = SQL.get_or_init(|| {
+        CHUNK_SIZES
+            .iter()
+            .map(|&n| {
+                let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; n].join(", ");
+                format!(
+                    "INSERT INTO sample (meter_id, resource_id, volume, timestamp, recorded_at,
+                       message_id, message_signature) VALUES {values}"
+                )
+            })
+            .collect()
+    });
+    let i = CHUNK_SIZES
+        .iter()
+        .position(|&n| n <= remaining)
+        .unwrap_or(CHUNK_SIZES.len() - 1);
+    (CHUNK_SIZES[i], sql[i].as_str())
+}
+
+impl MysqlStorage {
+    /// Parse the URL and connect; as for PostgreSQL, an unreachable server is not an error
+    /// here (the driver starts disconnected), refused credentials or an unknown database are.
+    pub fn open(url: &StorageUrl<'_>, _opts: &StorageOptions) -> Result<Self, StorageError> {
+        let (opts, database, what) = opts_from_url(url)?;
+        let mut st = MysqlStorage {
+            opts,
+            database,
+            link: Link::new(what),
+            meters: MeterCache::default(),
+            resources: ResourceCache::default(),
+            epoch: i64::MIN,
+            json_buf: Vec::new(),
+        };
+        match connect(&st.opts, &st.database, &st.link.what) {
+            Ok(conn) => {
+                st.link.get(|| Ok(conn))?;
+            }
+            Err(e) if e.is_transient() => st.link.start_down(&e),
+            Err(e) => return Err(e),
+        }
+        Ok(st)
+    }
+
+    /// Whether a connection is open (tests).
+    pub fn is_connected(&self) -> bool {
+        self.link.is_connected()
+    }
+
+    fn clear_caches(&mut self) {
+        self.meters.clear();
+        self.resources.clear();
+        self.epoch = i64::MIN;
+    }
+
+    fn conn(&mut self) -> Result<&mut MyConn, StorageError> {
+        let (opts, db, what) = (&self.opts, &self.database, self.link.what.clone());
+        self.link.get(|| connect(opts, db, &what))
+    }
+
+    /// Map a failure; drop the connection when it is dead.
+    fn fail(&mut self, f: Fail) -> StorageError {
+        match f {
+            Fail::Storage(e) => e,
+            Fail::My(e) => {
+                let (err, broken) = classify(&self.link.what, &e);
+                if broken {
+                    self.link.lost(&err);
+                }
+                err
+            }
+        }
+    }
+
+    fn read<T>(
+        &mut self,
+        f: impl FnOnce(&mut MyConn) -> Result<T, Fail>,
+    ) -> Result<T, StorageError> {
+        let conn = self.conn()?;
+        f(conn).map_err(|e| self.fail(e))
+    }
+
+    fn expire(conn: &mut MyConn, cutoff: OffsetDateTime) -> Result<(u64, bool), Fail> {
+        let mut total = 0u64;
+        // Per meter through ix_sample_meter_timestamp (there is no index on timestamp alone),
+        // each chunk committed on its own.
+        let meters: Vec<i64> = conn.query("SELECT id FROM meter")?;
+        for m in meters {
+            loop {
+                conn.exec_drop(
+                    "DELETE FROM sample WHERE meter_id = ? AND timestamp < ? LIMIT ?",
+                    (m, date(cutoff), EXPIRY_CHUNK),
+                )?;
+                let n = conn.affected_rows();
+                total += n;
+                if (n as i64) < EXPIRY_CHUNK {
+                    break;
+                }
+            }
+        }
+        conn.query_drop("START TRANSACTION")?;
+        let result = (|| -> Result<bool, Fail> {
+            // Writers hold this row in share mode for their whole batch: this waits for them
+            // and queues new ones behind it, so no batch uses an id deleted here.
+            conn.query_drop("SELECT epoch FROM cache_epoch WHERE id = 1 FOR UPDATE")?;
+            const ORPHAN: &str =
+                "NOT EXISTS (SELECT 1 FROM sample s WHERE s.resource_id = resource.internal_id)";
+            conn.query_drop(format!(
+                "DELETE FROM metadata WHERE id IN (SELECT internal_id FROM resource WHERE {ORPHAN})"
+            ))?;
+            conn.query_drop(format!("DELETE FROM resource WHERE {ORPHAN}"))?;
+            let resources = conn.affected_rows();
+            conn.query_drop(
+                "DELETE FROM meter WHERE NOT EXISTS (SELECT 1 FROM sample s WHERE s.meter_id = meter.id)",
+            )?;
+            let meters = conn.affected_rows();
+            let bumped = resources + meters > 0;
+            if bumped {
+                conn.query_drop("UPDATE cache_epoch SET epoch = epoch + 1 WHERE id = 1")?;
+            }
+            conn.query_drop("COMMIT")?;
+            Ok(bumped)
+        })();
+        match result {
+            Ok(bumped) => Ok((total, bumped)),
+            Err(e) => {
+                let _ = conn.query_drop("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Storage for MysqlStorage {
+    fn record_metering_data(&mut self, batch: &[Sample]) -> Result<RecordOutcome, StorageError> {
+        let mut outcome = RecordOutcome::default();
+        let rows = server::prepare(batch, &mut outcome, check_fits);
+        if !rows.is_empty() {
+            let recorded_at = date(OffsetDateTime::now_utc());
+            let mut attempt = 0;
+            let dups = loop {
+                let (opts, db, what) = (&self.opts, &self.database, self.link.what.clone());
+                let conn = self.link.get(|| connect(opts, db, &what))?;
+                let mut caches = Caches {
+                    meters: &mut self.meters,
+                    resources: &mut self.resources,
+                    epoch: &mut self.epoch,
+                    json: &mut self.json_buf,
+                };
+                let result = match conn.query_drop("START TRANSACTION") {
+                    Ok(()) => {
+                        let r = write_batch(conn, &mut caches, &rows, &recorded_at);
+                        if r.is_err() {
+                            let _ = conn.query_drop("ROLLBACK");
+                        }
+                        r
+                    }
+                    Err(e) => Err(e.into()),
+                };
+                match result {
+                    Ok(dups) => break dups,
+                    Err(e) => {
+                        // Ids created by the rolled-back transaction may sit in the caches.
+                        self.clear_caches();
+                        let conflict =
+                            matches!(&e, Fail::My(::mysql::Error::MySqlError(m)) if m.code == 1213);
+                        let err = self.fail(e);
+                        if conflict && attempt < CONFLICT_RETRIES && self.link.is_connected() {
+                            attempt += 1;
+                            log::debug!("{}: retrying a batch after: {err}", self.link.what);
+                            continue;
+                        }
+                        return Err(err);
+                    }
+                }
+            };
+            outcome.stored = rows.len() - dups.len();
+            outcome.duplicate_indices.extend(dups);
+            outcome.duplicate_indices.sort_unstable();
+        }
+        outcome.duplicates = outcome.duplicate_indices.len();
+        Ok(outcome)
+    }
+
+    fn get_samples(&mut self, filter: &SampleFilter) -> Result<Vec<StoredSample>, StorageError> {
+        self.read(|c| query::samples(c, filter))
+    }
+
+    fn get_meters(&mut self, filter: &SampleFilter) -> Result<Vec<MeterInfo>, StorageError> {
+        self.read(|c| query::meters(c, filter))
+    }
+
+    fn get_resources(&mut self, filter: &SampleFilter) -> Result<Vec<ResourceInfo>, StorageError> {
+        self.read(|c| query::resources(c, filter))
+    }
+
+    fn get_meter_statistics(
+        &mut self,
+        filter: &SampleFilter,
+        period: Option<u64>,
+    ) -> Result<Vec<Statistics>, StorageError> {
+        self.read(|c| query::statistics(c, filter, period))
+    }
+
+    fn clear_expired_metering_data(&mut self, ttl_seconds: u64) -> Result<u64, StorageError> {
+        let ttl = time::Duration::seconds(i64::try_from(ttl_seconds).unwrap_or(i64::MAX / 2));
+        // DATETIME starts at year 1000: nothing is older than that.
+        let floor = time::macros::datetime!(1000-01-01 00:00:00 UTC);
+        let cutoff = OffsetDateTime::now_utc()
+            .checked_sub(ttl)
+            .map_or(floor, |c| c.max(floor));
+        let conn = self.conn()?;
+        match Self::expire(conn, cutoff) {
+            Ok((n, bumped)) => {
+                if bumped {
+                    self.clear_caches();
+                }
+                Ok(n)
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+}
+
+/// The driver's caches, borrowed for one batch.
+struct Caches<'a> {
+    meters: &'a mut MeterCache,
+    resources: &'a mut ResourceCache,
+    epoch: &'a mut i64,
+    json: &'a mut Vec<u8>,
+}
+
+/// A validated sample with its ids resolved.
+struct Row<'a> {
+    valid: &'a Valid<'a>,
+    meter_id: i64,
+    resource_id: i64,
+}
+
+/// Inside the open transaction: resolve ids, insert, commit; the batch indices that were
+/// already stored.
+fn write_batch(
+    conn: &mut MyConn,
+    caches: &mut Caches<'_>,
+    rows: &[Valid<'_>],
+    recorded_at: &MyValue,
+) -> Result<Vec<usize>, Fail> {
+    let epoch: Option<i64> =
+        conn.query_first("SELECT epoch FROM cache_epoch WHERE id = 1 LOCK IN SHARE MODE")?;
+    let epoch = epoch
+        .ok_or_else(|| Fail::Storage(StorageError::Database("cache_epoch has no row".into())))?;
+    if epoch != *caches.epoch {
+        caches.meters.clear();
+        caches.resources.clear();
+        *caches.epoch = epoch;
+    }
+    let mut resolved = Vec::with_capacity(rows.len());
+    for valid in rows {
+        resolved.push(Row {
+            valid,
+            meter_id: meter_id(conn, caches.meters, valid.sample)?,
+            resource_id: resource_id(conn, caches.resources, caches.json, valid.sample)?,
+        });
+    }
+    let dups = insert_rows(conn, &resolved, recorded_at)?;
+    conn.query_drop("COMMIT")?;
+    Ok(dups)
+}
+
+/// Insert in chunks; a chunk that collides with stored message_ids is retried without them.
+fn insert_rows(
+    conn: &mut MyConn,
+    rows: &[Row<'_>],
+    recorded_at: &MyValue,
+) -> Result<Vec<usize>, Fail> {
+    let mut pending: Vec<&Row<'_>> = rows.iter().collect();
+    let mut dups = Vec::new();
+    let mut pos = 0;
+    let mut collisions = 0;
+    while pos < pending.len() {
+        let (size, sql) = insert_statement(pending.len() - pos);
+        let chunk = &pending[pos..pos + size];
+        let mut params = Vec::with_capacity(size * 7);
+        for r in chunk {
+            let s = r.valid.sample;
+            params.extend([
+                MyValue::Int(r.meter_id),
+                MyValue::Int(r.resource_id),
+                MyValue::Double(s.counter_volume.as_f64()),
+                date(r.valid.timestamp),
+                recorded_at.clone(),
+                MyValue::from(s.message_id.as_str()),
+                s.message_signature
+                    .as_deref()
+                    .map_or(MyValue::NULL, MyValue::from),
+            ]);
+        }
+        match conn.exec_drop(sql, Params::Positional(params)) {
+            Ok(()) => pos += size,
+            Err(::mysql::Error::MySqlError(e)) if e.code == 1062 => {
+                // ER_DUP_ENTRY: the statement stored nothing. Which ids exist now?
+                collisions += 1;
+                if collisions > 1000 {
+                    return Err(Fail::Storage(StorageError::Unavailable(
+                        "mysql: duplicate-key collisions do not settle".into(),
+                    )));
+                }
+                let placeholders = vec!["?"; chunk.len()].join(", ");
+                let ids: Vec<MyValue> = chunk
+                    .iter()
+                    .map(|r| MyValue::from(r.valid.sample.message_id.as_str()))
+                    .collect();
+                let existing: HashSet<String> = conn
+                    .exec::<String, _, _>(
+                        format!(
+                            "SELECT message_id FROM sample WHERE message_id IN ({placeholders})"
+                        ),
+                        Params::Positional(ids),
+                    )?
+                    .into_iter()
+                    .collect();
+                let mut kept = Vec::with_capacity(pending.len());
+                for (i, r) in pending.iter().enumerate() {
+                    let in_chunk = i >= pos && i < pos + size;
+                    if in_chunk && existing.contains(&r.valid.sample.message_id) {
+                        dups.push(r.valid.index);
+                    } else {
+                        kept.push(*r);
+                    }
+                }
+                pending = kept;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(dups)
+}
+
+fn meter_id(conn: &mut MyConn, cache: &mut MeterCache, s: &Sample) -> Result<i64, Fail> {
+    if let Some(id) = cache.get(s) {
+        return Ok(id);
+    }
+    let key = (
+        s.counter_name.as_str(),
+        s.counter_type.as_str(),
+        s.counter_unit.as_str(),
+    );
+    const SELECT: &str = "SELECT id FROM meter WHERE name = ? AND type = ? AND unit = ?";
+    let id = match conn.exec_first::<i64, _, _>(SELECT, key)? {
+        Some(id) => id,
+        None => {
+            // A concurrent insert of the same row makes ours a no-op (0 rows affected); the
+            // second lookup (READ COMMITTED: a fresh view) finds theirs.
+            conn.exec_drop(
+                "INSERT INTO meter (name, type, unit) VALUES (?, ?, ?)
+                 ON DUPLICATE KEY UPDATE id = id",
+                key,
+            )?;
+            if conn.affected_rows() == 1 {
+                conn.last_insert_id() as i64
+            } else {
+                conn.exec_first::<i64, _, _>(SELECT, key)?.ok_or_else(|| {
+                    Fail::Storage(StorageError::Database("meter row vanished".into()))
+                })?
+            }
+        }
+    };
+    cache.insert(s, id);
+    Ok(id)
+}
+
+fn resource_id(
+    conn: &mut MyConn,
+    cache: &mut ResourceCache,
+    json: &mut Vec<u8>,
+    s: &Sample,
+) -> Result<i64, Fail> {
+    let fingerprint = ResourceCache::fingerprint(s);
+    if let Some(id) = cache.get(fingerprint, s) {
+        return Ok(id);
+    }
+    let metadata = server::canonical_json(&s.resource_metadata, json)
+        .map_err(|e| Fail::Storage(StorageError::Database(format!("metadata JSON: {e}"))))?;
+    let key = server::resource_key(s, metadata);
+    const SELECT: &str = "SELECT internal_id FROM resource WHERE resource_key = ?";
+    let id = match conn.exec_first::<i64, _, _>(SELECT, (&key,))? {
+        Some(id) => id,
+        None => {
+            conn.exec_drop(
+                "INSERT INTO resource (resource_key, resource_id, user_id, project_id, source_id,
+                                       resource_metadata)
+                 VALUES (?, ?, ?, ?, ?, ?)
+                 ON DUPLICATE KEY UPDATE internal_id = internal_id",
+                (
+                    &key,
+                    &s.resource_id,
+                    &s.user_id,
+                    &s.project_id,
+                    &s.source,
+                    metadata,
+                ),
+            )?;
+            if conn.affected_rows() == 1 {
+                let id = conn.last_insert_id() as i64;
+                insert_metadata(conn, id, s)?;
+                id
+            } else {
+                conn.exec_first::<i64, _, _>(SELECT, (&key,))?
+                    .ok_or_else(|| {
+                        Fail::Storage(StorageError::Database("resource row vanished".into()))
+                    })?
+            }
+        }
+    };
+    cache.insert(fingerprint, s, id);
+    Ok(id)
+}
+
+/// The flattened metadata rows of a new resource row, in one statement per 256 entries.
+fn insert_metadata(conn: &mut MyConn, id: i64, s: &Sample) -> Result<(), Fail> {
+    let flat = flatten(&s.resource_metadata);
+    for (c, chunk) in flat.chunks(256).enumerate() {
+        let mut params = Vec::with_capacity(chunk.len() * 5);
+        for (i, (k, v)) in chunk.iter().enumerate() {
+            let (text, num) = match v {
+                FlatValue::Text(t) => (MyValue::from(t.as_ref()), MyValue::NULL),
+                FlatValue::Int(i) => (MyValue::NULL, MyValue::Double(*i as f64)),
+                FlatValue::Real(f) => (MyValue::NULL, MyValue::Double(*f)),
+            };
+            params.extend([
+                MyValue::Int(id),
+                MyValue::Int((c * 256 + i) as i64),
+                MyValue::from(k.as_str()),
+                text,
+                num,
+            ]);
+        }
+        let values = vec!["(?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+        conn.exec_drop(
+            format!(
+                "INSERT INTO metadata (id, seq, meta_key, value_text, value_num) VALUES {values}"
+            ),
+            Params::Positional(params),
+        )?;
+    }
+    Ok(())
+}
+
+/// What the columns cannot hold is rejected per sample rather than failing the batch.
+fn check_fits(s: &Sample, ts: OffsetDateTime) -> Result<(), String> {
+    if ts.year() < 1000 {
+        return Err(format!(
+            "timestamp {} is before the year 1000, which MySQL DATETIME cannot store",
+            s.timestamp
+        ));
+    }
+    for (name, value) in [
+        ("message_id", Some(s.message_id.as_str())),
+        ("resource_id", Some(s.resource_id.as_str())),
+        ("user_id", s.user_id.as_deref()),
+        ("project_id", s.project_id.as_deref()),
+        ("source", Some(s.source.as_str())),
+        ("counter_name", Some(s.counter_name.as_str())),
+        ("counter_unit", Some(s.counter_unit.as_str())),
+    ] {
+        if value.is_some_and(|v| v.chars().count() > MAX_TEXT) {
+            return Err(format!("{name} longer than {MAX_TEXT} characters"));
+        }
+    }
+    Ok(())
+}
+
+/// An instant as a MySQL `DATETIME(6)` value (UTC).
+fn date(t: OffsetDateTime) -> MyValue {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    MyValue::Date(
+        t.year().clamp(0, 9999) as u16,
+        t.month() as u8,
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.microsecond(),
+    )
+}
+
+/// Sort the client's errors into [`StorageError`]s, and say whether the connection is dead.
+fn classify(what: &str, e: &::mysql::Error) -> (StorageError, bool) {
+    let text = format!("{what}: {e}");
+    match e {
+        ::mysql::Error::IoError(_)
+        | ::mysql::Error::CodecError(_)
+        | ::mysql::Error::DriverError(_) => (StorageError::Unavailable(text), true),
+        ::mysql::Error::MySqlError(m) => match m.code {
+            // Killed, server shutting down, idle timeout, network errors.
+            1927 | 1053 | 4031 | 1152..=1161 | 2006 | 2013 => {
+                (StorageError::Unavailable(text), true)
+            }
+            // Too many connections, lock wait timeout, deadlock, disk or table full, read-only,
+            // commit/rollback failed, interrupted or timed-out statements, a Galera node not
+            // ready.
+            1040 | 1205 | 1213 | 1021 | 1114 | 1290 | 1792 | 1836 | 1180 | 1181 | 1637 | 1317
+            | 1969 | 3024 | 1047 => (StorageError::Unavailable(text), false),
+            _ => (StorageError::Database(text), false),
+        },
+        _ => (StorageError::Database(text), false),
+    }
+}
+
+/// Connect, set up the session and migrate.
+fn connect(opts: &Opts, database: &str, what: &str) -> Result<MyConn, StorageError> {
+    let mut conn = MyConn::new(opts.clone()).map_err(|e| connect_error(what, &e))?;
+    match schema::migrate(&mut conn, database) {
+        Ok(()) => Ok(conn),
+        Err(Fail::Storage(e)) => Err(e),
+        Err(Fail::My(e)) => Err(connect_error(what, &e)),
+    }
+}
+
+/// At connect, refused credentials, an unknown database and missing privileges need an
+/// operator; anything else about reaching the server is transient.
+fn connect_error(what: &str, e: &::mysql::Error) -> StorageError {
+    let (err, _) = classify(what, e);
+    match e {
+        ::mysql::Error::MySqlError(m)
+            if matches!(m.code, 1044 | 1045 | 1049 | 1142 | 1227 | 1698) =>
+        {
+            StorageError::Database(err.to_string())
+        }
+        _ => err,
+    }
+}
+
+/// Build the client options from the URL: (options, database, printable name).
+fn opts_from_url(url: &StorageUrl<'_>) -> Result<(Opts, String, String), StorageError> {
+    let u = server::ServerUrl::parse(url)?;
+    let host = u.host.clone().unwrap_or_else(|| "localhost".to_string());
+    let port = u.port.unwrap_or(3306);
+    let mut b = OptsBuilder::new()
+        .ip_or_hostname(Some(host.clone()))
+        .tcp_port(port)
+        .user(u.user.clone())
+        .pass(u.password.clone())
+        .db_name(Some(u.database.clone()))
+        // Connect where the URL says, not to a local socket found behind 127.0.0.1.
+        .prefer_socket(false)
+        .tcp_connect_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive_time_ms(Some(30_000))
+        .tcp_keepalive_probe_interval_secs(Some(10))
+        .tcp_keepalive_probe_count(Some(3))
+        .tcp_user_timeout_ms(Some(60_000))
+        .stmt_cache_size(64)
+        .init(vec![
+            "SET NAMES utf8mb4",
+            "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'",
+            "SET SESSION time_zone = '+00:00'",
+        ]);
+    let no_tls = |name: &'static str, v: &str| StorageError::InvalidOption {
+        name,
+        value: v.to_string(),
+        reason: "this build has no TLS support: leave TLS off, or reach the server through a \
+                 local TLS tunnel"
+            .into(),
+    };
+    for (k, v) in &u.params {
+        match k.as_str() {
+            "charset" => match v.to_ascii_lowercase().as_str() {
+                "utf8" | "utf8mb4" | "utf8mb3" => {
+                    log::info!("mysql: charset={v}: the connection always uses utf8mb4")
+                }
+                _ => {
+                    return Err(StorageError::InvalidOption {
+                        name: "charset",
+                        value: v.clone(),
+                        reason: "only utf8/utf8mb4 is supported".into(),
+                    })
+                }
+            },
+            "connect_timeout" => {
+                b = b.tcp_connect_timeout(Some(server::seconds_param("connect_timeout", v)?));
+            }
+            "read_timeout" => {
+                b = b.read_timeout(Some(server::seconds_param("read_timeout", v)?));
+            }
+            "write_timeout" => {
+                b = b.write_timeout(Some(server::seconds_param("write_timeout", v)?));
+            }
+            "unix_socket" => {
+                b = b.socket(Some(v.clone()));
+            }
+            "ssl_mode" => match v.to_ascii_uppercase().as_str() {
+                "DISABLED" | "PREFERRED" => {}
+                "REQUIRED" | "VERIFY_CA" | "VERIFY_IDENTITY" => return Err(no_tls("ssl_mode", v)),
+                _ => {
+                    return Err(StorageError::InvalidOption {
+                        name: "ssl_mode",
+                        value: v.clone(),
+                        reason:
+                            "expected DISABLED, PREFERRED, REQUIRED, VERIFY_CA or VERIFY_IDENTITY"
+                                .into(),
+                    })
+                }
+            },
+            "ssl" | "ssl_ca" | "ssl_cert" | "ssl_key" | "ssl_capath" | "ssl_cipher" => {
+                return Err(no_tls("ssl", v))
+            }
+            _ => server::ignore_param("mysql", k, v),
+        }
+    }
+    let who = u.user.clone().unwrap_or_default();
+    let what = format!("{}://{who}@{host}:{port}/{}", url.scheme, u.database);
+    Ok((Opts::from(b), u.database, what))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(url: &str) -> Result<(Opts, String, String), StorageError> {
+        opts_from_url(&StorageUrl::parse(url)?)
+    }
+
+    #[test]
+    fn ceilometer_urls_work_unchanged() {
+        let (o, db, what) =
+            parse("mysql+pymysql://ceilo:pw@db.example/ceilometer?charset=utf8").unwrap();
+        assert_eq!(db, "ceilometer");
+        assert_eq!(what, "mysql+pymysql://ceilo@db.example:3306/ceilometer");
+        assert_eq!(o.get_pass(), Some("pw"));
+        assert_eq!(o.get_tcp_port(), 3306);
+        let (o, _, _) = parse("mariadb://u@h:3307/c?connect_timeout=2&plugin=x").unwrap();
+        assert_eq!(o.get_tcp_connect_timeout(), Some(Duration::from_secs(2)));
+        for (bad, name) in [
+            ("mysql://u@h/c?connect_timeout=x", "connect_timeout"),
+            ("mysql://u@h/c?ssl_mode=REQUIRED", "ssl_mode"),
+            ("mysql://u@h/c?ssl_mode=bogus", "ssl_mode"),
+            ("mysql://u@h/c?charset=latin1", "charset"),
+        ] {
+            match parse(bad) {
+                Err(StorageError::InvalidOption { name: n, .. }) => assert_eq!(n, name, "{bad}"),
+                other => panic!("{bad}: {:?}", other.map(|(_, _, w)| w)),
+            }
+        }
+    }
+
+    #[test]
+    fn chunks_cover_any_batch() {
+        for n in [1usize, 7, 512, 1000, 1023] {
+            let (mut left, mut statements) = (n, 0);
+            while left > 0 {
+                left -= insert_statement(left).0;
+                statements += 1;
+            }
+            assert!(statements <= 10, "{n}: {statements}");
+        }
+    }
+}

@@ -1,0 +1,734 @@
+//! The PostgreSQL driver (`postgresql://`, `postgresql+psycopg2://`), on the synchronous
+//! `postgres` client without TLS.
+//!
+//! Same logical model as the SQLite driver (meter, resource, sample; `message_id` UNIQUE) with
+//! PostgreSQL's types: `timestamptz`, `jsonb` metadata behind a GIN index. A batch is one
+//! transaction of three round trips on the hot path: `BEGIN`, the cache-epoch read, and one
+//! `INSERT ... SELECT FROM unnest($1::bigint[], ...) ON CONFLICT (message_id) DO NOTHING`
+//! that returns only the positions of rows that were already stored, then `COMMIT`.
+//!
+//! Many processes on many hosts write one database: ids are cached per process as in the
+//! SQLite driver, kept valid by the `cache_epoch` row (writers read it `FOR SHARE`, expiry
+//! bumps it under an exclusive lock when it deletes meters or resources). A lost connection
+//! fails the call with [`StorageError::Unavailable`] and the next call reconnects (at most
+//! once a second while the server stays away); a server down at open does not fail the open.
+
+mod query;
+pub mod schema;
+
+use crate::server::cache::{MeterCache, ResourceCache};
+use crate::server::{self, Link, Valid, CONFLICT_RETRIES};
+use crate::url::StorageUrl;
+use crate::{
+    MeterInfo, RecordOutcome, ResourceInfo, SampleFilter, Statistics, Storage, StorageError,
+    StorageOptions, StoredSample,
+};
+use ::postgres::config::{SslMode, TargetSessionAttrs};
+use ::postgres::error::SqlState;
+use ::postgres::{Client, Config, NoTls, Statement, Transaction};
+use meter::{Sample, Value};
+use std::time::Duration;
+use time::OffsetDateTime;
+
+/// Registry entry point.
+pub fn open_boxed(
+    url: &StorageUrl<'_>,
+    opts: &StorageOptions,
+) -> Result<Box<dyn Storage>, StorageError> {
+    Ok(Box::new(PostgresStorage::open(url, opts)?))
+}
+
+/// The PostgreSQL [`Storage`] driver.
+pub struct PostgresStorage {
+    config: Config,
+    link: Link<Conn>,
+    meters: MeterCache,
+    resources: ResourceCache,
+    /// The `cache_epoch` the caches were filled under.
+    epoch: i64,
+    json_buf: Vec<u8>,
+}
+
+/// One open connection with its prepared hot-path statements.
+struct Conn {
+    client: Client,
+    epoch: Statement,
+    insert: Statement,
+    meter_select: Statement,
+    meter_insert: Statement,
+    resource_select: Statement,
+    resource_insert: Statement,
+}
+
+/// The hot path: validated rows in as parallel arrays, one INSERT, and back only the 1-based
+/// positions whose message_id was already stored (normally none).
+const INSERT_SAMPLES: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::BIGINT[], $2::BIGINT[], $3::DOUBLE PRECISION[], $4::TIMESTAMPTZ[],
+                         $5::TEXT[], $6::TEXT[])
+        WITH ORDINALITY AS t (meter_id, resource_id, volume, ts, message_id, message_signature, ord)
+), inserted AS (
+    INSERT INTO sample (meter_id, resource_id, volume, timestamp, recorded_at, message_id,
+                        message_signature)
+    SELECT meter_id, resource_id, volume, ts, $7, message_id, message_signature
+    FROM input ORDER BY ord
+    ON CONFLICT (message_id) DO NOTHING
+    RETURNING message_id
+)
+SELECT ord FROM input WHERE message_id NOT IN (SELECT message_id FROM inserted)";
+
+/// Why a write or read failed: the client's error, or one of ours.
+enum Fail {
+    Pg(::postgres::Error),
+    Storage(StorageError),
+}
+
+impl From<::postgres::Error> for Fail {
+    fn from(e: ::postgres::Error) -> Self {
+        Fail::Pg(e)
+    }
+}
+
+/// Expiry deletes in chunks of this many samples, one transaction each.
+const EXPIRY_CHUNK: i64 = 10_000;
+
+impl PostgresStorage {
+    /// Parse the URL and connect. A server that does not answer is not an error here: the
+    /// driver starts disconnected and every call tries again (at most once a second), so a
+    /// worker can start before its database. Bad credentials, an unknown database, a schema
+    /// from a newer build and malformed URLs are errors.
+    pub fn open(url: &StorageUrl<'_>, _opts: &StorageOptions) -> Result<Self, StorageError> {
+        let (config, what) = config_from_url(url)?;
+        let mut st = PostgresStorage {
+            config,
+            link: Link::new(what),
+            meters: MeterCache::default(),
+            resources: ResourceCache::default(),
+            epoch: i64::MIN,
+            json_buf: Vec::new(),
+        };
+        match connect(&st.config, &st.link.what) {
+            Ok(conn) => {
+                st.link.get(|| Ok(conn))?;
+            }
+            Err(e) if e.is_transient() => st.link.start_down(&e),
+            Err(e) => return Err(e),
+        }
+        Ok(st)
+    }
+
+    /// Whether a connection is open (tests).
+    pub fn is_connected(&self) -> bool {
+        self.link.is_connected()
+    }
+
+    fn clear_caches(&mut self) {
+        self.meters.clear();
+        self.resources.clear();
+        self.epoch = i64::MIN;
+    }
+
+    /// Map a failure; drop the connection when it is dead.
+    fn fail(&mut self, f: Fail) -> StorageError {
+        match f {
+            Fail::Storage(e) => e,
+            Fail::Pg(e) => {
+                let (err, broken) = classify(&self.link.what, &e);
+                if broken {
+                    self.link.lost(&err);
+                }
+                err
+            }
+        }
+    }
+
+    fn read<T>(
+        &mut self,
+        f: impl FnOnce(&mut Client) -> Result<T, Fail>,
+    ) -> Result<T, StorageError> {
+        let (config, what) = (&self.config, self.link.what.clone());
+        let conn = self.link.get(|| connect(config, &what))?;
+        let result = f(&mut conn.client);
+        let closed = conn.client.is_closed();
+        match result {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                let err = self.fail(e);
+                if closed {
+                    self.link.lost(&err);
+                }
+                Err(err)
+            }
+        }
+    }
+
+    fn expire(conn: &mut Conn, cutoff: OffsetDateTime) -> Result<(u64, bool), Fail> {
+        let client = &mut conn.client;
+        let mut total = 0u64;
+        loop {
+            // The BRIN index finds old block ranges; each chunk commits on its own.
+            let n = client.execute(
+                "DELETE FROM sample WHERE id IN
+                   (SELECT id FROM sample WHERE timestamp < $1 LIMIT $2)",
+                &[&cutoff, &EXPIRY_CHUNK],
+            )?;
+            total += n;
+            if (n as i64) < EXPIRY_CHUNK {
+                break;
+            }
+        }
+        let mut tx = client.transaction()?;
+        // Writers hold the epoch row FOR SHARE for their whole batch; this waits for them and
+        // queues new ones behind it (a table lock, so they cannot starve it), so no batch can
+        // use an id deleted here.
+        tx.batch_execute("LOCK TABLE cache_epoch IN EXCLUSIVE MODE")?;
+        let resources = tx.execute(
+            "DELETE FROM resource r
+              WHERE NOT EXISTS (SELECT 1 FROM sample s WHERE s.resource_id = r.internal_id)",
+            &[],
+        )?;
+        let meters = tx.execute(
+            "DELETE FROM meter m WHERE NOT EXISTS (SELECT 1 FROM sample s WHERE s.meter_id = m.id)",
+            &[],
+        )?;
+        let bumped = resources + meters > 0;
+        if bumped {
+            tx.execute("UPDATE cache_epoch SET epoch = epoch + 1", &[])?;
+        }
+        tx.commit()?;
+        Ok((total, bumped))
+    }
+}
+
+impl Storage for PostgresStorage {
+    fn record_metering_data(&mut self, batch: &[Sample]) -> Result<RecordOutcome, StorageError> {
+        let mut outcome = RecordOutcome::default();
+        let rows = server::prepare(batch, &mut outcome, |s, _| check_text(s));
+        if !rows.is_empty() {
+            let recorded_at = OffsetDateTime::now_utc();
+            let mut attempt = 0;
+            let dups = loop {
+                let (config, what) = (&self.config, self.link.what.clone());
+                let conn = self.link.get(|| connect(config, &what))?;
+                let mut caches = Caches {
+                    meters: &mut self.meters,
+                    resources: &mut self.resources,
+                    epoch: &mut self.epoch,
+                    json: &mut self.json_buf,
+                };
+                match write_batch(conn, &mut caches, &rows, recorded_at) {
+                    Ok(dups) => break dups,
+                    Err(e) => {
+                        let closed = conn.client.is_closed();
+                        // Ids created by the rolled-back transaction may sit in the caches.
+                        self.clear_caches();
+                        let conflict = matches!(&e, Fail::Pg(pg) if is_conflict(pg));
+                        let err = self.fail(e);
+                        if closed {
+                            self.link.lost(&err);
+                        }
+                        if conflict && attempt < CONFLICT_RETRIES && self.link.is_connected() {
+                            attempt += 1;
+                            log::debug!("{}: retrying a batch after: {err}", self.link.what);
+                            continue;
+                        }
+                        return Err(err);
+                    }
+                }
+            };
+            outcome.stored = rows.len() - dups.len();
+            outcome.duplicate_indices.extend(dups);
+            outcome.duplicate_indices.sort_unstable();
+        }
+        outcome.duplicates = outcome.duplicate_indices.len();
+        Ok(outcome)
+    }
+
+    fn get_samples(&mut self, filter: &SampleFilter) -> Result<Vec<StoredSample>, StorageError> {
+        self.read(|c| query::samples(c, filter))
+    }
+
+    fn get_meters(&mut self, filter: &SampleFilter) -> Result<Vec<MeterInfo>, StorageError> {
+        self.read(|c| query::meters(c, filter))
+    }
+
+    fn get_resources(&mut self, filter: &SampleFilter) -> Result<Vec<ResourceInfo>, StorageError> {
+        self.read(|c| query::resources(c, filter))
+    }
+
+    fn get_meter_statistics(
+        &mut self,
+        filter: &SampleFilter,
+        period: Option<u64>,
+    ) -> Result<Vec<Statistics>, StorageError> {
+        self.read(|c| query::statistics(c, filter, period))
+    }
+
+    fn clear_expired_metering_data(&mut self, ttl_seconds: u64) -> Result<u64, StorageError> {
+        let ttl = time::Duration::seconds(i64::try_from(ttl_seconds).unwrap_or(i64::MAX / 2));
+        let cutoff = OffsetDateTime::now_utc()
+            .checked_sub(ttl)
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH - time::Duration::days(365 * 3000));
+        let (config, what) = (&self.config, self.link.what.clone());
+        let conn = self.link.get(|| connect(config, &what))?;
+        match Self::expire(conn, cutoff) {
+            Ok((n, bumped)) => {
+                if bumped {
+                    self.clear_caches();
+                }
+                Ok(n)
+            }
+            Err(e) => {
+                let closed = conn.client.is_closed();
+                let err = self.fail(e);
+                if closed {
+                    self.link.lost(&err);
+                }
+                Err(err)
+            }
+        }
+    }
+}
+
+/// The driver's caches, borrowed for one batch.
+struct Caches<'a> {
+    meters: &'a mut MeterCache,
+    resources: &'a mut ResourceCache,
+    epoch: &'a mut i64,
+    json: &'a mut Vec<u8>,
+}
+
+/// One transaction: resolve ids, insert, return the batch indices that were already stored.
+fn write_batch(
+    conn: &mut Conn,
+    caches: &mut Caches<'_>,
+    rows: &[Valid<'_>],
+    recorded_at: OffsetDateTime,
+) -> Result<Vec<usize>, Fail> {
+    let mut tx = conn.client.transaction()?;
+    let epoch: i64 = tx.query_one(&conn.epoch, &[])?.get(0);
+    if epoch != *caches.epoch {
+        caches.meters.clear();
+        caches.resources.clear();
+        *caches.epoch = epoch;
+    }
+    let n = rows.len();
+    let (mut meter_ids, mut resource_ids) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut volumes, mut stamps) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut ids, mut sigs) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for r in rows {
+        let s = r.sample;
+        meter_ids.push(meter_id(
+            &mut tx,
+            (&conn.meter_select, &conn.meter_insert),
+            caches.meters,
+            s,
+        )?);
+        resource_ids.push(resource_id(
+            &mut tx,
+            (&conn.resource_select, &conn.resource_insert),
+            caches.resources,
+            caches.json,
+            s,
+        )?);
+        volumes.push(s.counter_volume.as_f64());
+        stamps.push(r.timestamp);
+        ids.push(s.message_id.as_str());
+        sigs.push(s.message_signature.as_deref());
+    }
+    let dup_rows = tx.query(
+        &conn.insert,
+        &[
+            &meter_ids,
+            &resource_ids,
+            &volumes,
+            &stamps,
+            &ids,
+            &sigs,
+            &recorded_at,
+        ],
+    )?;
+    tx.commit()?;
+    let mut dups = Vec::with_capacity(dup_rows.len());
+    for row in dup_rows {
+        let ord: i64 = row.get(0);
+        let r = usize::try_from(ord - 1)
+            .ok()
+            .and_then(|i| rows.get(i))
+            .ok_or_else(|| {
+                Fail::Storage(StorageError::Database(format!(
+                    "insert returned position {ord} of {n}"
+                )))
+            })?;
+        dups.push(r.index);
+    }
+    Ok(dups)
+}
+
+fn meter_id(
+    tx: &mut Transaction<'_>,
+    (select, insert): (&Statement, &Statement),
+    cache: &mut MeterCache,
+    s: &Sample,
+) -> Result<i64, Fail> {
+    if let Some(id) = cache.get(s) {
+        return Ok(id);
+    }
+    let kind = s.counter_type.as_str();
+    let params: [&(dyn ::postgres::types::ToSql + Sync); 3] =
+        [&s.counter_name, &kind, &s.counter_unit];
+    // Look up first (the usual miss: the row exists, this process has not cached it yet);
+    // insert if absent; a concurrent insert of the same row makes ours do nothing, and the
+    // second lookup (a new snapshot under READ COMMITTED) finds theirs.
+    let id = match tx.query_opt(select, &params)? {
+        Some(row) => row.get(0),
+        None => match tx.query_opt(insert, &params)? {
+            Some(row) => row.get(0),
+            None => tx.query_one(select, &params)?.get(0),
+        },
+    };
+    cache.insert(s, id);
+    Ok(id)
+}
+
+fn resource_id(
+    tx: &mut Transaction<'_>,
+    (select, insert): (&Statement, &Statement),
+    cache: &mut ResourceCache,
+    json: &mut Vec<u8>,
+    s: &Sample,
+) -> Result<i64, Fail> {
+    let fingerprint = ResourceCache::fingerprint(s);
+    if let Some(id) = cache.get(fingerprint, s) {
+        return Ok(id);
+    }
+    let metadata = server::canonical_json(&s.resource_metadata, json)
+        .map_err(|e| Fail::Storage(StorageError::Database(format!("metadata JSON: {e}"))))?;
+    let key = server::resource_key(s, metadata);
+    let id = match tx.query_opt(select, &[&key])? {
+        Some(row) => row.get(0),
+        None => {
+            let inserted = tx.query_opt(
+                insert,
+                &[
+                    &key,
+                    &s.resource_id,
+                    &s.user_id,
+                    &s.project_id,
+                    &s.source,
+                    &metadata,
+                ],
+            )?;
+            match inserted {
+                Some(row) => row.get(0),
+                None => tx.query_one(select, &[&key])?.get(0),
+            }
+        }
+    };
+    cache.insert(fingerprint, s, id);
+    Ok(id)
+}
+
+/// PostgreSQL text cannot hold NUL (and `jsonb` refuses `\u0000`): such a sample is rejected
+/// rather than failing its whole batch.
+fn check_text(s: &Sample) -> Result<(), String> {
+    let fields = [
+        Some(s.source.as_str()),
+        Some(s.counter_name.as_str()),
+        Some(s.counter_unit.as_str()),
+        s.user_id.as_deref(),
+        s.project_id.as_deref(),
+        Some(s.resource_id.as_str()),
+        Some(s.message_id.as_str()),
+        s.message_signature.as_deref(),
+    ];
+    if fields.iter().flatten().any(|f| f.contains('\0')) || value_has_nul(&s.resource_metadata, 0) {
+        return Err("contains a NUL character, which PostgreSQL cannot store".to_string());
+    }
+    Ok(())
+}
+
+fn value_has_nul(v: &Value, depth: usize) -> bool {
+    if depth > crate::json::MAX_DEPTH {
+        return false;
+    }
+    match v {
+        Value::Str(s) => s.contains('\0'),
+        // Binary that is UTF-8 is written as a string; other binary as numbers.
+        Value::Bin(b) => std::str::from_utf8(b).is_ok_and(|s| s.contains('\0')),
+        Value::Array(items) => items.iter().any(|i| value_has_nul(i, depth + 1)),
+        Value::Map(pairs) => pairs
+            .iter()
+            .any(|(k, v)| crate::json::key_text(k).contains('\0') || value_has_nul(v, depth + 1)),
+        _ => false,
+    }
+}
+
+/// Deadlocks and serialization failures: nothing was stored; the same batch may be retried.
+fn is_conflict(e: &::postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    )
+}
+
+/// Sort the client's errors into [`StorageError`]s, and say whether the connection is dead.
+fn classify(what: &str, e: &::postgres::Error) -> (StorageError, bool) {
+    let text = match e.as_db_error() {
+        Some(db) => format!("{what}: {} ({})", db.message(), db.code().code()),
+        None => format!("{what}: {e}"),
+    };
+    let Some(code) = e.code() else {
+        // No SQLSTATE: I/O, a closed connection, or a protocol problem. Conversion errors are
+        // ours (a bug), not the connection's.
+        let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+        if e.is_closed() || io || e.to_string().contains("communicating") {
+            return (StorageError::Unavailable(text), true);
+        }
+        return (StorageError::Database(text), false);
+    };
+    let c = code.code();
+    if c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03" | "57P04" | "57P05") {
+        // Connection exceptions; the server is shutting down or terminated us.
+        return (StorageError::Unavailable(text), true);
+    }
+    let transient = c.starts_with("53") // insufficient resources: disk full, out of memory, too many connections
+        || c.starts_with("58") // system error (I/O)
+        || c.starts_with("40") // serialization failure, deadlock
+        || matches!(c, "55P03" | "57014" | "25006"); // lock timeout, statement timeout, read-only
+    if transient {
+        (StorageError::Unavailable(text), false)
+    } else {
+        (StorageError::Database(text), false)
+    }
+}
+
+/// Connect, set up the session, migrate and prepare the hot-path statements.
+fn connect(config: &Config, what: &str) -> Result<Conn, StorageError> {
+    let mut client = config.connect(NoTls).map_err(|e| connect_error(what, &e))?;
+    match schema::migrate(&mut client) {
+        Ok(()) => {}
+        Err(schema::MigrateError::TooNew(e)) => return Err(e),
+        Err(schema::MigrateError::Sql(e)) => return Err(connect_error(what, &e)),
+    }
+    let mut prepare = |sql: &str| client.prepare(sql).map_err(|e| connect_error(what, &e));
+    let epoch = prepare("SELECT epoch FROM cache_epoch FOR SHARE")?;
+    let insert = prepare(INSERT_SAMPLES)?;
+    let meter_select = prepare("SELECT id FROM meter WHERE name = $1 AND type = $2 AND unit = $3")?;
+    let meter_insert = prepare(
+        "INSERT INTO meter (name, type, unit) VALUES ($1, $2, $3)
+         ON CONFLICT (name, type, unit) DO NOTHING RETURNING id",
+    )?;
+    let resource_select = prepare("SELECT internal_id FROM resource WHERE resource_key = $1")?;
+    let resource_insert = prepare(
+        "INSERT INTO resource (resource_key, resource_id, user_id, project_id, source_id,
+                               resource_metadata)
+         VALUES ($1, $2, $3, $4, $5, $6::TEXT::JSONB)
+         ON CONFLICT (resource_key) DO NOTHING RETURNING internal_id",
+    )?;
+    Ok(Conn {
+        client,
+        epoch,
+        insert,
+        meter_select,
+        meter_insert,
+        resource_select,
+        resource_insert,
+    })
+}
+
+/// At connect, only a server that cannot be reached (or cannot take us right now) is
+/// transient; refused credentials, a missing database or missing privileges need an operator.
+fn connect_error(what: &str, e: &::postgres::Error) -> StorageError {
+    let (err, _) = classify(what, e);
+    match e.code().map(|c| c.code()) {
+        Some(c) if c.starts_with("28") || c == "3D000" || c == "42501" => {
+            StorageError::Database(err.to_string())
+        }
+        _ => err,
+    }
+}
+
+/// Build the client configuration from the URL; returns it with a printable name.
+fn config_from_url(url: &StorageUrl<'_>) -> Result<(Config, String), StorageError> {
+    let u = server::ServerUrl::parse(url)?;
+    let mut c = Config::new();
+    c.application_name("collector")
+        .connect_timeout(Duration::from_secs(10))
+        // A server that vanishes without closing the connection (host down, partition) is
+        // noticed within about a minute instead of the kernel's 15-minute retransmission limit.
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(30))
+        .keepalives_interval(Duration::from_secs(10))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(60))
+        .ssl_mode(SslMode::Disable);
+    let mut host = u.host.clone();
+    let mut port = u.port;
+    let mut user = u.user.clone();
+    let mut password = u.password.clone();
+    let mut dbname = u.database.clone();
+    for (k, v) in &u.params {
+        match k.as_str() {
+            "host" => host = Some(v.clone()),
+            "port" => {
+                port = Some(v.parse().map_err(|_| StorageError::InvalidOption {
+                    name: "port",
+                    value: v.clone(),
+                    reason: "expected a port number".into(),
+                })?)
+            }
+            "user" => user = Some(v.clone()),
+            "password" => password = Some(v.clone()),
+            "dbname" => dbname = v.clone(),
+            "sslmode" => match v.as_str() {
+                "disable" | "allow" | "prefer" => {}
+                "require" | "verify-ca" | "verify-full" => {
+                    return Err(StorageError::InvalidOption {
+                        name: "sslmode",
+                        value: v.clone(),
+                        reason: "this build has no TLS support: use sslmode=disable (or prefer), \
+                                 or reach the server through a local TLS tunnel"
+                            .into(),
+                    })
+                }
+                _ => {
+                    return Err(StorageError::InvalidOption {
+                        name: "sslmode",
+                        value: v.clone(),
+                        reason:
+                            "expected disable, allow, prefer, require, verify-ca or verify-full"
+                                .into(),
+                    })
+                }
+            },
+            "connect_timeout" => {
+                c.connect_timeout(server::seconds_param("connect_timeout", v)?);
+            }
+            "application_name" => {
+                c.application_name(v);
+            }
+            "options" => {
+                c.options(v);
+            }
+            "keepalives" => {
+                c.keepalives(server::bool_param("keepalives", v)?);
+            }
+            "keepalives_idle" => {
+                c.keepalives_idle(server::seconds_param("keepalives_idle", v)?);
+            }
+            "keepalives_interval" => {
+                c.keepalives_interval(server::seconds_param("keepalives_interval", v)?);
+            }
+            "keepalives_count" => {
+                let n = v.parse().map_err(|_| StorageError::InvalidOption {
+                    name: "keepalives_count",
+                    value: v.clone(),
+                    reason: "expected a whole number".into(),
+                })?;
+                c.keepalives_retries(n);
+            }
+            "tcp_user_timeout" => {
+                // Milliseconds, as in libpq.
+                let ms: u64 = v.parse().map_err(|_| StorageError::InvalidOption {
+                    name: "tcp_user_timeout",
+                    value: v.clone(),
+                    reason: "expected a whole number of milliseconds".into(),
+                })?;
+                c.tcp_user_timeout(Duration::from_millis(ms));
+            }
+            "target_session_attrs" => match v.as_str() {
+                "any" => {
+                    c.target_session_attrs(TargetSessionAttrs::Any);
+                }
+                "read-write" => {
+                    c.target_session_attrs(TargetSessionAttrs::ReadWrite);
+                }
+                _ => {
+                    return Err(StorageError::InvalidOption {
+                        name: "target_session_attrs",
+                        value: v.clone(),
+                        reason: "expected any or read-write (the collector writes)".into(),
+                    })
+                }
+            },
+            _ => server::ignore_param("postgresql", k, v),
+        }
+    }
+    let host = host.unwrap_or_else(|| "localhost".to_string());
+    let port = port.unwrap_or(5432);
+    if host.starts_with('/') {
+        c.host_path(&host);
+    } else {
+        c.host(&host);
+    }
+    c.port(port).dbname(&dbname);
+    let user = user.unwrap_or_else(|| std::env::var("USER").unwrap_or_else(|_| "postgres".into()));
+    c.user(&user);
+    if let Some(p) = &password {
+        c.password(p.as_bytes());
+    }
+    let what = format!("postgresql://{user}@{host}:{port}/{dbname}");
+    Ok((c, what))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(url: &str) -> Result<(Config, String), StorageError> {
+        config_from_url(&StorageUrl::parse(url)?)
+    }
+
+    #[test]
+    fn urls_and_parameters() {
+        let (c, what) = cfg("postgresql+psycopg2://ceilo:pw@db:6432/ceilometer?client_encoding=utf8&connect_timeout=3&sslmode=prefer").unwrap();
+        assert_eq!(what, "postgresql://ceilo@db:6432/ceilometer");
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(c.get_password(), Some(&b"pw"[..]));
+        let (c, _) = cfg("postgresql://u@/c?host=/run/postgresql").unwrap();
+        assert!(matches!(
+            c.get_hosts()[0],
+            ::postgres::config::Host::Unix(_)
+        ));
+        for (bad, name) in [
+            ("postgresql://u@h/c?sslmode=sometimes", "sslmode"),
+            ("postgresql://u@h/c?sslmode=require", "sslmode"),
+            ("postgresql://u@h/c?connect_timeout=ten", "connect_timeout"),
+            ("postgresql://u@h/c?keepalives=maybe", "keepalives"),
+        ] {
+            match cfg(bad) {
+                Err(StorageError::InvalidOption { name: n, .. }) => assert_eq!(n, name, "{bad}"),
+                other => panic!("{bad}: {:?}", other.map(|(_, w)| w)),
+            }
+        }
+    }
+
+    #[test]
+    fn nul_is_refused_per_sample() {
+        let mut s = Sample {
+            source: "s".into(),
+            counter_name: "c".into(),
+            counter_type: meter::CounterType::Gauge,
+            counter_unit: "u".into(),
+            counter_volume: meter::Volume::Int(1),
+            user_id: None,
+            project_id: None,
+            user_name: None,
+            project_name: None,
+            resource_id: "r".into(),
+            timestamp: String::new(),
+            resource_metadata: Value::Map(vec![(Value::Str("k".into()), Value::Str("v".into()))]),
+            message_id: "m".into(),
+            message_signature: None,
+            monotonic_time: None,
+            extra: Vec::new(),
+        };
+        assert!(check_text(&s).is_ok());
+        s.resource_metadata = Value::Map(vec![(
+            Value::Str("k".into()),
+            Value::Array(vec![Value::Str("a\0b".into())]),
+        )]);
+        assert!(check_text(&s).unwrap_err().contains("NUL"));
+    }
+}

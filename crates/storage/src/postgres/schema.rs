@@ -1,0 +1,133 @@
+//! The PostgreSQL schema and its migrations.
+//!
+//! `schema_version` holds one row: how many entries of [`MIGRATIONS`] the database has had
+//! applied. PostgreSQL's DDL is transactional, so each open that finds the database behind
+//! migrates inside one transaction holding a transaction-scoped advisory lock
+//! (`pg_advisory_xact_lock`): when many workers on many hosts start at once, one migrates and
+//! the others wait for it, then find the work done. A database migrated by a newer build is
+//! refused.
+
+use crate::StorageError;
+use ::postgres::Client;
+
+/// Version 1: the SQLite driver's model with PostgreSQL's own types. See docs/storage.md.
+const V1: &str = "
+CREATE TABLE meter (
+    id    BIGSERIAL PRIMARY KEY,
+    name  TEXT NOT NULL,
+    type  TEXT NOT NULL CHECK (type IN ('gauge', 'delta', 'cumulative')),
+    unit  TEXT NOT NULL,
+    UNIQUE (name, type, unit)
+);
+
+-- One row per distinct (resource, owner, source, metadata), as in the SQLite schema.
+-- resource_key is the hex SHA-256 of those five (NULL told from ''), so one UNIQUE column
+-- identifies a row even where user_id or project_id is NULL.
+CREATE TABLE resource (
+    internal_id       BIGSERIAL PRIMARY KEY,
+    resource_key      TEXT NOT NULL UNIQUE,
+    resource_id       TEXT NOT NULL,
+    user_id           TEXT,
+    project_id        TEXT,
+    source_id         TEXT NOT NULL,
+    resource_metadata JSONB NOT NULL
+);
+CREATE INDEX ix_resource_resource_id ON resource (resource_id);
+CREATE INDEX ix_resource_project_id ON resource (project_id);
+CREATE INDEX ix_resource_user_id ON resource (user_id);
+-- Metadata filters are containment tests (@>) answered by this index.
+CREATE INDEX ix_resource_metadata ON resource USING gin (resource_metadata jsonb_path_ops);
+
+CREATE TABLE sample (
+    id                BIGSERIAL PRIMARY KEY,
+    meter_id          BIGINT NOT NULL,  -- meter (id); not enforced, see docs/storage.md
+    resource_id       BIGINT NOT NULL,  -- resource (internal_id); likewise
+    volume            DOUBLE PRECISION NOT NULL,
+    timestamp         TIMESTAMPTZ NOT NULL,
+    recorded_at       TIMESTAMPTZ NOT NULL,
+    message_id        TEXT NOT NULL UNIQUE,
+    message_signature TEXT
+);
+CREATE INDEX ix_sample_meter_timestamp ON sample (meter_id, timestamp);
+CREATE INDEX ix_sample_resource_timestamp ON sample (resource_id, timestamp);
+-- Samples arrive roughly in time order: a BRIN index serves time ranges and expiry for
+-- almost nothing per insert (a B-tree here cost every insert).
+CREATE INDEX ix_sample_timestamp ON sample USING brin (timestamp);
+
+-- Bumped whenever rows of meter or resource are deleted, so every process drops its id caches.
+CREATE TABLE cache_epoch (epoch BIGINT NOT NULL);
+INSERT INTO cache_epoch (epoch) VALUES (0);
+";
+
+/// Applied in order; entry `i` takes a database from version `i` to `i + 1`. Append only.
+pub const MIGRATIONS: &[&str] = &[V1];
+
+/// The version this build writes.
+pub fn current_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+/// The advisory lock key migrations hold ("collectr" in ASCII); advisory locks are per
+/// database, so databases on one server do not wait for each other.
+const LOCK_KEY: i64 = 0x636f_6c6c_6563_7472;
+
+fn read_version(
+    client: &mut impl ::postgres::GenericClient,
+) -> Result<Option<i64>, ::postgres::Error> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    Ok(client
+        .query_opt("SELECT version::BIGINT FROM schema_version", &[])?
+        .map(|r| r.get(0)))
+}
+
+/// Failure of [`migrate`].
+#[derive(Debug)]
+pub enum MigrateError {
+    Sql(::postgres::Error),
+    TooNew(StorageError),
+}
+
+impl From<::postgres::Error> for MigrateError {
+    fn from(e: ::postgres::Error) -> Self {
+        MigrateError::Sql(e)
+    }
+}
+
+/// Bring the database to [`current_version`].
+pub fn migrate(client: &mut Client) -> Result<(), MigrateError> {
+    // Common case first, without the lock: already up to date.
+    if read_version(client)? == Some(current_version()) {
+        return Ok(());
+    }
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+    let found = match read_version(&mut tx)? {
+        Some(v) => v,
+        None => {
+            tx.execute("INSERT INTO schema_version (version) VALUES (0)", &[])?;
+            0
+        }
+    };
+    if found > current_version() {
+        return Err(MigrateError::TooNew(StorageError::SchemaTooNew {
+            found,
+            supported: current_version(),
+        }));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+        log::info!("postgresql: migrating schema to version {}", i + 1);
+        tx.batch_execute(sql)?;
+    }
+    tx.execute(
+        "UPDATE schema_version SET version = $1",
+        &[&(current_version() as i32)],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
