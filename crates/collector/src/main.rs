@@ -2,6 +2,12 @@
 
 use clap::Parser;
 use collector::config::Config;
+
+/// The loop thread allocates samples and the writer thread frees them; mimalloc's per-thread
+/// free lists handle that pattern without glibc's arena consolidation. It is safe across our
+/// fork: the launcher forks with one thread, so no allocator lock can be held by another.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
