@@ -748,6 +748,48 @@ fn open_errors_are_specific(kind: Kind) {
     );
 }
 
+/// What a server's columns cannot hold is rejected per sample, with the reason; the rest of the
+/// batch is stored. (SQLite stores all of these.)
+fn values_a_server_cannot_hold_are_rejected_per_sample(kind: Kind) {
+    let t = TestDb::new(kind);
+    let mut db = t.open();
+    let ts = "2026-01-01T00:00:00";
+    let mut nul = sample("nul", "cpu", "r", ts, 1.0);
+    nul.resource_metadata = Value::Map(vec![(s("name"), s("a\0b"))]);
+    let long = sample("long", "cpu", &"r".repeat(256), ts, 1.0);
+    let ancient = sample("ancient", "cpu", "r", "0999-12-31T23:59:59", 1.0);
+    let fits = sample("fits", "cpu", &"é".repeat(255), "1000-01-01T00:00:00", 1.0);
+    let out = db
+        .record_metering_data(&[nul, long, ancient, fits, sample("ok", "cpu", "r", ts, 1.0)])
+        .unwrap();
+    let rejected: Vec<usize> = out.rejected.iter().map(|(i, _)| *i).collect();
+    match kind {
+        Kind::Postgres => {
+            assert_eq!(rejected, vec![0], "{:?}", out.rejected);
+            assert!(out.rejected[0].1.contains("NUL"), "{:?}", out.rejected);
+            assert_eq!(out.stored, 4);
+        }
+        _ => {
+            assert_eq!(rejected, vec![1, 2], "{:?}", out.rejected);
+            assert!(out.rejected[0].1.contains("resource_id longer than 255"));
+            assert!(
+                out.rejected[1].1.contains("year 1000"),
+                "{:?}",
+                out.rejected
+            );
+            assert_eq!(out.stored, 3);
+        }
+    }
+    let got = db
+        .get_samples(&SampleFilter {
+            resource_id: Some("é".repeat(255)),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].timestamp, datetime!(1000-01-01 00:00:00 UTC));
+}
+
 fn with_query(url: &str) -> String {
     if url.contains('?') {
         url.to_string()
@@ -1186,4 +1228,5 @@ server_conformance!(
     a_killed_connection_is_unavailable_then_recovers,
     a_server_down_at_open_is_waited_for,
     open_errors_are_specific,
+    values_a_server_cannot_hold_are_rejected_per_sample,
 );
