@@ -661,7 +661,7 @@ fn a_server_down_at_open_is_waited_for(kind: Kind) {
     };
     assert_eq!(out.stored, 1);
     assert!(
-        started.elapsed() <= StdDuration::from_millis(1500),
+        started.elapsed() <= StdDuration::from_secs(3),
         "{:?}",
         started.elapsed()
     );
