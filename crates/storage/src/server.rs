@@ -13,12 +13,8 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
-/// The SQLite driver's meter/resource id caches, compiled once more for the server drivers:
-/// one source file, while the SQLite driver keeps its `cache` module private. (Making that
-/// module `pub(crate)` would let this be a plain `use crate::sqlite::cache`.)
-#[allow(clippy::duplicate_mod)]
-#[path = "sqlite/cache.rs"]
-pub(crate) mod cache;
+/// The meter/resource id caches are the SQLite driver's, shared by every driver.
+pub(crate) use crate::sqlite::cache;
 
 /// `scheme://[user[:password]@][host][:port]/database[?k=v&...]`, percent-decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -810,12 +810,13 @@ fn open_errors_are_specific() {
     let e = storage::open("mongodb://h/db", &opts).err().unwrap();
     assert_eq!(
         e.to_string(),
-        "unknown storage scheme \"mongodb\"; known: sqlite"
+        "unknown storage scheme \"mongodb\"; known: sqlite, postgresql, postgresql+psycopg2, \
+         mysql, mysql+pymysql, mariadb"
     );
-    let e = storage::open("postgresql://u:secret@h/db", &opts)
+    let e = storage::open("postgresql://u:secret@h:port/db", &opts)
         .err()
         .unwrap();
-    assert!(matches!(e, StorageError::UnknownScheme { .. }));
+    assert!(matches!(e, StorageError::BadUrl { .. }), "{e}");
     assert!(!e.to_string().contains("secret"));
     let e = storage::open("sqlite://host/x.db", &opts).err().unwrap();
     assert!(matches!(e, StorageError::BadUrl { .. }), "{e}");

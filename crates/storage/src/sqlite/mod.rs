@@ -11,7 +11,7 @@
 //! `cache_epoch` so every process drops its caches at its next batch. Schema and reasoning:
 //! docs/storage.md.
 
-mod cache;
+pub(crate) mod cache;
 mod query;
 pub mod schema;
 
