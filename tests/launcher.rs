@@ -420,7 +420,7 @@ fn systemd_notifications_follow_the_lifecycle() {
         .env
         .push(("NOTIFY_SOCKET".into(), path.display().to_string()));
     let mut d = Daemon::start(setup);
-    let mut next = || {
+    let next = || {
         let mut buf = [0u8; 512];
         let n = sock.recv(&mut buf).expect("a notification");
         String::from_utf8_lossy(&buf[..n]).into_owned()
