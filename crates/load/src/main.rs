@@ -5,8 +5,9 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use collector_load::samples::{self, Payloads};
 use collector_load::stats::{latency_summary, udp_rcvbuf_errors};
-use collector_load::{raw_sqlite, rpc, udp, watch};
+use collector_load::{json as sample_json, raw_server, raw_sqlite, rpc, udp, watch};
 use serde_json::json;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -119,6 +120,33 @@ enum Mode {
         /// Add the indexes the collector's sample table has.
         #[arg(long)]
         indexed: bool,
+    },
+    /// The raw server limit: the same rows by the server's best bulk path from one process
+    /// (PostgreSQL binary COPY, MariaDB/MySQL multi-row prepared INSERT) into a bare table.
+    RawServer {
+        /// postgresql://USER@HOST:PORT/DB or mysql://USER@HOST:PORT/DB (the database must exist;
+        /// a table `raw` is created in it and dropped after).
+        #[arg(long)]
+        url: String,
+        /// Rows to write.
+        #[arg(long)]
+        count: usize,
+        /// Rows per transaction (one COPY or one INSERT each).
+        #[arg(long, default_value_t = 1000)]
+        per_tx: usize,
+    },
+    /// Write COUNT samples as oslo.messaging v2 notification bodies (JSON, PER_MESSAGE samples
+    /// each), one body per line, for a publisher to put on an AMQP queue.
+    AmqpBodies {
+        /// Samples to write (sequence numbers 0..COUNT).
+        #[arg(long)]
+        count: usize,
+        /// Samples per notification.
+        #[arg(long, default_value_t = 10)]
+        per_message: usize,
+        /// File to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
 }
 
@@ -306,6 +334,47 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
                 "per_tx": per_tx,
                 "seconds": r.seconds,
                 "insert_per_s": round(r.rows as f64 / r.seconds.max(1e-9)),
+            })
+        }
+        Mode::RawServer { url, count, per_tx } => {
+            let p = payloads(count)?;
+            let r = raw_server::run(&url, &p, count, per_tx)?;
+            json!({
+                "mode": "raw-server",
+                "server": r.server,
+                "rows": r.rows,
+                "per_tx": per_tx,
+                "seconds": r.seconds,
+                "insert_per_s": round(r.rows as f64 / r.seconds.max(1e-9)),
+            })
+        }
+        Mode::AmqpBodies {
+            count,
+            per_message,
+            out,
+        } => {
+            let p = payloads(count)?;
+            let mut f = std::io::BufWriter::new(
+                std::fs::File::create(&out)
+                    .map_err(|e| anyhow::anyhow!("create {}: {e}", out.display()))?,
+            );
+            let (mut messages, mut bytes) = (0usize, 0usize);
+            for (n, start) in (0..count).step_by(per_message.max(1)).enumerate() {
+                let batch = (start..(start + per_message.max(1)).min(count))
+                    .map(|i| meter::decode_value(p.get(i)).map_err(anyhow::Error::from))
+                    .collect::<Result<Vec<_>>>()?;
+                let body = sample_json::envelope(n, &batch)?;
+                bytes += body.len();
+                writeln!(f, "{body}")?;
+                messages += 1;
+            }
+            f.flush()?;
+            json!({
+                "mode": "amqp-bodies",
+                "samples": count,
+                "messages": messages,
+                "per_message": per_message,
+                "mean_message_bytes": bytes / messages.max(1),
             })
         }
     })
