@@ -263,12 +263,8 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             json,
         } => {
             let filter = storage::SampleFilter {
-                meter: Some(meter.clone()),
-                resource_id: resource.clone(),
-                start: since.as_deref().map(parse_time).transpose()?,
-                end: until.as_deref().map(parse_time).transpose()?,
                 limit: Some(*limit),
-                ..Default::default()
+                ..query_filter(meter, resource, since, until)?
             };
             let mut st = open_storage(cli)?;
             let rows = st
@@ -316,13 +312,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             until,
             json,
         } => {
-            let filter = storage::SampleFilter {
-                meter: Some(meter.clone()),
-                resource_id: resource.clone(),
-                start: since.as_deref().map(parse_time).transpose()?,
-                end: until.as_deref().map(parse_time).transpose()?,
-                ..Default::default()
-            };
+            let filter = query_filter(meter, resource, since, until)?;
             let mut st = open_storage(cli)?;
             let rows = st
                 .get_meter_statistics(&filter, *period)
@@ -378,6 +368,22 @@ fn open_storage(cli: &Cli) -> Result<Box<dyn storage::Storage>, Failure> {
             "cannot open storage {}: {e}",
             collector::config::mask_url_password(&cfg.database.connection)
         ))
+    })
+}
+
+/// The filter both storage queries take from their common options.
+fn query_filter(
+    meter: &str,
+    resource: &Option<String>,
+    since: &Option<String>,
+    until: &Option<String>,
+) -> Result<storage::SampleFilter, Failure> {
+    Ok(storage::SampleFilter {
+        meter: Some(meter.to_string()),
+        resource_id: resource.clone(),
+        start: since.as_deref().map(parse_time).transpose()?,
+        end: until.as_deref().map(parse_time).transpose()?,
+        ..Default::default()
     })
 }
 
