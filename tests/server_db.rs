@@ -10,7 +10,6 @@ use collector_e2e::*;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -170,33 +169,9 @@ impl Drop for TestDb {
     }
 }
 
-/// Start a daemon whose `[database] connection` is `connection` (Setup renders a SQLite one;
-/// the line is replaced before the config is written).
+/// Start a daemon whose `[database] connection` is `connection`.
 fn start(setup: Setup, connection: &str) -> Daemon {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config_path: PathBuf = dir.path().join("collector.toml");
-    let sqlite_line = format!(
-        "connection = \"sqlite:///{}/{}\"",
-        dir.path().display(),
-        setup.db_file
-    );
-    let text = setup.render(dir.path());
-    assert!(text.contains(&sqlite_line), "{text}");
-    let text = text.replace(&sqlite_line, &format!("connection = \"{connection}\""));
-    std::fs::write(&config_path, text).expect("write config");
-    let mut d = Daemon {
-        child: None,
-        dir,
-        config_path,
-        udp: None,
-        tcp: None,
-        rpc: None,
-        workers: setup.workers,
-        db_file: setup.db_file.clone(),
-        env: setup.env.clone(),
-    };
-    d.spawn(&[]);
-    d
+    Daemon::start(setup.connection(connection))
 }
 
 fn ids(prefix: &str, n: usize) -> Vec<String> {

@@ -55,6 +55,8 @@ pub struct Setup {
     pub db_file: String,
     /// Extra environment for the daemon.
     pub env: Vec<(String, String)>,
+    /// `[database] connection`; `None`: SQLite at `db_file` in the temp dir.
+    pub connection: Option<String>,
 }
 
 impl Default for Setup {
@@ -68,6 +70,7 @@ impl Default for Setup {
             secret: SECRET.into(),
             db_file: "collector.db".into(),
             env: Vec::new(),
+            connection: None,
         }
     }
 }
@@ -87,6 +90,11 @@ impl Setup {
     }
     pub fn database(mut self, line: &str) -> Self {
         self.database.push(line.into());
+        self
+    }
+    /// Store in a server database instead of the temp dir's SQLite file.
+    pub fn connection(mut self, url: &str) -> Self {
+        self.connection = Some(url.into());
         self
     }
     pub fn db_file(mut self, rel: &str) -> Self {
@@ -134,10 +142,11 @@ impl Setup {
             "[publisher]\ntelemetry_secret = \"{}\"\n",
             self.secret
         ));
-        s.push_str(&format!(
-            "[database]\nconnection = \"sqlite:///{d}/{}\"\n",
-            self.db_file
-        ));
+        let connection = match &self.connection {
+            Some(url) => url.clone(),
+            None => format!("sqlite:///{d}/{}", self.db_file),
+        };
+        s.push_str(&format!("[database]\nconnection = \"{connection}\"\n"));
         for l in &self.database {
             s.push_str(l);
             s.push('\n');
