@@ -60,8 +60,9 @@ pub fn parse_level(level: &str) -> Option<log::LevelFilter> {
     }
 }
 
-/// Install the logger once per process. `tag` names the process in every line
-/// (`launcher`, `worker-2`...).
+/// Install the logger (the launcher does, before any fork; workers inherit it). Every line
+/// carries the writing process's pid, so launcher and worker lines tell apart. `verbosity`
+/// (`-v`, `-vv`) raises the configured level; `RUST_LOG`, when set, wins over both.
 pub fn init(level: &str, log_file: Option<&str>, verbosity: u8) -> io::Result<()> {
     let path = log_file.filter(|p| !p.is_empty()).map(PathBuf::from);
     let file = path.as_ref().map(open_log).transpose()?;
