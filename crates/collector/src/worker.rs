@@ -1063,6 +1063,11 @@ impl Worker {
             if c.rpos > 0 && (c.rpos == c.rbuf.len() || c.rpos > READ_CHUNK) {
                 c.rbuf.drain(..c.rpos);
                 c.rpos = 0;
+                // A connection that once carried a 16 MiB frame must not keep 16 MiB while
+                // idle: give back what a normal read does not need.
+                if c.rbuf.is_empty() && c.rbuf.capacity() > 4 * READ_CHUNK {
+                    c.rbuf = Vec::new();
+                }
             }
             let len = c.rbuf.len();
             c.rbuf.resize(len + READ_CHUNK, 0);
@@ -1294,6 +1299,7 @@ impl Worker {
         }
         if c.wpos == c.wbuf.len() {
             c.wbuf.clear();
+            c.wbuf.shrink_to(READ_CHUNK);
             c.wpos = 0;
         } else if c.wpos > MAX_WRITE_BUFFER {
             c.wbuf.drain(..c.wpos);
