@@ -436,3 +436,41 @@ fn systemd_notifications_follow_the_lifecycle() {
     assert!(next().contains("STOPPING=1"));
     assert_eq!(d.wait_exit(WAIT), Some(Some(0)));
 }
+
+#[test]
+fn check_config_validates_without_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    let run = |text: &str| {
+        std::fs::write(&cfg, text).unwrap();
+        Command::new(bin("collector"))
+            .args(["--check-config", "--config"])
+            .arg(&cfg)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let ok = run("[publisher]\ntelemetry_secret = \"topsecret\"\n[database]\nconnection = \"postgresql://u:pw@127.0.0.1:1/db\"\n");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let shown = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        shown.contains("u:***@") && !shown.contains("topsecret"),
+        "{shown}"
+    );
+    // Nothing was started or bound.
+    assert!(!dir.path().join("data").exists());
+    let bad_port = run("[database]\nconnection = \"postgresql://u@h:port/db\"\n");
+    assert_eq!(bad_port.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad_port.stderr).contains("[database] connection"));
+    let unknown = run("[database]\nconnection = \"mongodb://h/ceilometer\"\n");
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("known: sqlite, postgresql"));
+    let typo = run("[collector]\nudp_prot = 1\n");
+    assert_eq!(typo.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&typo.stderr);
+    assert!(err.contains("udp_prot") && err.contains("line 2"), "{err}");
+}

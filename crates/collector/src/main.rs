@@ -63,7 +63,7 @@ fn main() -> ExitCode {
         cfg.service.log_file = p.display().to_string();
     }
     if cli.check_config {
-        if let Err(e) = check_storage_url(&cfg.database.connection) {
+        if let Err(e) = storage::check_url(&cfg.database.connection) {
             eprintln!("collector: [database] connection: {e}");
             return ExitCode::from(collector::EXIT_CONFIG);
         }
@@ -82,16 +82,4 @@ fn main() -> ExitCode {
         },
     };
     ExitCode::from(collector::launcher::run(cfg, opts))
-}
-
-/// The storage URL names a known driver and parses (opening it is the workers' job).
-fn check_storage_url(url: &str) -> Result<(), storage::StorageError> {
-    let parsed = storage::url::StorageUrl::parse(url)?;
-    if !storage::known_schemes().contains(&parsed.scheme.as_str()) {
-        return Err(storage::StorageError::UnknownScheme {
-            scheme: parsed.scheme.clone(),
-            known: storage::known_schemes(),
-        });
-    }
-    Ok(())
 }

@@ -28,7 +28,7 @@ pub mod url;
 pub use error::StorageError;
 pub use file::FileDispatcher;
 pub use model::{MeterInfo, RecordOutcome, ResourceInfo, SampleFilter, Statistics, StoredSample};
-pub use registry::{known_schemes, open};
+pub use registry::{check_url, known_schemes, open};
 
 use meter::Sample;
 

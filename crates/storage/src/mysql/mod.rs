@@ -49,6 +49,11 @@ pub fn open_boxed(
     Ok(Box::new(MysqlStorage::open(url, opts)?))
 }
 
+/// Check a `mysql://` URL without connecting.
+pub fn check_url(url: &StorageUrl<'_>) -> Result<(), StorageError> {
+    opts_from_url(url).map(drop)
+}
+
 /// The MySQL/MariaDB [`Storage`] driver.
 pub struct MysqlStorage {
     opts: Opts,

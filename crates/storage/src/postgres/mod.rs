@@ -40,6 +40,11 @@ pub fn open_boxed(
     Ok(Box::new(PostgresStorage::open(url, opts)?))
 }
 
+/// Check a `postgresql://` URL without connecting.
+pub fn check_url(url: &StorageUrl<'_>) -> Result<(), StorageError> {
+    config_from_url(url).map(drop)
+}
+
 /// The PostgreSQL [`Storage`] driver.
 pub struct PostgresStorage {
     config: Config,
