@@ -151,6 +151,27 @@ pub(crate) fn counter_type_from_str(s: &str) -> Option<CounterType> {
     }
 }
 
+/// The joins every SQL driver's sample queries read from: `s` sample, `m` meter, `r` resource.
+pub(crate) const SAMPLE_FROM: &str = " FROM sample s
+    JOIN meter m ON m.id = s.meter_id
+    JOIN resource r ON r.internal_id = s.resource_id";
+
+impl SampleFilter {
+    /// The filter's plain equalities, as (column in [`SAMPLE_FROM`]'s joins, value), in the
+    /// order every SQL driver writes them.
+    pub(crate) fn column_equalities(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            ("m.name", &self.meter),
+            ("r.resource_id", &self.resource_id),
+            ("r.project_id", &self.project_id),
+            ("r.user_id", &self.user_id),
+            ("r.source_id", &self.source),
+        ]
+        .into_iter()
+        .filter_map(|(column, value)| value.as_deref().map(|v| (column, v)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

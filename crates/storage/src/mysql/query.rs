@@ -12,9 +12,7 @@ use ::mysql::prelude::Queryable;
 use ::mysql::{Params, Row, Value as MyValue};
 use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
 
-const FROM: &str = " FROM sample s
-    JOIN meter m ON m.id = s.meter_id
-    JOIN resource r ON r.internal_id = s.resource_id";
+use crate::model::SAMPLE_FROM as FROM;
 
 /// A `WHERE` clause and its parameters, in textual order.
 struct Where {
@@ -28,17 +26,8 @@ impl Where {
             sql: String::from(" WHERE 1 = 1"),
             params: Vec::new(),
         };
-        let columns = [
-            ("m.name", &filter.meter),
-            ("r.resource_id", &filter.resource_id),
-            ("r.project_id", &filter.project_id),
-            ("r.user_id", &filter.user_id),
-            ("r.source_id", &filter.source),
-        ];
-        for (column, value) in columns {
-            if let Some(v) = value {
-                w.push(&format!(" AND {column} = ?"), MyValue::from(v.as_str()));
-            }
+        for (column, v) in filter.column_equalities() {
+            w.push(&format!(" AND {column} = ?"), MyValue::from(v));
         }
         if filter.meter.is_none() && (filter.start.is_some() || filter.end.is_some()) {
             // No index on timestamp alone: walk (meter_id, timestamp) per meter.

@@ -14,9 +14,7 @@ use ::postgres::{Client, Row};
 use serde_json::Value as J;
 use time::OffsetDateTime;
 
-const FROM: &str = " FROM sample s
-    JOIN meter m ON m.id = s.meter_id
-    JOIN resource r ON r.internal_id = s.resource_id";
+use crate::model::SAMPLE_FROM as FROM;
 
 type Param = Box<dyn ToSql + Sync>;
 
@@ -32,17 +30,8 @@ impl Where {
             sql: String::from(" WHERE TRUE"),
             params: Vec::new(),
         };
-        let columns = [
-            ("m.name", &filter.meter),
-            ("r.resource_id", &filter.resource_id),
-            ("r.project_id", &filter.project_id),
-            ("r.user_id", &filter.user_id),
-            ("r.source_id", &filter.source),
-        ];
-        for (column, value) in columns {
-            if let Some(v) = value {
-                w.push(&format!(" AND {column} = "), "", Box::new(v.clone()));
-            }
+        for (column, v) in filter.column_equalities() {
+            w.push(&format!(" AND {column} = "), "", Box::new(v.to_string()));
         }
         if let Some(start) = filter.start {
             w.push(" AND s.timestamp >= ", "", Box::new(start));

@@ -23,9 +23,7 @@ impl From<rusqlite::Error> for QueryError {
 
 type Result<T> = std::result::Result<T, QueryError>;
 
-const FROM: &str = " FROM sample s
-    JOIN meter m ON m.id = s.meter_id
-    JOIN resource r ON r.internal_id = s.resource_id";
+use crate::model::SAMPLE_FROM as FROM;
 
 /// A `WHERE` clause and its parameters, in textual order.
 struct Where {
@@ -39,19 +37,9 @@ impl Where {
             sql: String::from(" WHERE 1 = 1"),
             params: Vec::new(),
         };
-        let text = |v: &String| SqlValue::Text(v.clone());
-        let columns = [
-            ("m.name", &filter.meter),
-            ("r.resource_id", &filter.resource_id),
-            ("r.project_id", &filter.project_id),
-            ("r.user_id", &filter.user_id),
-            ("r.source_id", &filter.source),
-        ];
-        for (column, value) in columns {
-            if let Some(v) = value {
-                w.sql.push_str(&format!(" AND {column} = ?"));
-                w.params.push(text(v));
-            }
+        for (column, v) in filter.column_equalities() {
+            w.sql.push_str(&format!(" AND {column} = ?"));
+            w.params.push(SqlValue::Text(v.to_string()));
         }
         if filter.meter.is_none() && (filter.start.is_some() || filter.end.is_some()) {
             // There is no index on timestamp alone: walk (meter_id, timestamp) per meter.
