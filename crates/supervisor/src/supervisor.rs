@@ -1247,20 +1247,7 @@ impl SupervisorHandle<'_> {
     where
         S: Source + AsRawFd + ?Sized,
     {
-        if token.0 > MAX_EXTRA_TOKEN {
-            return Err(Error::ReservedToken(token.0));
-        }
-        let fd = source.as_raw_fd();
-        self.core
-            .poll
-            .registry()
-            .register(source, token, interest)
-            .map_err(|source| Error::Register {
-                token: token.0,
-                source,
-            })?;
-        self.core.extras.insert(fd);
-        Ok(())
+        self.extra(source, token, interest, false)
     }
 
     /// Changes the interest of a registered extra source.
@@ -1273,18 +1260,33 @@ impl SupervisorHandle<'_> {
     where
         S: Source + AsRawFd + ?Sized,
     {
+        self.extra(source, token, interest, true)
+    }
+
+    fn extra<S>(
+        &mut self,
+        source: &mut S,
+        token: Token,
+        interest: Interest,
+        again: bool,
+    ) -> Result<(), Error>
+    where
+        S: Source + AsRawFd + ?Sized,
+    {
         if token.0 > MAX_EXTRA_TOKEN {
             return Err(Error::ReservedToken(token.0));
         }
         let fd = source.as_raw_fd();
-        self.core
-            .poll
-            .registry()
-            .reregister(source, token, interest)
-            .map_err(|source| Error::Register {
-                token: token.0,
-                source,
-            })?;
+        let registry = self.core.poll.registry();
+        let result = if again {
+            registry.reregister(source, token, interest)
+        } else {
+            registry.register(source, token, interest)
+        };
+        result.map_err(|source| Error::Register {
+            token: token.0,
+            source,
+        })?;
         self.core.extras.insert(fd);
         Ok(())
     }
