@@ -593,6 +593,11 @@ fn not_carried_reason(section: &str, key: &str) -> &'static str {
         }
         ("DEFAULT", "use_json") => "the collector's log format is fixed text",
         ("DEFAULT", "host") => "a name for agents' AMQP keys; the collector has no use for it",
+        ("DEFAULT", k)
+            if k.starts_with("log_rotat") || k.starts_with("max_logfile") =>
+        {
+            "rotation is logrotate's job: USR1 (or the package's logrotate file) reopens the log"
+        }
         ("DEFAULT", "verbose") => "removed from oslo.log; [service] log_level is info unless debug is set",
         ("DEFAULT", k) if k.starts_with("log") || k.starts_with("logging") || k.starts_with("default_log") || k.starts_with("use_") || k.starts_with("fatal_") || k.starts_with("instance_") || k.starts_with("rate_limit") || k.starts_with("publish_errors") => {
             "oslo.log formatting: the collector's log format is fixed (filter with RUST_LOG)"
@@ -611,8 +616,8 @@ fn not_carried_reason(section: &str, key: &str) -> &'static str {
             "queue mirroring is a broker policy; nothing to carry"
         }
         ("oslo_messaging_rabbit", _) => {
-            "oslo.messaging rabbit tuning the collector's consumer does not have (it reconnects \
-             with backoff and keeps the broker's heartbeat)"
+            "oslo.messaging rabbit tuning with no equivalent: the consumer reconnects with its \
+             own backoff (a heartbeat goes in transport_url's ?heartbeat_timeout_threshold=N)"
         }
         ("oslo_messaging_amqp" | "oslo_messaging_kafka" | "oslo_messaging_zmq" | "matchmaker_redis", _) => {
             "other transports than RabbitMQ are not supported"
@@ -629,6 +634,7 @@ fn not_carried_reason(section: &str, key: &str) -> &'static str {
             "an agent option: it stays in the agents' ceilometer.conf"
         }
         ("dispatcher_gnocchi" | "dispatcher_http", _) => "that dispatcher is not supported",
+        ("DEFAULT", _) => "an agent, API or notification-agent option: no equivalent in the collector",
         _ => "no equivalent in the collector",
     }
 }
