@@ -828,6 +828,23 @@ mod tests {
         assert!(!err("[database]\nconnection = mongodb://u:pw@h/c\n").contains(":pw@"));
     }
 
+    proptest::proptest! {
+        /// Whatever the file holds, the importer answers (a translation or errors) and a
+        /// translation always parses back as a valid collector.toml.
+        #[test]
+        fn any_input_is_answered(text in "(\\[(DEFAULT|collector|database|publisher|publisher_notifier|oslo_messaging_rabbit|dispatcher_file|[a-z]{1,6})\\]\n|(udp_address|udp_port|batch_size|batch_timeout|workers|collector_workers|requeue_sample_on_dispatcher_error|telemetry_secret|connection|metering_time_to_live|transport_url|control_exchange|meter_dispatchers|debug|log_file|log_dir|rabbit_qos_prefetch_count|amqp_durable_queues|rabbit_quorum_queue|ssl|file_path|max_bytes|backup_count|[a-z_-]{1,12}) ?[=:] ?(-?[0-9]{1,6}|true|false|database|file|rabbit://[a-z:@]{0,10}/|sqlite:///[a-z/]{1,10}|[ -~\u{e9}]{0,20})\n|[ \t#;][ -~]{0,20}\n|\n){0,30}") {
+            if let Ok(out) = import(&text, "fuzz.conf") {
+                let c = Config::parse(&out).map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{e}\n{out}")))?;
+                proptest::prop_assert!(c.validate().is_ok(), "{}", out);
+            }
+        }
+
+        #[test]
+        fn any_bytes_never_panic(text in "\\PC{0,200}") {
+            let _ = import(&text, "fuzz.conf");
+        }
+    }
+
     #[test]
     fn ini_syntax_errors_name_the_line() {
         assert!(err("[DEFAULT\n").contains("line 1"));
