@@ -163,6 +163,20 @@ fn queries_without_meter_with_filters_formats_and_relative_times() {
     assert!(resources.starts_with("RESOURCE"), "{resources}");
     assert_eq!(resources.lines().count(), 2, "{resources}");
 
+    // Without --config or --socket, $COLLECTOR_CONFIG names the config.
+    let out = Command::new(bin("collectorctl"))
+        .args(["samples", "--meter", "memory", "--json"])
+        .env("COLLECTOR_CONFIG", &d.config_path)
+        .current_dir(d.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("b-mem-recent"));
+
     // status keeps --json and gains --output.
     let s: serde_json::Value = serde_json::from_str(&ok(&d, &["status", "-o", "json"])).unwrap();
     assert!(s["pid"].as_u64().is_some());
