@@ -6,13 +6,16 @@
 //! `storage`; process supervision in `supervisor`. This crate is where they meet.
 
 pub mod amqp;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod counters;
 pub mod dispatch;
 pub mod framing;
+pub mod import;
 pub mod launcher;
 pub mod logging;
+pub mod options;
 pub mod rpc;
 pub mod sockets;
 pub mod worker;

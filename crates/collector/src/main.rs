@@ -1,6 +1,7 @@
 //! `collector`: the metering-sample collector daemon (DESIGN §2).
 
 use clap::Parser;
+use collector::cli::Cli;
 use collector::config::Config;
 
 /// The loop thread allocates samples and the writer thread frees them; mimalloc's per-thread
@@ -8,44 +9,13 @@ use collector::config::Config;
 /// fork: the launcher forks with one thread, so no allocator lock can be held by another.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use std::path::PathBuf;
 use std::process::ExitCode;
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "collector",
-    version,
-    about = "Collects ceilometer metering samples (UDP, TCP, MessagePack-RPC) and stores them",
-    long_about = "Collects ceilometer metering samples sent over UDP, ceilometer's tcp:// framing and \
-MessagePack-RPC, verifies their signatures and stores them (SQLite by default). Without --config it \
-runs on embedded defaults: SQLite at ./data/collector.db, loopback ports 4952 (UDP, TCP) and 4953 (RPC)."
-)]
-struct Cli {
-    /// Configuration file (TOML); embedded defaults when absent.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Detach from the terminal and run in the background.
-    #[arg(long)]
-    daemon: bool,
-    /// Write the launcher's pid here (overrides [service] pidfile).
-    #[arg(long, value_name = "FILE")]
-    pidfile: Option<PathBuf>,
-    /// Number of worker processes (overrides [service] workers).
-    #[arg(long, value_name = "N")]
-    workers: Option<usize>,
-    /// Log to this file (overrides [service] log_file).
-    #[arg(long, value_name = "FILE")]
-    log_file: Option<PathBuf>,
-    /// Validate the configuration, print it (secrets masked) and exit.
-    #[arg(long)]
-    check_config: bool,
-    /// More logging: -v debug, -vv trace.
-    #[arg(short, long, action = clap::ArgAction::Count)]
-    verbose: u8,
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(path) = &cli.import_ceilometer_conf {
+        return import_ceilometer_conf(path);
+    }
     let mut cfg = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -82,4 +52,27 @@ fn main() -> ExitCode {
         },
     };
     ExitCode::from(collector::launcher::run(cfg, opts))
+}
+
+/// `--import-ceilometer-conf`: the translation on stdout, or every problem on stderr.
+fn import_ceilometer_conf(path: &std::path::Path) -> ExitCode {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("collector: cannot read {}: {e}", path.display());
+            return ExitCode::from(collector::EXIT_CONFIG);
+        }
+    };
+    match collector::import::import(&text, &path.display().to_string()) {
+        Ok(toml) => {
+            print!("{toml}");
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in errors {
+                eprintln!("collector: {}: {e}", path.display());
+            }
+            ExitCode::from(collector::EXIT_CONFIG)
+        }
+    }
 }
