@@ -104,6 +104,7 @@ fn postgres_verify_full_against_an_ip_is_a_name_mismatch() {
         .record_metering_data(&[sample("m", "cpu", "r", "2026-01-01T00:00:00", 1.0)])
         .unwrap_err()
         .to_string();
+    eprintln!("name mismatch reported as: {e}");
     assert!(e.contains("name mismatch"), "{e}");
     assert!(e.contains("127.0.0.1"), "{e}");
     // verify-ca checks the chain only, so the same URL with verify-ca connects.
@@ -128,6 +129,7 @@ fn postgres_unknown_ca_is_named() {
         .record_metering_data(&[sample("m", "cpu", "r", "2026-01-01T00:00:00", 1.0)])
         .unwrap_err()
         .to_string();
+    eprintln!("unknown CA reported as: {e}");
     assert!(e.contains("unknown CA"), "{e}");
 }
 
@@ -170,4 +172,170 @@ fn bad_tls_files_fail_the_open_naming_the_parameter() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("sslcert"), "{e}");
+}
+
+/// A MariaDB account on `db` that the server lets in only over TLS (`REQUIRE SSL`, or
+/// `REQUIRE X509`: with a client certificate signed by a CA it trusts), so a stored sample
+/// proves the driver's session was encrypted. Dropped with the returned guard.
+struct TlsUser {
+    name: String,
+}
+
+impl TlsUser {
+    fn new(db: &TestDb, require: &str) -> TlsUser {
+        use mysql::prelude::Queryable;
+        let name = format!("tls_{}", db.name.trim_start_matches("collector_"));
+        let Admin::Mysql(mut c) = db.admin() else {
+            unreachable!()
+        };
+        c.query_drop(format!("DROP USER IF EXISTS '{name}'@'%'"))
+            .unwrap();
+        c.query_drop(format!(
+            "CREATE USER '{name}'@'%' IDENTIFIED BY 'pw' REQUIRE {require}"
+        ))
+        .unwrap();
+        c.query_drop(format!("GRANT ALL ON `{}`.* TO '{name}'@'%'", db.name))
+            .unwrap();
+        TlsUser { name }
+    }
+
+    /// The test database's URL as this user, on `host`, with `params`.
+    fn url(&self, db: &TestDb, host: &str, params: &str) -> String {
+        format!(
+            "mysql://{}:pw@{host}:{}/{}?{params}",
+            self.name,
+            Kind::Mysql.addr().rsplit_once(':').unwrap().1,
+            db.name
+        )
+    }
+}
+
+fn mysql_drop_user(name: &str) {
+    use mysql::prelude::Queryable;
+    if let Ok(mut c) = mysql::Conn::new(
+        mysql::OptsBuilder::new()
+            .ip_or_hostname(Some("127.0.0.1"))
+            .tcp_port(3306)
+            .user(Some("root"))
+            .prefer_socket(false),
+    ) {
+        let _ = c.query_drop(format!("DROP USER IF EXISTS '{name}'@'%'"));
+    }
+}
+
+impl Drop for TlsUser {
+    fn drop(&mut self) {
+        mysql_drop_user(&self.name);
+    }
+}
+
+fn ca(name: &str) -> String {
+    tls_dir().join(name).display().to_string()
+}
+
+#[test]
+fn mariadb_refuses_the_tls_only_account_in_clear() {
+    // The check the other MariaDB tests rely on: without TLS, that account is refused.
+    let db = TestDb::new(Kind::Mysql);
+    let user = TlsUser::new(&db, "SSL");
+    let e = storage::open(
+        &user.url(&db, "127.0.0.1", "ssl_mode=DISABLED"),
+        &StorageOptions::default(),
+    )
+    .err()
+    .expect("a REQUIRE SSL account in clear is refused")
+    .to_string();
+    assert!(e.contains("Access denied"), "{e}");
+}
+
+#[test]
+fn mariadb_ssl_true_encrypts() {
+    let db = TestDb::new(Kind::Mysql);
+    let user = TlsUser::new(&db, "SSL");
+    let mut st = storage::open(
+        &user.url(&db, "127.0.0.1", "ssl=true"),
+        &StorageOptions::default(),
+    )
+    .expect("open over TLS");
+    store_two(st.as_mut(), "ssl");
+}
+
+#[test]
+fn mariadb_verify_identity_with_the_servers_name_works() {
+    let db = TestDb::new(Kind::Mysql);
+    let user = TlsUser::new(&db, "SSL");
+    let url = user.url(
+        &db,
+        "localhost",
+        &format!(
+            "ssl_ca={}&ssl_verify_cert=true&ssl_verify_identity=true",
+            ca("ca.pem")
+        ),
+    );
+    let mut st = storage::open(&url, &StorageOptions::default()).expect("open");
+    store_two(st.as_mut(), "full");
+}
+
+#[test]
+fn mariadb_verify_identity_against_an_ip_is_a_name_mismatch() {
+    let db = TestDb::new(Kind::Mysql);
+    let user = TlsUser::new(&db, "SSL");
+    let url = user.url(
+        &db,
+        "127.0.0.1",
+        &format!("ssl_ca={}&ssl_verify_identity=true", ca("ca.pem")),
+    );
+    let e = match storage::open(&url, &StorageOptions::default()) {
+        Err(e) => e.to_string(),
+        Ok(mut st) => st
+            .record_metering_data(&[sample("m", "cpu", "r", "2026-01-01T00:00:00", 1.0)])
+            .unwrap_err()
+            .to_string(),
+    };
+    eprintln!("name mismatch reported as: {e}");
+    assert!(e.contains("name mismatch"), "{e}");
+    // The chain alone (ssl_ca, verify_cert by default, no identity check) is accepted.
+    let url = user.url(&db, "127.0.0.1", &format!("ssl_ca={}", ca("ca.pem")));
+    let mut st = storage::open(&url, &StorageOptions::default()).expect("open");
+    store_two(st.as_mut(), "chain");
+}
+
+#[test]
+fn mariadb_unknown_ca_is_named() {
+    let db = TestDb::new(Kind::Mysql);
+    let user = TlsUser::new(&db, "SSL");
+    let url = user.url(&db, "localhost", &format!("ssl_ca={}", ca("other-ca.pem")));
+    let e = match storage::open(&url, &StorageOptions::default()) {
+        Err(e) => e.to_string(),
+        Ok(mut st) => st
+            .record_metering_data(&[sample("m", "cpu", "r", "2026-01-01T00:00:00", 1.0)])
+            .unwrap_err()
+            .to_string(),
+    };
+    eprintln!("unknown CA reported as: {e}");
+    assert!(e.contains("unknown CA"), "{e}");
+}
+
+#[test]
+fn mariadb_client_certificate_authenticates() {
+    let db = TestDb::new(Kind::Mysql);
+    let user = TlsUser::new(&db, "X509");
+    let without = user.url(&db, "localhost", &format!("ssl_ca={}", ca("ca.pem")));
+    let e = storage::open(&without, &StorageOptions::default())
+        .err()
+        .expect("REQUIRE X509 without a client certificate is refused")
+        .to_string();
+    assert!(e.contains("Access denied"), "{e}");
+    let with = user.url(
+        &db,
+        "localhost",
+        &format!(
+            "ssl_ca={}&ssl_cert={}&ssl_key={}",
+            ca("ca.pem"),
+            ca("client.pem"),
+            ca("client-key.pem")
+        ),
+    );
+    let mut st = storage::open(&with, &StorageOptions::default()).expect("open with a client cert");
+    store_two(st.as_mut(), "x509");
 }
