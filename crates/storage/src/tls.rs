@@ -188,6 +188,8 @@ pub fn explain(text: &str) -> Option<&'static str> {
         Some("the server's certificate is not valid yet")
     } else if t.contains("does not support tls") || t.contains("server does not support ssl") {
         Some("the server does not offer TLS, which the URL requires")
+    } else if t.contains("invalidcontenttype") || t.contains("corrupt message") {
+        Some("the server does not speak TLS on this port (a plain listener?)")
     } else {
         None
     }
@@ -346,6 +348,11 @@ mod tests {
             explain("error performing TLS handshake: server does not support TLS")
                 .unwrap()
                 .contains("does not offer TLS")
+        );
+        assert!(
+            explain("received corrupt message of type InvalidContentType")
+                .unwrap()
+                .contains("does not speak TLS")
         );
         assert_eq!(explain("connection refused"), None);
     }
