@@ -23,6 +23,18 @@ fn tls_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/etc/collector-test-tls"))
 }
 
+/// What a driver on `url` says when it cannot connect: the open's error, or (for what is
+/// transient, such as a failed handshake) the first call's.
+fn first_error(url: &str) -> String {
+    match storage::open(url, &StorageOptions::default()) {
+        Err(e) => e.to_string(),
+        Ok(mut st) => st
+            .record_metering_data(&[sample("m", "cpu", "r", "2026-01-01T00:00:00", 1.0)])
+            .unwrap_err()
+            .to_string(),
+    }
+}
+
 fn with_params(url: &str, params: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
     format!("{url}{sep}{params}")
@@ -124,11 +136,7 @@ fn postgres_unknown_ca_is_named() {
         &db.url.replacen("127.0.0.1", "localhost", 1),
         &format!("sslmode=verify-full&sslrootcert={}", ca.display()),
     );
-    let mut st = storage::open(&url, &StorageOptions::default()).expect("open");
-    let e = st
-        .record_metering_data(&[sample("m", "cpu", "r", "2026-01-01T00:00:00", 1.0)])
-        .unwrap_err()
-        .to_string();
+    let e = first_error(&url);
     eprintln!("unknown CA reported as: {e}");
     assert!(e.contains("unknown CA"), "{e}");
 }
@@ -285,13 +293,7 @@ fn mariadb_verify_identity_against_an_ip_is_a_name_mismatch() {
         "127.0.0.1",
         &format!("ssl_ca={}&ssl_verify_identity=true", ca("ca.pem")),
     );
-    let e = match storage::open(&url, &StorageOptions::default()) {
-        Err(e) => e.to_string(),
-        Ok(mut st) => st
-            .record_metering_data(&[sample("m", "cpu", "r", "2026-01-01T00:00:00", 1.0)])
-            .unwrap_err()
-            .to_string(),
-    };
+    let e = first_error(&url);
     eprintln!("name mismatch reported as: {e}");
     assert!(e.contains("name mismatch"), "{e}");
     // The chain alone (ssl_ca, verify_cert by default, no identity check) is accepted.
@@ -305,13 +307,7 @@ fn mariadb_unknown_ca_is_named() {
     let db = TestDb::new(Kind::Mysql);
     let user = TlsUser::new(&db, "SSL");
     let url = user.url(&db, "localhost", &format!("ssl_ca={}", ca("other-ca.pem")));
-    let e = match storage::open(&url, &StorageOptions::default()) {
-        Err(e) => e.to_string(),
-        Ok(mut st) => st
-            .record_metering_data(&[sample("m", "cpu", "r", "2026-01-01T00:00:00", 1.0)])
-            .unwrap_err()
-            .to_string(),
-    };
+    let e = first_error(&url);
     eprintln!("unknown CA reported as: {e}");
     assert!(e.contains("unknown CA"), "{e}");
 }
