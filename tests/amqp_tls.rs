@@ -216,7 +216,7 @@ fn an_expired_certificate_is_named() {
 }
 
 #[test]
-fn unreadable_tls_files_stop_the_start_and_check_config_names_them() {
+fn unreadable_tls_files_stop_the_start_and_check_config_names_them_without_connecting() {
     let cfg = config(
         "files",
         "amqps://guest:guest@localhost/",
@@ -245,4 +245,25 @@ fn unreadable_tls_files_stop_the_start_and_check_config_names_them() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("ssl_key_file"), "{stderr}");
+    // The storage drivers' TLS files too, named by their URL parameter, without connecting.
+    for (url, param) in [
+        (
+            "postgresql://u@db.invalid/c?sslmode=verify-full&sslrootcert=/nonexistent/root.crt",
+            "sslrootcert",
+        ),
+        (
+            "mysql+pymysql://u@db.invalid/c?ssl_ca=/etc/hostname",
+            "ssl_ca",
+        ),
+    ] {
+        std::fs::write(&conf, format!("[database]\nconnection = \"{url}\"\n")).unwrap();
+        let out = Command::new(bin("collector"))
+            .args(["--check-config", "--config"])
+            .arg(&conf)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{url}: {stderr}");
+        assert!(stderr.contains(param), "{url}: {stderr}");
+    }
 }
