@@ -33,9 +33,21 @@ impl Topology {
     }
 
     fn setup(&self, workers: usize) -> Setup {
+        // With COLLECTOR_TEST_AMQP_TLS=<CA file> (scripts/test's second pass) the daemon's
+        // consumers connect over TLS (COLLECTOR_TEST_AMQPS, default localhost:5671).
+        let (url, tls) = match std::env::var("COLLECTOR_TEST_AMQP_TLS") {
+            Ok(ca) => (
+                format!(
+                    "amqps://guest:guest@{}/",
+                    std::env::var("COLLECTOR_TEST_AMQPS")
+                        .unwrap_or_else(|_| "localhost:5671".into())
+                ),
+                format!("\nssl_ca_file = {ca:?}"),
+            ),
+            Err(_) => (format!("rabbit://guest:guest@{}/", broker()), String::new()),
+        };
         Setup::default().workers(workers).extra(&format!(
-            "[messaging]\ntransport_url = \"rabbit://guest:guest@{}/\"\ncontrol_exchange = \"{}\"\nmetering_topic = \"{}\"\nrabbit_qos_prefetch_count = 100",
-            broker(),
+            "[messaging]\ntransport_url = \"{url}\"\ncontrol_exchange = \"{}\"\nmetering_topic = \"{}\"\nrabbit_qos_prefetch_count = 100{tls}",
             self.exchange,
             self.topic
         ))

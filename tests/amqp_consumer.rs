@@ -20,6 +20,18 @@ fn broker() -> String {
     std::env::var("COLLECTOR_TEST_AMQP").unwrap_or_else(|_| "127.0.0.1:5672".into())
 }
 
+/// With `COLLECTOR_TEST_AMQP_TLS=<CA file>` (scripts/test's second pass), the consumer under
+/// test connects over TLS to the broker's TLS listener (`COLLECTOR_TEST_AMQPS`, default
+/// `localhost:5671`), checking its certificate against that CA; publishers stay plain.
+fn with_tls(mut m: MessagingConfig) -> MessagingConfig {
+    if let Ok(ca) = std::env::var("COLLECTOR_TEST_AMQP_TLS") {
+        let tls = std::env::var("COLLECTOR_TEST_AMQPS").unwrap_or_else(|_| "localhost:5671".into());
+        m.transport_url = format!("amqps://guest:guest@{tls}/");
+        m.ssl_ca_file = ca;
+    }
+    m
+}
+
 /// The venv with ceilometer's publisher stack (shared with the other end-to-end tests).
 fn python() -> PathBuf {
     collector_e2e::ceilometer_python()
@@ -56,13 +68,14 @@ impl Topology {
     }
 
     fn config(&self, durable: bool, prefetch: u16) -> MessagingConfig {
-        MessagingConfig {
+        with_tls(MessagingConfig {
             transport_url: format!("rabbit://guest:guest@{}/", broker()),
             control_exchange: self.exchange.clone(),
             metering_topic: self.topic.clone(),
             amqp_durable_queues: durable,
             rabbit_qos_prefetch_count: prefetch,
-        }
+            ..MessagingConfig::default()
+        })
     }
 
     /// Publish `count` samples, `per_message` to a notification, with ceilometer's

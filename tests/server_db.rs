@@ -480,3 +480,82 @@ impl Drop for Proxy {
         let _ = TcpStream::connect(&self.addr);
     }
 }
+
+/// The daemon on PostgreSQL over TLS (issue 17): `sslmode=verify-full` with the server's
+/// snakeoil certificate as root, host `localhost` as the certificate names it; every
+/// connection the workers hold is encrypted by the server's own account (`pg_stat_ssl`).
+#[test]
+fn postgres_over_tls_every_worker_connection_is_encrypted() {
+    let db = TestDb::new(Kind::Postgres);
+    let (_, port) = host_port(Kind::Postgres);
+    let url = format!(
+        "postgresql://{}@localhost:{port}/{}?sslmode=verify-full&sslrootcert=/etc/ssl/certs/ssl-cert-snakeoil.pem",
+        user(Kind::Postgres),
+        db.name
+    );
+    let d = start(Setup::default().workers(2), &url);
+    let rpc = ids("tls", 200);
+    let mut c = RpcClient::connect(d.rpc.unwrap()).unwrap();
+    for chunk in rpc.chunks(100) {
+        let r = c
+            .call(chunk.iter().map(|id| sample(id, SECRET)).collect())
+            .unwrap();
+        assert_eq!((r.error.as_deref(), r.stored), (None, 100), "{r:?}");
+    }
+    assert_eq!(db.count(), 200);
+    let sessions = db.query(&format!(
+        "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+         WHERE a.datname = '{}' AND a.application_name = 'collector'",
+        db.name
+    ));
+    let sessions: Vec<&str> = sessions.lines().collect();
+    assert!(!sessions.is_empty(), "no daemon session found");
+    assert!(
+        sessions.iter().all(|s| *s == "t"),
+        "clear sessions: {sessions:?}"
+    );
+}
+
+/// The daemon on MariaDB over TLS: an account the server admits only over TLS, the test CA,
+/// the chain checked (`ssl_ca`; PyMySQL's default then is to verify the certificate).
+#[test]
+fn mariadb_over_tls_stores_through_an_account_that_requires_it() {
+    let db = TestDb::new(Kind::Mysql);
+    let account = format!("tls_{}", db.name.trim_start_matches("collector_"));
+    sql(
+        Kind::Mysql,
+        "",
+        &format!("DROP USER IF EXISTS '{account}'@'%'"),
+    );
+    sql(
+        Kind::Mysql,
+        "",
+        &format!("CREATE USER '{account}'@'%' IDENTIFIED BY 'pw' REQUIRE SSL"),
+    );
+    sql(
+        Kind::Mysql,
+        "",
+        &format!("GRANT ALL ON `{}`.* TO '{account}'@'%'", db.name),
+    );
+    let (host, port) = host_port(Kind::Mysql);
+    let ca = std::env::var("COLLECTOR_TEST_TLS_DIR")
+        .unwrap_or_else(|_| "/etc/collector-test-tls".into());
+    let url = format!(
+        "mysql+pymysql://{account}:pw@{host}:{port}/{}?charset=utf8&ssl_ca={ca}/ca.pem",
+        db.name
+    );
+    let d = start(Setup::default().workers(2), &url);
+    let mut c = RpcClient::connect(d.rpc.unwrap()).unwrap();
+    let rpc = ids("tls", 100);
+    let r = c
+        .call(rpc.iter().map(|id| sample(id, SECRET)).collect())
+        .unwrap();
+    assert_eq!((r.error.as_deref(), r.stored), (None, 100), "{r:?}");
+    assert_eq!(db.count(), 100);
+    drop(d);
+    sql(
+        Kind::Mysql,
+        "",
+        &format!("DROP USER IF EXISTS '{account}'@'%'"),
+    );
+}

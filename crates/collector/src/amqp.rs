@@ -19,11 +19,14 @@
 //! the thread. [`decode_envelope`] turns a message body into sample maps with a small JSON
 //! reader of its own, because ceilometer's signature needs what a generic JSON value loses: int
 //! versus float (`1` versus `1.0`), exact float digits, map order, and Python's `NaN` and
-//! `Infinity`. What this module does not do: TLS (`ssl=1` is refused), kombu compression, or
-//! anything but consuming.
+//! `Infinity`. TLS (`amqps://`, `?ssl=1`, or `[messaging] ssl` with oslo.messaging's
+//! `ssl_ca_file`, `ssl_cert_file`, `ssl_key_file`) is rustls driven by the same poll
+//! ([`crate::tls_stream`]). What this module does not do: kombu compression, or anything but
+//! consuming.
 
 use crate::config::MessagingConfig;
 use crate::dispatch::Wake;
+use crate::tls_stream::Stream;
 use amq_protocol::frame::{gen_frame, parse_frame, AMQPFrame, ProtocolVersion, WriteContext};
 use amq_protocol::protocol::{basic, channel, connection, exchange, queue, AMQPClass};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
@@ -113,6 +116,7 @@ impl AmqpConsumer {
     /// poll that cannot be created.
     pub fn start(cfg: &MessagingConfig, wake: Arc<dyn Wake>) -> Result<AmqpConsumer, String> {
         let target = TransportUrl::parse(&cfg.transport_url)?;
+        let tls = tls_config_for(cfg, &target)?;
         if cfg.metering_topic.is_empty() {
             return Err("[messaging] metering_topic is empty".into());
         }
@@ -129,6 +133,7 @@ impl AmqpConsumer {
         let pid = std::process::id();
         let thread = Consumer {
             next_host: pid as usize % target.hosts.len(),
+            tls,
             connection_name: format!("collector[{pid}] {}/{queue}", cfg.control_exchange),
             target,
             exchange: cfg.control_exchange.clone(),
@@ -253,6 +258,8 @@ struct TransportUrl {
     /// `?heartbeat_timeout_threshold=N`: oslo.messaging lets the URL's query override its
     /// `[oslo_messaging_rabbit]` options; this is the one a consumer needs.
     heartbeat: u16,
+    /// `amqps://`, or `?ssl=1` (oslo.messaging's query form of `[oslo_messaging_rabbit] ssl`).
+    ssl: bool,
 }
 
 impl TransportUrl {
@@ -261,11 +268,12 @@ impl TransportUrl {
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| bad("expected rabbit://user:password@host:port/vhost"))?;
-        if !matches!(scheme, "rabbit" | "kombu") {
+        if !matches!(scheme, "rabbit" | "kombu" | "amqps") {
             return Err(bad(&format!(
-                "unsupported scheme \"{scheme}\" (only rabbit:// is supported)"
+                "unsupported scheme \"{scheme}\" (rabbit:// or amqps://)"
             )));
         }
+        let mut ssl = scheme == "amqps";
         let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (netloc, path) = rest.split_once('/').unwrap_or((rest, ""));
         let mut heartbeat = HEARTBEAT;
@@ -275,8 +283,12 @@ impl TransportUrl {
             .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
         {
             match key {
-                "ssl" if !matches!(value, "0" | "false" | "False") => {
-                    return Err(bad("TLS (ssl) is not supported"));
+                "ssl" => {
+                    ssl = match value.to_ascii_lowercase().as_str() {
+                        "1" | "true" | "yes" | "on" => true,
+                        "0" | "false" | "no" | "off" => false,
+                        _ => return Err(bad(&format!("bad ssl {value:?} (expected 1 or 0)"))),
+                    }
                 }
                 "heartbeat_timeout_threshold" => {
                     heartbeat = value
@@ -307,6 +319,12 @@ impl TransportUrl {
                 None => (String::new(), String::new()),
             };
             let (host, port) = split_host_port(hostport).map_err(|e| bad(&e))?;
+            // RabbitMQ's TLS listener is 5671 by convention; a URL naming no port means it.
+            let port = if scheme == "amqps" && !hostport.ends_with(":5672") && port == 5672 {
+                5671
+            } else {
+                port
+            };
             hosts.push(Host {
                 host,
                 port,
@@ -327,6 +345,7 @@ impl TransportUrl {
             hosts,
             vhost,
             heartbeat,
+            ssl,
         })
     }
 }
@@ -445,7 +464,7 @@ struct Partial {
 
 /// One connection's state.
 struct Session {
-    sock: TcpStream,
+    sock: Stream,
     peer: String,
     epoch: u64,
     rbuf: Vec<u8>,
@@ -471,6 +490,8 @@ struct Session {
 
 struct Consumer {
     target: TransportUrl,
+    /// Set when the connection is TLS.
+    tls: Option<Arc<rustls::ClientConfig>>,
     next_host: usize,
     connection_name: String,
     exchange: String,
@@ -600,8 +621,12 @@ impl Consumer {
             .map_err(|e| failed(format!("cannot resolve {peer}: {e}")))?
             .next()
             .ok_or_else(|| failed(format!("cannot resolve {peer}: no address")))?;
-        let mut sock = TcpStream::connect(addr)
+        let tcp = TcpStream::connect(addr)
             .map_err(|e| failed(format!("cannot connect to {peer}: {e}")))?;
+        let mut sock = match &self.tls {
+            Some(config) => Stream::tls(tcp, config.clone(), &host.host).map_err(failed)?,
+            None => Stream::plain(tcp),
+        };
         // Acks are small frames written one by one; Nagle would hold them back.
         let _ = sock.set_nodelay(true);
         self.poll
@@ -1216,7 +1241,9 @@ impl Consumer {
                 Err(e) => return Err(io_failed(s, e)),
             }
         }
-        let want_writable = !s.wbuf.is_empty();
+        // TLS records still waiting for the socket count as pending output.
+        s.sock.flush().map_err(|e| io_failed(s, e))?;
+        let want_writable = !s.wbuf.is_empty() || s.sock.wants_write();
         if want_writable != s.writable_interest {
             let interest = if want_writable {
                 Interest::READABLE | Interest::WRITABLE
@@ -1267,11 +1294,57 @@ impl Consumer {
 }
 
 fn io_failed(s: &Session, e: io::Error) -> End {
+    let e = match storage::tls::explain(&e.to_string()) {
+        Some(why) => format!("TLS: {why} ({e})"),
+        None => e.to_string(),
+    };
     if s.established {
         failed(format!("{}: {e}", s.peer))
     } else {
         failed(format!("cannot connect to {}: {e}", s.peer))
     }
+}
+
+/// The TLS configuration `[messaging]` asks for, or `None` for a plain connection. TLS is on
+/// with an `amqps://` URL, `?ssl=1` or `ssl = true`; as in oslo.messaging, the broker's
+/// certificate is checked (chain and name) when `ssl_ca_file` is given and not otherwise.
+/// Reads and parses the files, so a bad one is a start-up (and `--check-config`) error.
+pub fn tls_config(cfg: &MessagingConfig) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    if cfg.transport_url.is_empty() {
+        return Ok(None);
+    }
+    let url = TransportUrl::parse(&cfg.transport_url)?;
+    tls_config_for(cfg, &url)
+}
+
+fn tls_config_for(
+    cfg: &MessagingConfig,
+    url: &TransportUrl,
+) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    let file = |name: &'static str, v: &str| (!v.is_empty()).then(|| (name, v.into()));
+    let files = storage::tls::TlsFiles {
+        root: file("ssl_ca_file", &cfg.ssl_ca_file),
+        cert: file("ssl_cert_file", &cfg.ssl_cert_file),
+        key: file("ssl_key_file", &cfg.ssl_key_file),
+    };
+    let any_file = files.root.is_some() || files.cert.is_some() || files.key.is_some();
+    if !(url.ssl || cfg.ssl) {
+        if any_file {
+            log::warn!(
+                "[messaging] ssl_*_file options are set but TLS is off (ssl = false and a \
+                 rabbit:// URL without ?ssl=1): they are not used"
+            );
+        }
+        return Ok(None);
+    }
+    let verify = if files.root.is_some() {
+        storage::tls::Verify::Full
+    } else {
+        storage::tls::Verify::Encrypt
+    };
+    storage::tls::client_config(verify, &files)
+        .map(|c| Some(Arc::new(c)))
+        .map_err(|e| format!("[messaging] TLS: {e}"))
 }
 
 fn connection_closed(c: &connection::Close, during: &str) -> End {
@@ -1965,13 +2038,20 @@ mod tests {
         assert_eq!(u.heartbeat, HEARTBEAT);
         let u = TransportUrl::parse("kombu://h").unwrap();
         assert_eq!((u.hosts[0].port, u.hosts[0].user.as_str()), (5672, ""));
+        assert!(!u.ssl);
+        let u = TransportUrl::parse("amqps://u:p@h1,u:p@h2:5672,u:p@h3:6000/").unwrap();
+        assert!(u.ssl);
+        let ports: Vec<_> = u.hosts.iter().map(|h| h.port).collect();
+        assert_eq!(ports, [5671, 5672, 6000]);
+        assert!(TransportUrl::parse("rabbit://h/?ssl=1").unwrap().ssl);
+        assert!(!TransportUrl::parse("rabbit://h/?ssl=0").unwrap().ssl);
 
         for (bad, want) in [
             ("127.0.0.1:5672", "expected rabbit://"),
             ("amqp://h/", "unsupported scheme \"amqp\""),
+            ("rabbit://u:secret@h/?ssl=perhaps", "bad ssl"),
             ("kafka://h/", "unsupported scheme"),
             ("rabbit://u:secret@h:port/", "bad port \"port\""),
-            ("rabbit://u:secret@h/?ssl=1", "TLS"),
             ("rabbit://u:secret@[::1/", "unclosed"),
             ("rabbit://u:secret@h/%zz", "percent-escape"),
             (
@@ -2003,7 +2083,7 @@ mod tests {
     fn frames_over_frame_max_are_refused_before_buffering() {
         // A session needs a socket: a loopback connection is the cheapest.
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let sock = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let sock = Stream::plain(TcpStream::connect(l.local_addr().unwrap()).unwrap());
         let now = Instant::now();
         let mut s = Session {
             sock,

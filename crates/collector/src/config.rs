@@ -114,6 +114,16 @@ pub struct MessagingConfig {
     pub metering_topic: String,
     pub amqp_durable_queues: bool,
     pub rabbit_qos_prefetch_count: u16,
+    /// TLS to the broker (oslo.messaging's `[oslo_messaging_rabbit] ssl`); also on with an
+    /// `amqps://` URL or `?ssl=1`.
+    pub ssl: bool,
+    /// CA file that signed the broker's certificate: given, the certificate's chain and name
+    /// are checked (oslo.messaging's `ssl_ca_file`); empty, TLS encrypts without checking.
+    pub ssl_ca_file: String,
+    /// Client certificate and key for brokers that ask for one (`ssl_cert_file`,
+    /// `ssl_key_file`).
+    pub ssl_cert_file: String,
+    pub ssl_key_file: String,
 }
 
 impl Default for MessagingConfig {
@@ -124,6 +134,10 @@ impl Default for MessagingConfig {
             metering_topic: "metering".into(),
             amqp_durable_queues: false,
             rabbit_qos_prefetch_count: 1000,
+            ssl: false,
+            ssl_ca_file: String::new(),
+            ssl_cert_file: String::new(),
+            ssl_key_file: String::new(),
         }
     }
 }
@@ -267,6 +281,8 @@ impl Config {
                 self.database.sqlite_synchronous
             ));
         }
+        // The transport URL and the TLS files: read and parsed, not connected to.
+        crate::amqp::tls_config(&self.messaging)?;
         Ok(())
     }
 

@@ -18,6 +18,7 @@ pub mod logging;
 pub mod options;
 pub mod rpc;
 pub mod sockets;
+pub mod tls_stream;
 pub mod worker;
 
 /// Exit status for a configuration that cannot be used.

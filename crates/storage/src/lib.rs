@@ -23,6 +23,7 @@ pub mod postgres;
 pub mod registry;
 pub mod server;
 pub mod sqlite;
+pub mod tls;
 pub mod url;
 
 pub use error::StorageError;

@@ -26,13 +26,14 @@ use crate::server::{self, Link, Valid, CONFLICT_RETRIES};
 /// InnoDB deadlocks between workers inserting into the same index pages are routine under
 /// load (the bench saw one batch in a thousand fail after three immediate retries).
 const DEADLOCK_RETRIES: usize = CONFLICT_RETRIES * 3;
+use crate::tls::{TlsFiles, Verify};
 use crate::url::StorageUrl;
 use crate::{
     MeterInfo, RecordOutcome, ResourceInfo, SampleFilter, Statistics, Storage, StorageError,
     StorageOptions, StoredSample,
 };
 use ::mysql::prelude::Queryable;
-use ::mysql::{Opts, OptsBuilder, Params, Value as MyValue};
+use ::mysql::{ClientIdentity, Opts, OptsBuilder, Params, SslOpts, Value as MyValue};
 use meter::Sample;
 use std::collections::HashSet;
 use std::sync::OnceLock;
@@ -581,11 +582,17 @@ fn date(t: OffsetDateTime) -> MyValue {
 
 /// Sort the client's errors into [`StorageError`]s, and say whether the connection is dead.
 fn classify(what: &str, e: &::mysql::Error) -> (StorageError, bool) {
-    let text = format!("{what}: {e}");
+    let text = match crate::tls::explain(&e.to_string()) {
+        Some(why) => format!("{what}: TLS: {why} ({e})"),
+        None => format!("{what}: {e}"),
+    };
     match e {
+        // A failed handshake is transient like an unreachable server: the server's
+        // certificate or TLS set-up can be fixed while the daemon runs.
         ::mysql::Error::IoError(_)
         | ::mysql::Error::CodecError(_)
-        | ::mysql::Error::DriverError(_) => (StorageError::Unavailable(text), true),
+        | ::mysql::Error::DriverError(_)
+        | ::mysql::Error::TlsError(_) => (StorageError::Unavailable(text), true),
         ::mysql::Error::MySqlError(m) => match m.code {
             // Killed, server shutting down, idle timeout, network errors.
             1927 | 1053 | 4031 | 1152..=1161 | 2006 | 2013 => {
@@ -651,13 +658,9 @@ fn opts_from_url(url: &StorageUrl<'_>) -> Result<(Opts, String, String), Storage
             "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'",
             "SET SESSION time_zone = '+00:00'",
         ]);
-    let no_tls = |name: &'static str, v: &str| StorageError::InvalidOption {
-        name,
-        value: v.to_string(),
-        reason: "this build has no TLS support: leave TLS off, or reach the server through a \
-                 local TLS tunnel"
-            .into(),
-    };
+    // TLS as PyMySQL/SQLAlchemy users write it (`ssl=true`, `ssl_ca`, `ssl_cert`, `ssl_key`,
+    // `ssl_verify_cert`, `ssl_verify_identity`) or as MySQL's clients do (`ssl_mode`).
+    let mut tls = Tls::default();
     for (k, v) in &u.params {
         match k.as_str() {
             "charset" => match v.to_ascii_lowercase().as_str() {
@@ -684,28 +687,133 @@ fn opts_from_url(url: &StorageUrl<'_>) -> Result<(Opts, String, String), Storage
             "unix_socket" => {
                 b = b.socket(Some(v.clone()));
             }
-            "ssl_mode" => match v.to_ascii_uppercase().as_str() {
-                "DISABLED" | "PREFERRED" => {}
-                "REQUIRED" | "VERIFY_CA" | "VERIFY_IDENTITY" => return Err(no_tls("ssl_mode", v)),
-                _ => {
-                    return Err(StorageError::InvalidOption {
-                        name: "ssl_mode",
-                        value: v.clone(),
-                        reason:
-                            "expected DISABLED, PREFERRED, REQUIRED, VERIFY_CA or VERIFY_IDENTITY"
+            "ssl_mode" => {
+                tls.mode = match v.to_ascii_uppercase().as_str() {
+                    "DISABLED" => Some(TlsMode::Off),
+                    // Like the client library's default: plain unless asked for.
+                    "PREFERRED" => None,
+                    "REQUIRED" => Some(TlsMode::On(Verify::Encrypt)),
+                    "VERIFY_CA" => Some(TlsMode::On(Verify::Chain)),
+                    "VERIFY_IDENTITY" => Some(TlsMode::On(Verify::Full)),
+                    _ => {
+                        return Err(StorageError::InvalidOption {
+                            name: "ssl_mode",
+                            value: v.clone(),
+                            reason: "expected DISABLED, PREFERRED, REQUIRED, VERIFY_CA or \
+                                     VERIFY_IDENTITY"
                                 .into(),
-                    })
+                        })
+                    }
                 }
-            },
-            "ssl" | "ssl_ca" | "ssl_cert" | "ssl_key" | "ssl_capath" | "ssl_cipher" => {
-                return Err(no_tls("ssl", v))
+            }
+            "ssl" => tls.ssl = Some(server::bool_param("ssl", v)?),
+            "ssl_ca" => tls.files.root = Some(("ssl_ca", v.into())),
+            "ssl_cert" => tls.files.cert = Some(("ssl_cert", v.into())),
+            "ssl_key" => tls.files.key = Some(("ssl_key", v.into())),
+            "ssl_verify_cert" => tls.verify_cert = Some(server::bool_param("ssl_verify_cert", v)?),
+            "ssl_verify_identity" => {
+                tls.verify_identity = Some(server::bool_param("ssl_verify_identity", v)?)
+            }
+            "ssl_capath" | "ssl_cipher" => {
+                return Err(StorageError::InvalidOption {
+                    name: if k == "ssl_capath" {
+                        "ssl_capath"
+                    } else {
+                        "ssl_cipher"
+                    },
+                    value: v.clone(),
+                    reason: "not supported: give the CA file as ssl_ca; rustls chooses among \
+                             its own safe cipher suites"
+                        .into(),
+                })
             }
             _ => server::ignore_param("mysql", k, v),
         }
     }
+    if let Some(ssl) = tls.ssl_opts()? {
+        b = b.ssl_opts(ssl);
+    }
     let who = u.user.clone().unwrap_or_default();
     let what = format!("{}://{who}@{host}:{port}/{}", url.scheme, u.database);
     Ok((Opts::from(b), u.database, what))
+}
+
+/// What the URL says about TLS.
+#[derive(Default)]
+struct Tls {
+    mode: Option<TlsMode>,
+    ssl: Option<bool>,
+    files: TlsFiles,
+    verify_cert: Option<bool>,
+    verify_identity: Option<bool>,
+}
+
+#[derive(Clone, Copy)]
+enum TlsMode {
+    Off,
+    On(Verify),
+}
+
+impl Tls {
+    /// The level asked for: `ssl_mode` when given, else PyMySQL's rules (TLS when `ssl=true`
+    /// or any `ssl_*` file is given; the certificate is checked when `ssl_verify_cert` says so,
+    /// by default when a CA is given; the name only with `ssl_verify_identity`).
+    fn level(&self) -> Option<Verify> {
+        match self.mode {
+            Some(TlsMode::Off) => None,
+            Some(TlsMode::On(v)) => Some(v),
+            None => {
+                let any_file = self.files.root.is_some()
+                    || self.files.cert.is_some()
+                    || self.files.key.is_some();
+                let on = self.ssl.unwrap_or(false)
+                    || any_file
+                    || self.verify_cert == Some(true)
+                    || self.verify_identity == Some(true);
+                if !on || self.ssl == Some(false) {
+                    return None;
+                }
+                let verify_cert = self.verify_cert.unwrap_or(self.files.root.is_some());
+                Some(match (verify_cert, self.verify_identity.unwrap_or(false)) {
+                    (_, true) => Verify::Full,
+                    (true, false) => Verify::Chain,
+                    (false, false) => Verify::Encrypt,
+                })
+            }
+        }
+    }
+
+    /// The client's TLS options; the files are read and parsed now (start-up and
+    /// `--check-config` name a bad one) although the client reads them again at connect.
+    fn ssl_opts(&self) -> Result<Option<SslOpts>, StorageError> {
+        let Some(level) = self.level() else {
+            return Ok(None);
+        };
+        crate::tls::client_config(
+            if self.files.root.is_some() || level == Verify::Encrypt {
+                level
+            } else {
+                // The client trusts Mozilla's roots plus ssl_ca, not the system store.
+                Verify::Encrypt
+            },
+            &self.files,
+        )?;
+        let mut o = SslOpts::default();
+        if let Some((_, ca)) = &self.files.root {
+            o = o.with_root_cert_path(Some(ca.clone()));
+        }
+        if let (Some((_, cert)), Some((_, key))) = (&self.files.cert, &self.files.key) {
+            o = o.with_client_identity(Some(ClientIdentity::new(cert.clone(), key.clone())));
+        }
+        o = match level {
+            Verify::Encrypt => o
+                .with_danger_accept_invalid_certs(true)
+                .with_danger_skip_domain_validation(true),
+            Verify::Chain => o.with_danger_skip_domain_validation(true),
+            Verify::Full => o,
+        };
+        Ok(Some(o))
+    }
 }
 
 #[cfg(test)]
@@ -728,7 +836,9 @@ mod tests {
         assert_eq!(o.get_tcp_connect_timeout(), Some(Duration::from_secs(2)));
         for (bad, name) in [
             ("mysql://u@h/c?connect_timeout=x", "connect_timeout"),
-            ("mysql://u@h/c?ssl_mode=REQUIRED", "ssl_mode"),
+            ("mysql://u@h/c?ssl_ca=/nonexistent/ca.pem", "ssl_ca"),
+            ("mysql://u@h/c?ssl=maybe", "ssl"),
+            ("mysql://u@h/c?ssl_capath=/etc/ssl/certs", "ssl_capath"),
             ("mysql://u@h/c?ssl_mode=bogus", "ssl_mode"),
             ("mysql://u@h/c?charset=latin1", "charset"),
         ] {

@@ -1,5 +1,6 @@
 //! The PostgreSQL driver (`postgresql://`, `postgresql+psycopg2://`), on the synchronous
-//! `postgres` client without TLS.
+//! `postgres` client, with TLS through rustls as libpq's `sslmode`, `sslrootcert`, `sslcert`
+//! and `sslkey` URL parameters ask (default `prefer`, as libpq).
 //!
 //! Same logical model as the SQLite driver (meter, resource, sample; `message_id` UNIQUE) with
 //! PostgreSQL's types: `timestamptz`, `jsonb` metadata behind a GIN index. On the hot path a
@@ -20,6 +21,7 @@ pub mod schema;
 
 use crate::server::cache::{MeterCache, ResourceCache};
 use crate::server::{self, Link, Valid, CONFLICT_RETRIES};
+use crate::tls::Verify;
 use crate::url::StorageUrl;
 use crate::{
     MeterInfo, RecordOutcome, ResourceInfo, SampleFilter, Statistics, Storage, StorageError,
@@ -27,10 +29,11 @@ use crate::{
 };
 use ::postgres::config::{SslMode, TargetSessionAttrs};
 use ::postgres::error::SqlState;
-use ::postgres::{Client, Config, NoTls, Statement};
+use ::postgres::{Client, Config, Statement};
 use meter::{Sample, Value};
 use std::time::Duration;
 use time::OffsetDateTime;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// Registry entry point.
 pub fn open_boxed(
@@ -47,13 +50,20 @@ pub fn check_url(url: &StorageUrl<'_>) -> Result<(), StorageError> {
 
 /// The PostgreSQL [`Storage`] driver.
 pub struct PostgresStorage {
-    config: Config,
+    config: Target,
     link: Link<Conn>,
     meters: MeterCache,
     resources: ResourceCache,
     /// The `cache_epoch` the caches were filled under.
     epoch: i64,
     json_buf: Vec<u8>,
+}
+
+/// Where and how to connect: the client configuration and the TLS connector its `sslmode`
+/// calls for (used only when TLS is on).
+struct Target {
+    pg: Config,
+    tls: MakeRustlsConnect,
 }
 
 /// One open connection with its prepared hot-path statements.
@@ -546,7 +556,20 @@ fn is_conflict(e: &::postgres::Error) -> bool {
 fn classify(what: &str, e: &::postgres::Error) -> (StorageError, bool) {
     let text = match e.as_db_error() {
         Some(db) => format!("{what}: {} ({})", db.message(), db.code().code()),
-        None => format!("{what}: {e}"),
+        None => {
+            // The client's TLS errors hide the cause in their source chain.
+            let mut full = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(s) = src {
+                full.push_str(": ");
+                full.push_str(&s.to_string());
+                src = s.source();
+            }
+            match crate::tls::explain(&full) {
+                Some(why) => format!("{what}: TLS: {why} ({full})"),
+                None => format!("{what}: {full}"),
+            }
+        }
     };
     let Some(code) = e.code() else {
         // No SQLSTATE: I/O, a closed connection, or a protocol problem. Conversion errors are
@@ -574,8 +597,11 @@ fn classify(what: &str, e: &::postgres::Error) -> (StorageError, bool) {
 }
 
 /// Connect, set up the session, migrate and prepare the hot-path statements.
-fn connect(config: &Config, what: &str) -> Result<Conn, StorageError> {
-    let mut client = config.connect(NoTls).map_err(|e| connect_error(what, &e))?;
+fn connect(config: &Target, what: &str) -> Result<Conn, StorageError> {
+    let mut client = config
+        .pg
+        .connect(config.tls.clone())
+        .map_err(|e| connect_error(what, &e))?;
     match schema::migrate(&mut client) {
         Ok(()) => {}
         Err(schema::MigrateError::TooNew(e)) => return Err(e),
@@ -620,7 +646,7 @@ fn connect_error(what: &str, e: &::postgres::Error) -> StorageError {
 }
 
 /// Build the client configuration from the URL; returns it with a printable name.
-fn config_from_url(url: &StorageUrl<'_>) -> Result<(Config, String), StorageError> {
+fn config_from_url(url: &StorageUrl<'_>) -> Result<(Target, String), StorageError> {
     let u = server::ServerUrl::parse(url)?;
     let mut c = Config::new();
     c.application_name("collector")
@@ -631,8 +657,10 @@ fn config_from_url(url: &StorageUrl<'_>) -> Result<(Config, String), StorageErro
         .keepalives_idle(Duration::from_secs(30))
         .keepalives_interval(Duration::from_secs(10))
         .keepalives_retries(3)
-        .tcp_user_timeout(Duration::from_secs(60))
-        .ssl_mode(SslMode::Disable);
+        .tcp_user_timeout(Duration::from_secs(60));
+    // libpq's default: TLS when the server offers it, no certificate check.
+    let mut sslmode = "prefer".to_string();
+    let mut files = crate::tls::TlsFiles::default();
     let mut host = u.host.clone();
     let mut port = u.port;
     let mut user = u.user.clone();
@@ -651,27 +679,11 @@ fn config_from_url(url: &StorageUrl<'_>) -> Result<(Config, String), StorageErro
             "user" => user = Some(v.clone()),
             "password" => password = Some(v.clone()),
             "dbname" => dbname = v.clone(),
-            "sslmode" => match v.as_str() {
-                "disable" | "allow" | "prefer" => {}
-                "require" | "verify-ca" | "verify-full" => {
-                    return Err(StorageError::InvalidOption {
-                        name: "sslmode",
-                        value: v.clone(),
-                        reason: "this build has no TLS support: use sslmode=disable (or prefer), \
-                                 or reach the server through a local TLS tunnel"
-                            .into(),
-                    })
-                }
-                _ => {
-                    return Err(StorageError::InvalidOption {
-                        name: "sslmode",
-                        value: v.clone(),
-                        reason:
-                            "expected disable, allow, prefer, require, verify-ca or verify-full"
-                                .into(),
-                    })
-                }
-            },
+            "sslmode" => sslmode = v.clone(),
+            "sslrootcert" if v == "system" => files.root = None,
+            "sslrootcert" => files.root = Some(("sslrootcert", v.into())),
+            "sslcert" => files.cert = Some(("sslcert", v.into())),
+            "sslkey" => files.key = Some(("sslkey", v.into())),
             "connect_timeout" => {
                 c.connect_timeout(server::seconds_param("connect_timeout", v)?);
             }
@@ -738,8 +750,33 @@ fn config_from_url(url: &StorageUrl<'_>) -> Result<(Config, String), StorageErro
     if let Some(p) = &password {
         c.password(p.as_bytes());
     }
+    // libpq: `require` with a root certificate file behaves as `verify-ca`; `allow` (plain
+    // first, TLS if refused) has no equivalent in the client and is taken as `prefer`.
+    let (mode, verify) = match sslmode.as_str() {
+        "disable" => (SslMode::Disable, None),
+        "allow" | "prefer" => (SslMode::Prefer, Some(Verify::Encrypt)),
+        "require" if files.root.is_some() => (SslMode::Require, Some(Verify::Chain)),
+        "require" => (SslMode::Require, Some(Verify::Encrypt)),
+        "verify-ca" => (SslMode::Require, Some(Verify::Chain)),
+        "verify-full" => (SslMode::Require, Some(Verify::Full)),
+        _ => {
+            return Err(StorageError::InvalidOption {
+                name: "sslmode",
+                value: sslmode,
+                reason: "expected disable, allow, prefer, require, verify-ca or verify-full".into(),
+            })
+        }
+    };
+    c.ssl_mode(mode);
+    let tls = crate::tls::client_config(verify.unwrap_or(Verify::Encrypt), &files)?;
     let what = format!("postgresql://{user}@{host}:{port}/{dbname}");
-    Ok((c, what))
+    Ok((
+        Target {
+            pg: c,
+            tls: MakeRustlsConnect::new(tls),
+        },
+        what,
+    ))
 }
 
 #[cfg(test)]
@@ -747,7 +784,7 @@ mod tests {
     use super::*;
 
     fn cfg(url: &str) -> Result<(Config, String), StorageError> {
-        config_from_url(&StorageUrl::parse(url)?)
+        config_from_url(&StorageUrl::parse(url)?).map(|(t, w)| (t.pg, w))
     }
 
     #[test]
@@ -763,7 +800,14 @@ mod tests {
         ));
         for (bad, name) in [
             ("postgresql://u@h/c?sslmode=sometimes", "sslmode"),
-            ("postgresql://u@h/c?sslmode=require", "sslmode"),
+            (
+                "postgresql://u@h/c?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+                "sslrootcert",
+            ),
+            (
+                "postgresql://u@h/c?sslmode=require&sslcert=/etc/hostname",
+                "sslcert",
+            ),
             ("postgresql://u@h/c?connect_timeout=ten", "connect_timeout"),
             ("postgresql://u@h/c?keepalives=maybe", "keepalives"),
         ] {

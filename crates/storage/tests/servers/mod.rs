@@ -91,6 +91,24 @@ fn server_admin(kind: Kind) -> Admin {
     }
 }
 
+/// The driver URL with `COLLECTOR_TEST_POSTGRES_PARAMS` / `COLLECTOR_TEST_MYSQL_PARAMS`
+/// appended: scripts/test runs the server half of the conformance suite a second time with
+/// TLS parameters there, so every driver test also runs over TLS.
+fn with_test_params(kind: Kind, url: String) -> String {
+    let var = match kind {
+        Kind::Postgres => "COLLECTOR_TEST_POSTGRES_PARAMS",
+        Kind::Mysql => "COLLECTOR_TEST_MYSQL_PARAMS",
+        Kind::Sqlite => return url,
+    };
+    match std::env::var(var) {
+        Ok(p) if !p.is_empty() => {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}{p}")
+        }
+        _ => url,
+    }
+}
+
 /// One test's own database, dropped (with any connections left to it) on drop.
 pub struct TestDb {
     pub kind: Kind,
@@ -131,7 +149,7 @@ impl TestDb {
                     .expect("create test database");
                 TestDb {
                     kind,
-                    url: format!("postgresql://{}/{name}", kind.base()),
+                    url: with_test_params(kind, format!("postgresql://{}/{name}", kind.base())),
                     name,
                     _dir: None,
                 }
@@ -147,7 +165,10 @@ impl TestDb {
                     .expect("create test database");
                 TestDb {
                     kind,
-                    url: format!("mysql+pymysql://{}/{name}?charset=utf8", kind.base()),
+                    url: with_test_params(
+                        kind,
+                        format!("mysql+pymysql://{}/{name}?charset=utf8", kind.base()),
+                    ),
                     name,
                     _dir: None,
                 }
