@@ -11,7 +11,7 @@
 //!
 //! What cannot be carried over is listed in the output as a comment with the reason; a value
 //! the importer understands but the collector cannot honour (a MongoDB connection, the gnocchi
-//! dispatcher, an AMQP 1.0 transport, TLS) is an error naming the option, because silently
+//! dispatcher, an AMQP 1.0 transport) is an error naming the option, because silently
 //! dropping it would change where samples go.
 
 use crate::config::Config;
@@ -432,15 +432,8 @@ fn messaging(im: &mut Importer) {
     match im.get(&names) {
         Some((s, k, v)) => {
             let scheme = v.split_once("://").map(|(s, _)| s);
-            let query = v.split_once('?').map(|(_, q)| q).unwrap_or("");
-            let ssl = query.split('&').any(|kv| {
-                kv.split_once('=')
-                    .is_some_and(|(k, v)| k == "ssl" && !matches!(v, "0" | "false" | "False"))
-            });
             match scheme {
-                Some("rabbit" | "kombu") if ssl => {
-                    im.error(&s, &k, &v, "TLS (ssl) to RabbitMQ is not supported")
-                }
+                // `?ssl=1` in the URL is understood by the collector as by oslo.messaging.
                 Some("rabbit" | "kombu") => {
                     im.cfg.messaging.transport_url = v;
                     im.note(("messaging", "transport_url"), from(&names));
@@ -463,13 +456,49 @@ fn messaging(im: &mut Importer) {
              collector consumes nothing until this is set",
         ),
     }
+    // TLS to the broker: oslo.messaging's options (and their deprecated kombu_ names).
     let names = [
         ("oslo_messaging_rabbit", "ssl"),
         ("oslo_messaging_rabbit", "rabbit_use_ssl"),
     ];
-    if let Some((true, _)) = im.bool_opt(&names, false) {
-        let (s, k) = names[0];
-        im.error(s, k, "true", "TLS (ssl) to RabbitMQ is not supported");
+    if let Some((ssl, true)) = im.bool_opt(&names, false) {
+        im.cfg.messaging.ssl = ssl;
+        im.note(("messaging", "ssl"), from(&names));
+    }
+    for (target, names) in [
+        (
+            "ssl_ca_file",
+            [
+                ("oslo_messaging_rabbit", "ssl_ca_file"),
+                ("oslo_messaging_rabbit", "kombu_ssl_ca_certs"),
+            ],
+        ),
+        (
+            "ssl_cert_file",
+            [
+                ("oslo_messaging_rabbit", "ssl_cert_file"),
+                ("oslo_messaging_rabbit", "kombu_ssl_certfile"),
+            ],
+        ),
+        (
+            "ssl_key_file",
+            [
+                ("oslo_messaging_rabbit", "ssl_key_file"),
+                ("oslo_messaging_rabbit", "kombu_ssl_keyfile"),
+            ],
+        ),
+    ] {
+        if let Some((_, _, v)) = im.get(&names) {
+            if !v.is_empty() {
+                let m = &mut im.cfg.messaging;
+                *match target {
+                    "ssl_ca_file" => &mut m.ssl_ca_file,
+                    "ssl_cert_file" => &mut m.ssl_cert_file,
+                    _ => &mut m.ssl_key_file,
+                } = v;
+                im.note(("messaging", target), from(&names));
+            }
+        }
     }
     let names = [("DEFAULT", "control_exchange")];
     if let Some((_, _, v)) = im.get(&names) {
@@ -779,6 +808,25 @@ mod tests {
     }
 
     #[test]
+    fn tls_to_the_broker_is_carried_over() {
+        // Debian's snakeoil certificate stands in for a CA file (the importer checks that
+        // the translation is a valid configuration, which reads the file).
+        let ca = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+        let (text, cfg) = ok(&format!(
+            "[DEFAULT]\ntransport_url = rabbit://u:p@mq:5671/?ssl=1\n\
+             [oslo_messaging_rabbit]\nrabbit_use_ssl = true\nkombu_ssl_ca_certs = {ca}\n"
+        ));
+        assert_eq!(cfg.messaging.transport_url, "rabbit://u:p@mq:5671/?ssl=1");
+        assert!(cfg.messaging.ssl);
+        assert_eq!(cfg.messaging.ssl_ca_file, ca);
+        assert!(text.contains("ssl_ca_file"), "{text}");
+        assert!(
+            text.contains("from [oslo_messaging_rabbit] ssl_ca_file"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn unsupported_values_are_errors_naming_the_option() {
         for (text, want) in [
             (
@@ -792,11 +840,6 @@ mod tests {
             (
                 "[DEFAULT]\ntransport_url = amqp://h:5672/\n",
                 "[DEFAULT] transport_url",
-            ),
-            ("[DEFAULT]\ntransport_url = rabbit://h/?ssl=1\n", "TLS"),
-            (
-                "[oslo_messaging_rabbit]\nssl = true\n",
-                "[oslo_messaging_rabbit] ssl",
             ),
             (
                 "[oslo_messaging_rabbit]\nrabbit_quorum_queue = true\n",
