@@ -117,6 +117,15 @@ impl Setup {
             s.push_str(l);
             s.push('\n');
         }
+        // The metrics endpoint on a port of the kernel's choosing (parallel tests), unless
+        // the caller set one (see `Daemon::metrics_addr`).
+        if !self
+            .service
+            .iter()
+            .any(|l| l.trim_start().starts_with("metrics_port"))
+        {
+            s.push_str("metrics_port = 0\n");
+        }
         // Test defaults, each replaced by a caller's line for the same key.
         let defaults = [
             "udp_address = \"127.0.0.1\"",
@@ -276,6 +285,17 @@ impl Daemon {
         self.udp = addr("udp");
         self.tcp = addr("tcp");
         self.rpc = addr("rpc");
+    }
+
+    /// The HTTP metrics endpoint's address, from the launcher's log line.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        let log = self.log();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("metrics endpoint http://"))?;
+        let rest = line.split("metrics endpoint http://").nth(1)?;
+        rest.split('/').next()?.parse().ok()
     }
 
     pub fn send_signal(&self, sig: i32) {

@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 /// ceilometer's default telemetry secret: signing with it is no signing at all.
 pub const CEILOMETER_DEFAULT_SECRET: &str = "change this for valid signing";
 
+/// The HTTP metrics endpoint's default port (DESIGN §3's suggestion; not registered with
+/// Prometheus's port list, and free of the exporters commonly run beside ceilometer).
+pub const DEFAULT_METRICS_PORT: u16 = 9552;
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -34,6 +38,11 @@ pub struct ServiceConfig {
     pub worker_timeout: f64,
     pub user: String,
     pub group: String,
+    /// `text` (default) or `json`: one JSON object per line.
+    pub log_format: String,
+    /// Address of the HTTP endpoint (/metrics, /healthz, /readyz); "" disables it.
+    pub metrics_address: String,
+    pub metrics_port: u16,
 }
 
 impl Default for ServiceConfig {
@@ -48,6 +57,9 @@ impl Default for ServiceConfig {
             worker_timeout: 30.0,
             user: String::new(),
             group: String::new(),
+            log_format: "text".into(),
+            metrics_address: "127.0.0.1".into(),
+            metrics_port: DEFAULT_METRICS_PORT,
         }
     }
 }
@@ -249,6 +261,12 @@ impl Config {
                 s.log_level
             ));
         }
+        if !matches!(s.log_format.as_str(), "text" | "json") {
+            return Err(format!(
+                "[service] log_format: unknown format {:?}; known: text, json",
+                s.log_format
+            ));
+        }
         if !(s.graceful_shutdown_timeout.is_finite() && s.graceful_shutdown_timeout >= 0.0) {
             return Err("[service] graceful_shutdown_timeout must be a non-negative number".into());
         }
@@ -272,6 +290,18 @@ impl Config {
 
     pub fn has_dispatcher(&self, name: &str) -> bool {
         self.collector.dispatchers.iter().any(|d| d == name)
+    }
+
+    /// `host:port` of the HTTP metrics endpoint, `None` when disabled.
+    pub fn metrics_endpoint(&self) -> Option<String> {
+        let a = &self.service.metrics_address;
+        if a.is_empty() {
+            None
+        } else if a.contains(':') && !a.starts_with('[') {
+            Some(format!("[{a}]:{}", self.service.metrics_port))
+        } else {
+            Some(format!("{a}:{}", self.service.metrics_port))
+        }
     }
 
     /// The number of workers to run: the configured one, or one per CPU.
@@ -343,6 +373,9 @@ graceful_shutdown_timeout = 30
 worker_timeout = 30
 user = "collector"
 group = "collector"
+log_format = "json"
+metrics_address = "::1"
+metrics_port = 9552
 [collector]
 udp_address = "127.0.0.1"
 udp_port = 4952
@@ -379,6 +412,8 @@ backup_count = 0
         assert_eq!(c.service.workers, 2);
         assert!(c.has_dispatcher("file"));
         assert_eq!(c.service.graceful_shutdown_timeout, 30.0);
+        assert_eq!(c.service.log_format, "json");
+        assert_eq!(c.metrics_endpoint().as_deref(), Some("[::1]:9552"));
     }
 
     #[test]
@@ -401,6 +436,8 @@ backup_count = 0
         assert!(c.validate().unwrap_err().contains("mongo"));
         let c = Config::parse("[service]\nlog_level = \"loud\"\n").unwrap();
         assert!(c.validate().unwrap_err().contains("loud"));
+        let c = Config::parse("[service]\nlog_format = \"xml\"\n").unwrap();
+        assert!(c.validate().unwrap_err().contains("xml"));
     }
 
     #[test]

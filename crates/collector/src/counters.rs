@@ -31,6 +31,9 @@ pub struct Counters {
     /// Histogram: count of batches whose commit took at most `LATENCY_BUCKETS_MS[i]` ms; the
     /// extra last entry counts slower ones.
     pub batch_latency_ms: Vec<u64>,
+    /// Sum of the commit times of the batches in `batch_latency_ms`, in microseconds (the
+    /// histogram's `_sum` in /metrics).
+    pub batch_latency_us_sum: u64,
     pub respawns: u64,
     /// Datagrams the kernel dropped on the UDP socket because its receive buffer was full
     /// (the socket's `drops` in /proc/net/udp); filled in by the launcher.
@@ -81,6 +84,7 @@ impl Counters {
             dispatch_errors,
             samples_dropped,
             batches_written,
+            batch_latency_us_sum,
             respawns
         );
         if self.batch_latency_ms.len() < o.batch_latency_ms.len() {

@@ -271,6 +271,7 @@ fn attribute(tickets: &[Ticket], results: &mut [TicketResult], out: &storage::Re
 /// Fold a completion's aggregates into the worker's counters.
 pub fn count_completion(c: &Completion, counters: &mut Counters) {
     counters.observe_batch_latency(c.latency.as_millis() as u64);
+    counters.batch_latency_us_sum += c.latency.as_micros() as u64;
     match &c.result {
         Ok(_) => {
             counters.batches_written += 1;
