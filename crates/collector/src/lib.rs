@@ -15,6 +15,7 @@ pub mod launcher;
 pub mod logging;
 pub mod rpc;
 pub mod sockets;
+pub mod source;
 pub mod worker;
 
 /// Exit status for a configuration that cannot be used.
