@@ -157,10 +157,7 @@ impl Worker {
         }
         // TERM asks for a graceful stop (systemd, the launcher's timeout path, PDEATHSIG).
         // INT and HUP from a terminal's process group are ignored: workers obey their link.
-        let (sig_r, sig_w) = std::os::unix::net::UnixStream::pair()?;
-        sig_r.set_nonblocking(true)?;
-        sig_w.set_nonblocking(true)?;
-        signal_hook::low_level::pipe::register(signal_hook::consts::SIGTERM, sig_w)?;
+        let sig_r = supervisor::worker_term_pipe()?;
         if link.is_some() {
             for s in [libc::SIGINT, libc::SIGHUP] {
                 // SAFETY: SIG_IGN installs no handler code; setting a disposition is safe here.

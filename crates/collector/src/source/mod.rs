@@ -119,6 +119,10 @@ impl Intake {
 
     /// When the pending batch must go to the writer at the latest, if it holds anything.
     pub fn deadline(&self) -> Option<Instant> {
+        // A full writer wakes the loop with its completion; until then there is nothing to do.
+        if self.batch.is_empty() || self.in_flight >= MAX_IN_FLIGHT {
+            return None;
+        }
         self.batch.opened.map(|t| t + self.batch_timeout)
     }
 
@@ -134,9 +138,6 @@ impl Intake {
     /// accepted for the database (or file) dispatcher.
     pub fn ingest(&mut self, v: Value, source: &str) -> bool {
         self.counters.samples_received += 1;
-        if self.batch.opened.is_none() {
-            self.batch.opened = Some(Instant::now());
-        }
         let signed_ok = !self.verify || self.signer.verify(&v);
         if !signed_ok {
             self.counters.invalid_signature += 1;
@@ -171,12 +172,16 @@ impl Intake {
                 self.log_bad
                     .log(log::Level::Warn, || format!("{source}: sample {id}: {e}"));
                 if self.file {
+                    self.open_batch();
                     self.batch.file.push(sample);
                 }
                 return false;
             }
         }
         let for_db = self.db && signed_ok;
+        if for_db || self.file {
+            self.open_batch();
+        }
         match (for_db, self.file) {
             (true, true) => {
                 self.batch.file.push(sample.clone());
@@ -208,11 +213,18 @@ impl Intake {
         (start..self.primary_len(), rejected)
     }
 
-    /// Someone waits for the result of part of the pending batch.
-    pub fn add_ticket(&mut self, ticket: Ticket) {
+    /// The batch's age counts from its first entry. Only what enters the batch opens it: a
+    /// rejected sample must not arm the deadline, or the loop polls with a timeout in the
+    /// past until something valid arrives (issue 13, item 1).
+    fn open_batch(&mut self) {
         if self.batch.opened.is_none() {
             self.batch.opened = Some(Instant::now());
         }
+    }
+
+    /// Someone waits for the result of part of the pending batch.
+    pub fn add_ticket(&mut self, ticket: Ticket) {
+        self.open_batch();
         self.batch.tickets.push(ticket);
         self.flush_if_full();
     }
