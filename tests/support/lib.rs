@@ -731,3 +731,65 @@ pub fn alive(pid: i32) -> bool {
         Err(_) => false,
     }
 }
+
+// ------------------------------------------------------------------ process probes
+
+/// Field `name` of /proc/PID/status in KiB (`VmRSS`, `VmHWM`), 0 if unreadable.
+pub fn proc_status_kib(pid: i32, name: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(&format!("{name}:")))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// CPU time (utime + stime, in clock ticks) a process has used so far.
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    // After the comm: state(0) ppid(1) ... utime(11) stime(12).
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+pub fn ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as u64
+    } else {
+        100
+    }
+}
+
+impl Daemon {
+    /// The pid of the only ready worker (asserts there is exactly one).
+    pub fn worker_pid(&self) -> i32 {
+        let pids = self.wait_workers(1, &[], Duration::from_secs(30));
+        pids[0]
+    }
+
+    /// Wait until the workers' summed counter `name` (from `collectorctl status`) reaches `n`.
+    pub fn wait_counter(&self, name: &str, n: u64, timeout: Duration) -> u64 {
+        let mut last = 0;
+        wait_for(timeout, || {
+            let s = self.status();
+            last = s["workers"]
+                .as_array()
+                .map(|ws| ws.iter().filter_map(|w| w["counters"][name].as_u64()).sum())
+                .unwrap_or(0);
+            (last >= n).then_some(())
+        });
+        last
+    }
+}

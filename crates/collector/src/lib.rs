@@ -17,6 +17,7 @@ pub mod logging;
 pub mod metrics;
 pub mod rpc;
 pub mod sockets;
+pub mod source;
 pub mod worker;
 
 /// Exit status for a configuration that cannot be used.

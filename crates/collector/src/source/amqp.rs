@@ -1,0 +1,97 @@
+//! AMQP: deliveries from the consumer thread ([`crate::amqp`]) become tickets acked (or
+//! rejected for redelivery) when their batch completes.
+
+use super::{Intake, Throttle};
+use crate::amqp::{self as consumer, AmqpConsumer, AmqpStatus};
+use crate::dispatch::Ticket;
+
+/// The worker's side of the AMQP consumer, if `[messaging] transport_url` is set.
+pub struct AmqpSource {
+    consumer: Option<AmqpConsumer>,
+    log: Throttle,
+}
+
+impl AmqpSource {
+    pub fn new(consumer: Option<AmqpConsumer>) -> AmqpSource {
+        AmqpSource {
+            consumer,
+            log: Throttle::new(),
+        }
+    }
+
+    pub fn status(&self) -> Option<AmqpStatus> {
+        self.consumer.as_ref().map(|a| a.status())
+    }
+
+    /// Take deliveries from the consumer thread while there is room.
+    pub fn drain(&mut self, intake: &mut Intake) {
+        while !intake.stopping || self.consumer.as_ref().is_some_and(|a| a.status().consuming) {
+            if !intake.can_accept() {
+                return;
+            }
+            let Some(d) = self.consumer.as_mut().and_then(|a| a.try_recv()) else {
+                return;
+            };
+            intake.counters.amqp_deliveries += 1;
+            match consumer::decode_envelope(&d.body) {
+                Err(e) => {
+                    intake.counters.amqp_malformed += 1;
+                    self.log.log(log::Level::Warn, || {
+                        format!(
+                            "amqp: malformed message (delivery {}): {e}; acked and dropped",
+                            d.tag & 0xffff_ffff_ffff
+                        )
+                    });
+                    self.ack(d.tag);
+                }
+                Ok((message_id, samples)) => {
+                    let (range, rejected) = intake.ingest_all(samples, "amqp");
+                    if rejected > 0 {
+                        let id = message_id.unwrap_or_else(|| "?".into());
+                        self.log.log(log::Level::Warn, || {
+                            format!("amqp: message {id}: {rejected} samples rejected")
+                        });
+                    }
+                    intake.add_ticket(Ticket {
+                        conn: usize::MAX,
+                        serial: 0,
+                        msgid: None,
+                        amqp_tag: Some(d.tag),
+                        range,
+                        rejected,
+                    });
+                }
+            }
+        }
+    }
+
+    pub fn ack(&mut self, tag: u64) {
+        if let Some(a) = self.consumer.as_mut() {
+            a.ack(tag);
+        }
+    }
+
+    pub fn reject(&mut self, tag: u64, requeue: bool) {
+        if let Some(a) = self.consumer.as_mut() {
+            a.reject(tag, requeue);
+        }
+    }
+
+    /// No new deliveries; those in flight are still committed and acked.
+    pub fn stop_consuming(&mut self) {
+        if let Some(a) = self.consumer.as_mut() {
+            a.stop_consuming();
+        }
+    }
+
+    /// Acks sent before go out first; unacked deliveries return to the queue.
+    pub fn shutdown(&mut self) {
+        if let Some(a) = self.consumer.take() {
+            a.shutdown();
+        }
+    }
+
+    pub fn is_some(&self) -> bool {
+        self.consumer.is_some()
+    }
+}
