@@ -7,8 +7,10 @@
 use collector_e2e::*;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -64,7 +66,7 @@ fn sum(m: &BTreeMap<String, f64>, name: &str, filter: &[&str]) -> f64 {
 }
 
 /// Where each `collectorctl stats` figure is in /metrics: (stats key, metric, label filter).
-/// docs/operations.md has the same table for operators.
+/// docs/operations.md has the same table for operators; `by_source` is checked apart.
 const STATS_TO_METRICS: &[(&str, &str, &[&str])] = &[
     (
         "udp_received",
@@ -97,6 +99,12 @@ const STATS_TO_METRICS: &[(&str, &str, &[&str])] = &[
         &[],
     ),
     ("amqp_reconnects", "collector_amqp_reconnects_total", &[]),
+    ("amqp_acked", "collector_amqp_deliveries_acked_total", &[]),
+    (
+        "amqp_rejected",
+        "collector_amqp_deliveries_rejected_total",
+        &[],
+    ),
     ("samples_received", "collector_samples_received_total", &[]),
     ("samples_stored", "collector_samples_stored_total", &[]),
     (
@@ -117,6 +125,16 @@ const STATS_TO_METRICS: &[(&str, &str, &[&str])] = &[
     ),
     ("samples_dropped", "collector_samples_dropped_total", &[]),
     ("dispatch_errors", "collector_dispatch_errors_total", &[]),
+    (
+        "database_errors",
+        "collector_storage_errors_total",
+        &["kind=\"database\""],
+    ),
+    (
+        "file_errors",
+        "collector_storage_errors_total",
+        &["kind=\"file\""],
+    ),
     ("batches_written", "collector_batches_written_total", &[]),
     (
         "batch_latency_ms",
@@ -128,6 +146,18 @@ const STATS_TO_METRICS: &[(&str, &str, &[&str])] = &[
         "collector_batch_commit_duration_seconds_sum",
         &[],
     ),
+    ("batch_size", "collector_batch_size_count", &[]),
+    ("batch_size_sum", "collector_batch_size_sum", &[]),
+    (
+        "freshness_ms",
+        "collector_sample_freshness_seconds_count",
+        &[],
+    ),
+    (
+        "freshness_ms_sum",
+        "collector_sample_freshness_seconds_sum",
+        &[],
+    ),
     (
         "respawns",
         "collector_worker_restarts_total",
@@ -135,14 +165,38 @@ const STATS_TO_METRICS: &[(&str, &str, &[&str])] = &[
     ),
 ];
 
+/// `by_source.<source>.<field>` → metric and the label that picks the field.
+const SOURCE_FIELDS: &[(&str, &str, &str)] = &[
+    ("received", "collector_samples_received_total", ""),
+    ("stored", "collector_samples_stored_total", ""),
+    ("duplicates", "collector_samples_duplicates_total", ""),
+    (
+        "invalid_signature",
+        "collector_samples_rejected_total",
+        "reason=\"invalid_signature\"",
+    ),
+    (
+        "invalid_timestamp",
+        "collector_samples_rejected_total",
+        "reason=\"invalid_timestamp\"",
+    ),
+    (
+        "malformed",
+        "collector_samples_rejected_total",
+        "reason=\"malformed\"",
+    ),
+    ("bytes", "collector_received_bytes_total", ""),
+];
+
 fn stats_value(key: &str, v: &serde_json::Value) -> f64 {
     match key {
-        // The histogram: its count is the sum of its buckets.
-        "batch_latency_ms" => v
+        // Histograms: their count is the sum of their buckets.
+        "batch_latency_ms" | "batch_size" | "freshness_ms" => v
             .as_array()
             .map(|a| a.iter().filter_map(|x| x.as_f64()).sum())
             .unwrap_or(0.0),
         "batch_latency_us_sum" => v.as_f64().unwrap_or(0.0) / 1e6,
+        "freshness_ms_sum" => v.as_f64().unwrap_or(0.0) / 1e3,
         _ => v.as_f64().unwrap_or(f64::NAN),
     }
 }
@@ -205,10 +259,64 @@ fn every_stats_figure_is_a_metric_with_the_same_value_and_promtool_agrees() {
     let obj = stats.as_object().unwrap();
     for key in obj.keys() {
         assert!(
-            STATS_TO_METRICS.iter().any(|(k, _, _)| k == key),
+            key == "by_source" || STATS_TO_METRICS.iter().any(|(k, _, _)| k == key),
             "stats figure {key} has no metric in the table"
         );
     }
+    for (source, fields) in obj["by_source"].as_object().expect("by_source") {
+        for (field, v) in fields.as_object().unwrap() {
+            let (_, metric, label) = SOURCE_FIELDS
+                .iter()
+                .find(|(f, _, _)| f == field)
+                .unwrap_or_else(|| panic!("by_source field {field} has no metric"));
+            let src = format!("source=\"{source}\"");
+            let filter: Vec<&str> = [src.as_str(), label]
+                .into_iter()
+                .filter(|l| !l.is_empty())
+                .collect();
+            let got = sum(&m, metric, &filter);
+            assert_eq!(
+                v.as_f64().unwrap(),
+                got,
+                "by_source.{source}.{field} vs {metric}{filter:?}"
+            );
+        }
+    }
+    // Per source: what was sent where (rpc 30 + 3 duplicates + 5 bad, udp 1, tcp 1).
+    assert_eq!(
+        sum(&m, "collector_samples_stored_total", &["source=\"rpc\""]),
+        30.0
+    );
+    assert_eq!(
+        sum(&m, "collector_samples_stored_total", &["source=\"udp\""]),
+        1.0
+    );
+    assert_eq!(
+        sum(&m, "collector_samples_stored_total", &["source=\"tcp\""]),
+        1.0
+    );
+    assert_eq!(
+        sum(
+            &m,
+            "collector_samples_duplicates_total",
+            &["source=\"rpc\""]
+        ),
+        3.0
+    );
+    assert_eq!(
+        sum(
+            &m,
+            "collector_samples_rejected_total",
+            &["source=\"rpc\"", "reason=\"invalid_signature\""]
+        ),
+        5.0
+    );
+    assert!(sum(&m, "collector_received_bytes_total", &["source=\"tcp\""]) > 100.0);
+    assert_eq!(
+        sum(&m, "collector_sample_freshness_seconds_count", &[]),
+        32.0
+    );
+    assert!(sum(&m, "collector_last_sample_committed_timestamp_seconds", &[]) > 1.7e9);
     for (key, metric, filter) in STATS_TO_METRICS {
         let want = stats_value(key, &obj[*key]);
         let got = sum(&m, metric, filter);
@@ -291,6 +399,176 @@ fn restarts_by_cause_and_readiness_while_a_worker_is_replaced() {
     );
     // Stopping: /healthz turns 503 before the endpoint goes away (or the connection fails).
     d.send_signal(libc::SIGTERM);
+}
+
+// ------------------------------------------------------------------ storage through a proxy
+
+/// A loopback TCP proxy in front of PostgreSQL: while down it closes new connections at once
+/// and `cut` severs the open ones (a server crash, from the daemon's side).
+struct Proxy {
+    addr: String,
+    up: Arc<AtomicBool>,
+    open: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(target: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().unwrap().to_string();
+        let up = Arc::new(AtomicBool::new(true));
+        let open = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (up2, open2) = (up.clone(), open.clone());
+        let target = target.to_string();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if !up2.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&target) else {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                };
+                let mut o = open2.lock().unwrap();
+                o.push(client.try_clone().unwrap());
+                o.push(server.try_clone().unwrap());
+                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                pipe(server, client);
+            }
+        });
+        Proxy { addr, up, open }
+    }
+
+    fn down(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for s in self.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn up(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16384];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    });
+}
+
+fn psql(db: &str, statement: &str) {
+    let out = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-p", "5432", "-U", "postgres", "-d", db])
+        .args(["-v", "ON_ERROR_STOP=1", "-tAc", statement])
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "psql {statement}: {} (PostgreSQL must run on 127.0.0.1:5432; .ci/run starts it)",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+struct PgDb(String);
+
+impl PgDb {
+    fn new() -> PgDb {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "collector_metrics{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        psql(
+            "postgres",
+            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        );
+        psql("postgres", &format!("CREATE DATABASE {name}"));
+        PgDb(name)
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        let _ = std::panic::catch_unwind(move || {
+            psql(
+                "postgres",
+                &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            )
+        });
+    }
+}
+
+#[test]
+fn readyz_is_503_while_storage_is_down_and_200_after_recovery() {
+    let db = PgDb::new();
+    let proxy = Proxy::start("127.0.0.1:5432");
+    let url = format!("postgresql://postgres@{}/{}", proxy.addr, db.0);
+    let d = Daemon::start(Setup::default().workers(2).connection(&url));
+    let addr = d.metrics_addr().unwrap();
+    wait_for(WAIT, || (get(addr, "/readyz", "").0 == 200).then_some(()))
+        .unwrap_or_else(|| panic!("never ready: {:?}\n{}", get(addr, "/readyz", ""), d.log()));
+    let mut c = RpcClient::connect(d.rpc.unwrap()).unwrap();
+    assert_eq!(c.call(vec![sample("pg-0", SECRET)]).unwrap().stored, 1);
+
+    proxy.down();
+    // Both workers notice: a write fails (or their probe does).
+    let batch: Vec<_> = (1..=4)
+        .map(|i| sample(&format!("pg-{i}"), SECRET))
+        .collect();
+    let reason = wait_for(WAIT, || {
+        let _ = c.call(batch.clone());
+        send_udp(d.udp.unwrap(), &[encode(&sample("pg-u", SECRET))]);
+        let (st, _, body) = get(addr, "/readyz", "");
+        (st == 503).then_some(body)
+    })
+    .unwrap_or_else(|| panic!("/readyz never turned 503; log:\n{}", d.log()));
+    assert!(reason.starts_with("storage unavailable"), "{reason}");
+    assert_eq!(reason.lines().count(), 1, "{reason}");
+    let m = parse(&get(addr, "/metrics", "").2);
+    assert_eq!(sum(&m, "collector_storage_up", &[]), 0.0);
+    assert_eq!(sum(&m, "collector_ready", &[]), 0.0);
+    assert!(
+        sum(
+            &m,
+            "collector_dispatch_errors_total",
+            &["driver=\"postgresql\""]
+        ) >= 1.0
+    );
+    // /healthz: the launcher itself is fine.
+    assert_eq!(get(addr, "/healthz", "").0, 200);
+
+    proxy.up();
+    wait_for(WAIT, || {
+        let r = c.call(batch.clone()).ok()?;
+        r.error.is_none().then_some(())
+    })
+    .expect("storage never came back");
+    wait_for(WAIT, || (get(addr, "/readyz", "").0 == 200).then_some(())).unwrap_or_else(|| {
+        panic!(
+            "/readyz stayed {:?}; log:\n{}",
+            get(addr, "/readyz", ""),
+            d.log()
+        )
+    });
+    let m = parse(&get(addr, "/metrics", "").2);
+    assert_eq!(sum(&m, "collector_storage_up", &[]), 1.0);
 }
 
 #[test]

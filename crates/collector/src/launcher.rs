@@ -51,6 +51,7 @@ struct CollectorWorker {
 
 impl supervisor::Worker for CollectorWorker {
     fn run(&self, link: ChildLink, ctx: WorkerContext) -> i32 {
+        crate::logging::set_worker(ctx.slot);
         // Our own descriptors for the inherited sockets: the launcher keeps its copies.
         let listeners = match self.listeners.try_clone() {
             Ok(l) => l,
@@ -163,7 +164,12 @@ pub fn run(mut cfg: Config, mut opts: Options) -> u8 {
         cfg.service.log_file = cwd.join("data/collector.log").display().to_string();
     }
     let log_file = (!cfg.service.log_file.is_empty()).then_some(cfg.service.log_file.as_str());
-    if let Err(e) = crate::logging::init(&cfg.service.log_level, log_file, opts.verbosity) {
+    if let Err(e) = crate::logging::init(
+        &cfg.service.log_level,
+        log_file,
+        opts.verbosity,
+        &cfg.service.log_format,
+    ) {
         return fail(
             &mut daemonized,
             crate::EXIT_CONFIG,
@@ -245,6 +251,7 @@ pub fn run(mut cfg: Config, mut opts: Options) -> u8 {
         hung: HashSet::new(),
         reloads_ok: 0,
         reloads_failed: 0,
+        last_commit_unix_ms: None,
     };
     {
         let mut h = sup.handle();
@@ -344,6 +351,8 @@ struct Launcher {
     hung: HashSet<Pid>,
     reloads_ok: u64,
     reloads_failed: u64,
+    /// The newest `last_commit_unix_ms` any worker reported (exited ones included).
+    last_commit_unix_ms: Option<i64>,
 }
 
 /// What a worker's heartbeat payload holds.
@@ -361,6 +370,18 @@ struct Heartbeat {
     /// that do not report it, then `last_error` tells.
     #[serde(default)]
     storage_up: Option<bool>,
+    #[serde(default)]
+    last_commit_unix_ms: Option<i64>,
+    #[serde(default)]
+    connections_by_kind: Option<ConnsByKind>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct ConnsByKind {
+    #[serde(default)]
+    tcp: u64,
+    #[serde(default)]
+    rpc: u64,
 }
 
 impl Heartbeat {
@@ -580,7 +601,26 @@ impl Launcher {
         let mut by_state = [0u64; 3];
         let mut storage_down = 0;
         let mut workers: Vec<WorkerProc> = Vec::new();
+        let mut conns = [0u64; 2];
+        let mut last_commit = self.last_commit_unix_ms;
+        let mut amqp_connected = 0;
         for w in &all {
+            let hb = parse_heartbeat(w.last_heartbeat.as_ref());
+            if let Some(c) = &hb.connections_by_kind {
+                conns[0] += c.tcp;
+                conns[1] += c.rpc;
+            }
+            last_commit = last_commit.max(hb.last_commit_unix_ms);
+            if w.generation == gen
+                && hb
+                    .amqp
+                    .as_ref()
+                    .and_then(|a| a.get("connected"))
+                    .and_then(Json::as_bool)
+                    == Some(true)
+            {
+                amqp_connected += 1;
+            }
             by_state[match w.state {
                 supervisor::WorkerState::Booting => 0,
                 supervisor::WorkerState::Ready => 1,
@@ -624,6 +664,10 @@ impl Launcher {
             ready: self.readiness(sup).is_ok(),
             storage_down_workers: storage_down,
             launcher: crate::metrics::proc_stats(std::process::id() as i32),
+            connections_open: conns,
+            last_commit_unix_ms: last_commit,
+            amqp_connected: (!self.cfg.messaging.transport_url.is_empty())
+                .then_some(amqp_connected),
         }
     }
 
@@ -696,6 +740,9 @@ impl Hooks for Launcher {
                 && std::env::var_os("RUST_LOG").is_none()
             {
                 crate::logging::set_level(&cfg.service.log_level);
+            }
+            if cfg.service.log_format != self.cfg.service.log_format {
+                crate::logging::set_format(&cfg.service.log_format);
             }
             if addrs != self.addrs {
                 log::info!("listening: {}", listeners.describe().join(", "));
@@ -885,6 +932,7 @@ impl Hooks for Launcher {
             {
                 h.pop_front();
             }
+            self.last_commit_unix_ms = self.last_commit_unix_ms.max(hb.last_commit_unix_ms);
             self.last_stats.insert(w.pid, hb.counters);
             // A worker silent for worker_timeout is about to be killed by the supervisor:
             // its exit is then a `hung` restart, not a crash.

@@ -12,7 +12,7 @@
 //! `_bytes`), `_total` on counters, low-cardinality labels only (`source`, `reason`, `kind`,
 //! `state`, `cause`, `driver`, `worker` = slot index, never a pid or a peer).
 
-use crate::counters::{Counters, LATENCY_BUCKETS_MS};
+use crate::counters::{Counters, BATCH_SIZE_BUCKETS, FRESHNESS_BUCKETS_MS, LATENCY_BUCKETS_MS};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -78,6 +78,12 @@ pub struct Snapshot {
     pub storage_down_workers: u64,
     /// The launcher's own process.
     pub launcher: Option<ProcStats>,
+    /// Open connections by kind (tcp, rpc), summed over live workers.
+    pub connections_open: [u64; 2],
+    /// Wall clock (Unix ms) of the newest commit that stored samples, any worker.
+    pub last_commit_unix_ms: Option<i64>,
+    /// Workers of the serving generation whose AMQP connection is up; `None` without AMQP.
+    pub amqp_connected: Option<u64>,
 }
 
 pub const WORKER_STATES: [&str; 3] = ["booting", "ready", "stopping"];
@@ -240,33 +246,53 @@ impl Collector for Snapshot {
         )?;
 
         // Samples (DESIGN §8 counters, summed over workers).
-        o.counter(
+        let by = t.by_source.iter();
+        let per = |f: &dyn Fn(&crate::counters::SourceCounters) -> u64| -> Vec<(Labels<'_>, u64)> {
+            by.iter()
+                .map(|(n, c)| (vec![("source", *n)], f(c)))
+                .collect()
+        };
+        o.counters(
             "collector_samples_received",
-            "Samples decoded from any source, before verification.",
-            t.samples_received,
+            "Samples decoded, by source, before verification.",
+            None,
+            &per(&|c| c.received),
         )?;
-        o.counter(
+        o.counters(
             "collector_samples_stored",
-            "Samples committed to storage (or written by the file dispatcher alone).",
-            t.samples_stored,
+            "Samples committed to storage (or written by the file dispatcher alone), by source.",
+            None,
+            &per(&|c| c.stored),
         )?;
-        o.counter(
+        o.counters(
             "collector_samples_duplicates",
-            "Samples storage already held (same message_id): stored once, counted here.",
-            t.samples_duplicate,
+            "Samples storage already held (same message_id), by source: stored once, counted here.",
+            None,
+            &per(&|c| c.duplicates),
         )?;
-        let other = t
-            .samples_rejected
-            .saturating_sub(t.invalid_signature + t.invalid_timestamp);
+        let mut rejected = Vec::new();
+        for (n, c) in by.iter() {
+            rejected.push((
+                vec![("source", *n), ("reason", "invalid_signature")],
+                c.invalid_signature,
+            ));
+            rejected.push((
+                vec![("source", *n), ("reason", "invalid_timestamp")],
+                c.invalid_timestamp,
+            ));
+            rejected.push((vec![("source", *n), ("reason", "malformed")], c.malformed));
+        }
         o.counters(
             "collector_samples_rejected",
-            "Samples refused and never stored, by reason.",
+            "Samples refused and never stored, by source and reason (malformed: not a valid sample, or refused by storage).",
             None,
-            &[
-                (vec![("reason", "invalid_signature")], t.invalid_signature),
-                (vec![("reason", "invalid_timestamp")], t.invalid_timestamp),
-                (vec![("reason", "malformed")], other),
-            ],
+            &rejected,
+        )?;
+        o.counters(
+            "collector_received",
+            "Payload bytes read, by source (datagrams, stream bytes, AMQP message bodies).",
+            Some(Unit::Bytes),
+            &per(&|c| c.bytes),
         )?;
         o.counter(
             "collector_samples_dropped",
@@ -299,6 +325,15 @@ impl Collector for Snapshot {
                 (vec![("kind", "rpc")], t.rpc_connections),
             ],
         )?;
+        o.gauges(
+            "collector_connections_open",
+            "Connections open now, by kind.",
+            None,
+            &[
+                (vec![("kind", "tcp")], s.connections_open[0] as f64),
+                (vec![("kind", "rpc")], s.connections_open[1] as f64),
+            ],
+        )?;
         o.counter(
             "collector_tcp_malformed",
             "ceilometer tcp:// connections closed for an oversized or undecodable frame.",
@@ -329,6 +364,24 @@ impl Collector for Snapshot {
             "AMQP connections re-established after a loss.",
             t.amqp_reconnects,
         )?;
+        o.counter(
+            "collector_amqp_deliveries_acked",
+            "AMQP deliveries acked (committed, or malformed and dropped).",
+            t.amqp_acked,
+        )?;
+        o.counter(
+            "collector_amqp_deliveries_rejected",
+            "AMQP deliveries rejected for redelivery (storage unavailable).",
+            t.amqp_rejected,
+        )?;
+        if let Some(n) = s.amqp_connected {
+            o.gauge(
+                "collector_amqp_connected",
+                "Workers of the serving generation connected to the AMQP broker.",
+                None,
+                n as f64,
+            )?;
+        }
 
         // Storage.
         let driver: Labels<'_> = vec![("driver", s.driver.as_str())];
@@ -356,6 +409,46 @@ impl Collector for Snapshot {
             &upper,
             &t.batch_latency_ms,
             t.batch_latency_us_sum as f64 / 1e6,
+        )?;
+        let sizes: Vec<f64> = BATCH_SIZE_BUCKETS.iter().map(|n| *n as f64).collect();
+        o.histogram(
+            "collector_batch_size",
+            "Samples per committed batch.",
+            None,
+            &driver,
+            &sizes,
+            &t.batch_size,
+            t.batch_size_sum as f64,
+        )?;
+        let fresh: Vec<f64> = FRESHNESS_BUCKETS_MS
+            .iter()
+            .map(|ms| *ms as f64 / 1000.0)
+            .collect();
+        o.histogram(
+            "collector_sample_freshness",
+            "Commit time minus the sample's own timestamp, over stored samples: how late data lands.",
+            Some(Unit::Seconds),
+            &driver,
+            &fresh,
+            &t.freshness_ms,
+            t.freshness_ms_sum as f64 / 1000.0,
+        )?;
+        if let Some(ms) = s.last_commit_unix_ms {
+            o.gauges(
+                "collector_last_sample_committed_timestamp",
+                "When samples were last committed (Unix time): the pipeline's heartbeat.",
+                Some(Unit::Seconds),
+                &[(driver.clone(), ms as f64 / 1000.0)],
+            )?;
+        }
+        o.counters(
+            "collector_storage_errors",
+            "Failed batch writes by dispatcher (database: storage unavailable; file: file dispatcher).",
+            None,
+            &[
+                (vec![("kind", "database")], t.database_errors),
+                (vec![("kind", "file")], t.file_errors),
+            ],
         )?;
         o.gauges(
             "collector_storage_up",
@@ -562,6 +655,9 @@ mod tests {
         t.observe_batch_latency(5000);
         t.batch_latency_us_sum = 5_003_000;
         t.respawns = 1;
+        t.by_source.rpc.stored = 7;
+        t.by_source.rpc.invalid_signature = 2;
+        t.by_source.udp.malformed = 1;
         Snapshot {
             totals: t,
             driver: "sqlite".into(),
@@ -588,6 +684,9 @@ mod tests {
             ready: true,
             storage_down_workers: 0,
             launcher: proc_stats(std::process::id() as i32),
+            connections_open: [1, 2],
+            last_commit_unix_ms: Some(1_796_000_000_500),
+            amqp_connected: None,
         }
     }
 
@@ -602,8 +701,8 @@ mod tests {
         let (text, ct) = encode(sample(), false);
         assert!(ct.starts_with("text/plain; version=0.0.4"));
         assert_eq!(
-            line(&text, "collector_samples_stored_total"),
-            "collector_samples_stored_total 7"
+            line(&text, "collector_samples_stored_total{source=\"rpc\"}"),
+            "collector_samples_stored_total{source=\"rpc\"} 7"
         );
         assert_eq!(
             line(&text, "# TYPE collector_samples_stored_total"),
@@ -612,9 +711,9 @@ mod tests {
         assert_eq!(
             line(
                 &text,
-                "collector_samples_rejected_total{reason=\"malformed\"}"
+                "collector_samples_rejected_total{source=\"udp\",reason=\"malformed\"}"
             ),
-            "collector_samples_rejected_total{reason=\"malformed\"} 1"
+            "collector_samples_rejected_total{source=\"udp\",reason=\"malformed\"} 1"
         );
         assert_eq!(
             line(&text, "collector_worker_restarts_total{cause=\"crash\"}"),
@@ -663,8 +762,8 @@ mod tests {
             "# TYPE collector_samples_stored counter"
         );
         assert_eq!(
-            line(&text, "collector_samples_stored_total"),
-            "collector_samples_stored_total 7"
+            line(&text, "collector_samples_stored_total{source=\"rpc\"}"),
+            "collector_samples_stored_total{source=\"rpc\"} 7"
         );
         assert!(text.contains("# UNIT collector_batch_commit_duration_seconds seconds"));
     }

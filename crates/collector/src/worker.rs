@@ -59,6 +59,8 @@ pub struct Worker {
     signals: Option<std::os::unix::net::UnixStream>,
     stopping: Option<Instant>,
     last_error: Option<String>,
+    /// Wall clock (Unix ms) of the last commit that stored samples, for the freshness gauge.
+    last_commit_unix_ms: Option<i64>,
 }
 
 /// Errors that stop a worker before it serves: the launcher treats them as boot errors.
@@ -183,6 +185,7 @@ impl Worker {
             signals: Some(sig_r),
             stopping: None,
             last_error: None,
+            last_commit_unix_ms: None,
         })
     }
 
@@ -281,6 +284,9 @@ impl Worker {
         if let Some(st) = &amqp {
             self.intake.counters.amqp_reconnects = st.reconnects;
         }
+        self.intake.counters.amqp_acked = self.amqp.acked;
+        self.intake.counters.amqp_rejected = self.amqp.rejected;
+        let (tcp_open, rpc_open) = self.conns.open_by_kind();
         let Some(link) = self.link.as_mut() else {
             return;
         };
@@ -291,6 +297,9 @@ impl Worker {
             "pending_batch": self.intake.batch.len(),
             "in_flight": self.intake.in_flight,
             "last_error": &self.last_error,
+            "storage_up": self.last_error.is_none(),
+            "last_commit_unix_ms": self.last_commit_unix_ms,
+            "connections_by_kind": {"tcp": tcp_open, "rpc": rpc_open},
         });
         if let Err(e) = link.heartbeat(hb.to_string().as_bytes()) {
             log::debug!("heartbeat not sent: {e}");
@@ -423,6 +432,9 @@ impl Worker {
             self.intake.in_flight = self.intake.in_flight.saturating_sub(c.batches);
             dispatch::count_completion(&c, counters);
             let requeue = self.cfg.collector.requeue_sample_on_dispatcher_error;
+            if c.result.is_ok() && !c.probe && c.counts.stored > 0 {
+                self.last_commit_unix_ms = Some(c.committed_unix_ms);
+            }
             match &c.result {
                 Ok(_) => {
                     if self.last_error.is_some() {

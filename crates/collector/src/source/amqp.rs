@@ -9,6 +9,9 @@ use crate::dispatch::Ticket;
 pub struct AmqpSource {
     consumer: Option<AmqpConsumer>,
     log: Throttle,
+    /// Deliveries acked and rejected (for redelivery), for the counters.
+    pub acked: u64,
+    pub rejected: u64,
 }
 
 impl AmqpSource {
@@ -16,6 +19,8 @@ impl AmqpSource {
         AmqpSource {
             consumer,
             log: Throttle::new(),
+            acked: 0,
+            rejected: 0,
         }
     }
 
@@ -33,6 +38,7 @@ impl AmqpSource {
                 return;
             };
             intake.counters.amqp_deliveries += 1;
+            intake.counters.by_source.amqp.bytes += d.body.len() as u64;
             match consumer::decode_envelope(&d.body) {
                 Err(e) => {
                     intake.counters.amqp_malformed += 1;
@@ -68,12 +74,14 @@ impl AmqpSource {
     pub fn ack(&mut self, tag: u64) {
         if let Some(a) = self.consumer.as_mut() {
             a.ack(tag);
+            self.acked += 1;
         }
     }
 
     pub fn reject(&mut self, tag: u64, requeue: bool) {
         if let Some(a) = self.consumer.as_mut() {
             a.reject(tag, requeue);
+            self.rejected += 1;
         }
     }
 

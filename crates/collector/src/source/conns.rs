@@ -206,6 +206,18 @@ impl Connections {
         self.open
     }
 
+    /// Connections open now by kind: (ceilometer tcp://, MessagePack-RPC).
+    pub fn open_by_kind(&self) -> (usize, usize) {
+        let rpc = self
+            .conns
+            .iter()
+            .flatten()
+            .filter(|c| c.proto.name() == "rpc")
+            .count();
+        let all = self.conns.iter().flatten().count();
+        (all - rpc, rpc)
+    }
+
     /// The slot of a connection token, if it is one.
     pub fn slot(&self, t: Token) -> Option<usize> {
         t.0.checked_sub(self.first_token)
@@ -396,6 +408,7 @@ impl Connections {
                 Ok(n) => {
                     c.rbuf.truncate(len + n);
                     c.last_active = Instant::now();
+                    intake.counters.by_source.get_mut(c.proto.name()).bytes += n as u64;
                     self.process_buffer(i, intake);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

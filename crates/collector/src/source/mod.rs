@@ -63,6 +63,34 @@ impl Throttle {
     }
 }
 
+impl Throttle {
+    /// Like [`log`](Self::log), with the sample's `message_id` and `source` as structured
+    /// fields (JSON logs carry them as keys).
+    pub fn log_kv(
+        &mut self,
+        level: log::Level,
+        message_id: &str,
+        source: &str,
+        msg: impl FnOnce() -> String,
+    ) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        let n = std::mem::take(&mut self.suppressed);
+        if n > 0 {
+            log::log!(level, message_id = message_id, source = source; "{} (and {n} more like it in the last second)", msg());
+        } else {
+            log::log!(level, message_id = message_id, source = source; "{}", msg());
+        }
+        self.last = Some(now);
+    }
+}
+
 impl Default for Throttle {
     fn default() -> Throttle {
         Throttle::new()
@@ -138,16 +166,19 @@ impl Intake {
     /// accepted for the database (or file) dispatcher.
     pub fn ingest(&mut self, v: Value, source: &str) -> bool {
         self.counters.samples_received += 1;
+        let src = crate::counters::source_index(source);
+        self.counters.by_source.at_mut(src).received += 1;
         let signed_ok = !self.verify || self.signer.verify(&v);
         if !signed_ok {
             self.counters.invalid_signature += 1;
             self.counters.samples_rejected += 1;
+            self.counters.by_source.at_mut(src).invalid_signature += 1;
             let id = v
                 .get("message_id")
                 .and_then(Value::as_str)
                 .unwrap_or("?")
                 .to_string();
-            self.log_sig.log(log::Level::Warn, || {
+            self.log_sig.log_kv(log::Level::Warn, &id, source, || {
                 format!("{source}: invalid signature on sample {id}")
             });
             if !self.file {
@@ -158,29 +189,43 @@ impl Intake {
             Ok(s) => s,
             Err(e) => {
                 self.counters.samples_rejected += 1;
+                self.counters.by_source.at_mut(src).malformed += 1;
                 self.log_bad.log(log::Level::Warn, || {
                     format!("{source}: malformed sample: {e}")
                 });
                 return false;
             }
         };
+        let mut time_ms = None;
         if self.db && signed_ok {
-            if let Err(e) = meter::parse_timestamp(&sample.timestamp) {
-                self.counters.invalid_timestamp += 1;
-                self.counters.samples_rejected += 1;
-                let id = sample.message_id.clone();
-                self.log_bad
-                    .log(log::Level::Warn, || format!("{source}: sample {id}: {e}"));
-                if self.file {
-                    self.open_batch();
-                    self.batch.file.push(sample);
+            match meter::parse_timestamp(&sample.timestamp) {
+                Ok(t) => time_ms = Some((t.unix_timestamp_nanos() / 1_000_000) as i64),
+                Err(e) => {
+                    self.counters.invalid_timestamp += 1;
+                    self.counters.samples_rejected += 1;
+                    self.counters.by_source.at_mut(src).invalid_timestamp += 1;
+                    let id = sample.message_id.clone();
+                    self.log_bad.log_kv(log::Level::Warn, &id, source, || {
+                        format!("{source}: sample {id}: {e}")
+                    });
+                    if self.file {
+                        self.open_batch();
+                        self.batch.file.push(sample);
+                    }
+                    return false;
                 }
-                return false;
             }
         }
         let for_db = self.db && signed_ok;
         if for_db || self.file {
             self.open_batch();
+        }
+        if for_db || (self.file && !self.db) {
+            // Parallel to the primary list: for per-source outcomes and freshness.
+            self.batch.meta.push(crate::dispatch::SampleMeta {
+                source: src as u8,
+                time_ms,
+            });
         }
         match (for_db, self.file) {
             (true, true) => {
@@ -206,6 +251,9 @@ impl Intake {
             } else {
                 self.counters.samples_received += 1;
                 self.counters.samples_rejected += 1;
+                let c = self.counters.by_source.get_mut(source);
+                c.received += 1;
+                c.malformed += 1;
                 false
             };
             rejected += usize::from(!accepted);

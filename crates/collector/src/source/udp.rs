@@ -50,6 +50,7 @@ impl UdpSource {
             match sock.recv_from(&mut buf) {
                 Ok((n, peer)) => {
                     intake.counters.udp_received += 1;
+                    intake.counters.by_source.udp.bytes += n as u64;
                     match meter::decode::decode_value(&buf[..n]) {
                         Ok(v) if matches!(v, Value::Map(_)) => {
                             intake.ingest(v, "udp");
