@@ -596,3 +596,28 @@ fn a_taken_metrics_port_is_a_boot_error_and_an_empty_address_disables_it() {
     assert!(d.metrics_addr().is_none());
     assert!(!d.log().contains("metrics endpoint"));
 }
+
+#[test]
+fn a_hung_worker_is_counted_as_hung_not_crash() {
+    let d = Daemon::start(Setup::default().workers(2).service("worker_timeout = 2"));
+    let addr = d.metrics_addr().unwrap();
+    let pids = d.wait_workers(2, &[], WAIT);
+    // SAFETY: kill(2) on a worker of our daemon: it stops heartbeating.
+    unsafe { libc::kill(pids[0], libc::SIGSTOP) };
+    let m = wait_for(WAIT, || {
+        let m = parse(&get(addr, "/metrics", "").2);
+        (sum(&m, "collector_worker_restarts_total", &["cause=\"hung\""]) == 1.0).then_some(m)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "hung never counted:\n{}\nlog:\n{}",
+            get(addr, "/metrics", "").2,
+            d.log()
+        )
+    });
+    assert_eq!(
+        sum(&m, "collector_worker_restarts_total", &["cause=\"crash\""]),
+        0.0
+    );
+    d.wait_workers(2, &[pids[0]], WAIT);
+}
