@@ -741,6 +741,11 @@ impl Hooks for Launcher {
             {
                 crate::logging::set_level(&cfg.service.log_level);
             }
+            if cfg.metrics_endpoint() != self.cfg.metrics_endpoint() {
+                log::warn!(
+                    "metrics_address/metrics_port changed: the new endpoint takes effect at the next restart"
+                );
+            }
             if cfg.service.log_format != self.cfg.service.log_format {
                 crate::logging::set_format(&cfg.service.log_format);
             }
