@@ -228,6 +228,9 @@ impl Worker {
             let timeout = deadline.saturating_duration_since(Instant::now());
             let timeout = if self.stopping.is_some() {
                 timeout.min(Duration::from_millis(50))
+            } else if self.has_input_left() {
+                // A source's budget ran out with input left: look at events, then go on.
+                Duration::ZERO
             } else {
                 timeout
             };
@@ -405,7 +408,12 @@ impl Worker {
         );
     }
 
-    /// Resume sources paused by back-pressure once there is room again.
+    /// Whether a source has input left over that it could read now.
+    fn has_input_left(&self) -> bool {
+        self.intake.can_accept() && (self.udp.backlogged() || self.conns.has_ready())
+    }
+
+    /// Give sources paused by back-pressure, or whose read budget ran out, another turn.
     fn resume_paused(&mut self) {
         if !self.intake.can_accept() {
             return;
@@ -413,6 +421,7 @@ impl Worker {
         if self.udp.backlogged() {
             self.udp.read(&mut self.intake);
         }
+        self.conns.run_ready(&mut self.intake);
         self.conns.resume_paused(&mut self.intake);
     }
 

@@ -19,6 +19,12 @@ const MAX_PENDING_REPLIES: usize = 1024;
 /// Nesting allowed in a frame (sample metadata is shallow; this is far above real use).
 const MAX_DEPTH: usize = 64;
 const READ_CHUNK: usize = 64 * 1024;
+/// Bytes one connection may read in one turn of the loop. A connection with more to read
+/// goes to the back of the ready queue, so every connection, the UDP socket, the link and the
+/// heartbeat get a turn however fast one client sends (issue 13, item 4).
+const READ_BUDGET: usize = 4 * READ_CHUNK;
+/// Connections one listener may accept in one turn of the loop.
+const ACCEPT_BUDGET: usize = 64;
 
 /// Which protocol a connection speaks (by the listener it came from).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +105,8 @@ pub struct Conn {
     read_closed: bool,
     /// Reading paused by back-pressure; resumed from the loop.
     paused: bool,
+    /// In the ready queue: its read budget ran out with data left to read.
+    queued: bool,
     interest: Option<Interest>,
 }
 
@@ -150,6 +158,10 @@ pub struct Connections {
     rpc: Option<TcpListener>,
     unix: Option<UnixListener>,
     conns: Vec<Option<Conn>>,
+    /// Connections whose read budget ran out with data left, in turn order.
+    ready: VecDeque<usize>,
+    /// Listeners whose accept budget ran out with connections left.
+    ready_listeners: Vec<Listener>,
     free: Vec<usize>,
     open: usize,
     next_serial: u64,
@@ -191,6 +203,8 @@ impl Connections {
             rpc,
             unix,
             conns: Vec::new(),
+            ready: VecDeque::new(),
+            ready_listeners: Vec::new(),
             free: Vec::new(),
             open: 0,
             next_serial: 1,
@@ -236,9 +250,31 @@ impl Connections {
             .collect()
     }
 
-    /// Accept every pending connection on a listener.
+    /// Whether a connection or listener has input left over from its last turn.
+    pub fn has_ready(&self) -> bool {
+        !self.ready.is_empty() || !self.ready_listeners.is_empty()
+    }
+
+    /// Give every connection and listener whose budget ran out last turn another turn.
+    pub fn run_ready(&mut self, intake: &mut Intake) {
+        for which in std::mem::take(&mut self.ready_listeners) {
+            self.accept(which, intake);
+        }
+        for _ in 0..self.ready.len() {
+            let Some(i) = self.ready.pop_front() else {
+                break;
+            };
+            match self.conns.get_mut(i).and_then(Option::as_mut) {
+                Some(c) => c.queued = false,
+                None => continue,
+            }
+            self.readable(i, intake);
+        }
+    }
+
+    /// Accept the pending connections on a listener, at most [`ACCEPT_BUDGET`] this turn.
     pub fn accept(&mut self, which: Listener, intake: &mut Intake) {
-        loop {
+        for _ in 0..ACCEPT_BUDGET {
             let accepted = match which {
                 Listener::Unix => match self.unix.as_ref().map(|l| l.accept()) {
                     Some(Ok((s, addr))) => Ok((
@@ -302,6 +338,9 @@ impl Connections {
                 }
             }
         }
+        if !self.ready_listeners.contains(&which) {
+            self.ready_listeners.push(which);
+        }
     }
 
     fn add(&mut self, proto: Proto, mut stream: Stream, peer: String, intake: &mut Intake) {
@@ -339,6 +378,7 @@ impl Connections {
             last_active: Instant::now(),
             read_closed: false,
             paused: false,
+            queued: false,
             interest: Some(Interest::READABLE),
         });
         // Data may have arrived with the connection.
@@ -354,8 +394,10 @@ impl Connections {
         }
     }
 
-    /// Read what connection `i` has for us and process every complete frame.
+    /// Read what connection `i` has for us, within its budget for this turn, and process
+    /// every complete frame.
     pub fn readable(&mut self, i: usize, intake: &mut Intake) {
+        let mut budget = READ_BUDGET;
         loop {
             let can = intake.can_accept();
             let Some(c) = self.conns.get_mut(i).and_then(Option::as_mut) else {
@@ -397,6 +439,16 @@ impl Connections {
                     c.rbuf.truncate(len + n);
                     c.last_active = Instant::now();
                     self.process_buffer(i, intake);
+                    budget = budget.saturating_sub(n);
+                    if budget == 0 {
+                        if let Some(c) = self.conns.get_mut(i).and_then(Option::as_mut) {
+                            if !c.queued {
+                                c.queued = true;
+                                self.ready.push_back(i);
+                            }
+                        }
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     c.rbuf.truncate(len);
@@ -629,6 +681,8 @@ impl Connections {
         if let Some(mut s) = self.unix.take() {
             let _ = self.registry.deregister(&mut s);
         }
+        self.ready_listeners.clear();
+        self.ready.clear();
         for i in 0..self.conns.len() {
             if let Some(c) = self.conns[i].as_mut() {
                 c.paused = false;

@@ -6,10 +6,15 @@ use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
 use std::io;
 
+/// Datagrams read in one turn of the loop; the rest wait for the next turn, so a flood on
+/// the UDP socket cannot keep the loop from its connections, link and heartbeat.
+const READ_BUDGET: usize = 256;
+
 /// The worker's UDP socket (a clone of the launcher's, shared by all workers).
 pub struct UdpSource {
     sock: Option<UdpSocket>,
-    /// Reading stopped because the batch was full: resume when there is room.
+    /// Datagrams were left unread: because the batch was full (read again when there is
+    /// room) or the turn's budget ran out (read again next turn).
     backlog: bool,
     log: Throttle,
 }
@@ -36,10 +41,11 @@ impl UdpSource {
         self.backlog
     }
 
-    /// Read datagrams until the socket is empty or the batch has no room.
+    /// Read datagrams until the socket is empty, the batch has no room or the turn's budget
+    /// is spent.
     pub fn read(&mut self, intake: &mut Intake) {
         let mut buf = [0u8; 65536];
-        loop {
+        for _ in 0..READ_BUDGET {
             if !intake.can_accept() {
                 self.backlog = true;
                 return;
@@ -81,6 +87,7 @@ impl UdpSource {
                 }
             }
         }
+        self.backlog = true;
     }
 
     /// Stop reading (the worker is stopping): the socket is deregistered and closed here;
@@ -89,5 +96,6 @@ impl UdpSource {
         if let Some(mut s) = self.sock.take() {
             let _ = registry.deregister(&mut s);
         }
+        self.backlog = false;
     }
 }
