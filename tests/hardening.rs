@@ -140,3 +140,86 @@ fn a_flooding_client_does_not_starve_others_or_the_heartbeat() {
         .unwrap_or(f64::MAX);
     assert!(since < 3.0, "heartbeat {since} s old under a flood");
 }
+
+/// Open `n` ceilometer `tcp://` connections that each announce a frame of 16 MiB − 1 and
+/// send `body` bytes of it, never finishing it. Returns the connections (to keep them open).
+fn partial_frames(addr: std::net::SocketAddr, n: usize, body: usize) -> Vec<std::net::TcpStream> {
+    use std::io::Write;
+    let chunk = vec![0x90u8; 1 << 20];
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let chunk = chunk.clone();
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(addr).expect("connect");
+                s.set_write_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
+                let _ = s.write_all(&((16u64 << 20) - 1).to_le_bytes());
+                let mut sent = 0;
+                while sent < body {
+                    let k = chunk.len().min(body - sent);
+                    // A paused connection stops being read: its writes then time out.
+                    if s.write_all(&chunk[..k]).is_err() {
+                        break;
+                    }
+                    sent += k;
+                }
+                s
+            })
+        })
+        .collect();
+    handles.into_iter().filter_map(|h| h.join().ok()).collect()
+}
+
+/// Item 2: what connections may buffer is bounded per worker (`max_buffered_bytes`, 256 MiB
+/// by default), not by max_connections × max_frame_bytes; a well-behaved client on the same
+/// worker is still answered.
+#[test]
+fn partial_frames_stay_within_the_buffered_bytes_budget() {
+    let d = Daemon::start(Setup::default());
+    let worker = d.worker_pid();
+    let conns = partial_frames(d.tcp.expect("tcp address"), 40, 15 << 20);
+    let mut c = RpcClient::connect(d.rpc.expect("rpc address")).expect("connect");
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let r = c.call(vec![sample("budget-1", SECRET)]);
+    let hwm_mib = proc_status_kib(worker, "VmHWM") / 1024;
+    let rss_mib = proc_status_kib(worker, "VmRSS") / 1024;
+    eprintln!("40 partial 15 MiB frames: worker peak RSS {hwm_mib} MiB, now {rss_mib} MiB");
+    drop(conns);
+    assert_eq!(r.expect("answered").stored, 1);
+    assert!(
+        hwm_mib < 256 + 64,
+        "worker peak RSS {hwm_mib} MiB with 40 partial frames (budget 256 MiB)"
+    );
+}
+
+/// Item 2: a frame must be complete within `frame_timeout`; a trickle of bytes, which resets
+/// the idle timer, cannot keep a partial frame (and its buffer) alive.
+#[test]
+fn a_trickled_frame_is_dropped_at_the_frame_deadline() {
+    use std::io::{Read, Write};
+    let d = Daemon::start(Setup::default().collector("frame_timeout = 2"));
+    let mut s = std::net::TcpStream::connect(d.tcp.expect("tcp address")).expect("connect");
+    s.write_all(&1000u64.to_le_bytes()).expect("header");
+    let t = std::time::Instant::now();
+    let mut closed = false;
+    while t.elapsed() < Duration::from_secs(8) {
+        if s.write_all(&[0x90]).is_err() {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if !closed {
+        s.set_read_timeout(Some(Duration::from_millis(100))).ok();
+        closed =
+            matches!(s.read(&mut [0u8; 1]), Ok(0) | Err(_)) && d.log().contains("frame_timeout");
+    }
+    assert!(
+        closed,
+        "a trickled frame was kept for 8 s; log:\n{}",
+        d.log()
+    );
+    assert!(d.log().contains("frame_timeout"), "log:\n{}", d.log());
+}

@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod framing;
 pub mod launcher;
 pub mod logging;
+pub mod memory;
 pub mod rpc;
 pub mod sockets;
 pub mod source;

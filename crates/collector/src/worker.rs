@@ -212,7 +212,7 @@ impl Worker {
                 next_heartbeat = now + HEARTBEAT_EVERY;
             }
             if now >= next_sweep {
-                self.conns.sweep_idle(now);
+                self.conns.sweep(now, &mut self.intake);
                 next_sweep = now + Duration::from_secs(1);
             }
             self.intake.maybe_flush(now);

@@ -23,6 +23,14 @@ const READ_CHUNK: usize = 64 * 1024;
 /// goes to the back of the ready queue, so every connection, the UDP socket, the link and the
 /// heartbeat get a turn however fast one client sends (issue 13, item 4).
 const READ_BUDGET: usize = 4 * READ_CHUNK;
+/// A connection holding less than this may always read, even when the worker's
+/// `max_buffered_bytes` is spent: small requests keep flowing while large partial frames wait.
+const RESERVE: usize = 2 * READ_CHUNK;
+/// A read buffer grows by doubling up to this step, then by this step: a 16 MiB frame costs
+/// a few copies, and a buffer never holds much more than its frame.
+const GROW_STEP: usize = 2 << 20;
+/// Freeing a buffer at least this large asks the allocator to return memory.
+const LARGE: usize = 1 << 20;
 /// Connections one listener may accept in one turn of the loop.
 const ACCEPT_BUDGET: usize = 64;
 
@@ -107,6 +115,12 @@ pub struct Conn {
     paused: bool,
     /// In the ready queue: its read budget ran out with data left to read.
     queued: bool,
+    /// Paused because the worker's buffered bytes reached `max_buffered_bytes`.
+    mem_paused: bool,
+    /// Capacity of `rbuf` counted in [`Connections::held`].
+    held: usize,
+    /// When the unfinished frame at the head of the buffer started (None: no partial frame).
+    frame_since: Option<Instant>,
     interest: Option<Interest>,
 }
 
@@ -168,6 +182,14 @@ pub struct Connections {
     max_connections: usize,
     max_frame: usize,
     idle_timeout: Duration,
+    /// Bytes all connections' read buffers hold, and the most they may hold.
+    held: usize,
+    max_held: usize,
+    /// The budget was exhausted at the last sweep too.
+    exhausted: bool,
+    frame_timeout: Duration,
+    /// Gives the pages of freed large buffers back to the system.
+    releaser: crate::memory::Releaser,
     log: Throttle,
 }
 
@@ -211,6 +233,11 @@ impl Connections {
             max_connections: cfg.max_connections,
             max_frame: cfg.max_frame_bytes,
             idle_timeout: Duration::from_secs_f64(cfg.idle_timeout),
+            held: 0,
+            max_held: cfg.max_buffered_bytes,
+            exhausted: false,
+            frame_timeout: Duration::from_secs_f64(cfg.frame_timeout),
+            releaser: crate::memory::Releaser::new(Duration::from_millis(100)),
             log: Throttle::new(),
         })
     }
@@ -379,6 +406,9 @@ impl Connections {
             read_closed: false,
             paused: false,
             queued: false,
+            mem_paused: false,
+            held: 0,
+            frame_since: None,
             interest: Some(Interest::READABLE),
         });
         // Data may have arrived with the connection.
@@ -387,6 +417,10 @@ impl Connections {
 
     fn close(&mut self, i: usize) {
         if let Some(mut c) = self.conns.get_mut(i).and_then(Option::take) {
+            self.held -= c.held;
+            if c.held >= LARGE {
+                self.releaser.freed();
+            }
             let _ = self.registry.deregister(c.stream.source());
             self.open -= 1;
             self.free.push(i);
@@ -411,16 +445,32 @@ impl Connections {
                 c.paused = true;
                 break;
             }
-            if c.rpos > 0 && (c.rpos == c.rbuf.len() || c.rpos > READ_CHUNK) {
-                c.rbuf.drain(..c.rpos);
-                c.rpos = 0;
-                // A connection that once carried a 16 MiB frame must not keep 16 MiB while
-                // idle: give back what a normal read does not need.
-                if c.rbuf.is_empty() && c.rbuf.capacity() > 4 * READ_CHUNK {
-                    c.rbuf = Vec::new();
+            compact(c);
+            let len = c.rbuf.len();
+            // Grow the buffer ourselves, in steps of at most GROW_STEP, and count what is
+            // allocated (capacity), not what is filled: that is what the process holds.
+            let cap = c.rbuf.capacity();
+            let new_cap = if cap < len + READ_CHUNK {
+                (len + READ_CHUNK).max(cap.saturating_mul(2).min(cap + GROW_STEP))
+            } else {
+                cap
+            };
+            // While it grows, the old and the new buffer both exist: count both.
+            let over = self.held + new_cap > self.max_held;
+            if over && new_cap > cap && cap >= RESERVE {
+                // Wait for memory: other frames complete or the sweep drops the largest.
+                c.paused = true;
+                c.mem_paused = true;
+                break;
+            }
+            if new_cap > cap {
+                c.rbuf.reserve_exact(new_cap - len);
+                if cap >= LARGE {
+                    self.releaser.freed();
                 }
             }
-            let len = c.rbuf.len();
+            self.held = self.held - c.held + c.rbuf.capacity();
+            c.held = c.rbuf.capacity();
             c.rbuf.resize(len + READ_CHUNK, 0);
             match c.stream.read(&mut c.rbuf[len..]) {
                 Ok(0) => {
@@ -466,7 +516,21 @@ impl Connections {
                 }
             }
         }
+        self.account(i);
+        self.releaser.maybe_release(Instant::now());
         self.update_interest(i);
+    }
+
+    /// Bring [`Connections::held`] up to date with connection `i`'s buffer.
+    fn account(&mut self, i: usize) {
+        if let Some(c) = self.conns.get_mut(i).and_then(Option::as_mut) {
+            let cap = c.rbuf.capacity();
+            if c.held >= LARGE && cap < c.held {
+                self.releaser.freed();
+            }
+            self.held = self.held - c.held + cap;
+            c.held = cap;
+        }
     }
 
     /// Decode every complete frame in the connection's buffer.
@@ -484,7 +548,18 @@ impl Connections {
             };
             let (start, end) = match frame {
                 Ok(Some(r)) => r,
-                Ok(None) => return,
+                Ok(None) => {
+                    // A trickle resets the idle timer, not this: a frame has frame_timeout
+                    // from its first byte to its last.
+                    if c.rpos == c.rbuf.len() {
+                        c.frame_since = None;
+                    } else if c.frame_since.is_none() {
+                        c.frame_since = Some(Instant::now());
+                    }
+                    compact(c);
+                    self.account(i);
+                    return;
+                }
                 Err(e) => {
                     self.protocol_error(i, intake, None, &e.to_string());
                     return;
@@ -492,6 +567,7 @@ impl Connections {
             };
             let decoded = meter::decode::decode_value(&c.unread()[start..end]);
             c.rpos += end;
+            c.frame_since = None;
             let result = match decoded {
                 Err(e) => Err(ProtocolError {
                     msgid: None,
@@ -532,6 +608,12 @@ impl Connections {
         c.read_closed = true;
         c.rbuf = Vec::new();
         c.rpos = 0;
+        c.frame_since = None;
+        self.held -= c.held;
+        if c.held >= LARGE {
+            self.releaser.freed();
+        }
+        c.held = 0;
         if let Some(msgid) = msgid {
             let mut out = Vec::new();
             crate::rpc::encode_error(&mut out, msgid, reason);
@@ -632,15 +714,19 @@ impl Connections {
             if !intake.can_accept() {
                 return;
             }
+            let memory = self.held < self.max_held;
             let resume = match self.conns[i].as_mut() {
                 Some(c) if c.paused && !c.read_closed => {
-                    c.unsent() <= MAX_WRITE_BUFFER / 2 && c.replies.len() <= MAX_PENDING_REPLIES / 2
+                    c.unsent() <= MAX_WRITE_BUFFER / 2
+                        && c.replies.len() <= MAX_PENDING_REPLIES / 2
+                        && (memory || !c.mem_paused)
                 }
                 _ => false,
             };
             if resume {
                 if let Some(c) = self.conns[i].as_mut() {
                     c.paused = false;
+                    c.mem_paused = false;
                 }
                 // Edge-triggered: data that arrived while paused raises no new event.
                 self.process_buffer(i, intake);
@@ -649,8 +735,44 @@ impl Connections {
         }
     }
 
-    /// Close connections idle for longer than `idle_timeout` with nothing left to answer.
-    pub fn sweep_idle(&mut self, now: Instant) {
+    /// Once a second: drop frames older than `frame_timeout`, the largest partial frame when
+    /// `max_buffered_bytes` stays exhausted, and connections idle for longer than
+    /// `idle_timeout` with nothing left to answer.
+    pub fn sweep(&mut self, now: Instant, intake: &mut Intake) {
+        for i in 0..self.conns.len() {
+            let late = self.conns[i].as_ref().is_some_and(|c| {
+                !c.read_closed
+                    && c.frame_since
+                        .is_some_and(|t| now.duration_since(t) > self.frame_timeout)
+            });
+            if late {
+                let reason = format!(
+                    "frame not complete within frame_timeout ({} s)",
+                    self.frame_timeout.as_secs_f64()
+                );
+                self.protocol_error(i, intake, None, &reason);
+                self.update_interest(i);
+            }
+        }
+        let exhausted = self.held >= self.max_held;
+        if exhausted && self.exhausted {
+            let largest = (0..self.conns.len())
+                .filter_map(|i| {
+                    let c = self.conns[i].as_ref()?;
+                    (!c.read_closed && c.held > 0).then_some((c.held, i))
+                })
+                .max();
+            if let Some((bytes, i)) = largest {
+                let reason = format!(
+                    "dropping a partial frame of {bytes} bytes: the worker's read buffers hold max_buffered_bytes ({})",
+                    self.max_held
+                );
+                self.protocol_error(i, intake, None, &reason);
+                self.update_interest(i);
+            }
+        }
+        self.exhausted = exhausted;
+        self.releaser.maybe_release(now);
         for i in 0..self.conns.len() {
             let idle = match self.conns[i].as_ref() {
                 Some(c) => {
@@ -692,6 +814,19 @@ impl Connections {
                 c.read_closed = true;
             }
             self.update_interest(i);
+        }
+    }
+}
+
+/// Drop the consumed bytes at the head of a connection's buffer once they are worth moving,
+/// and give back a large buffer that is empty: a connection that once carried a 16 MiB frame
+/// must not keep 16 MiB while idle.
+fn compact(c: &mut Conn) {
+    if c.rpos > 0 && (c.rpos == c.rbuf.len() || c.rpos > READ_CHUNK) {
+        c.rbuf.drain(..c.rpos);
+        c.rpos = 0;
+        if c.rbuf.is_empty() && c.rbuf.capacity() > 4 * READ_CHUNK {
+            c.rbuf = Vec::new();
         }
     }
 }
