@@ -223,3 +223,67 @@ fn a_trickled_frame_is_dropped_at_the_frame_deadline() {
     );
     assert!(d.log().contains("frame_timeout"), "log:\n{}", d.log());
 }
+
+/// `[0, 1, "x", [[nil × n]]]`: one RPC request of `n` nils (msgpack array32 of 0xc0).
+fn rpc_of_nils(n: usize) -> Vec<u8> {
+    let mut out = vec![0x94, 0x00, 0x01, 0xa1, b'x', 0x91, 0xdd];
+    out.extend_from_slice(&(n as u32).to_be_bytes());
+    out.resize(out.len() + n, 0xc0);
+    out
+}
+
+/// Item 3: decoding no longer inflates a frame ~38×: a frame of more elements than
+/// `max_frame_elements` is refused before it is decoded, and the worker's peak RSS stays
+/// under the documented bound (128 MiB for one 16 MiB frame).
+#[test]
+fn a_frame_of_millions_of_elements_is_refused_before_decoding() {
+    use std::io::{Read, Write};
+    let d = Daemon::start(Setup::default());
+    let worker = d.worker_pid();
+    let mut s = std::net::TcpStream::connect(d.rpc.expect("rpc address")).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    // 16 MiB − 64 bytes of nils: just under max_frame_bytes.
+    let frame = rpc_of_nils((16 << 20) - 64);
+    let _ = s.write_all(&frame);
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    std::thread::sleep(Duration::from_millis(500));
+    let hwm_mib = proc_status_kib(worker, "VmHWM") / 1024;
+    let rss_mib = proc_status_kib(worker, "VmRSS") / 1024;
+    eprintln!("16 MiB frame of nils: worker peak RSS {hwm_mib} MiB, after {rss_mib} MiB");
+    assert!(
+        hwm_mib < 128,
+        "worker peak RSS {hwm_mib} MiB for one 16 MiB frame"
+    );
+    assert!(d.log().contains("max_frame_elements"), "log:\n{}", d.log());
+    // The worker still serves.
+    let mut c = RpcClient::connect(d.rpc.expect("rpc address")).expect("connect");
+    assert_eq!(
+        c.call(vec![sample("after-nils", SECRET)])
+            .expect("call")
+            .stored,
+        1
+    );
+
+    // A frame just under the limit is decoded and answered, and its memory given back.
+    let mut s = std::net::TcpStream::connect(d.rpc.expect("rpc address")).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    s.write_all(&rpc_of_nils(1_000_000)).expect("send");
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).expect("an answer");
+    assert!(n > 0 && String::from_utf8_lossy(&buf[..n]).contains("unknown method"));
+    std::thread::sleep(Duration::from_millis(1500));
+    let hwm_mib = proc_status_kib(worker, "VmHWM") / 1024;
+    let rss_mib = proc_status_kib(worker, "VmRSS") / 1024;
+    eprintln!("1 M elements: worker peak RSS {hwm_mib} MiB, after {rss_mib} MiB");
+    assert!(
+        hwm_mib < 128,
+        "worker peak RSS {hwm_mib} MiB for 1 M elements"
+    );
+    assert!(
+        rss_mib < 48,
+        "worker RSS {rss_mib} MiB after the frame was answered"
+    );
+}

@@ -71,6 +71,8 @@ pub struct CollectorConfig {
     pub max_buffered_bytes: usize,
     /// Seconds a frame may take from its first byte to its last.
     pub frame_timeout: f64,
+    /// Elements (array items, map keys and values) one RPC or TCP frame may hold.
+    pub max_frame_elements: u64,
     pub dispatchers: Vec<String>,
     pub requeue_sample_on_dispatcher_error: bool,
 }
@@ -92,6 +94,7 @@ impl Default for CollectorConfig {
             idle_timeout: 300.0,
             max_buffered_bytes: 256 * 1024 * 1024,
             frame_timeout: 60.0,
+            max_frame_elements: 1 << 20,
             dispatchers: vec!["database".into()],
             requeue_sample_on_dispatcher_error: true,
         }
@@ -243,6 +246,9 @@ impl Config {
                 "[collector] max_buffered_bytes ({}) must be at least max_frame_bytes ({})",
                 c.max_buffered_bytes, c.max_frame_bytes
             ));
+        }
+        if c.max_frame_elements == 0 {
+            return Err("[collector] max_frame_elements must be at least 1".into());
         }
         if !(c.frame_timeout.is_finite() && c.frame_timeout > 0.0) {
             return Err("[collector] frame_timeout must be a positive number".into());

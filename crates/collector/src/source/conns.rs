@@ -17,7 +17,7 @@ const MAX_WRITE_BUFFER: usize = 1 << 20;
 /// Read no more from a connection with this many unanswered requests.
 const MAX_PENDING_REPLIES: usize = 1024;
 /// Nesting allowed in a frame (sample metadata is shallow; this is far above real use).
-const MAX_DEPTH: usize = 64;
+pub const MAX_DEPTH: usize = 64;
 const READ_CHUNK: usize = 64 * 1024;
 /// Bytes one connection may read in one turn of the loop. A connection with more to read
 /// goes to the back of the ready queue, so every connection, the UDP socket, the link and the
@@ -181,6 +181,7 @@ pub struct Connections {
     next_serial: u64,
     max_connections: usize,
     max_frame: usize,
+    max_elements: u64,
     idle_timeout: Duration,
     /// Bytes all connections' read buffers hold, and the most they may hold.
     held: usize,
@@ -232,6 +233,7 @@ impl Connections {
             next_serial: 1,
             max_connections: cfg.max_connections,
             max_frame: cfg.max_frame_bytes,
+            max_elements: cfg.max_frame_elements,
             idle_timeout: Duration::from_secs_f64(cfg.idle_timeout),
             held: 0,
             max_held: cfg.max_buffered_bytes,
@@ -398,7 +400,8 @@ impl Connections {
             peer,
             rbuf: Vec::new(),
             rpos: 0,
-            scanner: MsgpackScanner::new(self.max_frame, MAX_DEPTH),
+            scanner: MsgpackScanner::new(self.max_frame, MAX_DEPTH)
+                .with_max_elements(self.max_elements),
             wbuf: Vec::new(),
             wpos: 0,
             replies: VecDeque::new(),
@@ -544,7 +547,7 @@ impl Connections {
             }
             let frame = match c.proto {
                 Proto::Rpc => super::rpc::scan(c),
-                Proto::CeiloTcp => super::tcp::scan(c, self.max_frame),
+                Proto::CeiloTcp => super::tcp::scan(c, self.max_frame, self.max_elements),
             };
             let (start, end) = match frame {
                 Ok(Some(r)) => r,
@@ -583,6 +586,10 @@ impl Connections {
                     Proto::Rpc => super::rpc::handle(c, i, v, intake),
                 },
             };
+            if end - start >= LARGE {
+                // Its values were many and are gone now (or owned by the batch).
+                self.releaser.freed();
+            }
             if let Err(e) = result {
                 self.protocol_error(i, intake, e.msgid, &e.reason);
                 return;
