@@ -287,3 +287,54 @@ fn a_frame_of_millions_of_elements_is_refused_before_decoding() {
         "worker RSS {rss_mib} MiB after the frame was answered"
     );
 }
+
+/// Item 5: text from the network is logged with control characters escaped and its length
+/// capped: a message_id holding a newline cannot forge a log line.
+#[test]
+fn network_text_cannot_forge_log_lines() {
+    let d = Daemon::start(Setup::default());
+    let udp = d.udp.expect("udp address");
+    let forged = "x\n1999-01-01T00:00:00.000Z ERROR collector[1] FORGED line\r";
+    // A bad signature: the message_id is logged.
+    send_udp(udp, &[encode(&sample(forged, "wrong"))]);
+    // A good signature and a bad timestamp: message_id and the timestamp's error are logged.
+    let mut v = sample("placeholder", SECRET);
+    if let meter::Value::Map(pairs) = &mut v {
+        for (k, val) in pairs.iter_mut() {
+            match k.as_str() {
+                Some("message_id") => *val = meter::Value::Str(format!("{forged}-2")),
+                Some("timestamp") => {
+                    *val = meter::Value::Str(format!("2026-02-30T00:00:00{forged}"))
+                }
+                _ => {}
+            }
+        }
+    }
+    meter::signature::sign(&mut v, SECRET);
+    // A message_id far longer than a log line should be.
+    let long = sample(&"L".repeat(30_000), "wrong");
+    send_udp(udp, &[encode(&v)]);
+    d.wait_counter("invalid_signature", 1, Duration::from_secs(10));
+    d.wait_counter("invalid_timestamp", 1, Duration::from_secs(10));
+    // The throttle allows one line a second per kind.
+    std::thread::sleep(Duration::from_millis(1100));
+    send_udp(udp, &[encode(&long)]);
+    d.wait_counter("invalid_signature", 2, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(300));
+    let log = d.log();
+    assert!(
+        !log.lines().any(|l| l.starts_with("1999-01-01")),
+        "a forged line made it into the log:\n{log}"
+    );
+    assert!(
+        log.contains("\\n1999-01-01T00:00:00.000Z ERROR collector[1] FORGED line\\r"),
+        "the id is logged escaped:\n{log}"
+    );
+    assert!(
+        log.contains("invalid_timestamp") || log.contains("FORGED line\\r-2"),
+        "{log}"
+    );
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 2000, "a log line of {longest} bytes");
+    assert!(log.contains("more bytes)"), "{log}");
+}

@@ -17,6 +17,7 @@ pub mod memory;
 pub mod rpc;
 pub mod sockets;
 pub mod source;
+pub mod untrusted;
 pub mod worker;
 
 /// Exit status for a configuration that cannot be used.

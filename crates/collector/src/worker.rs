@@ -440,7 +440,11 @@ impl Worker {
                     }
                 }
                 Err(e) => {
-                    log::error!("batch of {} samples not written: {e}", c.counts.samples);
+                    log::error!(
+                        "batch of {} samples not written: {}",
+                        c.counts.samples,
+                        crate::untrusted::untrusted(e)
+                    );
                     self.last_error = Some(e.clone());
                     let acked_by_nobody = c.counts.samples
                         - c.tickets

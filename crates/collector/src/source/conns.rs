@@ -6,6 +6,7 @@
 use super::{Intake, Throttle};
 use crate::dispatch::Ticket;
 use crate::framing::MsgpackScanner;
+use crate::untrusted::Untrusted;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
 use std::collections::VecDeque;
@@ -610,7 +611,10 @@ impl Connections {
         let peer = &c.peer;
         let kind = c.proto.name();
         self.log.log(log::Level::Warn, || {
-            format!("{kind}: {peer}: {reason}; closing the connection")
+            format!(
+                "{kind}: {peer}: {}; closing the connection",
+                Untrusted(reason)
+            )
         });
         c.read_closed = true;
         c.rbuf = Vec::new();

@@ -15,6 +15,7 @@ pub mod udp;
 
 use crate::counters::Counters;
 use crate::dispatch::{Batch, Ticket, WriterMsg};
+use crate::untrusted::{untrusted, Untrusted};
 use meter::{Sample, Value};
 use std::ops::Range;
 use std::sync::mpsc;
@@ -142,13 +143,9 @@ impl Intake {
         if !signed_ok {
             self.counters.invalid_signature += 1;
             self.counters.samples_rejected += 1;
-            let id = v
-                .get("message_id")
-                .and_then(Value::as_str)
-                .unwrap_or("?")
-                .to_string();
+            let id = v.get("message_id").and_then(Value::as_str).unwrap_or("?");
             self.log_sig.log(log::Level::Warn, || {
-                format!("{source}: invalid signature on sample {id}")
+                format!("{source}: invalid signature on sample {}", Untrusted(id))
             });
             if !self.file {
                 return false;
@@ -159,7 +156,7 @@ impl Intake {
             Err(e) => {
                 self.counters.samples_rejected += 1;
                 self.log_bad.log(log::Level::Warn, || {
-                    format!("{source}: malformed sample: {e}")
+                    format!("{source}: malformed sample: {}", untrusted(&e))
                 });
                 return false;
             }
@@ -168,9 +165,10 @@ impl Intake {
             if let Err(e) = meter::parse_timestamp(&sample.timestamp) {
                 self.counters.invalid_timestamp += 1;
                 self.counters.samples_rejected += 1;
-                let id = sample.message_id.clone();
-                self.log_bad
-                    .log(log::Level::Warn, || format!("{source}: sample {id}: {e}"));
+                let id = &sample.message_id;
+                self.log_bad.log(log::Level::Warn, || {
+                    format!("{source}: sample {}: {}", Untrusted(id), untrusted(&e))
+                });
                 if self.file {
                     self.open_batch();
                     self.batch.file.push(sample);

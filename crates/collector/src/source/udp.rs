@@ -1,6 +1,7 @@
 //! UDP: one datagram is one MessagePack sample map (ceilometer's `udp://` publisher).
 
 use super::{Intake, Throttle};
+use crate::untrusted::untrusted;
 use meter::Value;
 use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
@@ -70,7 +71,10 @@ impl UdpSource {
                         Err(e) => {
                             intake.counters.udp_malformed += 1;
                             self.log.log(log::Level::Warn, || {
-                                format!("udp: malformed datagram from {peer} ({n} bytes): {e}")
+                                format!(
+                                    "udp: malformed datagram from {peer} ({n} bytes): {}",
+                                    untrusted(&e)
+                                )
                             });
                         }
                     }
