@@ -63,3 +63,278 @@ fn sigterm_to_a_worker_stores_the_samples_it_holds() {
         d.log()
     );
 }
+
+/// Start `n` threads that each flood `addr` with ceilometer `tcp://` frames of samples signed
+/// with the wrong secret (all rejected, so no back-pressure ever pauses them) until the
+/// returned flag is set.
+fn flood_unsigned(
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    Vec<std::thread::JoinHandle<()>>,
+) {
+    use std::io::Write;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut chunk = Vec::new();
+    for i in 0..2000 {
+        chunk.extend_from_slice(&tcp_frame(&sample(&format!("flood-{i}"), "wrong")));
+    }
+    let handles = (0..n)
+        .map(|_| {
+            let stop = stop.clone();
+            let chunk = chunk.clone();
+            std::thread::spawn(move || {
+                let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+                    return;
+                };
+                let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Err(e) = s.write_all(&chunk) {
+                        if e.kind() != std::io::ErrorKind::WouldBlock
+                            && e.kind() != std::io::ErrorKind::TimedOut
+                        {
+                            return;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    (stop, handles)
+}
+
+/// Item 4: a client that floods a worker cannot monopolise its loop: another client is
+/// answered promptly and the worker keeps sending heartbeats.
+#[test]
+fn a_flooding_client_does_not_starve_others_or_the_heartbeat() {
+    let d = Daemon::start(Setup::default().service("worker_timeout = 60"));
+    let _worker = d.worker_pid();
+    let (stop, floods) = flood_unsigned(d.tcp.expect("tcp address"), 2);
+    std::thread::sleep(Duration::from_secs(3));
+    let mut c = RpcClient::connect(d.rpc.expect("rpc address")).expect("connect");
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let t = std::time::Instant::now();
+    let r = c.call(vec![sample("fair-1", SECRET)]);
+    let took = t.elapsed();
+    let status = d.status();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in floods {
+        let _ = h.join();
+    }
+    eprintln!(
+        "answered after {took:?} under a flood; heartbeat {} s old",
+        status["workers"][0]["since_heartbeat_s"]
+    );
+    let r = r.expect("the well-behaved client is answered");
+    assert_eq!(r.stored, 1, "{r:?}");
+    // One second is the issue's bound; a debug build on a shared 2-core machine gets twice that.
+    assert!(
+        took < Duration::from_secs(2),
+        "answered after {took:?} under a flood"
+    );
+    let since = status["workers"][0]["since_heartbeat_s"]
+        .as_f64()
+        .unwrap_or(f64::MAX);
+    assert!(since < 3.0, "heartbeat {since} s old under a flood");
+}
+
+/// Open `n` ceilometer `tcp://` connections that each announce a frame of 16 MiB − 1 and
+/// send `body` bytes of it, never finishing it. Returns the connections (to keep them open).
+fn partial_frames(addr: std::net::SocketAddr, n: usize, body: usize) -> Vec<std::net::TcpStream> {
+    use std::io::Write;
+    let chunk = vec![0x90u8; 1 << 20];
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let chunk = chunk.clone();
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(addr).expect("connect");
+                s.set_write_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
+                let _ = s.write_all(&((16u64 << 20) - 1).to_le_bytes());
+                let mut sent = 0;
+                while sent < body {
+                    let k = chunk.len().min(body - sent);
+                    // A paused connection stops being read: its writes then time out.
+                    if s.write_all(&chunk[..k]).is_err() {
+                        break;
+                    }
+                    sent += k;
+                }
+                s
+            })
+        })
+        .collect();
+    handles.into_iter().filter_map(|h| h.join().ok()).collect()
+}
+
+/// Item 2: what connections may buffer is bounded per worker (`max_buffered_bytes`, 256 MiB
+/// by default), not by max_connections × max_frame_bytes; a well-behaved client on the same
+/// worker is still answered.
+#[test]
+fn partial_frames_stay_within_the_buffered_bytes_budget() {
+    let d = Daemon::start(Setup::default());
+    let worker = d.worker_pid();
+    let conns = partial_frames(d.tcp.expect("tcp address"), 40, 15 << 20);
+    let mut c = RpcClient::connect(d.rpc.expect("rpc address")).expect("connect");
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let r = c.call(vec![sample("budget-1", SECRET)]);
+    let hwm_mib = proc_status_kib(worker, "VmHWM") / 1024;
+    let rss_mib = proc_status_kib(worker, "VmRSS") / 1024;
+    eprintln!("40 partial 15 MiB frames: worker peak RSS {hwm_mib} MiB, now {rss_mib} MiB");
+    drop(conns);
+    assert_eq!(r.expect("answered").stored, 1);
+    assert!(
+        hwm_mib < 256 + 64,
+        "worker peak RSS {hwm_mib} MiB with 40 partial frames (budget 256 MiB)"
+    );
+}
+
+/// Item 2: a frame must be complete within `frame_timeout`; a trickle of bytes, which resets
+/// the idle timer, cannot keep a partial frame (and its buffer) alive.
+#[test]
+fn a_trickled_frame_is_dropped_at_the_frame_deadline() {
+    use std::io::{Read, Write};
+    let d = Daemon::start(Setup::default().collector("frame_timeout = 2"));
+    let mut s = std::net::TcpStream::connect(d.tcp.expect("tcp address")).expect("connect");
+    s.write_all(&1000u64.to_le_bytes()).expect("header");
+    let t = std::time::Instant::now();
+    let mut closed = false;
+    while t.elapsed() < Duration::from_secs(8) {
+        if s.write_all(&[0x90]).is_err() {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if !closed {
+        s.set_read_timeout(Some(Duration::from_millis(100))).ok();
+        closed =
+            matches!(s.read(&mut [0u8; 1]), Ok(0) | Err(_)) && d.log().contains("frame_timeout");
+    }
+    assert!(
+        closed,
+        "a trickled frame was kept for 8 s; log:\n{}",
+        d.log()
+    );
+    assert!(d.log().contains("frame_timeout"), "log:\n{}", d.log());
+}
+
+/// `[0, 1, "x", [[nil × n]]]`: one RPC request of `n` nils (msgpack array32 of 0xc0).
+fn rpc_of_nils(n: usize) -> Vec<u8> {
+    let mut out = vec![0x94, 0x00, 0x01, 0xa1, b'x', 0x91, 0xdd];
+    out.extend_from_slice(&(n as u32).to_be_bytes());
+    out.resize(out.len() + n, 0xc0);
+    out
+}
+
+/// Item 3: decoding no longer inflates a frame ~38×: a frame of more elements than
+/// `max_frame_elements` is refused before it is decoded, and the worker's peak RSS stays
+/// under the documented bound (128 MiB for one 16 MiB frame).
+#[test]
+fn a_frame_of_millions_of_elements_is_refused_before_decoding() {
+    use std::io::{Read, Write};
+    let d = Daemon::start(Setup::default());
+    let worker = d.worker_pid();
+    let mut s = std::net::TcpStream::connect(d.rpc.expect("rpc address")).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    // 16 MiB − 64 bytes of nils: just under max_frame_bytes.
+    let frame = rpc_of_nils((16 << 20) - 64);
+    let _ = s.write_all(&frame);
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    std::thread::sleep(Duration::from_millis(500));
+    let hwm_mib = proc_status_kib(worker, "VmHWM") / 1024;
+    let rss_mib = proc_status_kib(worker, "VmRSS") / 1024;
+    eprintln!("16 MiB frame of nils: worker peak RSS {hwm_mib} MiB, after {rss_mib} MiB");
+    assert!(
+        hwm_mib < 128,
+        "worker peak RSS {hwm_mib} MiB for one 16 MiB frame"
+    );
+    assert!(d.log().contains("max_frame_elements"), "log:\n{}", d.log());
+    // The worker still serves.
+    let mut c = RpcClient::connect(d.rpc.expect("rpc address")).expect("connect");
+    assert_eq!(
+        c.call(vec![sample("after-nils", SECRET)])
+            .expect("call")
+            .stored,
+        1
+    );
+
+    // A frame just under the limit is decoded and answered, and its memory given back.
+    let mut s = std::net::TcpStream::connect(d.rpc.expect("rpc address")).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    s.write_all(&rpc_of_nils(1_000_000)).expect("send");
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).expect("an answer");
+    assert!(n > 0 && String::from_utf8_lossy(&buf[..n]).contains("unknown method"));
+    std::thread::sleep(Duration::from_millis(1500));
+    let hwm_mib = proc_status_kib(worker, "VmHWM") / 1024;
+    let rss_mib = proc_status_kib(worker, "VmRSS") / 1024;
+    eprintln!("1 M elements: worker peak RSS {hwm_mib} MiB, after {rss_mib} MiB");
+    assert!(
+        hwm_mib < 128,
+        "worker peak RSS {hwm_mib} MiB for 1 M elements"
+    );
+    assert!(
+        rss_mib < 48,
+        "worker RSS {rss_mib} MiB after the frame was answered"
+    );
+}
+
+/// Item 5: text from the network is logged with control characters escaped and its length
+/// capped: a message_id holding a newline cannot forge a log line.
+#[test]
+fn network_text_cannot_forge_log_lines() {
+    let d = Daemon::start(Setup::default());
+    let udp = d.udp.expect("udp address");
+    let forged = "x\n1999-01-01T00:00:00.000Z ERROR collector[1] FORGED line\r";
+    // A bad signature: the message_id is logged.
+    send_udp(udp, &[encode(&sample(forged, "wrong"))]);
+    // A good signature and a bad timestamp: message_id and the timestamp's error are logged.
+    let mut v = sample("placeholder", SECRET);
+    if let meter::Value::Map(pairs) = &mut v {
+        for (k, val) in pairs.iter_mut() {
+            match k.as_str() {
+                Some("message_id") => *val = meter::Value::Str(format!("{forged}-2")),
+                Some("timestamp") => {
+                    *val = meter::Value::Str(format!("2026-02-30T00:00:00{forged}"))
+                }
+                _ => {}
+            }
+        }
+    }
+    meter::signature::sign(&mut v, SECRET);
+    // A message_id far longer than a log line should be.
+    let long = sample(&"L".repeat(30_000), "wrong");
+    send_udp(udp, &[encode(&v)]);
+    d.wait_counter("invalid_signature", 1, Duration::from_secs(10));
+    d.wait_counter("invalid_timestamp", 1, Duration::from_secs(10));
+    // The throttle allows one line a second per kind.
+    std::thread::sleep(Duration::from_millis(1100));
+    send_udp(udp, &[encode(&long)]);
+    d.wait_counter("invalid_signature", 2, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(300));
+    let log = d.log();
+    assert!(
+        !log.lines().any(|l| l.starts_with("1999-01-01")),
+        "a forged line made it into the log:\n{log}"
+    );
+    assert!(
+        log.contains("\\n1999-01-01T00:00:00.000Z ERROR collector[1] FORGED line\\r"),
+        "the id is logged escaped:\n{log}"
+    );
+    assert!(
+        log.contains("invalid_timestamp") || log.contains("FORGED line\\r-2"),
+        "{log}"
+    );
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 2000, "a log line of {longest} bytes");
+    assert!(log.contains("more bytes)"), "{log}");
+}

@@ -510,7 +510,7 @@ impl Consumer {
                 End::Stopped => continue,
                 end => end.into_error().unwrap_or_default(),
             };
-            log::warn!("amqp: {error}");
+            log::warn!("amqp: {}", crate::untrusted::Untrusted(&error));
             self.set_status(|s| s.last_error = Some(error));
             if !self.want_consume {
                 continue;
@@ -1010,7 +1010,10 @@ impl Consumer {
                 self.set_status(|st| st.consuming = false);
             }
             AMQPFrame::Method(_, AMQPClass::Connection(connection::AMQPMethod::Blocked(b))) => {
-                log::warn!("amqp: broker blocked the connection: {}", b.reason);
+                log::warn!(
+                    "amqp: broker blocked the connection: {}",
+                    crate::untrusted::untrusted(&b.reason)
+                );
             }
             AMQPFrame::Heartbeat(_) => {}
             other => log::debug!("amqp: ignoring {other:?}"),

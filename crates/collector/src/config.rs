@@ -79,6 +79,12 @@ pub struct CollectorConfig {
     pub max_frame_bytes: usize,
     pub max_connections: usize,
     pub idle_timeout: f64,
+    /// Bytes one worker's connections may buffer in total (partial frames).
+    pub max_buffered_bytes: usize,
+    /// Seconds a frame may take from its first byte to its last.
+    pub frame_timeout: f64,
+    /// Elements (array items, map keys and values) one RPC or TCP frame may hold.
+    pub max_frame_elements: u64,
     pub dispatchers: Vec<String>,
     pub requeue_sample_on_dispatcher_error: bool,
 }
@@ -98,6 +104,9 @@ impl Default for CollectorConfig {
             max_frame_bytes: 16 * 1024 * 1024,
             max_connections: 1024,
             idle_timeout: 300.0,
+            max_buffered_bytes: 256 * 1024 * 1024,
+            frame_timeout: 60.0,
+            max_frame_elements: 1 << 20,
             dispatchers: vec!["database".into()],
             requeue_sample_on_dispatcher_error: true,
         }
@@ -243,6 +252,18 @@ impl Config {
         }
         if !(c.idle_timeout.is_finite() && c.idle_timeout > 0.0) {
             return Err("[collector] idle_timeout must be a positive number".into());
+        }
+        if c.max_buffered_bytes < c.max_frame_bytes {
+            return Err(format!(
+                "[collector] max_buffered_bytes ({}) must be at least max_frame_bytes ({})",
+                c.max_buffered_bytes, c.max_frame_bytes
+            ));
+        }
+        if c.max_frame_elements == 0 {
+            return Err("[collector] max_frame_elements must be at least 1".into());
+        }
+        if !(c.frame_timeout.is_finite() && c.frame_timeout > 0.0) {
+            return Err("[collector] frame_timeout must be a positive number".into());
         }
         for d in &c.dispatchers {
             if d != "database" && d != "file" {

@@ -8,6 +8,7 @@
 //! storage is slower than the network.
 
 use crate::counters::{Counters, BATCH_SIZE_BUCKETS, FRESHNESS_BUCKETS_MS};
+use crate::untrusted::{untrusted, Untrusted};
 use meter::Sample;
 use std::ops::Range;
 use std::sync::mpsc::{Receiver, Sender};
@@ -285,12 +286,15 @@ impl Writer {
                         counts.rejected = out.rejected.len();
                         for (i, reason) in &out.rejected {
                             log::warn!(
-                                "sample {} rejected by storage: {reason}",
-                                batch
-                                    .db
-                                    .get(*i)
-                                    .map(|s| s.message_id.as_str())
-                                    .unwrap_or("?")
+                                "sample {} rejected by storage: {}",
+                                Untrusted(
+                                    batch
+                                        .db
+                                        .get(*i)
+                                        .map(|s| s.message_id.as_str())
+                                        .unwrap_or("?")
+                                ),
+                                untrusted(reason)
                             );
                         }
                         attribute(&batch.tickets, &mut results, &out);

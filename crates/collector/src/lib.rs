@@ -14,10 +14,12 @@ pub mod framing;
 pub mod http;
 pub mod launcher;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod rpc;
 pub mod sockets;
 pub mod source;
+pub mod untrusted;
 pub mod worker;
 
 /// Exit status for a configuration that cannot be used.

@@ -7,8 +7,9 @@
 //! `level`, `pid`, `worker` (slot index; absent in the launcher), `target`, `message`, and the
 //! record's structured fields (`log::warn!(message_id = id, source = "udp"; "...")`) as
 //! top-level keys. Log text often carries values a peer sent (message ids, meter names,
-//! error text): in JSON they are escaped by the encoder, in text every control character is
-//! escaped so no peer can forge or split a line.
+//! error text): call sites wrap them in [`crate::untrusted::Untrusted`]; on top of that, in
+//! JSON every value is escaped by the encoder, and in text every remaining control character
+//! of a line is escaped, so no peer can forge or split a line in either format.
 //!
 //! The file handle lives in one process-wide slot because the `log` facade itself is global;
 //! each process (launcher, worker) initialises its own after fork.
@@ -230,7 +231,7 @@ pub fn text_line(record: &log::Record<'_>) -> String {
                 if s.is_empty() || s.contains([' ', '"', '=']) {
                     line.push_str(&serde_json::Value::String(s).to_string());
                 } else {
-                    escape_into(&mut line, &s);
+                    line.push_str(&crate::untrusted::Untrusted(&s).to_string());
                 }
             }
             other => line.push_str(&other.to_string()),

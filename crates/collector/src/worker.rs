@@ -215,7 +215,7 @@ impl Worker {
                 next_heartbeat = now + HEARTBEAT_EVERY;
             }
             if now >= next_sweep {
-                self.conns.sweep_idle(now);
+                self.conns.sweep(now, &mut self.intake);
                 next_sweep = now + Duration::from_secs(1);
             }
             self.intake.maybe_flush(now);
@@ -231,6 +231,9 @@ impl Worker {
             let timeout = deadline.saturating_duration_since(Instant::now());
             let timeout = if self.stopping.is_some() {
                 timeout.min(Duration::from_millis(50))
+            } else if self.has_input_left() {
+                // A source's budget ran out with input left: look at events, then go on.
+                Duration::ZERO
             } else {
                 timeout
             };
@@ -414,7 +417,12 @@ impl Worker {
         );
     }
 
-    /// Resume sources paused by back-pressure once there is room again.
+    /// Whether a source has input left over that it could read now.
+    fn has_input_left(&self) -> bool {
+        self.intake.can_accept() && (self.udp.backlogged() || self.conns.has_ready())
+    }
+
+    /// Give sources paused by back-pressure, or whose read budget ran out, another turn.
     fn resume_paused(&mut self) {
         if !self.intake.can_accept() {
             return;
@@ -422,6 +430,7 @@ impl Worker {
         if self.udp.backlogged() {
             self.udp.read(&mut self.intake);
         }
+        self.conns.run_ready(&mut self.intake);
         self.conns.resume_paused(&mut self.intake);
     }
 
@@ -443,7 +452,11 @@ impl Worker {
                     }
                 }
                 Err(e) => {
-                    log::error!("batch of {} samples not written: {e}", c.counts.samples);
+                    log::error!(
+                        "batch of {} samples not written: {}",
+                        c.counts.samples,
+                        crate::untrusted::untrusted(e)
+                    );
                     self.last_error = Some(e.clone());
                     let acked_by_nobody = c.counts.samples
                         - c.tickets

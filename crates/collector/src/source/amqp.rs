@@ -4,6 +4,7 @@
 use super::{Intake, Throttle};
 use crate::amqp::{self as consumer, AmqpConsumer, AmqpStatus};
 use crate::dispatch::Ticket;
+use crate::untrusted::{untrusted, Untrusted};
 
 /// The worker's side of the AMQP consumer, if `[messaging] transport_url` is set.
 pub struct AmqpSource {
@@ -44,8 +45,9 @@ impl AmqpSource {
                     intake.counters.amqp_malformed += 1;
                     self.log.log(log::Level::Warn, || {
                         format!(
-                            "amqp: malformed message (delivery {}): {e}; acked and dropped",
-                            d.tag & 0xffff_ffff_ffff
+                            "amqp: malformed message (delivery {}): {}; acked and dropped",
+                            d.tag & 0xffff_ffff_ffff,
+                            untrusted(&e)
                         )
                     });
                     self.ack(d.tag);
@@ -55,7 +57,10 @@ impl AmqpSource {
                     if rejected > 0 {
                         let id = message_id.unwrap_or_else(|| "?".into());
                         self.log.log(log::Level::Warn, || {
-                            format!("amqp: message {id}: {rejected} samples rejected")
+                            format!(
+                                "amqp: message {}: {rejected} samples rejected",
+                                Untrusted(&id)
+                            )
                         });
                     }
                     intake.add_ticket(Ticket {

@@ -6,6 +6,7 @@
 use super::{Intake, Throttle};
 use crate::dispatch::Ticket;
 use crate::framing::MsgpackScanner;
+use crate::untrusted::Untrusted;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
 use std::collections::VecDeque;
@@ -17,8 +18,22 @@ const MAX_WRITE_BUFFER: usize = 1 << 20;
 /// Read no more from a connection with this many unanswered requests.
 const MAX_PENDING_REPLIES: usize = 1024;
 /// Nesting allowed in a frame (sample metadata is shallow; this is far above real use).
-const MAX_DEPTH: usize = 64;
+pub const MAX_DEPTH: usize = 64;
 const READ_CHUNK: usize = 64 * 1024;
+/// Bytes one connection may read in one turn of the loop. A connection with more to read
+/// goes to the back of the ready queue, so every connection, the UDP socket, the link and the
+/// heartbeat get a turn however fast one client sends (issue 13, item 4).
+const READ_BUDGET: usize = 4 * READ_CHUNK;
+/// A connection holding less than this may always read, even when the worker's
+/// `max_buffered_bytes` is spent: small requests keep flowing while large partial frames wait.
+const RESERVE: usize = 2 * READ_CHUNK;
+/// A read buffer grows by doubling up to this step, then by this step: a 16 MiB frame costs
+/// a few copies, and a buffer never holds much more than its frame.
+const GROW_STEP: usize = 2 << 20;
+/// Freeing a buffer at least this large asks the allocator to return memory.
+const LARGE: usize = 1 << 20;
+/// Connections one listener may accept in one turn of the loop.
+const ACCEPT_BUDGET: usize = 64;
 
 /// Which protocol a connection speaks (by the listener it came from).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +114,14 @@ pub struct Conn {
     read_closed: bool,
     /// Reading paused by back-pressure; resumed from the loop.
     paused: bool,
+    /// In the ready queue: its read budget ran out with data left to read.
+    queued: bool,
+    /// Paused because the worker's buffered bytes reached `max_buffered_bytes`.
+    mem_paused: bool,
+    /// Capacity of `rbuf` counted in [`Connections::held`].
+    held: usize,
+    /// When the unfinished frame at the head of the buffer started (None: no partial frame).
+    frame_since: Option<Instant>,
     interest: Option<Interest>,
 }
 
@@ -150,12 +173,25 @@ pub struct Connections {
     rpc: Option<TcpListener>,
     unix: Option<UnixListener>,
     conns: Vec<Option<Conn>>,
+    /// Connections whose read budget ran out with data left, in turn order.
+    ready: VecDeque<usize>,
+    /// Listeners whose accept budget ran out with connections left.
+    ready_listeners: Vec<Listener>,
     free: Vec<usize>,
     open: usize,
     next_serial: u64,
     max_connections: usize,
     max_frame: usize,
+    max_elements: u64,
     idle_timeout: Duration,
+    /// Bytes all connections' read buffers hold, and the most they may hold.
+    held: usize,
+    max_held: usize,
+    /// The budget was exhausted at the last sweep too.
+    exhausted: bool,
+    frame_timeout: Duration,
+    /// Gives the pages of freed large buffers back to the system.
+    releaser: crate::memory::Releaser,
     log: Throttle,
 }
 
@@ -191,12 +227,20 @@ impl Connections {
             rpc,
             unix,
             conns: Vec::new(),
+            ready: VecDeque::new(),
+            ready_listeners: Vec::new(),
             free: Vec::new(),
             open: 0,
             next_serial: 1,
             max_connections: cfg.max_connections,
             max_frame: cfg.max_frame_bytes,
+            max_elements: cfg.max_frame_elements,
             idle_timeout: Duration::from_secs_f64(cfg.idle_timeout),
+            held: 0,
+            max_held: cfg.max_buffered_bytes,
+            exhausted: false,
+            frame_timeout: Duration::from_secs_f64(cfg.frame_timeout),
+            releaser: crate::memory::Releaser::new(Duration::from_millis(100)),
             log: Throttle::new(),
         })
     }
@@ -248,9 +292,31 @@ impl Connections {
             .collect()
     }
 
-    /// Accept every pending connection on a listener.
+    /// Whether a connection or listener has input left over from its last turn.
+    pub fn has_ready(&self) -> bool {
+        !self.ready.is_empty() || !self.ready_listeners.is_empty()
+    }
+
+    /// Give every connection and listener whose budget ran out last turn another turn.
+    pub fn run_ready(&mut self, intake: &mut Intake) {
+        for which in std::mem::take(&mut self.ready_listeners) {
+            self.accept(which, intake);
+        }
+        for _ in 0..self.ready.len() {
+            let Some(i) = self.ready.pop_front() else {
+                break;
+            };
+            match self.conns.get_mut(i).and_then(Option::as_mut) {
+                Some(c) => c.queued = false,
+                None => continue,
+            }
+            self.readable(i, intake);
+        }
+    }
+
+    /// Accept the pending connections on a listener, at most [`ACCEPT_BUDGET`] this turn.
     pub fn accept(&mut self, which: Listener, intake: &mut Intake) {
-        loop {
+        for _ in 0..ACCEPT_BUDGET {
             let accepted = match which {
                 Listener::Unix => match self.unix.as_ref().map(|l| l.accept()) {
                     Some(Ok((s, addr))) => Ok((
@@ -314,6 +380,9 @@ impl Connections {
                 }
             }
         }
+        if !self.ready_listeners.contains(&which) {
+            self.ready_listeners.push(which);
+        }
     }
 
     fn add(&mut self, proto: Proto, mut stream: Stream, peer: String, intake: &mut Intake) {
@@ -344,13 +413,18 @@ impl Connections {
             peer,
             rbuf: Vec::new(),
             rpos: 0,
-            scanner: MsgpackScanner::new(self.max_frame, MAX_DEPTH),
+            scanner: MsgpackScanner::new(self.max_frame, MAX_DEPTH)
+                .with_max_elements(self.max_elements),
             wbuf: Vec::new(),
             wpos: 0,
             replies: VecDeque::new(),
             last_active: Instant::now(),
             read_closed: false,
             paused: false,
+            queued: false,
+            mem_paused: false,
+            held: 0,
+            frame_since: None,
             interest: Some(Interest::READABLE),
         });
         // Data may have arrived with the connection.
@@ -359,6 +433,10 @@ impl Connections {
 
     fn close(&mut self, i: usize) {
         if let Some(mut c) = self.conns.get_mut(i).and_then(Option::take) {
+            self.held -= c.held;
+            if c.held >= LARGE {
+                self.releaser.freed();
+            }
             let _ = self.registry.deregister(c.stream.source());
             self.open -= 1;
             self.free.push(i);
@@ -366,8 +444,10 @@ impl Connections {
         }
     }
 
-    /// Read what connection `i` has for us and process every complete frame.
+    /// Read what connection `i` has for us, within its budget for this turn, and process
+    /// every complete frame.
     pub fn readable(&mut self, i: usize, intake: &mut Intake) {
+        let mut budget = READ_BUDGET;
         loop {
             let can = intake.can_accept();
             let Some(c) = self.conns.get_mut(i).and_then(Option::as_mut) else {
@@ -381,16 +461,32 @@ impl Connections {
                 c.paused = true;
                 break;
             }
-            if c.rpos > 0 && (c.rpos == c.rbuf.len() || c.rpos > READ_CHUNK) {
-                c.rbuf.drain(..c.rpos);
-                c.rpos = 0;
-                // A connection that once carried a 16 MiB frame must not keep 16 MiB while
-                // idle: give back what a normal read does not need.
-                if c.rbuf.is_empty() && c.rbuf.capacity() > 4 * READ_CHUNK {
-                    c.rbuf = Vec::new();
+            compact(c);
+            let len = c.rbuf.len();
+            // Grow the buffer ourselves, in steps of at most GROW_STEP, and count what is
+            // allocated (capacity), not what is filled: that is what the process holds.
+            let cap = c.rbuf.capacity();
+            let new_cap = if cap < len + READ_CHUNK {
+                (len + READ_CHUNK).max(cap.saturating_mul(2).min(cap + GROW_STEP))
+            } else {
+                cap
+            };
+            // While it grows, the old and the new buffer both exist: count both.
+            let over = self.held + new_cap > self.max_held;
+            if over && new_cap > cap && cap >= RESERVE {
+                // Wait for memory: other frames complete or the sweep drops the largest.
+                c.paused = true;
+                c.mem_paused = true;
+                break;
+            }
+            if new_cap > cap {
+                c.rbuf.reserve_exact(new_cap - len);
+                if cap >= LARGE {
+                    self.releaser.freed();
                 }
             }
-            let len = c.rbuf.len();
+            self.held = self.held - c.held + c.rbuf.capacity();
+            c.held = c.rbuf.capacity();
             c.rbuf.resize(len + READ_CHUNK, 0);
             match c.stream.read(&mut c.rbuf[len..]) {
                 Ok(0) => {
@@ -410,6 +506,16 @@ impl Connections {
                     c.last_active = Instant::now();
                     intake.counters.by_source.get_mut(c.proto.name()).bytes += n as u64;
                     self.process_buffer(i, intake);
+                    budget = budget.saturating_sub(n);
+                    if budget == 0 {
+                        if let Some(c) = self.conns.get_mut(i).and_then(Option::as_mut) {
+                            if !c.queued {
+                                c.queued = true;
+                                self.ready.push_back(i);
+                            }
+                        }
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     c.rbuf.truncate(len);
@@ -427,7 +533,21 @@ impl Connections {
                 }
             }
         }
+        self.account(i);
+        self.releaser.maybe_release(Instant::now());
         self.update_interest(i);
+    }
+
+    /// Bring [`Connections::held`] up to date with connection `i`'s buffer.
+    fn account(&mut self, i: usize) {
+        if let Some(c) = self.conns.get_mut(i).and_then(Option::as_mut) {
+            let cap = c.rbuf.capacity();
+            if c.held >= LARGE && cap < c.held {
+                self.releaser.freed();
+            }
+            self.held = self.held - c.held + cap;
+            c.held = cap;
+        }
     }
 
     /// Decode every complete frame in the connection's buffer.
@@ -441,11 +561,22 @@ impl Connections {
             }
             let frame = match c.proto {
                 Proto::Rpc => super::rpc::scan(c),
-                Proto::CeiloTcp => super::tcp::scan(c, self.max_frame),
+                Proto::CeiloTcp => super::tcp::scan(c, self.max_frame, self.max_elements),
             };
             let (start, end) = match frame {
                 Ok(Some(r)) => r,
-                Ok(None) => return,
+                Ok(None) => {
+                    // A trickle resets the idle timer, not this: a frame has frame_timeout
+                    // from its first byte to its last.
+                    if c.rpos == c.rbuf.len() {
+                        c.frame_since = None;
+                    } else if c.frame_since.is_none() {
+                        c.frame_since = Some(Instant::now());
+                    }
+                    compact(c);
+                    self.account(i);
+                    return;
+                }
                 Err(e) => {
                     self.protocol_error(i, intake, None, &e.to_string());
                     return;
@@ -453,6 +584,7 @@ impl Connections {
             };
             let decoded = meter::decode::decode_value(&c.unread()[start..end]);
             c.rpos += end;
+            c.frame_since = None;
             let result = match decoded {
                 Err(e) => Err(ProtocolError {
                     msgid: None,
@@ -468,6 +600,10 @@ impl Connections {
                     Proto::Rpc => super::rpc::handle(c, i, v, intake),
                 },
             };
+            if end - start >= LARGE {
+                // Its values were many and are gone now (or owned by the batch).
+                self.releaser.freed();
+            }
             if let Err(e) = result {
                 self.protocol_error(i, intake, e.msgid, &e.reason);
                 return;
@@ -488,11 +624,20 @@ impl Connections {
         let peer = &c.peer;
         let kind = c.proto.name();
         self.log.log(log::Level::Warn, || {
-            format!("{kind}: {peer}: {reason}; closing the connection")
+            format!(
+                "{kind}: {peer}: {}; closing the connection",
+                Untrusted(reason)
+            )
         });
         c.read_closed = true;
         c.rbuf = Vec::new();
         c.rpos = 0;
+        c.frame_since = None;
+        self.held -= c.held;
+        if c.held >= LARGE {
+            self.releaser.freed();
+        }
+        c.held = 0;
         if let Some(msgid) = msgid {
             let mut out = Vec::new();
             crate::rpc::encode_error(&mut out, msgid, reason);
@@ -593,15 +738,19 @@ impl Connections {
             if !intake.can_accept() {
                 return;
             }
+            let memory = self.held < self.max_held;
             let resume = match self.conns[i].as_mut() {
                 Some(c) if c.paused && !c.read_closed => {
-                    c.unsent() <= MAX_WRITE_BUFFER / 2 && c.replies.len() <= MAX_PENDING_REPLIES / 2
+                    c.unsent() <= MAX_WRITE_BUFFER / 2
+                        && c.replies.len() <= MAX_PENDING_REPLIES / 2
+                        && (memory || !c.mem_paused)
                 }
                 _ => false,
             };
             if resume {
                 if let Some(c) = self.conns[i].as_mut() {
                     c.paused = false;
+                    c.mem_paused = false;
                 }
                 // Edge-triggered: data that arrived while paused raises no new event.
                 self.process_buffer(i, intake);
@@ -610,8 +759,44 @@ impl Connections {
         }
     }
 
-    /// Close connections idle for longer than `idle_timeout` with nothing left to answer.
-    pub fn sweep_idle(&mut self, now: Instant) {
+    /// Once a second: drop frames older than `frame_timeout`, the largest partial frame when
+    /// `max_buffered_bytes` stays exhausted, and connections idle for longer than
+    /// `idle_timeout` with nothing left to answer.
+    pub fn sweep(&mut self, now: Instant, intake: &mut Intake) {
+        for i in 0..self.conns.len() {
+            let late = self.conns[i].as_ref().is_some_and(|c| {
+                !c.read_closed
+                    && c.frame_since
+                        .is_some_and(|t| now.duration_since(t) > self.frame_timeout)
+            });
+            if late {
+                let reason = format!(
+                    "frame not complete within frame_timeout ({} s)",
+                    self.frame_timeout.as_secs_f64()
+                );
+                self.protocol_error(i, intake, None, &reason);
+                self.update_interest(i);
+            }
+        }
+        let exhausted = self.held >= self.max_held;
+        if exhausted && self.exhausted {
+            let largest = (0..self.conns.len())
+                .filter_map(|i| {
+                    let c = self.conns[i].as_ref()?;
+                    (!c.read_closed && c.held > 0).then_some((c.held, i))
+                })
+                .max();
+            if let Some((bytes, i)) = largest {
+                let reason = format!(
+                    "dropping a partial frame of {bytes} bytes: the worker's read buffers hold max_buffered_bytes ({})",
+                    self.max_held
+                );
+                self.protocol_error(i, intake, None, &reason);
+                self.update_interest(i);
+            }
+        }
+        self.exhausted = exhausted;
+        self.releaser.maybe_release(now);
         for i in 0..self.conns.len() {
             let idle = match self.conns[i].as_ref() {
                 Some(c) => {
@@ -642,6 +827,8 @@ impl Connections {
         if let Some(mut s) = self.unix.take() {
             let _ = self.registry.deregister(&mut s);
         }
+        self.ready_listeners.clear();
+        self.ready.clear();
         for i in 0..self.conns.len() {
             if let Some(c) = self.conns[i].as_mut() {
                 c.paused = false;
@@ -651,6 +838,19 @@ impl Connections {
                 c.read_closed = true;
             }
             self.update_interest(i);
+        }
+    }
+}
+
+/// Drop the consumed bytes at the head of a connection's buffer once they are worth moving,
+/// and give back a large buffer that is empty: a connection that once carried a 16 MiB frame
+/// must not keep 16 MiB while idle.
+fn compact(c: &mut Conn) {
+    if c.rpos > 0 && (c.rpos == c.rbuf.len() || c.rpos > READ_CHUNK) {
+        c.rbuf.drain(..c.rpos);
+        c.rpos = 0;
+        if c.rbuf.is_empty() && c.rbuf.capacity() > 4 * READ_CHUNK {
+            c.rbuf = Vec::new();
         }
     }
 }

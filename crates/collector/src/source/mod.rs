@@ -15,6 +15,7 @@ pub mod udp;
 
 use crate::counters::Counters;
 use crate::dispatch::{Batch, Ticket, WriterMsg};
+use crate::untrusted::{untrusted, Untrusted};
 use meter::{Sample, Value};
 use std::ops::Range;
 use std::sync::mpsc;
@@ -82,6 +83,12 @@ impl Throttle {
             return;
         }
         let n = std::mem::take(&mut self.suppressed);
+        // Capped like the message's copy (the log encoders escape it).
+        let message_id: String = message_id
+            .chars()
+            .take(crate::untrusted::MAX_CHARS)
+            .collect();
+        let message_id = message_id.as_str();
         if n > 0 {
             log::log!(level, message_id = message_id, source = source; "{} (and {n} more like it in the last second)", msg());
         } else {
@@ -173,13 +180,9 @@ impl Intake {
             self.counters.invalid_signature += 1;
             self.counters.samples_rejected += 1;
             self.counters.by_source.at_mut(src).invalid_signature += 1;
-            let id = v
-                .get("message_id")
-                .and_then(Value::as_str)
-                .unwrap_or("?")
-                .to_string();
-            self.log_sig.log_kv(log::Level::Warn, &id, source, || {
-                format!("{source}: invalid signature on sample {id}")
+            let id = v.get("message_id").and_then(Value::as_str).unwrap_or("?");
+            self.log_sig.log_kv(log::Level::Warn, id, source, || {
+                format!("{source}: invalid signature on sample {}", Untrusted(id))
             });
             if !self.file {
                 return false;
@@ -191,7 +194,7 @@ impl Intake {
                 self.counters.samples_rejected += 1;
                 self.counters.by_source.at_mut(src).malformed += 1;
                 self.log_bad.log(log::Level::Warn, || {
-                    format!("{source}: malformed sample: {e}")
+                    format!("{source}: malformed sample: {}", untrusted(&e))
                 });
                 return false;
             }
@@ -204,9 +207,9 @@ impl Intake {
                     self.counters.invalid_timestamp += 1;
                     self.counters.samples_rejected += 1;
                     self.counters.by_source.at_mut(src).invalid_timestamp += 1;
-                    let id = sample.message_id.clone();
-                    self.log_bad.log_kv(log::Level::Warn, &id, source, || {
-                        format!("{source}: sample {id}: {e}")
+                    let id = &sample.message_id;
+                    self.log_bad.log_kv(log::Level::Warn, id, source, || {
+                        format!("{source}: sample {}: {}", Untrusted(id), untrusted(&e))
                     });
                     if self.file {
                         self.open_batch();

@@ -2,13 +2,26 @@
 //! MessagePack sample map. Nothing is answered.
 
 use super::conns::Conn;
+use super::conns::MAX_DEPTH;
 use super::Intake;
-use crate::framing::{FrameError, LengthPrefixed};
+use crate::framing::{FrameError, LengthPrefixed, MsgpackScanner};
 use meter::Value;
 
-/// The next complete frame in the connection's unread bytes: `(start, end)` of its body.
-pub fn scan(c: &mut Conn, max_frame: usize) -> Result<Option<(usize, usize)>, FrameError> {
-    LengthPrefixed { max_frame }.scan(c.unread())
+/// The next complete frame in the connection's unread bytes: `(start, end)` of its body,
+/// once its elements are counted within `max_elements`.
+pub fn scan(
+    c: &mut Conn,
+    max_frame: usize,
+    max_elements: u64,
+) -> Result<Option<(usize, usize)>, FrameError> {
+    let Some((start, end)) = LengthPrefixed { max_frame }.scan(c.unread())? else {
+        return Ok(None);
+    };
+    // The body is one msgpack value: walk its markers (no allocation) before decoding it.
+    MsgpackScanner::new(max_frame, MAX_DEPTH)
+        .with_max_elements(max_elements)
+        .scan(&c.unread()[start..end])?;
+    Ok(Some((start, end)))
 }
 
 /// One decoded frame: a sample map goes to the ingest step; anything else ends the

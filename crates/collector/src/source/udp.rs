@@ -1,15 +1,21 @@
 //! UDP: one datagram is one MessagePack sample map (ceilometer's `udp://` publisher).
 
 use super::{Intake, Throttle};
+use crate::untrusted::untrusted;
 use meter::Value;
 use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
 use std::io;
 
+/// Datagrams read in one turn of the loop; the rest wait for the next turn, so a flood on
+/// the UDP socket cannot keep the loop from its connections, link and heartbeat.
+const READ_BUDGET: usize = 256;
+
 /// The worker's UDP socket (a clone of the launcher's, shared by all workers).
 pub struct UdpSource {
     sock: Option<UdpSocket>,
-    /// Reading stopped because the batch was full: resume when there is room.
+    /// Datagrams were left unread: because the batch was full (read again when there is
+    /// room) or the turn's budget ran out (read again next turn).
     backlog: bool,
     log: Throttle,
 }
@@ -36,10 +42,11 @@ impl UdpSource {
         self.backlog
     }
 
-    /// Read datagrams until the socket is empty or the batch has no room.
+    /// Read datagrams until the socket is empty, the batch has no room or the turn's budget
+    /// is spent.
     pub fn read(&mut self, intake: &mut Intake) {
         let mut buf = [0u8; 65536];
-        loop {
+        for _ in 0..READ_BUDGET {
             if !intake.can_accept() {
                 self.backlog = true;
                 return;
@@ -65,7 +72,10 @@ impl UdpSource {
                         Err(e) => {
                             intake.counters.udp_malformed += 1;
                             self.log.log(log::Level::Warn, || {
-                                format!("udp: malformed datagram from {peer} ({n} bytes): {e}")
+                                format!(
+                                    "udp: malformed datagram from {peer} ({n} bytes): {}",
+                                    untrusted(&e)
+                                )
                             });
                         }
                     }
@@ -82,6 +92,7 @@ impl UdpSource {
                 }
             }
         }
+        self.backlog = true;
     }
 
     /// Stop reading (the worker is stopping): the socket is deregistered and closed here;
@@ -90,5 +101,6 @@ impl UdpSource {
         if let Some(mut s) = self.sock.take() {
             let _ = registry.deregister(&mut s);
         }
+        self.backlog = false;
     }
 }
