@@ -422,106 +422,115 @@ impl HttpServer {
 fn read_requests(c: &mut Conn, limits: &Limits, out: &mut Vec<Request>) -> bool {
     let mut buf = [0u8; 4096];
     let mut eof = false;
-    loop {
-        if c.close_after || c.rbuf.len() > limits.max_head {
-            break;
-        }
-        match c.stream.read(&mut buf) {
-            Ok(0) => {
-                eof = true;
-                break;
-            }
-            Ok(n) => {
-                c.last_active = Instant::now();
-                if c.head_started.is_none() {
-                    c.head_started = Some(c.last_active);
-                }
-                c.rbuf.extend_from_slice(&buf[..n]);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return true,
-        }
-    }
     let mut answered = 0;
-    while !c.close_after && !c.rbuf.is_empty() {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        let parsed = req.parse(&c.rbuf);
-        let reject = |c: &mut Conn, status: u16, why: &str| {
-            write_response(&mut c.wbuf, &Response::text(status, why), false, true);
-            c.close_after = true;
-            c.rbuf.clear();
-        };
-        match parsed {
-            Ok(httparse::Status::Partial) => {
-                if c.rbuf.len() > limits.max_head {
-                    reject(c, 431, "request head too large");
-                }
+    // Reading stops at the head limit; parsing may free room, and what is still in the
+    // socket would never raise another (edge-triggered) event: read again until drained.
+    let mut drained = false;
+    while !drained && !c.close_after {
+        loop {
+            if c.close_after || c.rbuf.len() > limits.max_head {
                 break;
             }
-            Err(httparse::Error::TooManyHeaders) => {
-                reject(c, 431, "too many request headers");
-                break;
+            match c.stream.read(&mut buf) {
+                Ok(0) => {
+                    eof = true;
+                    drained = true;
+                    break;
+                }
+                Ok(n) => {
+                    c.last_active = Instant::now();
+                    if c.head_started.is_none() {
+                        c.head_started = Some(c.last_active);
+                    }
+                    c.rbuf.extend_from_slice(&buf[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drained = true;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return true,
             }
-            Err(e) => {
-                reject(c, 400, &format!("bad request: {e}"));
-                break;
-            }
-            Ok(httparse::Status::Complete(n)) => {
-                if n > limits.max_head {
-                    reject(c, 431, "request head too large");
+        }
+        while !c.close_after && !c.rbuf.is_empty() {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut headers);
+            let parsed = req.parse(&c.rbuf);
+            let reject = |c: &mut Conn, status: u16, why: &str| {
+                write_response(&mut c.wbuf, &Response::text(status, why), false, true);
+                c.close_after = true;
+                c.rbuf.clear();
+            };
+            match parsed {
+                Ok(httparse::Status::Partial) => {
+                    if c.rbuf.len() > limits.max_head {
+                        reject(c, 431, "request head too large");
+                    }
                     break;
                 }
-                let method = req.method.unwrap_or("");
-                let version = req.version.unwrap_or(0);
-                let header = |name: &str| {
-                    req.headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case(name))
-                        .map(|h| String::from_utf8_lossy(h.value).trim().to_string())
-                };
-                let has_body = header("transfer-encoding").is_some()
-                    || header("content-length").is_some_and(|v| v != "0");
-                if has_body {
-                    reject(c, 400, "request bodies are not accepted");
+                Err(httparse::Error::TooManyHeaders) => {
+                    reject(c, 431, "too many request headers");
                     break;
                 }
-                if method != "GET" && method != "HEAD" {
-                    write_response(
-                        &mut c.wbuf,
-                        &Response::text(405, "only GET and HEAD"),
-                        false,
-                        true,
-                    );
-                    c.close_after = true;
-                    c.rbuf.clear();
+                Err(e) => {
+                    reject(c, 400, &format!("bad request: {e}"));
                     break;
                 }
-                let conn_hdr = header("connection")
-                    .unwrap_or_default()
-                    .to_ascii_lowercase();
-                let keep = if version == 0 {
-                    conn_hdr.contains("keep-alive")
-                } else {
-                    !conn_hdr.contains("close")
-                };
-                let path = req.path.unwrap_or("/");
-                let path = path.split(['?', '#']).next().unwrap_or("/").to_string();
-                out.push(Request {
-                    conn: c.id,
-                    head: method == "HEAD",
-                    path,
-                    accept: header("accept").unwrap_or_default(),
-                });
-                answered += 1;
-                c.rbuf.drain(..n);
-                c.head_started = (!c.rbuf.is_empty()).then_some(Instant::now());
-                let last = answered >= MAX_PIPELINE;
-                c.awaiting.push_back(keep && !last);
-                if !keep || last {
-                    c.close_after = true;
-                    c.rbuf.clear();
+                Ok(httparse::Status::Complete(n)) => {
+                    if n > limits.max_head {
+                        reject(c, 431, "request head too large");
+                        break;
+                    }
+                    let method = req.method.unwrap_or("");
+                    let version = req.version.unwrap_or(0);
+                    let header = |name: &str| {
+                        req.headers
+                            .iter()
+                            .find(|h| h.name.eq_ignore_ascii_case(name))
+                            .map(|h| String::from_utf8_lossy(h.value).trim().to_string())
+                    };
+                    let has_body = header("transfer-encoding").is_some()
+                        || header("content-length").is_some_and(|v| v != "0");
+                    if has_body {
+                        reject(c, 400, "request bodies are not accepted");
+                        break;
+                    }
+                    if method != "GET" && method != "HEAD" {
+                        write_response(
+                            &mut c.wbuf,
+                            &Response::text(405, "only GET and HEAD"),
+                            false,
+                            true,
+                        );
+                        c.close_after = true;
+                        c.rbuf.clear();
+                        break;
+                    }
+                    let conn_hdr = header("connection")
+                        .unwrap_or_default()
+                        .to_ascii_lowercase();
+                    let keep = if version == 0 {
+                        conn_hdr.contains("keep-alive")
+                    } else {
+                        !conn_hdr.contains("close")
+                    };
+                    let path = req.path.unwrap_or("/");
+                    let path = path.split(['?', '#']).next().unwrap_or("/").to_string();
+                    out.push(Request {
+                        conn: c.id,
+                        head: method == "HEAD",
+                        path,
+                        accept: header("accept").unwrap_or_default(),
+                    });
+                    answered += 1;
+                    c.rbuf.drain(..n);
+                    c.head_started = (!c.rbuf.is_empty()).then_some(Instant::now());
+                    let last = answered >= MAX_PIPELINE;
+                    c.awaiting.push_back(keep && !last);
+                    if !keep || last {
+                        c.close_after = true;
+                        c.rbuf.clear();
+                    }
                 }
             }
         }
@@ -836,6 +845,26 @@ mod tests {
         let (st, _, _) = read_response(&mut BufReader::new(s));
         assert_eq!(st, 200);
         assert_eq!(srv.finish(), 4);
+    }
+
+    #[test]
+    fn pipelined_heads_beyond_the_read_limit_are_all_answered() {
+        let limits = Limits {
+            head_timeout: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let srv = Running::start(limits);
+        // Five requests of ~3 KiB each in one write: more than one read's worth of heads.
+        let one = format!("GET /ok HTTP/1.1\r\nX-Pad: {}\r\n\r\n", "p".repeat(3000));
+        let mut s = connect(srv.addr);
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(one.repeat(5).as_bytes()).unwrap();
+        let mut r = BufReader::new(s);
+        for _ in 0..5 {
+            let (st, _, _) = read_response(&mut r);
+            assert_eq!(st, 200);
+        }
+        srv.finish();
     }
 
     #[test]
