@@ -338,3 +338,93 @@ fn network_text_cannot_forge_log_lines() {
     assert!(longest < 2000, "a log line of {longest} bytes");
     assert!(log.contains("more bytes)"), "{log}");
 }
+
+struct NoWake;
+impl collector::dispatch::Wake for NoWake {
+    fn wake(&self) {}
+}
+
+/// Item 6: the AMQP consumer takes bodies only up to `max_frame_bytes` (not 128 MiB), and
+/// holds at most `max_buffered_bytes` of deliveries the worker has not taken (it stops
+/// reading the broker meanwhile), instead of up to prefetch × 128 MiB.
+#[test]
+fn amqp_bodies_and_undrained_deliveries_are_bounded() {
+    use collector::amqp::{AmqpConsumer, Limits};
+    let unique = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
+    let cfg = collector::config::MessagingConfig {
+        transport_url: "rabbit://guest:guest@127.0.0.1:5672/".into(),
+        control_exchange: format!("e2e-hardening-{unique}"),
+        metering_topic: format!("e2e-hardening-{unique}"),
+        amqp_durable_queues: false,
+        rabbit_qos_prefetch_count: 1000,
+    };
+    let queue = format!("{}.sample", cfg.metering_topic);
+    let limits = Limits {
+        max_body: 64 << 10,
+        max_queued_bytes: 256 << 10,
+    };
+    let mut consumer =
+        AmqpConsumer::start_with_limits(&cfg, limits, std::sync::Arc::new(NoWake)).expect("start");
+    wait_for(Duration::from_secs(10), || {
+        consumer.status().consuming.then_some(())
+    })
+    .expect("consuming");
+    let py = ceilometer_python();
+    let publish = format!(
+        "import amqp\n\
+         c = amqp.Connection('127.0.0.1:5672', userid='guest', password='guest'); c.connect()\n\
+         ch = c.channel()\n\
+         ch.basic_publish(amqp.Message(b'x' * (100 << 10)), exchange='', routing_key='{queue}')\n\
+         for i in range(40):\n    ch.basic_publish(amqp.Message(b'y' * (30 << 10)), exchange='', routing_key='{queue}')\n\
+         c.close()\n"
+    );
+    let out = std::process::Command::new(&py)
+        .args(["-c", &publish])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Nobody takes deliveries for a while: the thread must stop at its budget.
+    std::thread::sleep(Duration::from_secs(2));
+    let queued = consumer.queued_bytes();
+    eprintln!(
+        "undrained deliveries held: {queued} bytes (budget {} bytes)",
+        256 << 10
+    );
+    let mut got = Vec::new();
+    wait_for(Duration::from_secs(20), || {
+        while let Some(d) = consumer.try_recv() {
+            consumer.ack(d.tag);
+            got.push(d.body.len());
+        }
+        (got.len() >= 40).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    while let Some(d) = consumer.try_recv() {
+        got.push(d.body.len());
+    }
+    consumer.shutdown();
+    let _ = std::process::Command::new(&py)
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/notify.py"))
+        .args(["--delete", "127.0.0.1:5672", &cfg.control_exchange, &queue])
+        .output();
+    assert!(
+        queued <= (256 << 10) + (128 << 10),
+        "{queued} bytes of undrained deliveries held"
+    );
+    assert_eq!(got.len(), 40, "every small message arrives: {got:?}");
+    assert!(
+        got.iter().all(|&n| n == 30 << 10),
+        "the 100 KiB body was taken: {got:?}"
+    );
+}

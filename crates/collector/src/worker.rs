@@ -131,7 +131,14 @@ impl Worker {
         let amqp = if cfg.messaging.transport_url.is_empty() {
             None
         } else {
-            Some(AmqpConsumer::start(&cfg.messaging, waker.clone()).map_err(BootError::Amqp)?)
+            let limits = crate::amqp::Limits {
+                max_body: cfg.collector.max_frame_bytes as u64,
+                max_queued_bytes: cfg.collector.max_buffered_bytes,
+            };
+            Some(
+                AmqpConsumer::start_with_limits(&cfg.messaging, limits, waker.clone())
+                    .map_err(BootError::Amqp)?,
+            )
         };
         let handle = std::thread::Builder::new()
             .name("writer".into())
