@@ -428,3 +428,74 @@ fn amqp_bodies_and_undrained_deliveries_are_bounded() {
         "the 100 KiB body was taken: {got:?}"
     );
 }
+
+/// Tasks (processes and threads) of `uid` on the machine: what RLIMIT_NPROC counts.
+fn tasks_of_uid(uid: u32) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(tasks) = std::fs::read_dir(e.path().join("task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            let real = status
+                .lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|u| u.parse::<u32>().ok());
+            n += usize::from(real == Some(uid));
+        }
+    }
+    n
+}
+
+/// Item 8: a worker that cannot start for a transient reason (here: its writer thread hits
+/// RLIMIT_NPROC, EAGAIN) is a crash, respawned with backoff; only a configuration error
+/// stops the daemon. The probe: the launcher as `nobody` under an NPROC limit, then
+/// `collectorctl workers 2`.
+#[test]
+fn a_transient_worker_setup_failure_does_not_stop_the_daemon() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: not running as root");
+        return;
+    }
+    // SAFETY: getpwnam with a valid C string; the result is read at once.
+    let nobody = unsafe {
+        let p = libc::getpwnam(c"nobody".as_ptr());
+        assert!(!p.is_null(), "no user nobody");
+        (*p).pw_uid
+    };
+    // Room for the launcher and one worker with its writer thread (and a little for other
+    // processes of nobody's that come and go), not for a second worker and its thread.
+    let limit = tasks_of_uid(nobody) + 4;
+    let nproc = format!("--nproc={limit}:{limit}");
+    let mut setup = Setup::default();
+    setup.service.push("user = \"nobody\"".into());
+    let d = Daemon::start_wrapped(
+        setup,
+        |dir| {
+            let c = std::ffi::CString::new(dir.to_str().unwrap_or_default()).unwrap_or_default();
+            // SAFETY: plain chmod on our temp dir so the unprivileged workers can write there.
+            unsafe { libc::chmod(c.as_ptr(), 0o777) };
+        },
+        &["prlimit", &nproc],
+    );
+    let first = d.worker_pid();
+    let (code, _, err) = d.ctl(&["workers", "2"]);
+    assert_eq!(code, 0, "{err}");
+    std::thread::sleep(Duration::from_secs(4));
+    let log = d.log();
+    assert!(
+        log.contains("Resource temporarily unavailable"),
+        "the probe did not hit the limit; log:\n{log}"
+    );
+    assert!(alive(d.pid()), "the launcher stopped; log:\n{log}");
+    assert!(alive(first), "the serving worker was stopped; log:\n{log}");
+    let mut c = RpcClient::connect(d.rpc.expect("rpc address")).expect("connect");
+    assert_eq!(
+        c.call(vec![sample("still-serving", SECRET)])
+            .expect("call")
+            .stored,
+        1
+    );
+}

@@ -59,9 +59,14 @@ impl supervisor::Worker for CollectorWorker {
         };
         match Worker::new(self.cfg.clone(), listeners, Some(link), ctx.slot) {
             Ok(w) => w.run(),
-            Err(e) => {
+            Err(e) if e.is_permanent() => {
                 log::error!("worker cannot start: {e}");
                 supervisor::BOOT_ERROR
+            }
+            Err(e) => {
+                // A crash like any other: the launcher respawns it with backoff.
+                log::error!("worker cannot start (will be retried): {e}");
+                1
             }
         }
     }
