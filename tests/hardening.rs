@@ -499,3 +499,72 @@ fn a_transient_worker_setup_failure_does_not_stop_the_daemon() {
         1
     );
 }
+
+/// Item 9a: a TOML syntax error never echoes the offending line (it may hold a secret), in
+/// `--check-config`, in the reload reply or in the log.
+#[test]
+fn config_syntax_errors_do_not_echo_secrets() {
+    let d = Daemon::start(Setup::default());
+    let good = std::fs::read_to_string(&d.config_path).expect("config");
+    let broken = good.replace(
+        &format!("telemetry_secret = \"{SECRET}\""),
+        "telemetry_secret = \"s3cret-value",
+    );
+    assert_ne!(good, broken);
+    std::fs::write(&d.config_path, &broken).expect("write");
+    let out = std::process::Command::new(bin("collector"))
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&d.config_path)
+        .output()
+        .expect("run");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        !text.contains("s3cret"),
+        "--check-config echoed the secret: {text}"
+    );
+    let (_, rout, rerr) = d.ctl(&["reload"]);
+    assert!(
+        !format!("{rout}{rerr}").contains("s3cret"),
+        "reload: {rout}{rerr}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!d.log().contains("s3cret"), "log:\n{}", d.log());
+}
+
+/// Items 9b and 9c: a password given as a URL query parameter is masked by
+/// `collectorctl config` (masked by the daemon) and in the MySQL driver's log line.
+#[test]
+fn url_query_passwords_are_masked_everywhere() {
+    for (url, secret) in [
+        (
+            "postgresql://e2e_nobody@127.0.0.1:1/nodb?password=PgS3cret",
+            "PgS3cret",
+        ),
+        (
+            "mysql://e2e_nobody@127.0.0.1:1/nodb?password=My5ecret&charset=utf8",
+            "My5ecret",
+        ),
+    ] {
+        let d = Daemon::start(Setup::default().connection(url));
+        let (code, out, err) = d.ctl(&["config"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("password=***"), "{out}");
+        assert!(!out.contains(secret), "collectorctl config: {out}");
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!d.log().contains(secret), "log:\n{}", d.log());
+        if url.starts_with("mysql") {
+            assert!(
+                d.log()
+                    .contains("ignoring connection URL parameter password=\"***\""),
+                "log:\n{}",
+                d.log()
+            );
+        }
+    }
+}
