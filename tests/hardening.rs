@@ -568,3 +568,25 @@ fn url_query_passwords_are_masked_everywhere() {
         }
     }
 }
+
+/// Item 10: in the foreground too (and so under systemd), the database and the log are not
+/// readable by other users: the launcher applies umask 027 in every mode.
+#[test]
+fn files_are_not_world_readable_in_the_foreground() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Daemon::start(Setup::default());
+    let mut c = RpcClient::connect(d.rpc.expect("rpc address")).expect("connect");
+    assert_eq!(c.call(vec![sample("umask-1", SECRET)]).expect("call").stored, 1);
+    for name in ["collector.db", "collector.log"] {
+        let mode = std::fs::metadata(d.path(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o007, 0, "{name} is mode {:o}", mode & 0o777);
+    }
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/systemd/collector.service"),
+    )
+    .expect("unit");
+    assert!(unit.lines().any(|l| l.trim() == "UMask=0027"), "{unit}");
+}

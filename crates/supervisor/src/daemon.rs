@@ -79,8 +79,11 @@ pub struct Daemonized {
 
 impl Daemonized {
     /// A stand-in for a process that stays in the foreground: notifications do nothing, so
-    /// the caller has one code path for both modes.
+    /// the caller has one code path for both modes. Like [`daemonize`] it sets umask 027, so
+    /// the files the daemon creates (database, log) are not world-readable in any mode
+    /// (under systemd, in a terminal, in a container).
     pub fn foreground() -> Self {
+        umask(Mode::from_bits_truncate(0o027));
         Daemonized { pipe: None }
     }
 
