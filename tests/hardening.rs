@@ -576,7 +576,12 @@ fn files_are_not_world_readable_in_the_foreground() {
     use std::os::unix::fs::PermissionsExt;
     let d = Daemon::start(Setup::default());
     let mut c = RpcClient::connect(d.rpc.expect("rpc address")).expect("connect");
-    assert_eq!(c.call(vec![sample("umask-1", SECRET)]).expect("call").stored, 1);
+    assert_eq!(
+        c.call(vec![sample("umask-1", SECRET)])
+            .expect("call")
+            .stored,
+        1
+    );
     for name in ["collector.db", "collector.log"] {
         let mode = std::fs::metadata(d.path(name))
             .unwrap_or_else(|e| panic!("{name}: {e}"))
@@ -589,4 +594,67 @@ fn files_are_not_world_readable_in_the_foreground() {
     )
     .expect("unit");
     assert!(unit.lines().any(|l| l.trim() == "UMask=0027"), "{unit}");
+}
+
+/// Item 11: a pidfile that is a symbolic link is refused, not followed (root would truncate
+/// and overwrite its target).
+#[test]
+fn a_symlinked_pidfile_is_refused_not_followed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "victim's content\n").expect("victim");
+    let pidfile = dir.path().join("collector.pid");
+    std::os::unix::fs::symlink(&victim, &pidfile).expect("symlink");
+    let text = Setup::default()
+        .service(&format!("pidfile = \"{}\"", pidfile.display()))
+        .render(dir.path());
+    let config = dir.path().join("collector.toml");
+    std::fs::write(&config, text).expect("config");
+    let mut child = std::process::Command::new(bin("collector"))
+        .arg("--config")
+        .arg(&config)
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let status = wait_for(Duration::from_secs(5), || child.try_wait().ok().flatten());
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let content = std::fs::read_to_string(&victim).expect("victim");
+    assert_eq!(
+        content, "victim's content\n",
+        "the pidfile's target was overwritten"
+    );
+    let status = status.expect("a launcher with a symlinked pidfile must not start");
+    assert!(!status.success());
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    assert!(err.contains("symbolic link"), "{err}");
+}
+
+/// Item 11: giving the control socket to the daemon's user does not follow a symbolic link
+/// planted at its path.
+#[test]
+fn the_control_socket_chown_does_not_follow_links() {
+    use std::os::unix::fs::MetadataExt;
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: not running as root");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "x").expect("victim");
+    let path = dir.path().join("control.sock");
+    let server =
+        collector::control::ControlServer::bind(path.to_str().expect("path")).expect("bind");
+    std::fs::remove_file(&path).expect("remove the socket");
+    std::os::unix::fs::symlink(&victim, &path).expect("symlink");
+    let _ = server.chown_to(Some("nobody"), None);
+    let owner = std::fs::metadata(&victim).expect("victim").uid();
+    assert_eq!(owner, 0, "the link's target was given to nobody");
 }

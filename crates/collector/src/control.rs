@@ -160,8 +160,16 @@ impl ControlServer {
             ),
             None => None,
         };
-        nix::unistd::chown(&self.path, uid, gid)
-            .map_err(|e| format!("cannot chown {}: {e}", self.path.display()))
+        // AT_SYMLINK_NOFOLLOW: a link planted at the path is changed itself, never what it
+        // points to.
+        nix::unistd::fchownat(
+            None,
+            &self.path,
+            uid,
+            gid,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| format!("cannot chown {}: {e}", self.path.display()))
     }
 
     pub fn register(&mut self, sup: &mut SupervisorHandle<'_>) -> Result<(), String> {

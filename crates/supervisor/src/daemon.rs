@@ -257,15 +257,34 @@ impl Pidfile {
         };
         // Each retry needs another process to remove or replace the file meanwhile.
         for _ in 0..16 {
+            // O_NOFOLLOW: a pidfile that is a symbolic link is refused, not followed (root
+            // would lock, truncate and overwrite whatever it points to).
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
                 .mode(0o644)
-                .custom_flags(libc::O_CLOEXEC)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
                 .open(&path)
-                .map_err(|e| io_err("open pidfile", e))?;
+                .map_err(|e| {
+                    if e.raw_os_error() == Some(libc::ELOOP) {
+                        io_err(
+                            "use pidfile",
+                            io::Error::other("it is a symbolic link; refusing to follow it"),
+                        )
+                    } else {
+                        io_err("open pidfile", e)
+                    }
+                })?;
+            // Not a FIFO, device or directory someone planted there either.
+            let kind = file.metadata().map_err(|e| io_err("stat pidfile", e))?;
+            if !kind.file_type().is_file() {
+                return Err(io_err(
+                    "use pidfile",
+                    io::Error::other("it is not a regular file"),
+                ));
+            }
             let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(locked) => locked,
                 Err((file, Errno::EWOULDBLOCK)) => {
@@ -282,7 +301,7 @@ impl Pidfile {
             // Drop) and someone else created a new one: then we locked a file that is no
             // longer the pidfile. Start over.
             let ours = file.metadata().map_err(|e| io_err("stat pidfile", e))?;
-            match std::fs::metadata(&path) {
+            match std::fs::symlink_metadata(&path) {
                 Ok(m) if m.dev() == ours.dev() && m.ino() == ours.ino() => {}
                 Ok(_) => continue,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -337,7 +356,7 @@ impl Drop for Pidfile {
     fn drop(&mut self) {
         // Still holding the lock: nobody else can have taken the file over. Remove it only
         // if the path still names our file.
-        if let Ok(m) = std::fs::metadata(&self.path) {
+        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
             if m.dev() == self.dev && m.ino() == self.ino {
                 let _ = std::fs::remove_file(&self.path);
             }
