@@ -658,3 +658,45 @@ fn the_control_socket_chown_does_not_follow_links() {
     let owner = std::fs::metadata(&victim).expect("victim").uid();
     assert_eq!(owner, 0, "the link's target was given to nobody");
 }
+
+/// Item 12: with `user=` set, the pidfile is still removed at exit, though the launcher can
+/// no longer unlink it from its root-owned directory after dropping privileges.
+#[test]
+fn the_pidfile_is_removed_after_a_privilege_drop() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: not running as root");
+        return;
+    }
+    let mut setup = Setup::default();
+    setup.service.push("user = \"nobody\"".into());
+    let mut d = Daemon::start_with_dir_prep(
+        {
+            let mut s = setup;
+            s.service.push("pidfile = \"RUNDIR/collector.pid\"".into());
+            s
+        },
+        |dir| {
+            // The workers (nobody) write the database and log in the temp dir; the pidfile
+            // lives in a directory only root may write, like /run.
+            let c = std::ffi::CString::new(dir.to_str().unwrap_or_default()).unwrap_or_default();
+            // SAFETY: plain chmod on our temp dir.
+            unsafe { libc::chmod(c.as_ptr(), 0o777) };
+            std::fs::create_dir(dir.join("run")).expect("run dir");
+        },
+    );
+    let pidfile = d.path("run/collector.pid");
+    assert!(pidfile.exists(), "no pidfile; log:\n{}", d.log());
+    let launcher = d.pid();
+    d.send_signal(libc::SIGTERM);
+    assert!(
+        d.wait_exit(Duration::from_secs(20)).is_some(),
+        "launcher did not stop"
+    );
+    // The launcher has exited; whoever removes the file does so right after.
+    let gone = wait_for(Duration::from_secs(5), || (!pidfile.exists()).then_some(()));
+    assert!(
+        gone.is_some(),
+        "pidfile of {launcher} left behind after exit; log:\n{}",
+        d.log()
+    );
+}

@@ -176,7 +176,8 @@ impl Daemon {
         Daemon::start_with_dir_prep(setup, |_| {})
     }
 
-    /// Like `start`; a `pidfile = "PIDFILE"` service line becomes the temp dir's pidfile.
+    /// Like `start`; a `pidfile = "PIDFILE"` service line becomes the temp dir's pidfile
+    /// (and a value starting with `"RUNDIR/` a path in its `run/` subdirectory).
     pub fn start_with_pidfile(setup: Setup) -> Daemon {
         Daemon::start_with_dir_prep(setup, |_| {})
     }
@@ -196,10 +197,13 @@ impl Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         prep(dir.path());
         let config_path = dir.path().join("collector.toml");
-        let text = setup.render(dir.path()).replace(
-            "\"PIDFILE\"",
-            &format!("\"{}/collector.pid\"", dir.path().display()),
-        );
+        let text = setup
+            .render(dir.path())
+            .replace(
+                "\"PIDFILE\"",
+                &format!("\"{}/collector.pid\"", dir.path().display()),
+            )
+            .replace("\"RUNDIR/", &format!("\"{}/run/", dir.path().display()));
         std::fs::write(&config_path, text).expect("write config");
         let mut d = Daemon {
             child: None,

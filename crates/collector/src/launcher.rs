@@ -193,6 +193,12 @@ pub fn run(mut cfg: Config, mut opts: Options) -> u8 {
         if let Err(e) = control.chown_to(user, group) {
             return fail(&mut daemonized, crate::EXIT_BOOT_ERROR, e);
         }
+        // Once unprivileged, we could not remove the pidfile from its directory at exit.
+        if let Some(p) = pidfile.as_mut() {
+            if let Err(e) = p.keep_removable() {
+                log::warn!("the pidfile will not be removed at exit: {e}");
+            }
+        }
         if let Err(e) = daemon::drop_privileges(user, group) {
             return fail(&mut daemonized, crate::EXIT_BOOT_ERROR, e.to_string());
         }
@@ -228,6 +234,9 @@ pub fn run(mut cfg: Config, mut opts: Options) -> u8 {
     {
         let mut h = sup.handle();
         if let Some(fd) = launcher.pidfile_fd {
+            h.close_in_children(fd);
+        }
+        if let Some(fd) = pidfile.as_ref().and_then(Pidfile::keeper_fd) {
             h.close_in_children(fd);
         }
         if let Some(fd) = launcher.daemonized.raw_fd() {
