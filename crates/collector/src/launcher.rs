@@ -446,9 +446,15 @@ impl Launcher {
                 } else {
                     reply(
                         self,
-                        json!({"ok": false, "error": format!("unknown log level {level:?}; known: error, warn, info, debug, trace")}),
+                        json!({"ok": false, "error": format!("unknown log level {level:?}; known: error, warn, info, debug, trace, off")}),
                     );
                 }
+            }
+            Request::Reload if sup.is_stopping() => {
+                reply(
+                    self,
+                    json!({"ok": false, "error": "the daemon is stopping; not reloading"}),
+                );
             }
             Request::Reload => {
                 self.pending_reloads.push(conn);
@@ -658,6 +664,9 @@ impl Hooks for Launcher {
             SupervisorEvent::Stopping { mode } => {
                 let _ = daemon::sd_notify("STOPPING=1");
                 log::info!("stopping ({mode:?})");
+                self.finish_reloads(
+                    json!({"ok": false, "error": "the daemon is stopping; reload abandoned"}),
+                );
             }
             _ => {}
         }
