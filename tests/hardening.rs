@@ -429,6 +429,26 @@ fn amqp_bodies_and_undrained_deliveries_are_bounded() {
     );
 }
 
+/// Serialises this file's tests that run processes as `nobody` (across processes: nextest
+/// runs each test in its own), so they do not move each other's RLIMIT_NPROC count.
+struct NobodyLock {
+    _file: std::fs::File,
+}
+
+impl NobodyLock {
+    fn take() -> NobodyLock {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(std::env::temp_dir().join("collector-e2e-nobody.lock"))
+            .expect("lock file");
+        // SAFETY: flock on a descriptor we own; released when the file is closed.
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
+        NobodyLock { _file: f }
+    }
+}
+
 /// Tasks (processes and threads) of `uid` on the machine: what RLIMIT_NPROC counts.
 fn tasks_of_uid(uid: u32) -> usize {
     let mut n = 0;
@@ -459,6 +479,23 @@ fn a_transient_worker_setup_failure_does_not_stop_the_daemon() {
         eprintln!("skipped: not running as root");
         return;
     }
+    // RLIMIT_NPROC counts every task of nobody's on the machine, so a process of nobody's
+    // that comes or goes meanwhile (another test) can move the limit: our own such tests
+    // take a lock, and the probe is tried up to three times. The old code fails every time.
+    let _lock = NobodyLock::take();
+    let mut last = None;
+    for _ in 0..3 {
+        match std::panic::catch_unwind(transient_failure_probe) {
+            Ok(()) => return,
+            Err(e) => last = Some(e),
+        }
+    }
+    if let Some(e) = last {
+        std::panic::resume_unwind(e);
+    }
+}
+
+fn transient_failure_probe() {
     // SAFETY: getpwnam with a valid C string; the result is read at once.
     let nobody = unsafe {
         let p = libc::getpwnam(c"nobody".as_ptr());
@@ -667,6 +704,7 @@ fn the_pidfile_is_removed_after_a_privilege_drop() {
         eprintln!("skipped: not running as root");
         return;
     }
+    let _lock = NobodyLock::take();
     let mut setup = Setup::default();
     setup.service.push("user = \"nobody\"".into());
     let mut d = Daemon::start_with_dir_prep(
@@ -735,6 +773,7 @@ fn the_control_socket_admits_the_daemon_user() {
         eprintln!("skipped: not running as root");
         return;
     }
+    let _lock = NobodyLock::take();
     let mut setup = Setup::default();
     setup.service.push("user = \"nobody\"".into());
     let d = Daemon::start_with_dir_prep(setup, |dir| {
