@@ -176,6 +176,8 @@ pub struct Daemon {
     pub workers: usize,
     pub db_file: String,
     pub env: Vec<(String, String)>,
+    /// A command (and its arguments) the launcher runs under, e.g. `prlimit --nproc=4`.
+    pub wrapper: Vec<String>,
 }
 
 impl Daemon {
@@ -183,7 +185,8 @@ impl Daemon {
         Daemon::start_with_dir_prep(setup, |_| {})
     }
 
-    /// Like `start`; a `pidfile = "PIDFILE"` service line becomes the temp dir's pidfile.
+    /// Like `start`; a `pidfile = "PIDFILE"` service line becomes the temp dir's pidfile
+    /// (and a value starting with `"RUNDIR/` a path in its `run/` subdirectory).
     pub fn start_with_pidfile(setup: Setup) -> Daemon {
         Daemon::start_with_dir_prep(setup, |_| {})
     }
@@ -194,13 +197,22 @@ impl Daemon {
 
     /// Start after `prep` ran on the temp dir (to plant files or change its mode).
     pub fn start_with_dir_prep(setup: Setup, prep: impl FnOnce(&Path)) -> Daemon {
+        Daemon::start_wrapped(setup, prep, &[])
+    }
+
+    /// Like `start_with_dir_prep`, the launcher run under `wrapper` (a command and its
+    /// arguments, e.g. `["prlimit", "--nproc=8"]`).
+    pub fn start_wrapped(setup: Setup, prep: impl FnOnce(&Path), wrapper: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         prep(dir.path());
         let config_path = dir.path().join("collector.toml");
-        let text = setup.render(dir.path()).replace(
-            "\"PIDFILE\"",
-            &format!("\"{}/collector.pid\"", dir.path().display()),
-        );
+        let text = setup
+            .render(dir.path())
+            .replace(
+                "\"PIDFILE\"",
+                &format!("\"{}/collector.pid\"", dir.path().display()),
+            )
+            .replace("\"RUNDIR/", &format!("\"{}/run/", dir.path().display()));
         std::fs::write(&config_path, text).expect("write config");
         let mut d = Daemon {
             child: None,
@@ -212,6 +224,7 @@ impl Daemon {
             workers: setup.workers,
             db_file: setup.db_file.clone(),
             env: setup.env.clone(),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
         };
         d.spawn(&[]);
         d
@@ -220,7 +233,15 @@ impl Daemon {
     /// Spawn the launcher (in its own process group, so drop can kill every process).
     pub fn spawn(&mut self, extra_args: &[&str]) {
         use std::os::unix::process::CommandExt;
-        let child = Command::new(bin("collector"))
+        let mut cmd = match self.wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(bin("collector"));
+                c
+            }
+            None => Command::new(bin("collector")),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&self.config_path)
             .args(extra_args)

@@ -230,9 +230,34 @@ impl Config {
         Ok(c)
     }
 
-    /// Parse TOML text; the error text carries line and column and the offending key.
+    /// Parse TOML text; the error text carries line and column and the offending key, never
+    /// the offending line itself (it may hold a secret: `telemetry_secret = "s3cret…`), nor
+    /// the message when that line sets a secret (type errors quote the value).
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str::<Config>(text).map_err(|e| e.to_string().trim_end().to_string())
+        toml::from_str::<Config>(text).map_err(|e| {
+            let Some(span) = e.span() else {
+                return e.message().trim_end().to_string();
+            };
+            let start = span.start.min(text.len());
+            let before = &text[..start];
+            let line = before.matches('\n').count() + 1;
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let column = text[line_start..start].chars().count() + 1;
+            let line_text = text[line_start..].lines().next().unwrap_or("");
+            let key = line_text.split('=').next().unwrap_or("").trim();
+            let secret = line_text.contains('=')
+                && (is_secret_key(key)
+                    || key == "connection"
+                    || key == "transport_url"
+                    || line_text.contains("://"));
+            if secret {
+                format!("line {line}, column {column}: invalid value for {key} (not shown: it may hold a secret)")
+            } else if line_text.contains('=') && !key.is_empty() {
+                format!("line {line}, column {column}, {key}: {}", e.message().trim_end())
+            } else {
+                format!("line {line}, column {column}: {}", e.message().trim_end())
+            }
+        })
     }
 
     /// Semantic checks serde cannot express.
@@ -349,8 +374,10 @@ impl Config {
     }
 }
 
-/// `scheme://user:secret@host` → `scheme://user:***@host`.
+/// `scheme://user:secret@host/db?password=x` → `scheme://user:***@host/db?password=***`:
+/// the userinfo password and every query parameter whose name says it is a secret.
 pub fn mask_url_password(url: &str) -> String {
+    let url = &mask_query_secrets(url);
     let Some(scheme_end) = url.find("://") else {
         return url.to_string();
     };
@@ -368,9 +395,70 @@ pub fn mask_url_password(url: &str) -> String {
     }
 }
 
+/// Whether a URL query parameter (or similar key) names a secret: `password`, `passwd`,
+/// `sslpassword`, `pwd`, `secret`, `token`, ….
+pub fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["pass", "pwd", "secret", "token", "credential"]
+        .iter()
+        .any(|s| k.contains(s))
+}
+
+/// `…?user=u&password=x` → `…?user=u&password=***`.
+fn mask_query_secrets(url: &str) -> String {
+    let Some((head, query)) = url.split_once('?') else {
+        return url.to_string();
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let masked: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if is_secret_key(k) => format!("{k}=***"),
+            _ => kv.to_string(),
+        })
+        .collect();
+    let mut out = format!("{head}?{}", masked.join("&"));
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_in_url_queries_are_masked() {
+        assert_eq!(
+            mask_url_password("postgresql://ceilo@db/c?sslmode=require&password=PgS3cret"),
+            "postgresql://ceilo@db/c?sslmode=require&password=***"
+        );
+        assert_eq!(
+            mask_url_password("mysql://u:pw@h/db?PASSWD=x&charset=utf8"),
+            "mysql://u:***@h/db?PASSWD=***&charset=utf8"
+        );
+        let mut c = Config::default();
+        c.database.connection = "postgresql://ceilo@db/c?password=PgS3cret".into();
+        c.messaging.transport_url = "rabbit://guest@mq:5672/?sslpassword=MqS3cret".into();
+        let t = c.to_masked_toml();
+        assert!(!t.contains("PgS3cret") && !t.contains("MqS3cret"), "{t}");
+    }
+
+    #[test]
+    fn syntax_errors_do_not_echo_the_line() {
+        let e = Config::parse("[publisher]\ntelemetry_secret = \"s3cret-value\n").unwrap_err();
+        assert!(!e.contains("s3cret"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+        let e = Config::parse("[publisher]\ntelemetry_secret = 123456\n").unwrap_err();
+        assert!(!e.contains("123456"), "{e}");
+        let e = Config::parse("[collector]\nbatch_size = \"many\"\n").unwrap_err();
+        assert!(e.contains("line 2") && e.contains("batch_size"), "{e}");
+    }
 
     #[test]
     fn defaults_are_the_embedded_mode() {

@@ -62,9 +62,14 @@ impl supervisor::Worker for CollectorWorker {
         };
         match Worker::new(self.cfg.clone(), listeners, Some(link), ctx.slot) {
             Ok(w) => w.run(),
-            Err(e) => {
+            Err(e) if e.is_permanent() => {
                 log::error!("worker cannot start: {e}");
                 supervisor::BOOT_ERROR
+            }
+            Err(e) => {
+                // A crash like any other: the launcher respawns it with backoff.
+                log::error!("worker cannot start (will be retried): {e}");
+                1
             }
         }
     }
@@ -215,6 +220,12 @@ pub fn run(mut cfg: Config, mut opts: Options) -> u8 {
         if let Err(e) = control.chown_to(user, group) {
             return fail(&mut daemonized, crate::EXIT_BOOT_ERROR, e);
         }
+        // Once unprivileged, we could not remove the pidfile from its directory at exit.
+        if let Some(p) = pidfile.as_mut() {
+            if let Err(e) = p.keep_removable() {
+                log::warn!("the pidfile will not be removed at exit: {e}");
+            }
+        }
         if let Err(e) = daemon::drop_privileges(user, group) {
             return fail(&mut daemonized, crate::EXIT_BOOT_ERROR, e.to_string());
         }
@@ -256,6 +267,9 @@ pub fn run(mut cfg: Config, mut opts: Options) -> u8 {
     {
         let mut h = sup.handle();
         if let Some(fd) = launcher.pidfile_fd {
+            h.close_in_children(fd);
+        }
+        if let Some(fd) = pidfile.as_ref().and_then(Pidfile::keeper_fd) {
             h.close_in_children(fd);
         }
         if let Some(fd) = launcher.daemonized.raw_fd() {
@@ -518,9 +532,15 @@ impl Launcher {
                 } else {
                     reply(
                         self,
-                        json!({"ok": false, "error": format!("unknown log level {level:?}; known: error, warn, info, debug, trace")}),
+                        json!({"ok": false, "error": format!("unknown log level {level:?}; known: error, warn, info, debug, trace, off")}),
                     );
                 }
+            }
+            Request::Reload if sup.is_stopping() => {
+                reply(
+                    self,
+                    json!({"ok": false, "error": "the daemon is stopping; not reloading"}),
+                );
             }
             Request::Reload => {
                 self.pending_reloads.push(conn);
@@ -895,6 +915,9 @@ impl Hooks for Launcher {
             SupervisorEvent::Stopping { mode } => {
                 let _ = daemon::sd_notify("STOPPING=1");
                 log::info!("stopping ({mode:?})");
+                self.finish_reloads(
+                    json!({"ok": false, "error": "the daemon is stopping; reload abandoned"}),
+                );
             }
             _ => {}
         }

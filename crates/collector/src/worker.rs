@@ -79,6 +79,43 @@ pub enum BootError {
     Io(#[from] io::Error),
 }
 
+impl BootError {
+    /// Whether starting again cannot help until the operator changes something (a bad URL, an
+    /// unusable path, a refused permission): then the launcher stops instead of respawning.
+    /// Everything else (a thread or descriptor limit hit, storage unavailable for now) is a
+    /// crash like any other: respawned with backoff.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            BootError::Storage { source, .. } => !source.is_transient(),
+            BootError::File { source, .. } => !is_transient_io(source),
+            // start() fails on the transport_url and the topic (configuration) or on a thread
+            // or poll it cannot create (resources).
+            BootError::Amqp(e) => !e.starts_with("amqp: cannot"),
+            BootError::Io(e) => !is_transient_io(e),
+        }
+    }
+}
+
+/// Resource exhaustion and interruptions: errors a later attempt may not meet.
+fn is_transient_io(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EAGAIN
+                | libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOMEM
+                | libc::ENOBUFS
+                | libc::ENOSPC
+                | libc::EINTR
+                | libc::EIO
+        )
+    ) || matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::OutOfMemory
+    )
+}
+
 impl Worker {
     /// Open storage and start the writer thread. Call in the worker process (after fork).
     pub fn new(
@@ -133,7 +170,14 @@ impl Worker {
         let amqp = if cfg.messaging.transport_url.is_empty() {
             None
         } else {
-            Some(AmqpConsumer::start(&cfg.messaging, waker.clone()).map_err(BootError::Amqp)?)
+            let limits = crate::amqp::Limits {
+                max_body: cfg.collector.max_frame_bytes as u64,
+                max_queued_bytes: cfg.collector.max_buffered_bytes,
+            };
+            Some(
+                AmqpConsumer::start_with_limits(&cfg.messaging, limits, waker.clone())
+                    .map_err(BootError::Amqp)?,
+            )
         };
         let handle = std::thread::Builder::new()
             .name("writer".into())
@@ -506,5 +550,32 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         self.intake.close_writer();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_configuration_errors_are_boot_errors() {
+        let eagain = || BootError::Io(io::Error::from_raw_os_error(libc::EAGAIN));
+        assert!(!eagain().is_permanent());
+        assert!(!BootError::Io(io::Error::from_raw_os_error(libc::EMFILE)).is_permanent());
+        assert!(BootError::Io(io::Error::from_raw_os_error(libc::EACCES)).is_permanent());
+        let storage = |source| BootError::Storage {
+            url: "x".into(),
+            source,
+        };
+        assert!(!storage(storage::StorageError::Unavailable("refused".into())).is_permanent());
+        assert!(storage(storage::StorageError::BadUrl {
+            url: "x".into(),
+            reason: "y".into()
+        })
+        .is_permanent());
+        assert!(BootError::Amqp("unsupported scheme \"http\"".into()).is_permanent());
+        assert!(
+            !BootError::Amqp("amqp: cannot start the consumer thread: x".into()).is_permanent()
+        );
     }
 }
