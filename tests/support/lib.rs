@@ -117,6 +117,15 @@ impl Setup {
             s.push_str(l);
             s.push('\n');
         }
+        // The metrics endpoint on a port of the kernel's choosing (parallel tests), unless
+        // the caller set one (see `Daemon::metrics_addr`).
+        if !self
+            .service
+            .iter()
+            .any(|l| l.trim_start().starts_with("metrics_port"))
+        {
+            s.push_str("metrics_port = 0\n");
+        }
         // Test defaults, each replaced by a caller's line for the same key.
         let defaults = [
             "udp_address = \"127.0.0.1\"",
@@ -167,6 +176,8 @@ pub struct Daemon {
     pub workers: usize,
     pub db_file: String,
     pub env: Vec<(String, String)>,
+    /// A command (and its arguments) the launcher runs under, e.g. `prlimit --nproc=4`.
+    pub wrapper: Vec<String>,
 }
 
 impl Daemon {
@@ -174,7 +185,8 @@ impl Daemon {
         Daemon::start_with_dir_prep(setup, |_| {})
     }
 
-    /// Like `start`; a `pidfile = "PIDFILE"` service line becomes the temp dir's pidfile.
+    /// Like `start`; a `pidfile = "PIDFILE"` service line becomes the temp dir's pidfile
+    /// (and a value starting with `"RUNDIR/` a path in its `run/` subdirectory).
     pub fn start_with_pidfile(setup: Setup) -> Daemon {
         Daemon::start_with_dir_prep(setup, |_| {})
     }
@@ -185,13 +197,22 @@ impl Daemon {
 
     /// Start after `prep` ran on the temp dir (to plant files or change its mode).
     pub fn start_with_dir_prep(setup: Setup, prep: impl FnOnce(&Path)) -> Daemon {
+        Daemon::start_wrapped(setup, prep, &[])
+    }
+
+    /// Like `start_with_dir_prep`, the launcher run under `wrapper` (a command and its
+    /// arguments, e.g. `["prlimit", "--nproc=8"]`).
+    pub fn start_wrapped(setup: Setup, prep: impl FnOnce(&Path), wrapper: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         prep(dir.path());
         let config_path = dir.path().join("collector.toml");
-        let text = setup.render(dir.path()).replace(
-            "\"PIDFILE\"",
-            &format!("\"{}/collector.pid\"", dir.path().display()),
-        );
+        let text = setup
+            .render(dir.path())
+            .replace(
+                "\"PIDFILE\"",
+                &format!("\"{}/collector.pid\"", dir.path().display()),
+            )
+            .replace("\"RUNDIR/", &format!("\"{}/run/", dir.path().display()));
         std::fs::write(&config_path, text).expect("write config");
         let mut d = Daemon {
             child: None,
@@ -203,6 +224,7 @@ impl Daemon {
             workers: setup.workers,
             db_file: setup.db_file.clone(),
             env: setup.env.clone(),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
         };
         d.spawn(&[]);
         d
@@ -211,7 +233,15 @@ impl Daemon {
     /// Spawn the launcher (in its own process group, so drop can kill every process).
     pub fn spawn(&mut self, extra_args: &[&str]) {
         use std::os::unix::process::CommandExt;
-        let child = Command::new(bin("collector"))
+        let mut cmd = match self.wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(bin("collector"));
+                c
+            }
+            None => Command::new(bin("collector")),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&self.config_path)
             .args(extra_args)
@@ -276,6 +306,17 @@ impl Daemon {
         self.udp = addr("udp");
         self.tcp = addr("tcp");
         self.rpc = addr("rpc");
+    }
+
+    /// The HTTP metrics endpoint's address, from the launcher's log line.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        let log = self.log();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("metrics endpoint http://"))?;
+        let rest = line.split("metrics endpoint http://").nth(1)?;
+        rest.split('/').next()?.parse().ok()
     }
 
     pub fn send_signal(&self, sig: i32) {
@@ -709,5 +750,67 @@ pub fn alive(pid: i32) -> bool {
             .rsplit_once(')')
             .is_some_and(|(_, r)| r.trim().starts_with('Z')),
         Err(_) => false,
+    }
+}
+
+// ------------------------------------------------------------------ process probes
+
+/// Field `name` of /proc/PID/status in KiB (`VmRSS`, `VmHWM`), 0 if unreadable.
+pub fn proc_status_kib(pid: i32, name: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(&format!("{name}:")))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// CPU time (utime + stime, in clock ticks) a process has used so far.
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    // After the comm: state(0) ppid(1) ... utime(11) stime(12).
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+pub fn ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as u64
+    } else {
+        100
+    }
+}
+
+impl Daemon {
+    /// The pid of the only ready worker (asserts there is exactly one).
+    pub fn worker_pid(&self) -> i32 {
+        let pids = self.wait_workers(1, &[], Duration::from_secs(30));
+        pids[0]
+    }
+
+    /// Wait until the workers' summed counter `name` (from `collectorctl status`) reaches `n`.
+    pub fn wait_counter(&self, name: &str, n: u64, timeout: Duration) -> u64 {
+        let mut last = 0;
+        wait_for(timeout, || {
+            let s = self.status();
+            last = s["workers"]
+                .as_array()
+                .map(|ws| ws.iter().filter_map(|w| w["counters"][name].as_u64()).sum())
+                .unwrap_or(0);
+            (last >= n).then_some(())
+        });
+        last
     }
 }

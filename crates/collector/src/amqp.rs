@@ -36,6 +36,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::ToSocketAddrs;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -60,7 +61,28 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 const FRAME_MAX_BEFORE_TUNE: u32 = 128 * 1024;
 /// RabbitMQ refuses messages over 128 MiB by default; a bigger body is dropped, not buffered.
 const MAX_BODY: u64 = 128 * 1024 * 1024;
+
+/// What the consumer thread may hold: the largest message body it takes (larger ones are read,
+/// thrown away and rejected without requeue), and the bytes of received deliveries the worker
+/// has not taken yet (past it the thread stops reading the broker's socket, so TCP flow
+/// control holds the rest, until the worker catches up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_body: u64,
+    pub max_queued_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_body: MAX_BODY,
+            max_queued_bytes: usize::MAX,
+        }
+    }
+}
 const CHANNEL: u16 = 1;
+/// Bytes read from the broker per round before the frames read are turned into deliveries.
+const READ_BUDGET: usize = 64 * 1024;
 const EPOCH_SHIFT: u32 = 48;
 const TAG_MASK: u64 = (1 << EPOCH_SHIFT) - 1;
 
@@ -100,6 +122,9 @@ enum Command {
 
 /// The worker loop's handle on its consumer thread.
 pub struct AmqpConsumer {
+    /// Bytes of deliveries sent by the thread and not yet taken by [`AmqpConsumer::try_recv`].
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
     commands: Sender<Command>,
     thread_waker: Arc<Waker>,
     deliveries: Receiver<Delivery>,
@@ -115,6 +140,15 @@ impl AmqpConsumer {
     /// 30 s). `Err` is for a `transport_url` that cannot be used (a boot error), or a thread or
     /// poll that cannot be created.
     pub fn start(cfg: &MessagingConfig, wake: Arc<dyn Wake>) -> Result<AmqpConsumer, String> {
+        AmqpConsumer::start_with_limits(cfg, Limits::default(), wake)
+    }
+
+    /// [`AmqpConsumer::start`] with what the thread may hold bounded by `limits`.
+    pub fn start_with_limits(
+        cfg: &MessagingConfig,
+        limits: Limits,
+        wake: Arc<dyn Wake>,
+    ) -> Result<AmqpConsumer, String> {
         let target = TransportUrl::parse(&cfg.transport_url)?;
         let tls = tls_config_for(cfg, &target)?;
         if cfg.metering_topic.is_empty() {
@@ -129,6 +163,7 @@ impl AmqpConsumer {
         let (dlv_tx, dlv_rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel::<()>();
         let status = Arc::new(Mutex::new(AmqpStatus::default()));
+        let queued = Arc::new(AtomicUsize::new(0));
         let queue = format!("{}.sample", cfg.metering_topic);
         let pid = std::process::id();
         let thread = Consumer {
@@ -145,6 +180,8 @@ impl AmqpConsumer {
             deliveries: dlv_tx,
             wake,
             status: status.clone(),
+            limits,
+            queued: queued.clone(),
             epoch: 0,
             connections: 0,
             want_consume: true,
@@ -157,6 +194,8 @@ impl AmqpConsumer {
             })
             .map_err(|e| format!("amqp: cannot start the consumer thread: {e}"))?;
         Ok(AmqpConsumer {
+            queued,
+            max_queued: limits.max_queued_bytes,
             commands: cmd_tx,
             thread_waker,
             deliveries: dlv_rx,
@@ -168,7 +207,18 @@ impl AmqpConsumer {
 
     /// Next delivery, non-blocking. The loop calls it after every wake.
     pub fn try_recv(&mut self) -> Option<Delivery> {
-        self.deliveries.try_recv().ok()
+        let d = self.deliveries.try_recv().ok()?;
+        let before = self.queued.fetch_sub(d.body.len(), Ordering::SeqCst);
+        // The thread may have stopped reading for want of room: let it look again.
+        if before >= self.max_queued {
+            let _ = self.thread_waker.wake();
+        }
+        Some(d)
+    }
+
+    /// Bytes of deliveries received and not yet taken.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
     }
 
     /// Ack after every sample of the delivery is committed (or it was malformed).
@@ -483,6 +533,8 @@ struct Session {
     consuming_since: Option<Instant>,
     cancel_sent: bool,
     partial: Option<Partial>,
+    /// The last read stopped before WouldBlock (its budget, or the worker's backlog).
+    more_to_read: bool,
     /// Requeue-rejects held until their time (raw delivery tags).
     delayed: VecDeque<(Instant, u64)>,
     wake_loop: bool,
@@ -503,6 +555,9 @@ struct Consumer {
     deliveries: Sender<Delivery>,
     wake: Arc<dyn Wake>,
     status: Arc<Mutex<AmqpStatus>>,
+    limits: Limits,
+    /// Shared with [`AmqpConsumer::queued`].
+    queued: Arc<AtomicUsize>,
     epoch: u64,
     connections: u64,
     want_consume: bool,
@@ -531,7 +586,7 @@ impl Consumer {
                 End::Stopped => continue,
                 end => end.into_error().unwrap_or_default(),
             };
-            log::warn!("amqp: {error}");
+            log::warn!("amqp: {}", crate::untrusted::Untrusted(&error));
             self.set_status(|s| s.last_error = Some(error));
             if !self.want_consume {
                 continue;
@@ -652,6 +707,7 @@ impl Consumer {
             consuming_since: None,
             cancel_sent: false,
             partial: None,
+            more_to_read: false,
             delayed: VecDeque::new(),
             wake_loop: false,
         };
@@ -977,7 +1033,7 @@ impl Consumer {
                     return Err(failed("content header without basic.deliver"));
                 };
                 p.size = Some(header.body_size);
-                if header.body_size > MAX_BODY {
+                if header.body_size > self.limits.max_body {
                     p.discard = true;
                 } else {
                     p.body.reserve(header.body_size.min(4 << 20) as usize);
@@ -1035,7 +1091,10 @@ impl Consumer {
                 self.set_status(|st| st.consuming = false);
             }
             AMQPFrame::Method(_, AMQPClass::Connection(connection::AMQPMethod::Blocked(b))) => {
-                log::warn!("amqp: broker blocked the connection: {}", b.reason);
+                log::warn!(
+                    "amqp: broker blocked the connection: {}",
+                    crate::untrusted::untrusted(&b.reason)
+                );
             }
             AMQPFrame::Heartbeat(_) => {}
             other => log::debug!("amqp: ignoring {other:?}"),
@@ -1060,8 +1119,8 @@ impl Consumer {
         };
         if p.discard {
             log::error!(
-                "amqp: dropped a message over {} MiB from {:?}",
-                MAX_BODY >> 20,
+                "amqp: dropped a message over max_frame_bytes ({} bytes) from {:?}",
+                self.limits.max_body,
                 self.queue
             );
             return send_method(s, CHANNEL, reject_method(p.tag, false));
@@ -1071,6 +1130,7 @@ impl Consumer {
             body: p.body,
             redelivered: p.redelivered,
         };
+        self.queued.fetch_add(delivery.body.len(), Ordering::SeqCst);
         if self.deliveries.send(delivery).is_err() {
             return Err(End::Shutdown); // the loop is gone
         }
@@ -1152,7 +1212,11 @@ impl Consumer {
         if let Some(&(t, _)) = s.delayed.front() {
             earliest(t);
         }
-        let timeout = wake_at.map(|t| t.saturating_duration_since(now));
+        let mut timeout = wake_at.map(|t| t.saturating_duration_since(now));
+        if s.more_to_read && self.queued.load(Ordering::SeqCst) < self.limits.max_queued_bytes {
+            // Bytes are waiting in the socket (no new edge will tell us): look at once.
+            timeout = Some(Duration::ZERO);
+        }
         // What earlier steps queued goes out before we sleep.
         self.flush(s)?;
         let mut events = Events::with_capacity(8);
@@ -1198,7 +1262,22 @@ impl Consumer {
 
     fn read(&mut self, s: &mut Session) -> Result<(), End> {
         let mut chunk = [0u8; 64 * 1024];
+        // Frames read here become deliveries only after this returns: read a bounded amount
+        // per round, so the worker's backlog is checked between rounds.
+        let mut budget = READ_BUDGET;
         loop {
+            if self.queued.load(Ordering::SeqCst) >= self.limits.max_queued_bytes {
+                // The worker is behind: leave the rest in the socket (TCP flow control holds
+                // the broker) until it takes some; it wakes us then. Not reading is our
+                // choice, not the broker's silence.
+                s.last_read = Instant::now();
+                s.more_to_read = true;
+                return Ok(());
+            }
+            if budget == 0 {
+                s.more_to_read = true;
+                return Ok(());
+            }
             match s.sock.read(&mut chunk) {
                 Ok(0) => {
                     return Err(failed(if s.open {
@@ -1212,11 +1291,15 @@ impl Consumer {
                     }))
                 }
                 Ok(n) => {
+                    budget = budget.saturating_sub(n);
                     s.last_read = Instant::now();
                     s.rbuf.extend_from_slice(&chunk[..n]);
                     take_frames(s).map_err(|e| failed(format!("{}: {e}", s.peer)))?;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    s.more_to_read = false;
+                    return Ok(());
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if !s.established && e.kind() == io::ErrorKind::NotConnected => {
                     return Ok(())
@@ -2103,6 +2186,7 @@ mod tests {
             consuming_since: None,
             cancel_sent: false,
             partial: None,
+            more_to_read: false,
             delayed: VecDeque::new(),
             wake_loop: false,
         };

@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 /// ceilometer's default telemetry secret: signing with it is no signing at all.
 pub const CEILOMETER_DEFAULT_SECRET: &str = "change this for valid signing";
 
+/// The HTTP metrics endpoint's default port (DESIGN §3's suggestion; not registered with
+/// Prometheus's port list, and free of the exporters commonly run beside ceilometer).
+pub const DEFAULT_METRICS_PORT: u16 = 9552;
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -34,6 +38,11 @@ pub struct ServiceConfig {
     pub worker_timeout: f64,
     pub user: String,
     pub group: String,
+    /// `text` (default) or `json`: one JSON object per line.
+    pub log_format: String,
+    /// Address of the HTTP endpoint (/metrics, /healthz, /readyz); "" disables it.
+    pub metrics_address: String,
+    pub metrics_port: u16,
 }
 
 impl Default for ServiceConfig {
@@ -48,6 +57,9 @@ impl Default for ServiceConfig {
             worker_timeout: 30.0,
             user: String::new(),
             group: String::new(),
+            log_format: "text".into(),
+            metrics_address: "127.0.0.1".into(),
+            metrics_port: DEFAULT_METRICS_PORT,
         }
     }
 }
@@ -67,6 +79,12 @@ pub struct CollectorConfig {
     pub max_frame_bytes: usize,
     pub max_connections: usize,
     pub idle_timeout: f64,
+    /// Bytes one worker's connections may buffer in total (partial frames).
+    pub max_buffered_bytes: usize,
+    /// Seconds a frame may take from its first byte to its last.
+    pub frame_timeout: f64,
+    /// Elements (array items, map keys and values) one RPC or TCP frame may hold.
+    pub max_frame_elements: u64,
     pub dispatchers: Vec<String>,
     pub requeue_sample_on_dispatcher_error: bool,
 }
@@ -86,6 +104,9 @@ impl Default for CollectorConfig {
             max_frame_bytes: 16 * 1024 * 1024,
             max_connections: 1024,
             idle_timeout: 300.0,
+            max_buffered_bytes: 256 * 1024 * 1024,
+            frame_timeout: 60.0,
+            max_frame_elements: 1 << 20,
             dispatchers: vec!["database".into()],
             requeue_sample_on_dispatcher_error: true,
         }
@@ -223,9 +244,34 @@ impl Config {
         Ok(c)
     }
 
-    /// Parse TOML text; the error text carries line and column and the offending key.
+    /// Parse TOML text; the error text carries line and column and the offending key, never
+    /// the offending line itself (it may hold a secret: `telemetry_secret = "s3cret…`), nor
+    /// the message when that line sets a secret (type errors quote the value).
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str::<Config>(text).map_err(|e| e.to_string().trim_end().to_string())
+        toml::from_str::<Config>(text).map_err(|e| {
+            let Some(span) = e.span() else {
+                return e.message().trim_end().to_string();
+            };
+            let start = span.start.min(text.len());
+            let before = &text[..start];
+            let line = before.matches('\n').count() + 1;
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let column = text[line_start..start].chars().count() + 1;
+            let line_text = text[line_start..].lines().next().unwrap_or("");
+            let key = line_text.split('=').next().unwrap_or("").trim();
+            let secret = line_text.contains('=')
+                && (is_secret_key(key)
+                    || key == "connection"
+                    || key == "transport_url"
+                    || line_text.contains("://"));
+            if secret {
+                format!("line {line}, column {column}: invalid value for {key} (not shown: it may hold a secret)")
+            } else if line_text.contains('=') && !key.is_empty() {
+                format!("line {line}, column {column}, {key}: {}", e.message().trim_end())
+            } else {
+                format!("line {line}, column {column}: {}", e.message().trim_end())
+            }
+        })
     }
 
     /// Semantic checks serde cannot express.
@@ -246,6 +292,18 @@ impl Config {
         if !(c.idle_timeout.is_finite() && c.idle_timeout > 0.0) {
             return Err("[collector] idle_timeout must be a positive number".into());
         }
+        if c.max_buffered_bytes < c.max_frame_bytes {
+            return Err(format!(
+                "[collector] max_buffered_bytes ({}) must be at least max_frame_bytes ({})",
+                c.max_buffered_bytes, c.max_frame_bytes
+            ));
+        }
+        if c.max_frame_elements == 0 {
+            return Err("[collector] max_frame_elements must be at least 1".into());
+        }
+        if !(c.frame_timeout.is_finite() && c.frame_timeout > 0.0) {
+            return Err("[collector] frame_timeout must be a positive number".into());
+        }
         for d in &c.dispatchers {
             if d != "database" && d != "file" {
                 return Err(format!(
@@ -261,6 +319,12 @@ impl Config {
             return Err(format!(
                 "[service] log_level: unknown level {:?}; known: error, warn, info, debug, trace",
                 s.log_level
+            ));
+        }
+        if !matches!(s.log_format.as_str(), "text" | "json") {
+            return Err(format!(
+                "[service] log_format: unknown format {:?}; known: text, json",
+                s.log_format
             ));
         }
         if !(s.graceful_shutdown_timeout.is_finite() && s.graceful_shutdown_timeout >= 0.0) {
@@ -290,6 +354,18 @@ impl Config {
         self.collector.dispatchers.iter().any(|d| d == name)
     }
 
+    /// `host:port` of the HTTP metrics endpoint, `None` when disabled.
+    pub fn metrics_endpoint(&self) -> Option<String> {
+        let a = &self.service.metrics_address;
+        if a.is_empty() {
+            None
+        } else if a.contains(':') && !a.starts_with('[') {
+            Some(format!("[{a}]:{}", self.service.metrics_port))
+        } else {
+            Some(format!("{a}:{}", self.service.metrics_port))
+        }
+    }
+
     /// The number of workers to run: the configured one, or one per CPU.
     pub fn worker_count(&self) -> usize {
         if self.service.workers > 0 {
@@ -314,8 +390,10 @@ impl Config {
     }
 }
 
-/// `scheme://user:secret@host` → `scheme://user:***@host`.
+/// `scheme://user:secret@host/db?password=x` → `scheme://user:***@host/db?password=***`:
+/// the userinfo password and every query parameter whose name says it is a secret.
 pub fn mask_url_password(url: &str) -> String {
+    let url = &mask_query_secrets(url);
     let Some(scheme_end) = url.find("://") else {
         return url.to_string();
     };
@@ -333,9 +411,70 @@ pub fn mask_url_password(url: &str) -> String {
     }
 }
 
+/// Whether a URL query parameter (or similar key) names a secret: `password`, `passwd`,
+/// `sslpassword`, `pwd`, `secret`, `token`, ….
+pub fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["pass", "pwd", "secret", "token", "credential"]
+        .iter()
+        .any(|s| k.contains(s))
+}
+
+/// `…?user=u&password=x` → `…?user=u&password=***`.
+fn mask_query_secrets(url: &str) -> String {
+    let Some((head, query)) = url.split_once('?') else {
+        return url.to_string();
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let masked: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if is_secret_key(k) => format!("{k}=***"),
+            _ => kv.to_string(),
+        })
+        .collect();
+    let mut out = format!("{head}?{}", masked.join("&"));
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_in_url_queries_are_masked() {
+        assert_eq!(
+            mask_url_password("postgresql://ceilo@db/c?sslmode=require&password=PgS3cret"),
+            "postgresql://ceilo@db/c?sslmode=require&password=***"
+        );
+        assert_eq!(
+            mask_url_password("mysql://u:pw@h/db?PASSWD=x&charset=utf8"),
+            "mysql://u:***@h/db?PASSWD=***&charset=utf8"
+        );
+        let mut c = Config::default();
+        c.database.connection = "postgresql://ceilo@db/c?password=PgS3cret".into();
+        c.messaging.transport_url = "rabbit://guest@mq:5672/?sslpassword=MqS3cret".into();
+        let t = c.to_masked_toml();
+        assert!(!t.contains("PgS3cret") && !t.contains("MqS3cret"), "{t}");
+    }
+
+    #[test]
+    fn syntax_errors_do_not_echo_the_line() {
+        let e = Config::parse("[publisher]\ntelemetry_secret = \"s3cret-value\n").unwrap_err();
+        assert!(!e.contains("s3cret"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+        let e = Config::parse("[publisher]\ntelemetry_secret = 123456\n").unwrap_err();
+        assert!(!e.contains("123456"), "{e}");
+        let e = Config::parse("[collector]\nbatch_size = \"many\"\n").unwrap_err();
+        assert!(e.contains("line 2") && e.contains("batch_size"), "{e}");
+    }
 
     #[test]
     fn defaults_are_the_embedded_mode() {
@@ -359,6 +498,9 @@ graceful_shutdown_timeout = 30
 worker_timeout = 30
 user = "collector"
 group = "collector"
+log_format = "json"
+metrics_address = "::1"
+metrics_port = 9552
 [collector]
 udp_address = "127.0.0.1"
 udp_port = 4952
@@ -395,6 +537,8 @@ backup_count = 0
         assert_eq!(c.service.workers, 2);
         assert!(c.has_dispatcher("file"));
         assert_eq!(c.service.graceful_shutdown_timeout, 30.0);
+        assert_eq!(c.service.log_format, "json");
+        assert_eq!(c.metrics_endpoint().as_deref(), Some("[::1]:9552"));
     }
 
     #[test]
@@ -417,6 +561,8 @@ backup_count = 0
         assert!(c.validate().unwrap_err().contains("mongo"));
         let c = Config::parse("[service]\nlog_level = \"loud\"\n").unwrap();
         assert!(c.validate().unwrap_err().contains("loud"));
+        let c = Config::parse("[service]\nlog_format = \"xml\"\n").unwrap();
+        assert!(c.validate().unwrap_err().contains("xml"));
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub const HELP: &[&str] = &[
     "stats                counters summed over workers",
     "config               effective configuration, secrets masked",
     "workers N            set the number of workers",
-    "loglevel LEVEL       error|warn|info|debug|trace",
+    "loglevel LEVEL       error|warn|info|debug|trace|off",
     "reload               re-read the config; answers once the new generation serves",
     "stop                 graceful stop",
     "worker ID            introspect one worker (slot index or pid)",
@@ -34,6 +34,8 @@ const LISTENER: Token = Token(1);
 const FIRST_CONN: usize = 2;
 const MAX_CONNS: usize = 64;
 const MAX_LINE: usize = 64 * 1024;
+/// Commands one client may send ahead of its answers; more closes it.
+const MAX_PIPELINED: usize = 256;
 const MAX_OUT: usize = 4 << 20;
 const IDLE: Duration = Duration::from_secs(300);
 
@@ -70,7 +72,7 @@ pub fn parse_request(line: &str) -> Request {
         },
         ("workers", _, _) => usage("workers N (1 to 1024)"),
         ("loglevel", Some(l), false) => Request::Loglevel(l.to_string()),
-        ("loglevel", _, _) => usage("loglevel error|warn|info|debug|trace"),
+        ("loglevel", _, _) => usage("loglevel error|warn|info|debug|trace|off"),
         ("worker", Some(id), false) => Request::Worker(id.to_string()),
         ("worker", _, _) => usage("worker ID"),
         ("help" | "status" | "stats" | "config" | "reload" | "stop", _, _) => {
@@ -102,7 +104,6 @@ pub struct ControlServer {
     next_id: usize,
     /// Requests read while their connection waited for an earlier answer.
     backlog: VecDeque<(usize, Request)>,
-    uid: u32,
 }
 
 impl ControlServer {
@@ -134,7 +135,6 @@ impl ControlServer {
             by_id: HashMap::new(),
             next_id: 1,
             backlog: VecDeque::new(),
-            uid: nix::unistd::geteuid().as_raw(),
         })
     }
 
@@ -160,8 +160,16 @@ impl ControlServer {
             ),
             None => None,
         };
-        nix::unistd::chown(&self.path, uid, gid)
-            .map_err(|e| format!("cannot chown {}: {e}", self.path.display()))
+        // AT_SYMLINK_NOFOLLOW: a link planted at the path is changed itself, never what it
+        // points to.
+        nix::unistd::fchownat(
+            None,
+            &self.path,
+            uid,
+            gid,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| format!("cannot chown {}: {e}", self.path.display()))
     }
 
     pub fn register(&mut self, sup: &mut SupervisorHandle<'_>) -> Result<(), String> {
@@ -253,12 +261,27 @@ impl ControlServer {
                     Ok(n) => {
                         c.last_active = Instant::now();
                         c.rbuf.extend_from_slice(&buf[..n]);
-                        if c.rbuf.len() > MAX_LINE && !c.rbuf[..].contains(&b'\n') {
-                            let msg = json!({"ok": false, "error": format!("line longer than {MAX_LINE} bytes")});
+                        // Complete lines become requests at once, so what stays buffered is
+                        // one unfinished line, which the cap bounds (before, a newline early
+                        // in the buffer let the rest grow without limit).
+                        take_lines(c, id, &mut requests, &mut self.backlog);
+                        let queued = requests.iter().filter(|(i, _)| *i == id).count()
+                            + self.backlog.iter().filter(|(i, _)| *i == id).count();
+                        let error = if c.rbuf.len() > MAX_LINE {
+                            Some(format!("line longer than {MAX_LINE} bytes"))
+                        } else if queued > MAX_PIPELINED {
+                            Some(format!(
+                                "more than {MAX_PIPELINED} commands ahead of their answers"
+                            ))
+                        } else {
+                            None
+                        };
+                        if let Some(error) = error {
+                            let msg = json!({"ok": false, "error": error});
                             let mut line = msg.to_string().into_bytes();
                             line.push(b'\n');
                             c.wbuf.extend_from_slice(&line);
-                            c.rbuf.clear();
+                            c.rbuf = Vec::new();
                             c.close_when_flushed = true;
                             break;
                         }
@@ -269,26 +292,6 @@ impl ControlServer {
                         close = true;
                         break;
                     }
-                }
-            }
-            while !c.close_when_flushed {
-                let Some(nl) = c.rbuf.iter().position(|&b| b == b'\n') else {
-                    break;
-                };
-                let line: Vec<u8> = c.rbuf.drain(..=nl).collect();
-                let req = match std::str::from_utf8(&line) {
-                    Ok(s) if s.trim().is_empty() => continue,
-                    Ok(s) => parse_request(s.trim()),
-                    Err(_) => Request::Invalid("command is not UTF-8 text; try help".into()),
-                };
-                if c.waiting
-                    || requests.iter().any(|(i, r): &(usize, Request)| {
-                        *i == id && matches!(r, Request::Reload | Request::Worker(_))
-                    })
-                {
-                    self.backlog.push_back((id, req));
-                } else {
-                    requests.push((id, req));
                 }
             }
         }
@@ -325,7 +328,9 @@ impl ControlServer {
             let cred =
                 nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
             let allowed = match &cred {
-                Ok(c) => c.uid() == 0 || c.uid() == self.uid,
+                // The daemon's user is whoever the launcher runs as now: after a privilege
+                // drop that is `[service] user`, not the root that bound the socket.
+                Ok(c) => c.uid() == 0 || c.uid() == nix::unistd::geteuid().as_raw(),
                 Err(_) => false,
             };
             if !allowed {
@@ -423,6 +428,36 @@ impl ControlServer {
             } else {
                 self.update_interest(sup, slot);
             }
+        }
+    }
+}
+
+/// Move every complete line of `c`'s buffer to `requests` (or to `backlog` while an earlier
+/// request of the same client waits for its answer, so answers keep their order).
+fn take_lines(
+    c: &mut Conn,
+    id: usize,
+    requests: &mut Vec<(usize, Request)>,
+    backlog: &mut VecDeque<(usize, Request)>,
+) {
+    while !c.close_when_flushed {
+        let Some(nl) = c.rbuf.iter().position(|&b| b == b'\n') else {
+            break;
+        };
+        let line: Vec<u8> = c.rbuf.drain(..=nl).collect();
+        let req = match std::str::from_utf8(&line) {
+            Ok(s) if s.trim().is_empty() => continue,
+            Ok(s) => parse_request(s.trim()),
+            Err(_) => Request::Invalid("command is not UTF-8 text; try help".into()),
+        };
+        if c.waiting
+            || requests.iter().any(|(i, r): &(usize, Request)| {
+                *i == id && matches!(r, Request::Reload | Request::Worker(_))
+            })
+        {
+            backlog.push_back((id, req));
+        } else {
+            requests.push((id, req));
         }
     }
 }

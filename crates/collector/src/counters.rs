@@ -6,6 +6,122 @@ use serde::{Deserialize, Serialize};
 /// Upper bounds (ms) of the `batch_latency_ms` histogram buckets; the last bucket is open.
 pub const LATENCY_BUCKETS_MS: [u64; 10] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000];
 
+/// Upper bounds (samples) of the `batch_size` histogram buckets; the last bucket is open.
+pub const BATCH_SIZE_BUCKETS: [u64; 9] = [1, 10, 50, 100, 250, 500, 1000, 2500, 5000];
+
+/// Upper bounds (ms) of the `freshness_ms` histogram (commit time − sample timestamp); the
+/// last bucket is open. Ceilometer polls every 10 min by default: the range reaches past it.
+pub const FRESHNESS_BUCKETS_MS: [u64; 13] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 300_000, 900_000, 3_600_000,
+];
+
+/// The sources, as `Intake::ingest` names them.
+pub const SOURCES: [&str; 4] = ["udp", "tcp", "rpc", "amqp"];
+
+/// What happened to one source's samples.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct SourceCounters {
+    pub received: u64,
+    pub stored: u64,
+    pub duplicates: u64,
+    pub invalid_signature: u64,
+    pub invalid_timestamp: u64,
+    /// Not a sample (missing or wrong-typed fields), or refused by storage on its merits.
+    pub malformed: u64,
+    /// Payload bytes read (datagrams, stream bytes, AMQP message bodies).
+    pub bytes: u64,
+}
+
+impl SourceCounters {
+    pub fn rejected(&self) -> u64 {
+        self.invalid_signature + self.invalid_timestamp + self.malformed
+    }
+
+    fn add(&mut self, o: &SourceCounters) {
+        self.received += o.received;
+        self.stored += o.stored;
+        self.duplicates += o.duplicates;
+        self.invalid_signature += o.invalid_signature;
+        self.invalid_timestamp += o.invalid_timestamp;
+        self.malformed += o.malformed;
+        self.bytes += o.bytes;
+    }
+}
+
+/// [`SourceCounters`] per source.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct BySource {
+    pub udp: SourceCounters,
+    pub tcp: SourceCounters,
+    pub rpc: SourceCounters,
+    pub amqp: SourceCounters,
+}
+
+impl BySource {
+    /// The counters of a source by name (index into [`SOURCES`] with `index`).
+    pub fn get_mut(&mut self, source: &str) -> &mut SourceCounters {
+        self.at_mut(source_index(source))
+    }
+
+    pub fn at_mut(&mut self, i: usize) -> &mut SourceCounters {
+        match i {
+            0 => &mut self.udp,
+            1 => &mut self.tcp,
+            2 => &mut self.rpc,
+            _ => &mut self.amqp,
+        }
+    }
+
+    /// (name, counters) in [`SOURCES`] order.
+    pub fn iter(&self) -> [(&'static str, &SourceCounters); 4] {
+        [
+            ("udp", &self.udp),
+            ("tcp", &self.tcp),
+            ("rpc", &self.rpc),
+            ("amqp", &self.amqp),
+        ]
+    }
+
+    fn add(&mut self, o: &BySource) {
+        self.udp.add(&o.udp);
+        self.tcp.add(&o.tcp);
+        self.rpc.add(&o.rpc);
+        self.amqp.add(&o.amqp);
+    }
+}
+
+/// Index of a source name in [`SOURCES`] (unknown names count as the last).
+pub fn source_index(source: &str) -> usize {
+    SOURCES
+        .iter()
+        .position(|s| *s == source)
+        .unwrap_or(SOURCES.len() - 1)
+}
+
+/// Add one observation to a fixed-bucket histogram (`counts` has one more entry than
+/// `bounds`, for values above the last bound).
+pub fn observe(counts: &mut Vec<u64>, bounds: &[u64], value: u64) {
+    if counts.len() != bounds.len() + 1 {
+        counts.resize(bounds.len() + 1, 0);
+    }
+    let i = bounds
+        .iter()
+        .position(|&b| value <= b)
+        .unwrap_or(bounds.len());
+    counts[i] += 1;
+}
+
+fn add_hist(a: &mut Vec<u64>, b: &[u64]) {
+    if a.len() < b.len() {
+        a.resize(b.len(), 0);
+    }
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct Counters {
@@ -31,16 +147,37 @@ pub struct Counters {
     /// Histogram: count of batches whose commit took at most `LATENCY_BUCKETS_MS[i]` ms; the
     /// extra last entry counts slower ones.
     pub batch_latency_ms: Vec<u64>,
+    /// Sum of the commit times of the batches in `batch_latency_ms`, in microseconds (the
+    /// histogram's `_sum` in /metrics).
+    pub batch_latency_us_sum: u64,
     pub respawns: u64,
     /// Datagrams the kernel dropped on the UDP socket because its receive buffer was full
     /// (the socket's `drops` in /proc/net/udp); filled in by the launcher.
     pub udp_kernel_drops: u64,
+    /// Samples by source: received, stored, duplicates, rejected by reason, bytes.
+    pub by_source: BySource,
+    /// Histogram of samples per committed batch (`BATCH_SIZE_BUCKETS`), and their sum.
+    pub batch_size: Vec<u64>,
+    pub batch_size_sum: u64,
+    /// Histogram of commit time − sample timestamp over stored samples
+    /// (`FRESHNESS_BUCKETS_MS`), and its sum in ms.
+    pub freshness_ms: Vec<u64>,
+    pub freshness_ms_sum: u64,
+    /// Failed batches by dispatcher (their sum is `dispatch_errors`).
+    pub database_errors: u64,
+    pub file_errors: u64,
+    /// AMQP deliveries acked (committed, or malformed and dropped) and rejected for
+    /// redelivery (storage unavailable).
+    pub amqp_acked: u64,
+    pub amqp_rejected: u64,
 }
 
 impl Counters {
     pub fn new() -> Counters {
         Counters {
             batch_latency_ms: vec![0; LATENCY_BUCKETS_MS.len() + 1],
+            batch_size: vec![0; BATCH_SIZE_BUCKETS.len() + 1],
+            freshness_ms: vec![0; FRESHNESS_BUCKETS_MS.len() + 1],
             ..Default::default()
         }
     }
@@ -81,8 +218,18 @@ impl Counters {
             dispatch_errors,
             samples_dropped,
             batches_written,
-            respawns
+            batch_latency_us_sum,
+            respawns,
+            batch_size_sum,
+            freshness_ms_sum,
+            database_errors,
+            file_errors,
+            amqp_acked,
+            amqp_rejected
         );
+        self.by_source.add(&o.by_source);
+        add_hist(&mut self.batch_size, &o.batch_size);
+        add_hist(&mut self.freshness_ms, &o.freshness_ms);
         if self.batch_latency_ms.len() < o.batch_latency_ms.len() {
             self.batch_latency_ms.resize(o.batch_latency_ms.len(), 0);
         }

@@ -7,13 +7,14 @@
 //! how many batches are in flight, which is the back-pressure that keeps memory flat when
 //! storage is slower than the network.
 
-use crate::counters::Counters;
+use crate::counters::{Counters, BATCH_SIZE_BUCKETS, FRESHNESS_BUCKETS_MS};
+use crate::untrusted::{untrusted, Untrusted};
 use meter::Sample;
 use std::ops::Range;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use storage::{FileDispatcher, Storage};
+use storage::{FileDispatcher, SampleFilter, Storage};
 
 /// Who is waiting for (part of) a batch: one RPC request or notification, or an AMQP
 /// delivery.
@@ -42,6 +43,26 @@ pub struct Batch {
     pub file: Vec<Sample>,
     pub tickets: Vec<Ticket>,
     pub opened: Option<Instant>,
+    /// Per sample of the primary list (`db`, or `file` when the file dispatcher runs alone):
+    /// where it came from and when it was taken, for the per-source and freshness metrics.
+    pub meta: Vec<SampleMeta>,
+}
+
+/// What the metrics need to know of one batched sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SampleMeta {
+    /// Index into [`crate::counters::SOURCES`].
+    pub source: u8,
+    /// The sample's timestamp, Unix milliseconds; `None` when not parsed (file only).
+    pub time_ms: Option<i64>,
+}
+
+/// One source's share of a batch's outcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SourceOutcome {
+    pub stored: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
 }
 
 impl Batch {
@@ -72,6 +93,39 @@ pub struct Completion {
     pub result: Result<Vec<TicketResult>, String>,
     pub counts: BatchCounts,
     pub latency: Duration,
+    /// The outcome split by source ([`crate::counters::SOURCES`] order).
+    pub per_source: [SourceOutcome; 4],
+    /// Freshness (commit time − sample timestamp) of the stored samples: histogram over
+    /// [`FRESHNESS_BUCKETS_MS`] and sum.
+    pub freshness_ms: Vec<u64>,
+    pub freshness_ms_sum: u64,
+    /// Wall clock of the commit, Unix milliseconds.
+    pub committed_unix_ms: i64,
+    /// Which dispatcher failed: `database` or `file`.
+    pub error_kind: Option<&'static str>,
+    /// Not a batch: the writer's storage probe after a failure answered (`result` Ok) or
+    /// not. Counted nowhere; it only tells the loop storage is back.
+    pub probe: bool,
+}
+
+impl Completion {
+    /// A probe's result (no batch, no tickets).
+    pub fn probe(result: Result<(), String>) -> Completion {
+        Completion {
+            id: 0,
+            batches: 0,
+            tickets: Vec::new(),
+            result: result.map(|()| Vec::new()),
+            counts: BatchCounts::default(),
+            latency: Duration::ZERO,
+            per_source: Default::default(),
+            freshness_ms: Vec::new(),
+            freshness_ms_sum: 0,
+            committed_unix_ms: 0,
+            error_kind: None,
+            probe: true,
+        }
+    }
 }
 
 /// Aggregates for the worker's counters.
@@ -111,6 +165,9 @@ pub struct Writer {
 /// At most this many queued batches are merged into one transaction.
 const MERGE_MAX: usize = 8;
 
+/// How often a writer whose database write failed checks whether storage answers again.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
 /// How often the database dispatcher expires old samples when `metering_time_to_live` > 0.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(600);
 
@@ -118,7 +175,39 @@ impl Writer {
     /// The writer thread's body: runs until the loop drops its sender.
     pub fn run(mut self, rx: Receiver<WriterMsg>, tx: Sender<Completion>, waker: Arc<dyn Wake>) {
         let mut next_expiry = Instant::now();
-        while let Ok(msg) = rx.recv() {
+        // After a failed database write, storage is probed every PROBE_EVERY until it
+        // answers, so the worker reports it back up (and /readyz turns 200) without waiting
+        // for the next sample.
+        let mut down = false;
+        loop {
+            let msg = if down {
+                match rx.recv_timeout(PROBE_EVERY) {
+                    Ok(m) => m,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        if let Some(st) = self.storage.as_mut() {
+                            let probe = SampleFilter {
+                                meter: Some("collector.storage.probe".into()),
+                                limit: Some(1),
+                                ..Default::default()
+                            };
+                            if st.get_samples(&probe).is_ok() {
+                                down = false;
+                                if tx.send(Completion::probe(Ok(()))).is_err() {
+                                    return;
+                                }
+                                waker.wake();
+                            }
+                        }
+                        continue;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => return,
+                }
+            };
             // Group commit: whatever queued behind the previous commit goes in this one.
             let mut batches = Vec::new();
             let mut next = Some(msg);
@@ -134,6 +223,7 @@ impl Writer {
             if !batches.is_empty() {
                 let primary_is_db = self.storage.is_some();
                 let c = self.write(merge(batches, primary_is_db));
+                down = c.error_kind == Some("database");
                 if tx.send(c).is_err() {
                     return;
                 }
@@ -167,10 +257,15 @@ impl Writer {
             ..Default::default()
         };
         let mut error = None;
+        let mut error_kind = None;
+        // Which primary samples did not make it (duplicates are not stored either).
+        let mut not_stored = vec![false; batch.meta.len()];
+        let mut per_source = [SourceOutcome::default(); 4];
         if let Some(f) = self.file.as_mut() {
             if !batch.file.is_empty() {
                 if let Err(e) = f.append(&batch.file) {
                     error = Some(format!("file dispatcher: {e}"));
+                    error_kind = Some("file");
                 }
             }
         }
@@ -191,17 +286,36 @@ impl Writer {
                         counts.rejected = out.rejected.len();
                         for (i, reason) in &out.rejected {
                             log::warn!(
-                                "sample {} rejected by storage: {reason}",
-                                batch
-                                    .db
-                                    .get(*i)
-                                    .map(|s| s.message_id.as_str())
-                                    .unwrap_or("?")
+                                "sample {} rejected by storage: {}",
+                                Untrusted(
+                                    batch
+                                        .db
+                                        .get(*i)
+                                        .map(|s| s.message_id.as_str())
+                                        .unwrap_or("?")
+                                ),
+                                untrusted(reason)
                             );
                         }
                         attribute(&batch.tickets, &mut results, &out);
+                        for &i in &out.duplicate_indices {
+                            if let (Some(m), Some(n)) = (batch.meta.get(i), not_stored.get_mut(i)) {
+                                per_source[m.source as usize % 4].duplicates += 1;
+                                *n = true;
+                            }
+                        }
+                        for (i, _) in &out.rejected {
+                            if let (Some(m), Some(n)) = (batch.meta.get(*i), not_stored.get_mut(*i))
+                            {
+                                per_source[m.source as usize % 4].rejected += 1;
+                                *n = true;
+                            }
+                        }
                     }
-                    Err(e) => error = Some(format!("storage unavailable: {e}")),
+                    Err(e) => {
+                        error = Some(format!("storage unavailable: {e}"));
+                        error_kind = Some("database");
+                    }
                 }
             }
         } else {
@@ -210,6 +324,24 @@ impl Writer {
                 r.stored = t.range.len();
             }
             counts.stored = batch.file.len();
+        }
+        let latency = started.elapsed();
+        let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        let mut freshness_ms = Vec::new();
+        let mut freshness_ms_sum = 0u64;
+        if error.is_none() {
+            for (m, skip) in batch.meta.iter().zip(&not_stored) {
+                if *skip {
+                    continue;
+                }
+                per_source[m.source as usize % 4].stored += 1;
+                if let Some(t) = m.time_ms {
+                    // A sample from the future (clock skew) counts as fresh, not negative.
+                    let age = now_ms.saturating_sub(t).max(0) as u64;
+                    crate::counters::observe(&mut freshness_ms, &FRESHNESS_BUCKETS_MS, age);
+                    freshness_ms_sum += age;
+                }
+            }
         }
         Completion {
             id: batch.id,
@@ -220,7 +352,13 @@ impl Writer {
                 None => Ok(results),
             },
             counts,
-            latency: started.elapsed(),
+            latency,
+            per_source,
+            freshness_ms,
+            freshness_ms_sum,
+            committed_unix_ms: now_ms,
+            error_kind,
+            probe: false,
         }
     }
 }
@@ -245,6 +383,7 @@ fn merge(batches: Vec<Batch>, primary_is_db: bool) -> (Batch, usize) {
         all.db.append(&mut b.db);
         all.file.append(&mut b.file);
         all.tickets.append(&mut b.tickets);
+        all.meta.append(&mut b.meta);
     }
     (all, n)
 }
@@ -270,15 +409,51 @@ fn attribute(tickets: &[Ticket], results: &mut [TicketResult], out: &storage::Re
 
 /// Fold a completion's aggregates into the worker's counters.
 pub fn count_completion(c: &Completion, counters: &mut Counters) {
+    if c.probe {
+        return;
+    }
     counters.observe_batch_latency(c.latency.as_millis() as u64);
+    counters.batch_latency_us_sum += c.latency.as_micros() as u64;
     match &c.result {
         Ok(_) => {
             counters.batches_written += 1;
             counters.samples_stored += c.counts.stored as u64;
             counters.samples_duplicate += c.counts.duplicates as u64;
             counters.samples_rejected += c.counts.rejected as u64;
+            let size = c.counts.samples.max(c.meta_len());
+            crate::counters::observe(&mut counters.batch_size, &BATCH_SIZE_BUCKETS, size as u64);
+            counters.batch_size_sum += size as u64;
+            for (i, o) in c.per_source.iter().enumerate() {
+                let s = counters.by_source.at_mut(i);
+                s.stored += o.stored;
+                s.duplicates += o.duplicates;
+                s.malformed += o.rejected;
+            }
+            if counters.freshness_ms.len() < c.freshness_ms.len() {
+                counters.freshness_ms.resize(c.freshness_ms.len(), 0);
+            }
+            for (a, b) in counters.freshness_ms.iter_mut().zip(&c.freshness_ms) {
+                *a += b;
+            }
+            counters.freshness_ms_sum += c.freshness_ms_sum;
         }
-        Err(_) => counters.dispatch_errors += 1,
+        Err(_) => {
+            counters.dispatch_errors += 1;
+            match c.error_kind {
+                Some("file") => counters.file_errors += 1,
+                _ => counters.database_errors += 1,
+            }
+        }
+    }
+}
+
+impl Completion {
+    /// Samples the batch carried for its primary dispatcher.
+    fn meta_len(&self) -> usize {
+        self.per_source
+            .iter()
+            .map(|o| (o.stored + o.duplicates + o.rejected) as usize)
+            .sum()
     }
 }
 

@@ -16,6 +16,8 @@ pub enum FrameError {
     TooLarge { limit: usize },
     #[error("frame nested deeper than {limit} levels")]
     TooDeep { limit: usize },
+    #[error("frame of more than max_frame_elements ({limit}) elements")]
+    TooManyElements { limit: u64 },
     #[error("invalid msgpack marker 0xc1 at byte {offset}")]
     BadMarker { offset: usize },
 }
@@ -26,8 +28,11 @@ pub struct MsgpackScanner {
     pos: usize,
     /// Items still expected at each open nesting level.
     stack: Vec<u64>,
+    /// Elements (container children) announced so far in this frame.
+    elements: u64,
     max_frame: usize,
     max_depth: usize,
+    max_elements: u64,
 }
 
 impl MsgpackScanner {
@@ -35,14 +40,24 @@ impl MsgpackScanner {
         MsgpackScanner {
             pos: 0,
             stack: Vec::new(),
+            elements: 0,
             max_frame,
             max_depth,
+            max_elements: u64::MAX,
         }
+    }
+
+    /// Refuse a frame whose containers announce more than `n` elements in all: decoded, each
+    /// costs a `Value` (32 bytes) however small on the wire (a nil is one byte).
+    pub fn with_max_elements(mut self, n: u64) -> MsgpackScanner {
+        self.max_elements = n;
+        self
     }
 
     /// Forget progress: call after the caller consumed the frame that `scan` reported.
     pub fn reset(&mut self) {
         self.pos = 0;
+        self.elements = 0;
         self.stack.clear();
     }
 
@@ -82,6 +97,12 @@ impl MsgpackScanner {
                 if children > (self.max_frame - self.pos.min(self.max_frame)) as u64 {
                     return Err(FrameError::TooLarge {
                         limit: self.max_frame,
+                    });
+                }
+                self.elements = self.elements.saturating_add(children);
+                if self.elements > self.max_elements {
+                    return Err(FrameError::TooManyElements {
+                        limit: self.max_elements,
                     });
                 }
                 self.stack.push(children);
@@ -212,6 +233,22 @@ impl LengthPrefixed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn element_limit_refuses_a_claim_before_its_bytes() {
+        // [[nil × 1000]] with a limit of 100: refused from the header alone.
+        let mut frame = vec![0x91, 0xdc, 0x03, 0xe8];
+        let mut sc = MsgpackScanner::new(1 << 20, 8).with_max_elements(100);
+        assert_eq!(
+            sc.scan(&frame),
+            Err(FrameError::TooManyElements { limit: 100 })
+        );
+        frame.resize(4 + 1000, 0xc0);
+        let mut sc = MsgpackScanner::new(1 << 20, 8).with_max_elements(1001);
+        assert_eq!(sc.scan(&frame), Ok(Some(frame.len())));
+        // The count starts again with each frame.
+        assert_eq!(sc.scan(&frame), Ok(Some(frame.len())));
+    }
 
     fn scan_all_at_once(bytes: &[u8]) -> Result<Option<usize>, FrameError> {
         MsgpackScanner::new(1 << 20, 64).scan(bytes)

@@ -277,6 +277,11 @@ fn service(im: &mut Importer) {
         };
         im.note(("service", "workers"), how);
     }
+    let names = [("DEFAULT", "use_json")];
+    if let Some((json, true)) = im.bool_opt(&names, false) {
+        im.cfg.service.log_format = if json { "json" } else { "text" }.into();
+        im.note(("service", "log_format"), from(&names));
+    }
     let names = [("DEFAULT", "debug")];
     if let Some((debug, explicit)) = im.bool_opt(&names, false) {
         im.cfg.service.log_level = if debug { "debug" } else { "info" }.into();
@@ -620,7 +625,6 @@ fn not_carried_reason(section: &str, key: &str) -> &'static str {
         ("DEFAULT", "use_syslog" | "syslog_log_facility") => {
             "the collector logs to [service] log_file or stderr (journald under systemd)"
         }
-        ("DEFAULT", "use_json") => "the collector's log format is fixed text",
         ("DEFAULT", "host") => "a name for agents' AMQP keys; the collector has no use for it",
         ("DEFAULT", k)
             if k.starts_with("log_rotat") || k.starts_with("max_logfile") =>
@@ -629,7 +633,7 @@ fn not_carried_reason(section: &str, key: &str) -> &'static str {
         }
         ("DEFAULT", "verbose") => "removed from oslo.log; [service] log_level is info unless debug is set",
         ("DEFAULT", k) if k.starts_with("log") || k.starts_with("logging") || k.starts_with("default_log") || k.starts_with("use_") || k.starts_with("fatal_") || k.starts_with("instance_") || k.starts_with("rate_limit") || k.starts_with("publish_errors") => {
-            "oslo.log formatting: the collector's log format is fixed (filter with RUST_LOG)"
+            "oslo.log formatting: the collector's own text or JSON lines ([service] log_format; filter with RUST_LOG)"
         }
         ("DEFAULT", "rpc_response_timeout" | "executor_thread_pool_size" | "rpc_conn_pool_size" | "conn_pool_min_size" | "conn_pool_ttl") => {
             "oslo.messaging RPC tuning: the collector consumes notifications only"
@@ -805,6 +809,14 @@ mod tests {
         assert_eq!(c.service.log_level, "debug");
         let (_, c) = ok("[DEFAULT]\nlog_dir = /var/log/ceilometer/\n");
         assert_eq!(c.service.log_file, "/var/log/ceilometer/collector.log");
+    }
+
+    #[test]
+    fn use_json_becomes_the_json_log_format() {
+        let (_, cfg) = ok("[DEFAULT]\nuse_json = true\n");
+        assert_eq!(cfg.service.log_format, "json");
+        let (_, cfg) = ok("[DEFAULT]\n");
+        assert_eq!(cfg.service.log_format, "text");
     }
 
     #[test]

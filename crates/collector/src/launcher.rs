@@ -12,10 +12,12 @@
 use crate::config::Config;
 use crate::control::{ControlServer, Request};
 use crate::counters::Counters;
+use crate::http::{HttpServer, Response};
+use crate::metrics::{Restarts, Snapshot, WorkerProc};
 use crate::sockets::{Addresses, Listeners};
 use crate::worker::{Custom, Worker};
 use serde_json::{json, Value as Json};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -49,6 +51,7 @@ struct CollectorWorker {
 
 impl supervisor::Worker for CollectorWorker {
     fn run(&self, link: ChildLink, ctx: WorkerContext) -> i32 {
+        crate::logging::set_worker(ctx.slot);
         // Our own descriptors for the inherited sockets: the launcher keeps its copies.
         let listeners = match self.listeners.try_clone() {
             Ok(l) => l,
@@ -59,9 +62,14 @@ impl supervisor::Worker for CollectorWorker {
         };
         match Worker::new(self.cfg.clone(), listeners, Some(link), ctx.slot) {
             Ok(w) => w.run(),
-            Err(e) => {
+            Err(e) if e.is_permanent() => {
                 log::error!("worker cannot start: {e}");
                 supervisor::BOOT_ERROR
+            }
+            Err(e) => {
+                // A crash like any other: the launcher respawns it with backoff.
+                log::error!("worker cannot start (will be retried): {e}");
+                1
             }
         }
     }
@@ -161,7 +169,12 @@ pub fn run(mut cfg: Config, mut opts: Options) -> u8 {
         cfg.service.log_file = cwd.join("data/collector.log").display().to_string();
     }
     let log_file = (!cfg.service.log_file.is_empty()).then_some(cfg.service.log_file.as_str());
-    if let Err(e) = crate::logging::init(&cfg.service.log_level, log_file, opts.verbosity) {
+    if let Err(e) = crate::logging::init(
+        &cfg.service.log_level,
+        log_file,
+        opts.verbosity,
+        &cfg.service.log_format,
+    ) {
         return fail(
             &mut daemonized,
             crate::EXIT_CONFIG,
@@ -179,14 +192,39 @@ pub fn run(mut cfg: Config, mut opts: Options) -> u8 {
         Ok(c) => c,
         Err(e) => return fail(&mut daemonized, crate::EXIT_BOOT_ERROR, e),
     };
+    let http = match cfg.metrics_endpoint() {
+        Some(addr) => match HttpServer::bind(&addr, HTTP_TOKENS, crate::http::Limits::default()) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                return fail(
+                    &mut daemonized,
+                    crate::EXIT_BOOT_ERROR,
+                    format!("cannot bind the metrics endpoint on {addr}: {e}"),
+                )
+            }
+        },
+        None => None,
+    };
     log::info!("listening: {}", listeners.describe().join(", "));
     log::info!("control socket {}", cfg.service.control_socket);
+    if let Some(h) = &http {
+        log::info!(
+            "metrics endpoint http://{}/metrics (also /healthz, /readyz)",
+            h.local_addr()
+        );
+    }
     // 5. Privileges, once everything privileged is done.
     let user = (!cfg.service.user.is_empty()).then_some(cfg.service.user.as_str());
     let group = (!cfg.service.group.is_empty()).then_some(cfg.service.group.as_str());
     if user.is_some() || group.is_some() {
         if let Err(e) = control.chown_to(user, group) {
             return fail(&mut daemonized, crate::EXIT_BOOT_ERROR, e);
+        }
+        // Once unprivileged, we could not remove the pidfile from its directory at exit.
+        if let Some(p) = pidfile.as_mut() {
+            if let Err(e) = p.keep_removable() {
+                log::warn!("the pidfile will not be removed at exit: {e}");
+            }
         }
         if let Err(e) = daemon::drop_privileges(user, group) {
             return fail(&mut daemonized, crate::EXIT_BOOT_ERROR, e.to_string());
@@ -219,10 +257,19 @@ pub fn run(mut cfg: Config, mut opts: Options) -> u8 {
         retired: Counters::new(),
         respawns: 0,
         last_stats: HashMap::new(),
+        http,
+        restarts: Restarts::default(),
+        hung: HashSet::new(),
+        reloads_ok: 0,
+        reloads_failed: 0,
+        last_commit_unix_ms: None,
     };
     {
         let mut h = sup.handle();
         if let Some(fd) = launcher.pidfile_fd {
+            h.close_in_children(fd);
+        }
+        if let Some(fd) = pidfile.as_ref().and_then(Pidfile::keeper_fd) {
             h.close_in_children(fd);
         }
         if let Some(fd) = launcher.daemonized.raw_fd() {
@@ -231,10 +278,20 @@ pub fn run(mut cfg: Config, mut opts: Options) -> u8 {
         if let Err(e) = launcher.control.register(&mut h) {
             return fail(&mut launcher.daemonized, 1, e);
         }
+        if let Some(http) = launcher.http.as_mut() {
+            if let Err(e) = http.register(&mut h) {
+                return fail(
+                    &mut launcher.daemonized,
+                    1,
+                    format!("metrics endpoint: {e}"),
+                );
+            }
+        }
     }
     let result = sup.run(&mut launcher);
     let _ = daemon::sd_notify("STOPPING=1");
     launcher.control.close();
+    launcher.http = None;
     if let Ok(mut l) = Rc::try_unwrap(launcher.listeners) {
         l.remove_unix_path();
     }
@@ -272,6 +329,9 @@ pub fn run(mut cfg: Config, mut opts: Options) -> u8 {
     }
 }
 
+/// Tokens of the HTTP metrics endpoint start here (the control socket's are below).
+const HTTP_TOKENS: usize = 1 << 20;
+
 /// Rates are computed over this window of heartbeats.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 /// How long `worker ID` waits for the worker's answer.
@@ -298,6 +358,15 @@ struct Launcher {
     respawns: u64,
     /// Latest counters per live worker.
     last_stats: HashMap<Pid, Counters>,
+    /// The HTTP endpoint (/metrics, /healthz, /readyz), when configured.
+    http: Option<HttpServer>,
+    restarts: Restarts,
+    /// Workers seen without a heartbeat for `worker_timeout`: their exit is a `hung` restart.
+    hung: HashSet<Pid>,
+    reloads_ok: u64,
+    reloads_failed: u64,
+    /// The newest `last_commit_unix_ms` any worker reported (exited ones included).
+    last_commit_unix_ms: Option<i64>,
 }
 
 /// What a worker's heartbeat payload holds.
@@ -311,6 +380,37 @@ struct Heartbeat {
     last_error: Option<String>,
     #[serde(default)]
     amqp: Option<Json>,
+    /// Whether the worker's last storage write (or probe) succeeded; absent from workers
+    /// that do not report it, then `last_error` tells.
+    #[serde(default)]
+    storage_up: Option<bool>,
+    #[serde(default)]
+    last_commit_unix_ms: Option<i64>,
+    #[serde(default)]
+    connections_by_kind: Option<ConnsByKind>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct ConnsByKind {
+    #[serde(default)]
+    tcp: u64,
+    #[serde(default)]
+    rpc: u64,
+}
+
+impl Heartbeat {
+    /// Why this worker's storage is down, if it is.
+    fn storage_down(&self) -> Option<String> {
+        let down = match self.storage_up {
+            Some(up) => !up,
+            None => self.last_error.is_some(),
+        };
+        down.then(|| {
+            self.last_error
+                .clone()
+                .unwrap_or_else(|| "storage unavailable".into())
+        })
+    }
 }
 
 fn parse_heartbeat(p: Option<&Vec<u8>>) -> Heartbeat {
@@ -432,9 +532,15 @@ impl Launcher {
                 } else {
                     reply(
                         self,
-                        json!({"ok": false, "error": format!("unknown log level {level:?}; known: error, warn, info, debug, trace")}),
+                        json!({"ok": false, "error": format!("unknown log level {level:?}; known: error, warn, info, debug, trace, off")}),
                     );
                 }
+            }
+            Request::Reload if sup.is_stopping() => {
+                reply(
+                    self,
+                    json!({"ok": false, "error": "the daemon is stopping; not reloading"}),
+                );
             }
             Request::Reload => {
                 self.pending_reloads.push(conn);
@@ -474,6 +580,141 @@ impl Launcher {
                 }
             }
             Request::Invalid(msg) => reply(self, json!({"ok": false, "error": msg})),
+        }
+    }
+
+    /// `Ok` when every worker of the serving generation serves and storage answers, else
+    /// the reason (one line) `/readyz` gives.
+    fn readiness(&self, sup: &SupervisorHandle<'_>) -> Result<(), String> {
+        if sup.is_stopping() {
+            return Err("stopping".into());
+        }
+        let gen = sup.generation();
+        let current: Vec<_> = sup
+            .workers()
+            .into_iter()
+            .filter(|w| w.generation == gen)
+            .collect();
+        let ready = current
+            .iter()
+            .filter(|w| w.state == supervisor::WorkerState::Ready)
+            .count();
+        let wanted = sup.settings().workers;
+        if ready < wanted {
+            return Err(format!(
+                "workers restarting: {ready} of {wanted} ready in generation {gen}"
+            ));
+        }
+        for w in &current {
+            if let Some(why) = parse_heartbeat(w.last_heartbeat.as_ref()).storage_down() {
+                let why: String = why.chars().filter(|c| !c.is_control()).take(200).collect();
+                return Err(format!("storage unavailable (worker {}): {why}", w.slot));
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self, sup: &SupervisorHandle<'_>) -> Snapshot {
+        let gen = sup.generation();
+        let mut all = sup.workers();
+        all.sort_by_key(|w| (w.generation, w.slot));
+        let mut by_state = [0u64; 3];
+        let mut storage_down = 0;
+        let mut workers: Vec<WorkerProc> = Vec::new();
+        let mut conns = [0u64; 2];
+        let mut last_commit = self.last_commit_unix_ms;
+        let mut amqp_connected = 0;
+        for w in &all {
+            let hb = parse_heartbeat(w.last_heartbeat.as_ref());
+            if let Some(c) = &hb.connections_by_kind {
+                conns[0] += c.tcp;
+                conns[1] += c.rpc;
+            }
+            last_commit = last_commit.max(hb.last_commit_unix_ms);
+            if w.generation == gen
+                && hb
+                    .amqp
+                    .as_ref()
+                    .and_then(|a| a.get("connected"))
+                    .and_then(Json::as_bool)
+                    == Some(true)
+            {
+                amqp_connected += 1;
+            }
+            by_state[match w.state {
+                supervisor::WorkerState::Booting => 0,
+                supervisor::WorkerState::Ready => 1,
+                supervisor::WorkerState::Stopping => 2,
+            }] += 1;
+            if w.generation == gen {
+                if parse_heartbeat(w.last_heartbeat.as_ref())
+                    .storage_down()
+                    .is_some()
+                {
+                    storage_down += 1;
+                }
+                // One series per slot: a slot being replaced shows its newest process.
+                workers.retain(|p| p.index != w.slot);
+                workers.push(WorkerProc {
+                    index: w.slot,
+                    proc: crate::metrics::proc_stats(w.pid.as_raw()),
+                });
+            }
+        }
+        let c = &self.cfg.database.connection;
+        let driver = if self.cfg.has_dispatcher("database") {
+            c.split("://")
+                .next()
+                .and_then(|s| s.split('+').next())
+                .unwrap_or("")
+                .to_string()
+        } else {
+            "file".to_string()
+        };
+        Snapshot {
+            totals: self.totals(sup),
+            driver,
+            workers,
+            workers_by_state: by_state,
+            workers_wanted: sup.settings().workers as u64,
+            restarts: self.restarts,
+            generation: gen,
+            reloads_ok: self.reloads_ok,
+            reloads_failed: self.reloads_failed,
+            ready: self.readiness(sup).is_ok(),
+            storage_down_workers: storage_down,
+            launcher: crate::metrics::proc_stats(std::process::id() as i32),
+            connections_open: conns,
+            last_commit_unix_ms: last_commit,
+            amqp_connected: (!self.cfg.messaging.transport_url.is_empty())
+                .then_some(amqp_connected),
+        }
+    }
+
+    /// Answer one HTTP request.
+    fn http_response(&self, sup: &SupervisorHandle<'_>, req: &crate::http::Request) -> Response {
+        match req.path.as_str() {
+            "/metrics" => {
+                let om = crate::metrics::wants_openmetrics(&req.accept);
+                let (body, ct) = crate::metrics::encode(self.snapshot(sup), om);
+                Response {
+                    status: 200,
+                    content_type: ct,
+                    body: body.into_bytes(),
+                }
+            }
+            "/healthz" => {
+                if sup.is_stopping() {
+                    Response::text(503, "stopping")
+                } else {
+                    Response::text(200, "ok")
+                }
+            }
+            "/readyz" => match self.readiness(sup) {
+                Ok(()) => Response::text(200, "ready"),
+                Err(why) => Response::text(503, why),
+            },
+            _ => Response::text(404, "not found; try /metrics, /healthz or /readyz"),
         }
     }
 
@@ -520,6 +761,14 @@ impl Hooks for Launcher {
             {
                 crate::logging::set_level(&cfg.service.log_level);
             }
+            if cfg.metrics_endpoint() != self.cfg.metrics_endpoint() {
+                log::warn!(
+                    "metrics_address/metrics_port changed: the new endpoint takes effect at the next restart"
+                );
+            }
+            if cfg.service.log_format != self.cfg.service.log_format {
+                crate::logging::set_format(&cfg.service.log_format);
+            }
             if addrs != self.addrs {
                 log::info!("listening: {}", listeners.describe().join(", "));
             }
@@ -551,6 +800,17 @@ impl Hooks for Launcher {
         token: Token,
         event: &mio::event::Event,
     ) {
+        if let Some(mut http) = self.http.take() {
+            if http.owns(token) {
+                for req in http.on_ready(sup, token, event) {
+                    let resp = self.http_response(sup, &req);
+                    http.respond(sup, req.conn, &resp, req.head);
+                }
+                self.http = Some(http);
+                return;
+            }
+            self.http = Some(http);
+        }
         let requests = self.control.on_ready(sup, token, event);
         for (conn, req) in requests {
             self.handle_request(sup, conn, req);
@@ -581,11 +841,15 @@ impl Hooks for Launcher {
                     );
                 }
                 let _ = daemon::sd_notify("READY=1");
+                if previous.is_some() {
+                    self.reloads_ok += 1;
+                }
                 if previous.is_some() || !self.pending_reloads.is_empty() {
                     self.finish_reloads(json!({"ok": true, "generation": generation}));
                 }
             }
             SupervisorEvent::ReloadFailed { generation, reason } => {
+                self.reloads_failed += 1;
                 let _ = daemon::sd_notify("READY=1");
                 self.finish_reloads(json!({"ok": false, "generation": generation, "error": format!("reload failed: {reason}")}));
             }
@@ -600,6 +864,13 @@ impl Hooks for Launcher {
                     self.retired.add(&c);
                 }
                 self.history.remove(&pid);
+                if self.hung.remove(&pid) {
+                    self.restarts.hung += 1;
+                } else if !expected {
+                    self.restarts.crash += 1;
+                } else if generation != sup.generation() && !sup.is_stopping() {
+                    self.restarts.reload += 1;
+                }
                 if !expected {
                     self.respawns += 1;
                     let why = match status {
@@ -644,6 +915,9 @@ impl Hooks for Launcher {
             SupervisorEvent::Stopping { mode } => {
                 let _ = daemon::sd_notify("STOPPING=1");
                 log::info!("stopping ({mode:?})");
+                self.finish_reloads(
+                    json!({"ok": false, "error": "the daemon is stopping; reload abandoned"}),
+                );
             }
             _ => {}
         }
@@ -658,7 +932,8 @@ impl Hooks for Launcher {
             .map(|(_, d)| *d)
             .min();
         let hb = Some(Instant::now() + Duration::from_secs(1));
-        [intro, hb].into_iter().flatten().min()
+        let http = self.http.as_ref().and_then(HttpServer::next_deadline);
+        [intro, hb, http].into_iter().flatten().min()
     }
 
     fn on_tick(&mut self, sup: &mut SupervisorHandle<'_>) {
@@ -685,7 +960,20 @@ impl Hooks for Launcher {
             {
                 h.pop_front();
             }
+            self.last_commit_unix_ms = self.last_commit_unix_ms.max(hb.last_commit_unix_ms);
             self.last_stats.insert(w.pid, hb.counters);
+            // A worker silent for worker_timeout is about to be killed by the supervisor:
+            // its exit is then a `hung` restart, not a crash.
+            if w.state != supervisor::WorkerState::Booting
+                && !sup.is_stopping()
+                && w.since_heartbeat
+                    .is_some_and(|d| d >= sup.settings().worker_timeout)
+            {
+                self.hung.insert(w.pid);
+            }
+        }
+        if let Some(http) = self.http.as_mut() {
+            http.on_tick(sup, now);
         }
         // Introspection requests nobody answered.
         let mut expired = Vec::new();

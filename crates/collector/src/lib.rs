@@ -12,13 +12,18 @@ pub mod control;
 pub mod counters;
 pub mod dispatch;
 pub mod framing;
+pub mod http;
 pub mod import;
 pub mod launcher;
 pub mod logging;
+pub mod memory;
+pub mod metrics;
 pub mod options;
 pub mod rpc;
 pub mod sockets;
+pub mod source;
 pub mod tls_stream;
+pub mod untrusted;
 pub mod worker;
 
 /// Exit status for a configuration that cannot be used.

@@ -168,7 +168,8 @@ pub fn bool_param(name: &'static str, value: &str) -> Result<bool, StorageError>
 /// `charset=utf8` or similar for its Python driver).
 pub fn ignore_param(driver: &str, key: &str, value: &str) {
     log::info!(
-        "{driver}: ignoring connection URL parameter {key}={value:?}: not used by this driver"
+        "{driver}: ignoring connection URL parameter {key}={:?}: not used by this driver",
+        crate::url::shown_param(key, value)
     );
 }
 

@@ -47,8 +47,39 @@ impl<'a> StorageUrl<'a> {
     }
 }
 
-/// The URL with any password in its authority part replaced by `***`, fit for logs.
+/// Whether a URL query parameter names a secret (`password`, `sslpassword`, `pwd`, …).
+pub fn is_secret_param(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["pass", "pwd", "secret", "token", "credential"]
+        .iter()
+        .any(|s| k.contains(s))
+}
+
+/// A query parameter's value as it may be shown: `***` for a secret.
+pub fn shown_param<'a>(key: &str, value: &'a str) -> &'a str {
+    if is_secret_param(key) {
+        "***"
+    } else {
+        value
+    }
+}
+
+/// The URL with any password in its authority part, and any secret query parameter,
+/// replaced by `***`, fit for logs.
 pub fn redact(url: &str) -> String {
+    let url = &match url.split_once('?') {
+        Some((head, query)) => {
+            let q: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, v)) => format!("{k}={}", shown_param(k, v)),
+                    None => kv.to_string(),
+                })
+                .collect();
+            format!("{head}?{}", q.join("&"))
+        }
+        None => url.to_string(),
+    };
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
@@ -95,5 +126,11 @@ mod tests {
         );
         let e = StorageUrl::parse("pg sql://u:pw@h/").unwrap_err();
         assert!(!e.to_string().contains("pw"), "{e}");
+        assert_eq!(
+            redact("mysql://u@db/c?password=My5ecret&charset=utf8"),
+            "mysql://u@db/c?password=***&charset=utf8"
+        );
+        assert_eq!(shown_param("password", "My5ecret"), "***");
+        assert_eq!(shown_param("charset", "utf8"), "utf8");
     }
 }

@@ -79,8 +79,11 @@ pub struct Daemonized {
 
 impl Daemonized {
     /// A stand-in for a process that stays in the foreground: notifications do nothing, so
-    /// the caller has one code path for both modes.
+    /// the caller has one code path for both modes. Like [`daemonize`] it sets umask 027, so
+    /// the files the daemon creates (database, log) are not world-readable in any mode
+    /// (under systemd, in a terminal, in a container).
     pub fn foreground() -> Self {
+        umask(Mode::from_bits_truncate(0o027));
         Daemonized { pipe: None }
     }
 
@@ -241,6 +244,9 @@ pub struct Pidfile {
     file: Flock<File>,
     dev: u64,
     ino: u64,
+    /// Write end of the pipe whose EOF tells the keeper (see [`Pidfile::keep_removable`])
+    /// that this process is gone.
+    keeper: Option<OwnedFd>,
 }
 
 impl Pidfile {
@@ -254,15 +260,34 @@ impl Pidfile {
         };
         // Each retry needs another process to remove or replace the file meanwhile.
         for _ in 0..16 {
+            // O_NOFOLLOW: a pidfile that is a symbolic link is refused, not followed (root
+            // would lock, truncate and overwrite whatever it points to).
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
                 .mode(0o644)
-                .custom_flags(libc::O_CLOEXEC)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
                 .open(&path)
-                .map_err(|e| io_err("open pidfile", e))?;
+                .map_err(|e| {
+                    if e.raw_os_error() == Some(libc::ELOOP) {
+                        io_err(
+                            "use pidfile",
+                            io::Error::other("it is a symbolic link; refusing to follow it"),
+                        )
+                    } else {
+                        io_err("open pidfile", e)
+                    }
+                })?;
+            // Not a FIFO, device or directory someone planted there either.
+            let kind = file.metadata().map_err(|e| io_err("stat pidfile", e))?;
+            if !kind.file_type().is_file() {
+                return Err(io_err(
+                    "use pidfile",
+                    io::Error::other("it is not a regular file"),
+                ));
+            }
             let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(locked) => locked,
                 Err((file, Errno::EWOULDBLOCK)) => {
@@ -279,7 +304,7 @@ impl Pidfile {
             // Drop) and someone else created a new one: then we locked a file that is no
             // longer the pidfile. Start over.
             let ours = file.metadata().map_err(|e| io_err("stat pidfile", e))?;
-            match std::fs::metadata(&path) {
+            match std::fs::symlink_metadata(&path) {
                 Ok(m) if m.dev() == ours.dev() && m.ino() == ours.ino() => {}
                 Ok(_) => continue,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -290,6 +315,7 @@ impl Pidfile {
                 file,
                 dev: ours.dev(),
                 ino: ours.ino(),
+                keeper: None,
             };
             pidfile.write_pid()?;
             return Ok(pidfile);
@@ -322,6 +348,54 @@ impl Pidfile {
         &self.path
     }
 
+    /// Call before dropping privileges: once they are dropped, this process may no longer
+    /// unlink the pidfile from its (root-owned) directory, and a pidfile left behind makes
+    /// an init script's `kill -0` signal whatever process recycles the pid. This leaves a
+    /// keeper behind, a detached process with the current privileges that does nothing but
+    /// wait for this process to exit (EOF on a pipe, whatever the cause of the exit) and
+    /// then remove the pidfile, if no other launcher has locked it meanwhile.
+    ///
+    /// Call only while the process is single-threaded (it forks).
+    pub fn keep_removable(&mut self) -> Result<(), DaemonError> {
+        let path = std::ffi::CString::new(self.path.as_os_str().as_bytes()).map_err(|_| {
+            DaemonError::Io {
+                what: "use pidfile",
+                path: self.path.clone(),
+                source: io::Error::other("path contains a NUL byte"),
+            }
+        })?;
+        let fork_err = |what, source| DaemonError::Daemonize { what, source };
+        let (read, write) = pipe2(OFlag::O_CLOEXEC).map_err(|e| fork_err("pipe", e))?;
+        crate::fork::debug_assert_single_threaded("Pidfile::keep_removable");
+        // SAFETY: single-threaded (asserted above in debug builds; the launcher calls this
+        // before it starts any thread), so the child may run ordinary code.
+        match unsafe { fork() }.map_err(|e| fork_err("fork", e))? {
+            ForkResult::Parent { child } => {
+                drop(read);
+                // The intermediate child exits at once; the keeper is reparented to init.
+                let _ = waitpid(child, None);
+                self.keeper = Some(write);
+                Ok(())
+            }
+            ForkResult::Child => {
+                let _ = setsid();
+                // SAFETY: as above; the intermediate child only forks and exits.
+                match unsafe { fork() } {
+                    Ok(ForkResult::Child) => {
+                        keeper(read.as_raw_fd(), &path, self.dev, self.ino);
+                    }
+                    // SAFETY: _exit in a forked child, skipping the parent's destructors.
+                    _ => unsafe { libc::_exit(0) },
+                }
+            }
+        }
+    }
+
+    /// The keeper's pipe end, to close in forked workers (they must not delay its EOF).
+    pub fn keeper_fd(&self) -> Option<RawFd> {
+        self.keeper.as_ref().map(|f| f.as_raw_fd())
+    }
+
     /// The locked file's descriptor: pass it to [`crate::SupervisorHandle::close_in_children`]
     /// so workers do not share the lock (a worker outliving a killed launcher would keep the
     /// service "running").
@@ -334,7 +408,7 @@ impl Drop for Pidfile {
     fn drop(&mut self) {
         // Still holding the lock: nobody else can have taken the file over. Remove it only
         // if the path still names our file.
-        if let Ok(m) = std::fs::metadata(&self.path) {
+        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
             if m.dev() == self.dev && m.ino() == self.ino {
                 let _ = std::fs::remove_file(&self.path);
             }
@@ -457,6 +531,70 @@ pub fn drop_privileges(user: Option<&str>, group: Option<&str>) -> Result<(), Da
         return Err(err("verify gid", Errno::EPERM));
     }
     Ok(())
+}
+
+/// The pidfile keeper (see [`Pidfile::keep_removable`]): closes every other descriptor (the
+/// listening sockets, the pidfile's lock), ignores the signals sent to the daemon's process
+/// group, waits for EOF on `pipe`, then removes the file at `path` if it is still the same
+/// file (`dev`, `ino`) and nobody holds its lock. Never returns.
+fn keeper(pipe: RawFd, path: &std::ffi::CStr, dev: u64, ino: u64) -> ! {
+    let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in fds {
+        if fd != pipe {
+            // SAFETY: closing descriptors this process no longer uses (the directory handle
+            // read_dir used is already closed: closing its number again just fails).
+            unsafe { libc::close(fd) };
+        }
+    }
+    // SAFETY: setting dispositions to SIG_IGN installs no code.
+    unsafe {
+        for s in [
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGTTIN,
+            libc::SIGTTOU,
+            libc::SIGPIPE,
+        ] {
+            libc::signal(s, libc::SIG_IGN);
+        }
+        libc::prctl(libc::PR_SET_NAME, c"pidfile-keeper".as_ptr(), 0, 0, 0);
+        libc::chdir(c"/".as_ptr());
+    }
+    let mut byte = [0u8; 1];
+    loop {
+        // SAFETY: read(2) into a live 1-byte buffer.
+        let n = unsafe { libc::read(pipe, byte.as_mut_ptr().cast(), 1) };
+        if n == 0 || (n < 0 && Errno::last() != Errno::EINTR) {
+            break;
+        }
+    }
+    // SAFETY: plain system calls on a valid C string and our own descriptor.
+    unsafe {
+        let fd = libc::open(
+            path.as_ptr(),
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK,
+        );
+        if fd >= 0 {
+            let mut st: libc::stat = std::mem::zeroed();
+            let same = libc::fstat(fd, &mut st) == 0 && st.st_dev == dev && st.st_ino == ino;
+            // A new launcher that took the file over holds its lock: leave it alone.
+            if same && libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) == 0 {
+                libc::unlink(path.as_ptr());
+            }
+            libc::close(fd);
+        }
+        libc::_exit(0)
+    }
 }
 
 #[cfg(test)]

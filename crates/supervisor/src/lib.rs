@@ -94,4 +94,5 @@ pub use mio::{Interest, Token};
 pub use nix::sys::signal::Signal;
 pub use nix::unistd::Pid;
 pub use settings::{ExitReason, Settings, StopMode, BOOT_ERROR};
+pub use signals::worker_term_pipe;
 pub use supervisor::{Error, Supervisor, SupervisorHandle, MAX_EXTRA_TOKEN};

@@ -110,3 +110,55 @@ impl Drop for SignalPipe {
         }
     }
 }
+
+/// The write end of a worker's SIGTERM pipe (see [`worker_term_pipe`]); -1 until installed.
+static WORKER_TERM_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_worker_term(_: libc::c_int) {
+    // SAFETY: errno is thread-local; saving and restoring it keeps the interrupted code's
+    // view of it. send(2) is async-signal-safe; the fd lives until the process exits.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let fd = WORKER_TERM_FD.load(Ordering::Relaxed);
+        if fd >= 0 {
+            let byte = [1u8];
+            libc::send(
+                fd,
+                byte.as_ptr().cast(),
+                1,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            );
+        }
+        *libc::__errno_location() = errno;
+    }
+}
+
+/// In a worker: make SIGTERM a request to stop gracefully. Returns the (non-blocking) read end
+/// of a socket pair that gets a byte for every SIGTERM; the worker's loop polls it.
+///
+/// This installs the handler with `sigaction` directly rather than through signal-hook: the
+/// worker inherits signal-hook's registry from the launcher (which lists SIGTERM), so a
+/// signal-hook registration in the worker would not call `sigaction` again, and the
+/// disposition the fork reset to SIG_DFL would stay: SIGTERM would kill the worker outright.
+pub fn worker_term_pipe() -> io::Result<UnixStream> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+    use std::os::fd::IntoRawFd;
+    let (read, write) = UnixStream::pair()?;
+    read.set_nonblocking(true)?;
+    write.set_nonblocking(true)?;
+    // The write end stays open for the life of the process: the handler writes to it.
+    let fd = write.into_raw_fd();
+    let old = WORKER_TERM_FD.swap(fd, Ordering::SeqCst);
+    if old >= 0 {
+        // SAFETY: a previous pipe's write end, owned by nobody else.
+        unsafe { libc::close(old) };
+    }
+    let action = SigAction::new(
+        SigHandler::Handler(on_worker_term),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    // SAFETY: the handler only reads an atomic and calls send(2), both async-signal-safe.
+    unsafe { sigaction(Signal::SIGTERM, &action) }.map_err(io::Error::from)?;
+    Ok(read)
+}

@@ -1,0 +1,106 @@
+//! UDP: one datagram is one MessagePack sample map (ceilometer's `udp://` publisher).
+
+use super::{Intake, Throttle};
+use crate::untrusted::untrusted;
+use meter::Value;
+use mio::net::UdpSocket;
+use mio::{Interest, Registry, Token};
+use std::io;
+
+/// Datagrams read in one turn of the loop; the rest wait for the next turn, so a flood on
+/// the UDP socket cannot keep the loop from its connections, link and heartbeat.
+const READ_BUDGET: usize = 256;
+
+/// The worker's UDP socket (a clone of the launcher's, shared by all workers).
+pub struct UdpSource {
+    sock: Option<UdpSocket>,
+    /// Datagrams were left unread: because the batch was full (read again when there is
+    /// room) or the turn's budget ran out (read again next turn).
+    backlog: bool,
+    log: Throttle,
+}
+
+impl UdpSource {
+    pub fn new(
+        sock: Option<std::net::UdpSocket>,
+        registry: &Registry,
+        token: Token,
+    ) -> io::Result<UdpSource> {
+        let mut sock = sock.map(UdpSocket::from_std);
+        if let Some(s) = sock.as_mut() {
+            registry.register(s, token, Interest::READABLE)?;
+        }
+        Ok(UdpSource {
+            sock,
+            backlog: false,
+            log: Throttle::new(),
+        })
+    }
+
+    /// Whether reading stopped for back-pressure with datagrams left to read.
+    pub fn backlogged(&self) -> bool {
+        self.backlog
+    }
+
+    /// Read datagrams until the socket is empty, the batch has no room or the turn's budget
+    /// is spent.
+    pub fn read(&mut self, intake: &mut Intake) {
+        let mut buf = [0u8; 65536];
+        for _ in 0..READ_BUDGET {
+            if !intake.can_accept() {
+                self.backlog = true;
+                return;
+            }
+            let Some(sock) = self.sock.as_ref() else {
+                return;
+            };
+            match sock.recv_from(&mut buf) {
+                Ok((n, peer)) => {
+                    intake.counters.udp_received += 1;
+                    intake.counters.by_source.udp.bytes += n as u64;
+                    match meter::decode::decode_value(&buf[..n]) {
+                        Ok(v) if matches!(v, Value::Map(_)) => {
+                            intake.ingest(v, "udp");
+                            intake.flush_if_full();
+                        }
+                        Ok(_) => {
+                            intake.counters.udp_malformed += 1;
+                            self.log.log(log::Level::Warn, || {
+                                format!("udp: datagram from {peer} is not a sample map")
+                            });
+                        }
+                        Err(e) => {
+                            intake.counters.udp_malformed += 1;
+                            self.log.log(log::Level::Warn, || {
+                                format!(
+                                    "udp: malformed datagram from {peer} ({n} bytes): {}",
+                                    untrusted(&e)
+                                )
+                            });
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.backlog = false;
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.log
+                        .log(log::Level::Error, || format!("udp: receive failed: {e}"));
+                    return;
+                }
+            }
+        }
+        self.backlog = true;
+    }
+
+    /// Stop reading (the worker is stopping): the socket is deregistered and closed here;
+    /// the other workers and the launcher keep their copies.
+    pub fn close(&mut self, registry: &Registry) {
+        if let Some(mut s) = self.sock.take() {
+            let _ = registry.deregister(&mut s);
+        }
+        self.backlog = false;
+    }
+}
