@@ -27,6 +27,7 @@ use crate::dispatch::Wake;
 use amq_protocol::frame::{gen_frame, parse_frame, AMQPFrame, ProtocolVersion, WriteContext};
 use amq_protocol::protocol::{basic, channel, connection, exchange, queue, AMQPClass};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
+use meter::Value;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::VecDeque;
@@ -281,11 +282,178 @@ impl Drop for AmqpConsumer {
     }
 }
 
-mod envelope;
-mod url;
+// ---------------------------------------------------------------------------------------------
+// transport_url
 
-pub use envelope::decode_envelope;
-use url::{Host, TransportUrl};
+/// One broker of a `transport_url`.
+#[derive(Debug, Clone, PartialEq)]
+struct Host {
+    host: String,
+    port: u16,
+    user: String,
+    password: String,
+}
+
+/// `rabbit://user:pass@host:port[,user:pass@host2:port2]/vhost?options`, read as
+/// oslo.messaging's `TransportURL.parse` reads it.
+#[derive(Debug, Clone, PartialEq)]
+struct TransportUrl {
+    hosts: Vec<Host>,
+    vhost: String,
+    /// `?heartbeat_timeout_threshold=N`: oslo.messaging lets the URL's query override its
+    /// `[oslo_messaging_rabbit]` options; this is the one a consumer needs.
+    heartbeat: u16,
+}
+
+impl TransportUrl {
+    fn parse(url: &str) -> Result<TransportUrl, String> {
+        let bad = |why: &str| format!("[messaging] transport_url {:?}: {why}", redact(url));
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad("expected rabbit://user:password@host:port/vhost"))?;
+        if !matches!(scheme, "rabbit" | "kombu") {
+            return Err(bad(&format!(
+                "unsupported scheme \"{scheme}\" (only rabbit:// is supported)"
+            )));
+        }
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (netloc, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let mut heartbeat = HEARTBEAT;
+        for (key, value) in query
+            .split('&')
+            .filter(|kv| !kv.is_empty())
+            .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+        {
+            match key {
+                "ssl" if !matches!(value, "0" | "false" | "False") => {
+                    return Err(bad("TLS (ssl) is not supported"));
+                }
+                "heartbeat_timeout_threshold" => {
+                    heartbeat = value
+                        .parse()
+                        .map_err(|_| bad(&format!("bad heartbeat_timeout_threshold {value:?}")))?;
+                }
+                _ => log::warn!("amqp: transport_url option {key:?} is ignored"),
+            }
+        }
+        let vhost = match percent_decode(path).map_err(|e| bad(&e))? {
+            v if v.is_empty() => "/".to_string(),
+            v => v,
+        };
+        let mut hosts = Vec::new();
+        for part in netloc.split(',').filter(|p| !p.is_empty()) {
+            let (creds, hostport) = match part.rsplit_once('@') {
+                Some((c, h)) => (Some(c), h),
+                None => (None, part),
+            };
+            let (user, password) = match creds {
+                Some(c) => {
+                    let (u, p) = c.split_once(':').unwrap_or((c, ""));
+                    (
+                        percent_decode(u).map_err(|e| bad(&e))?,
+                        percent_decode(p).map_err(|e| bad(&e))?,
+                    )
+                }
+                None => (String::new(), String::new()),
+            };
+            let (host, port) = split_host_port(hostport).map_err(|e| bad(&e))?;
+            hosts.push(Host {
+                host,
+                port,
+                user,
+                password,
+            });
+        }
+        if hosts.is_empty() {
+            // oslo.messaging's default for a URL without hosts.
+            hosts.push(Host {
+                host: "localhost".into(),
+                port: 5672,
+                user: "guest".into(),
+                password: "guest".into(),
+            });
+        }
+        Ok(TransportUrl {
+            hosts,
+            vhost,
+            heartbeat,
+        })
+    }
+}
+
+fn split_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(v6) = s.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("unclosed '[' in host {s:?}"))?;
+        match after {
+            "" => (h, None),
+            p => (
+                h,
+                Some(
+                    p.strip_prefix(':')
+                        .ok_or_else(|| format!("bad host {s:?}"))?,
+                ),
+            ),
+        }
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("empty host in {s:?}"));
+    }
+    let port = match port {
+        None | Some("") => 5672,
+        Some(p) => p.parse().map_err(|_| format!("bad port {p:?}"))?,
+    };
+    Ok((host.to_string(), port))
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent-escape in {s:?}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("percent-escapes in {s:?} are not UTF-8"))
+}
+
+/// The URL with passwords replaced, for messages.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (netloc, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let hosts: Vec<String> = netloc
+        .split(',')
+        .map(|h| match h.rsplit_once('@') {
+            Some((creds, host)) => match creds.split_once(':') {
+                Some((user, _)) => format!("{user}:***@{host}"),
+                None => h.to_string(),
+            },
+            None => h.to_string(),
+        })
+        .collect();
+    format!("{scheme}://{}{tail}", hosts.join(","))
+}
 
 // ---------------------------------------------------------------------------------------------
 // The consumer thread
@@ -1295,10 +1463,367 @@ fn take_frames(s: &mut Session) -> Result<(), String> {
     result
 }
 
+// ---------------------------------------------------------------------------------------------
+// Message bodies
+
+/// Decode oslo.messaging's v2 envelope: outer JSON `{"oslo.version": "2.0", "oslo.message":
+/// "<JSON text>"}` whose inner object has `event_type`, `priority`, `publisher_id`,
+/// `message_id`, `timestamp` and `payload` (a list of sample maps). A v1 body (the message
+/// object itself, as the `messaging` driver sends it) is accepted too. Returns the inner
+/// `message_id` and the samples, JSON ints as `Int`/`UInt`, floats as `Float` (`1.0` stays a
+/// float), strings as `Str`, null as `Nil`, objects as `Map` in document order.
+pub fn decode_envelope(body: &[u8]) -> Result<(Option<String>, Vec<Value>), String> {
+    let outer = json::parse(body).map_err(|e| format!("message body is not JSON: {e}"))?;
+    if !matches!(outer, Value::Map(_)) {
+        return Err(format!(
+            "message body is a JSON {}, not an object",
+            json_type(&outer)
+        ));
+    }
+    let message = match outer.get("oslo.version") {
+        Some(Value::Str(v)) if v == "2.0" => match outer.get("oslo.message") {
+            Some(Value::Str(inner)) => json::parse(inner.as_bytes())
+                .map_err(|e| format!("oslo.message is not JSON: {e}"))?,
+            Some(other) => {
+                return Err(format!(
+                    "oslo.message is a JSON {}, not a string",
+                    json_type(other)
+                ))
+            }
+            None => return Err("envelope without oslo.message".into()),
+        },
+        Some(Value::Str(v)) => return Err(format!("unsupported oslo.version {v:?}")),
+        Some(other) => {
+            return Err(format!(
+                "oslo.version is a JSON {}, not a string",
+                json_type(other)
+            ))
+        }
+        None => outer,
+    };
+    let message_id = message
+        .get("message_id")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let Value::Map(pairs) = message else {
+        return Err(format!(
+            "the notification is a JSON {}, not an object",
+            json_type(&message)
+        ));
+    };
+    let payload = pairs
+        .into_iter()
+        .rev() // the last of duplicate keys wins, as in Python
+        .find_map(|(k, v)| matches!(&k, Value::Str(s) if s == "payload").then_some(v))
+        .ok_or("notification without payload")?;
+    let samples = match payload {
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                if !matches!(item, Value::Map(_)) {
+                    return Err(format!(
+                        "payload[{i}] is a JSON {}, not a sample object",
+                        json_type(item)
+                    ));
+                }
+            }
+            items
+        }
+        one @ Value::Map(_) => vec![one],
+        other => {
+            return Err(format!(
+                "payload is a JSON {}, not a list of samples",
+                json_type(&other)
+            ))
+        }
+    };
+    Ok((message_id, samples))
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Nil => "null",
+        Value::Bool(_) => "boolean",
+        Value::Int(_) | Value::UInt(_) | Value::Float(_) => "number",
+        Value::Str(_) | Value::Bin(_) => "string",
+        Value::Array(_) => "array",
+        Value::Map(_) => "object",
+    }
+}
+
+/// A JSON reader that keeps what Python's `json` module writes: int versus float, the exact
+/// float (correctly rounded), object member order, and `NaN`/`Infinity`/`-Infinity`.
+mod json {
+    use meter::Value;
+
+    /// Python nests far less; this bounds the recursion on hostile input.
+    const MAX_DEPTH: usize = 128;
+
+    pub fn parse(text: &[u8]) -> Result<Value, String> {
+        let text = std::str::from_utf8(text).map_err(|e| format!("not UTF-8: {e}"))?;
+        let mut p = Parser {
+            s: text,
+            b: text.as_bytes(),
+            i: 0,
+        };
+        p.ws();
+        let v = p.value(0)?;
+        p.ws();
+        if p.i != p.b.len() {
+            return Err(p.err("extra data after the value"));
+        }
+        Ok(v)
+    }
+
+    struct Parser<'a> {
+        s: &'a str,
+        b: &'a [u8],
+        i: usize,
+    }
+
+    impl Parser<'_> {
+        fn err(&self, what: &str) -> String {
+            format!("{what} at byte {}", self.i)
+        }
+
+        fn peek(&self) -> Option<u8> {
+            self.b.get(self.i).copied()
+        }
+
+        fn ws(&mut self) {
+            while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+                self.i += 1;
+            }
+        }
+
+        fn expect(&mut self, c: u8) -> Result<(), String> {
+            if self.peek() == Some(c) {
+                self.i += 1;
+                Ok(())
+            } else {
+                Err(self.err(&format!("expected '{}'", c as char)))
+            }
+        }
+
+        fn value(&mut self, depth: usize) -> Result<Value, String> {
+            if depth > MAX_DEPTH {
+                return Err(self.err(&format!("nested deeper than {MAX_DEPTH}")));
+            }
+            match self.peek() {
+                None => Err(self.err("unexpected end")),
+                Some(b'{') => self.object(depth),
+                Some(b'[') => self.array(depth),
+                Some(b'"') => self.string().map(Value::Str),
+                Some(b't') => self.literal("true", Value::Bool(true)),
+                Some(b'f') => self.literal("false", Value::Bool(false)),
+                Some(b'n') => self.literal("null", Value::Nil),
+                Some(b'N') => self.literal("NaN", Value::Float(f64::NAN)),
+                Some(b'I') => self.literal("Infinity", Value::Float(f64::INFINITY)),
+                Some(b'-') if self.b[self.i..].starts_with(b"-Infinity") => {
+                    self.literal("-Infinity", Value::Float(f64::NEG_INFINITY))
+                }
+                Some(b'-' | b'0'..=b'9') => self.number(),
+                Some(c) => Err(self.err(&format!("unexpected character {:?}", c as char))),
+            }
+        }
+
+        fn literal(&mut self, word: &str, v: Value) -> Result<Value, String> {
+            if self.b[self.i..].starts_with(word.as_bytes()) {
+                self.i += word.len();
+                Ok(v)
+            } else {
+                Err(self.err("invalid literal"))
+            }
+        }
+
+        fn object(&mut self, depth: usize) -> Result<Value, String> {
+            self.i += 1;
+            let mut pairs = Vec::new();
+            self.ws();
+            if self.peek() == Some(b'}') {
+                self.i += 1;
+                return Ok(Value::Map(pairs));
+            }
+            loop {
+                self.ws();
+                if self.peek() != Some(b'"') {
+                    return Err(self.err("expected a string key"));
+                }
+                let key = self.string()?;
+                self.ws();
+                self.expect(b':')?;
+                self.ws();
+                let v = self.value(depth + 1)?;
+                pairs.push((Value::Str(key), v));
+                self.ws();
+                match self.peek() {
+                    Some(b',') => self.i += 1,
+                    Some(b'}') => {
+                        self.i += 1;
+                        return Ok(Value::Map(pairs));
+                    }
+                    _ => return Err(self.err("expected ',' or '}'")),
+                }
+            }
+        }
+
+        fn array(&mut self, depth: usize) -> Result<Value, String> {
+            self.i += 1;
+            let mut items = Vec::new();
+            self.ws();
+            if self.peek() == Some(b']') {
+                self.i += 1;
+                return Ok(Value::Array(items));
+            }
+            loop {
+                self.ws();
+                items.push(self.value(depth + 1)?);
+                self.ws();
+                match self.peek() {
+                    Some(b',') => self.i += 1,
+                    Some(b']') => {
+                        self.i += 1;
+                        return Ok(Value::Array(items));
+                    }
+                    _ => return Err(self.err("expected ',' or ']'")),
+                }
+            }
+        }
+
+        fn string(&mut self) -> Result<String, String> {
+            self.i += 1; // opening quote
+            let mut out = String::new();
+            let mut start = self.i;
+            loop {
+                match self.peek() {
+                    None => return Err(self.err("unterminated string")),
+                    Some(b'"') => {
+                        out.push_str(&self.s[start..self.i]);
+                        self.i += 1;
+                        return Ok(out);
+                    }
+                    Some(b'\\') => {
+                        out.push_str(&self.s[start..self.i]);
+                        self.i += 1;
+                        self.escape(&mut out)?;
+                        start = self.i;
+                    }
+                    Some(c) if c < 0x20 => {
+                        return Err(self.err("control character in string"));
+                    }
+                    Some(_) => self.i += 1,
+                }
+            }
+        }
+
+        fn escape(&mut self, out: &mut String) -> Result<(), String> {
+            let c = self.peek().ok_or_else(|| self.err("unterminated escape"))?;
+            self.i += 1;
+            match c {
+                b'"' => out.push('"'),
+                b'\\' => out.push('\\'),
+                b'/' => out.push('/'),
+                b'b' => out.push('\u{8}'),
+                b'f' => out.push('\u{c}'),
+                b'n' => out.push('\n'),
+                b'r' => out.push('\r'),
+                b't' => out.push('\t'),
+                b'u' => {
+                    let hi = self.hex4()?;
+                    let ch =
+                        if (0xD800..0xDC00).contains(&hi) && self.b[self.i..].starts_with(b"\\u") {
+                            let save = self.i;
+                            self.i += 2;
+                            let lo = self.hex4()?;
+                            if (0xDC00..0xE000).contains(&lo) {
+                                char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))
+                            } else {
+                                self.i = save; // a lone high surrogate; the next escape stands alone
+                                None
+                            }
+                        } else {
+                            char::from_u32(hi)
+                        };
+                    // Lone surrogates (Python can write them) cannot be in a Rust string.
+                    out.push(ch.unwrap_or(char::REPLACEMENT_CHARACTER));
+                }
+                _ => {
+                    self.i -= 1;
+                    return Err(self.err("invalid escape"));
+                }
+            }
+            Ok(())
+        }
+
+        fn hex4(&mut self) -> Result<u32, String> {
+            let h = self
+                .s
+                .get(self.i..self.i + 4)
+                .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
+                .ok_or_else(|| self.err("invalid \\u escape"))?;
+            self.i += 4;
+            u32::from_str_radix(h, 16).map_err(|_| self.err("invalid \\u escape"))
+        }
+
+        fn digits(&mut self) -> usize {
+            let start = self.i;
+            while let Some(b'0'..=b'9') = self.peek() {
+                self.i += 1;
+            }
+            self.i - start
+        }
+
+        fn number(&mut self) -> Result<Value, String> {
+            let start = self.i;
+            if self.peek() == Some(b'-') {
+                self.i += 1;
+            }
+            match self.peek() {
+                Some(b'0') => self.i += 1,
+                Some(b'1'..=b'9') => {
+                    self.digits();
+                }
+                _ => return Err(self.err("invalid number")),
+            }
+            let mut float = false;
+            if self.peek() == Some(b'.') {
+                self.i += 1;
+                if self.digits() == 0 {
+                    return Err(self.err("invalid number"));
+                }
+                float = true;
+            }
+            if let Some(b'e' | b'E') = self.peek() {
+                self.i += 1;
+                if let Some(b'+' | b'-') = self.peek() {
+                    self.i += 1;
+                }
+                if self.digits() == 0 {
+                    return Err(self.err("invalid number"));
+                }
+                float = true;
+            }
+            let text = &self.s[start..self.i];
+            if float {
+                // Rust's float parsing is correctly rounded, so Python's repr round-trips.
+                return text
+                    .parse::<f64>()
+                    .map(Value::Float)
+                    .map_err(|_| self.err("invalid number"));
+            }
+            if let Ok(i) = text.parse::<i64>() {
+                Ok(Value::Int(i))
+            } else if let Ok(u) = text.parse::<u64>() {
+                Ok(Value::UInt(u))
+            } else {
+                Err(self.err(&format!("integer {text} out of the 64-bit range")))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meter::Value;
 
     fn envelope(inner: &str) -> Vec<u8> {
         let quoted = json_quote(inner);
