@@ -4,7 +4,7 @@
 //! lazily, on later allocator calls of the same thread; a worker whose 16 MiB frames (or the
 //! values decoded from one) were just freed may not allocate again soon, and would keep their
 //! pages. [`release`] asks it to give them back now. Only called after large buffers were
-//! freed, at most ten times a second.
+//! freed, at most a hundred times a second.
 
 use std::time::{Duration, Instant};
 

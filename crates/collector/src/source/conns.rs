@@ -240,7 +240,7 @@ impl Connections {
             max_held: cfg.max_buffered_bytes,
             exhausted: false,
             frame_timeout: Duration::from_secs_f64(cfg.frame_timeout),
-            releaser: crate::memory::Releaser::new(Duration::from_millis(100)),
+            releaser: crate::memory::Releaser::new(Duration::from_millis(10)),
             log: Throttle::new(),
         })
     }
@@ -778,7 +778,13 @@ impl Connections {
                 self.update_interest(i);
             }
         }
-        let exhausted = self.held >= self.max_held;
+        // Spent: some connection waits for memory (reads stop short of the budget, so the
+        // count itself may never reach it).
+        let exhausted = self
+            .conns
+            .iter()
+            .flatten()
+            .any(|c| c.mem_paused && !c.read_closed);
         if exhausted && self.exhausted {
             let largest = (0..self.conns.len())
                 .filter_map(|i| {
