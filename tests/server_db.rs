@@ -559,3 +559,33 @@ fn mariadb_over_tls_stores_through_an_account_that_requires_it() {
         &format!("DROP USER IF EXISTS '{account}'@'%'"),
     );
 }
+
+/// A database the daemon cannot reach at start (here: a TLS name mismatch, connecting by
+/// address to a server whose certificate names `localhost`) is reported at once: the handshake
+/// failure is retried, not a boot error, and `collectorctl status` and `/readyz` say why
+/// before any sample arrives.
+#[test]
+fn a_tls_failure_at_start_shows_in_status_and_readyz() {
+    let db = TestDb::new(Kind::Postgres);
+    let (host, port) = host_port(Kind::Postgres);
+    let url = format!(
+        "postgresql://{}@{host}:{port}/{}?sslmode=verify-full&sslrootcert=/etc/ssl/certs/ssl-cert-snakeoil.pem",
+        user(Kind::Postgres),
+        db.name
+    );
+    let d = start(Setup::default().workers(1), &url);
+    let status = wait_for(WAIT, || {
+        let (code, out, _) = d.ctl(&["status", "--output", "json"]);
+        (code == 0 && out.contains("name mismatch")).then_some(out)
+    });
+    assert!(status.is_some(), "status never showed the TLS failure");
+    let addr = d.metrics_addr().expect("metrics endpoint");
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 503") || answer.starts_with("HTTP/1.0 503"),
+        "{answer}"
+    );
+}

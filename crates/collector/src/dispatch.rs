@@ -171,6 +171,15 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// How often the database dispatcher expires old samples when `metering_time_to_live` > 0.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(600);
 
+/// What the storage probe asks: one sample of a meter nobody sends (a cheap indexed read).
+fn probe_filter() -> SampleFilter {
+    SampleFilter {
+        meter: Some("collector.storage.probe".into()),
+        limit: Some(1),
+        ..Default::default()
+    }
+}
+
 impl Writer {
     /// The writer thread's body: runs until the loop drops its sender.
     pub fn run(mut self, rx: Receiver<WriterMsg>, tx: Sender<Completion>, waker: Arc<dyn Wake>) {
@@ -179,18 +188,25 @@ impl Writer {
         // answers, so the worker reports it back up (and /readyz turns 200) without waiting
         // for the next sample.
         let mut down = false;
+        // A database that cannot be reached at start (down, refused credentials later
+        // fixed, a TLS handshake that fails) is reported at once, not at the first batch:
+        // `collectorctl status` shows why and /readyz says 503 while nothing is written.
+        if let Some(st) = self.storage.as_mut() {
+            if let Err(e) = st.get_samples(&probe_filter()) {
+                down = true;
+                if tx.send(Completion::probe(Err(e.to_string()))).is_err() {
+                    return;
+                }
+                waker.wake();
+            }
+        }
         loop {
             let msg = if down {
                 match rx.recv_timeout(PROBE_EVERY) {
                     Ok(m) => m,
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                         if let Some(st) = self.storage.as_mut() {
-                            let probe = SampleFilter {
-                                meter: Some("collector.storage.probe".into()),
-                                limit: Some(1),
-                                ..Default::default()
-                            };
-                            if st.get_samples(&probe).is_ok() {
+                            if st.get_samples(&probe_filter()).is_ok() {
                                 down = false;
                                 if tx.send(Completion::probe(Ok(()))).is_err() {
                                     return;

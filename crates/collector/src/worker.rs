@@ -495,6 +495,10 @@ impl Worker {
                         self.last_error = None;
                     }
                 }
+                Err(e) if c.probe => {
+                    log::warn!("storage unavailable: {}", crate::untrusted::untrusted(e));
+                    self.last_error = Some(e.clone());
+                }
                 Err(e) => {
                     log::error!(
                         "batch of {} samples not written: {}",
