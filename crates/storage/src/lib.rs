@@ -27,7 +27,9 @@ pub mod url;
 
 pub use error::StorageError;
 pub use file::FileDispatcher;
-pub use model::{MeterInfo, RecordOutcome, ResourceInfo, SampleFilter, Statistics, StoredSample};
+pub use model::{
+    MeterInfo, RecordOutcome, ResourceInfo, SampleFilter, Statistics, StatsSource, StoredSample,
+};
 pub use registry::{check_url, known_schemes, open};
 
 use meter::Sample;
@@ -66,6 +68,16 @@ pub trait Storage: Send {
         filter: &SampleFilter,
         period: Option<u64>,
     ) -> Result<Vec<Statistics>, StorageError>;
+
+    /// [`Storage::get_meter_statistics`], and where the answer came from: pre-aggregated
+    /// rollups (exact for the filter and period asked) or the raw samples.
+    fn get_meter_statistics_from(
+        &mut self,
+        filter: &SampleFilter,
+        period: Option<u64>,
+    ) -> Result<(Vec<Statistics>, StatsSource), StorageError> {
+        Ok((self.get_meter_statistics(filter, period)?, StatsSource::Raw))
+    }
 
     /// Delete samples whose timestamp is older than now − `ttl_seconds`, then the resources
     /// and meters no sample refers to any more. Returns the number of samples deleted.

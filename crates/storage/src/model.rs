@@ -119,6 +119,24 @@ pub struct Statistics {
     pub unit: String,
 }
 
+/// Which data answered a statistics query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatsSource {
+    /// Computed over the stored samples.
+    Raw,
+    /// Summed from the rollup of this granularity (seconds), which is exact for the query.
+    Rollup { granularity: u64 },
+}
+
+impl std::fmt::Display for StatsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StatsSource::Raw => f.write_str("raw"),
+            StatsSource::Rollup { granularity } => write!(f, "rollup:{granularity}"),
+        }
+    }
+}
+
 /// Microseconds since the Unix epoch: how every driver in this crate represents instants
 /// internally (see docs/storage.md for why).
 pub(crate) fn to_micros(t: OffsetDateTime) -> i64 {
