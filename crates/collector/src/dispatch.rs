@@ -10,7 +10,7 @@
 use crate::counters::Counters;
 use meter::Sample;
 use std::ops::Range;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage::{FileDispatcher, Storage};
@@ -81,6 +81,8 @@ pub struct BatchCounts {
     pub stored: usize,
     pub duplicates: usize,
     pub rejected: usize,
+    /// Of `rejected`: older than the time to live on arrival.
+    pub expired: usize,
 }
 
 pub enum WriterMsg {
@@ -105,20 +107,69 @@ impl Wake for mio::Waker {
 pub struct Writer {
     pub storage: Option<Box<dyn Storage>>,
     pub file: Option<FileDispatcher>,
+    /// `metering_time_to_live` when this writer runs retention (worker 0's only).
     pub ttl_seconds: Option<u64>,
+    /// Between retention passes (`[database] expiry_interval`).
+    pub expiry_interval: Duration,
 }
 
 /// At most this many queued batches are merged into one transaction.
 const MERGE_MAX: usize = 8;
 
-/// How often the database dispatcher expires old samples when `metering_time_to_live` > 0.
-const EXPIRY_INTERVAL: Duration = Duration::from_secs(600);
-
 impl Writer {
     /// The writer thread's body: runs until the loop drops its sender.
+    ///
+    /// With a time to live, retention runs here, between batches, every `expiry_interval`, on
+    /// a timer that also fires when no batch arrives (an idle daemon still expires). A pass
+    /// drops whole partitions, each in a moment, so a batch waits for at most one pass.
     pub fn run(mut self, rx: Receiver<WriterMsg>, tx: Sender<Completion>, waker: Arc<dyn Wake>) {
+        let interval = self.expiry_interval;
         let mut next_expiry = Instant::now();
-        while let Ok(msg) = rx.recv() {
+        loop {
+            let msg = if self.ttl_seconds.is_some() && self.storage.is_some() {
+                let wait = next_expiry.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(wait) {
+                    Ok(m) => Some(m),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(m) => Some(m),
+                    Err(_) => return,
+                }
+            };
+            if let Some(msg) = msg {
+                if !self.handle(msg, &rx, &tx, &waker) {
+                    return;
+                }
+            }
+            if let (Some(ttl), Some(st)) = (self.ttl_seconds, self.storage.as_mut()) {
+                if Instant::now() >= next_expiry {
+                    next_expiry = Instant::now() + interval;
+                    let started = Instant::now();
+                    match st.clear_expired_metering_data(ttl) {
+                        Ok(n) if n > 0 => log::info!(
+                            "expired {n} samples older than {ttl} s in {:.3} s",
+                            started.elapsed().as_secs_f64()
+                        ),
+                        Ok(_) => {}
+                        Err(e) => log::warn!("cannot expire old samples: {e}"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// One message and whatever queued behind it; `false` when the loop has gone.
+    fn handle(
+        &mut self,
+        msg: WriterMsg,
+        rx: &Receiver<WriterMsg>,
+        tx: &Sender<Completion>,
+        waker: &Arc<dyn Wake>,
+    ) -> bool {
+        {
             // Group commit: whatever queued behind the previous commit goes in this one.
             let mut batches = Vec::new();
             let mut next = Some(msg);
@@ -135,21 +186,12 @@ impl Writer {
                 let primary_is_db = self.storage.is_some();
                 let c = self.write(merge(batches, primary_is_db));
                 if tx.send(c).is_err() {
-                    return;
+                    return false;
                 }
                 waker.wake();
             }
-            if let (Some(ttl), Some(st)) = (self.ttl_seconds, self.storage.as_mut()) {
-                if Instant::now() >= next_expiry {
-                    next_expiry = Instant::now() + EXPIRY_INTERVAL;
-                    match st.clear_expired_metering_data(ttl) {
-                        Ok(n) if n > 0 => log::info!("expired {n} samples older than {ttl} s"),
-                        Ok(_) => {}
-                        Err(e) => log::warn!("cannot expire old samples: {e}"),
-                    }
-                }
-            }
         }
+        true
     }
 
     fn reopen(&mut self) {
@@ -189,7 +231,18 @@ impl Writer {
                         counts.stored = out.stored;
                         counts.duplicates = out.duplicate_indices.len();
                         counts.rejected = out.rejected.len();
-                        for (i, reason) in &out.rejected {
+                        counts.expired = out.expired;
+                        if out.expired > 0 {
+                            log::warn!(
+                                "{} samples older than metering_time_to_live dropped",
+                                out.expired
+                            );
+                        }
+                        for (i, reason) in out
+                            .rejected
+                            .iter()
+                            .filter(|(_, r)| r != storage::EXPIRED_REASON)
+                        {
                             log::warn!(
                                 "sample {} rejected by storage: {reason}",
                                 batch
@@ -277,6 +330,7 @@ pub fn count_completion(c: &Completion, counters: &mut Counters) {
             counters.samples_stored += c.counts.stored as u64;
             counters.samples_duplicate += c.counts.duplicates as u64;
             counters.samples_rejected += c.counts.rejected as u64;
+            counters.samples_expired += c.counts.expired as u64;
         }
         Err(_) => counters.dispatch_errors += 1,
     }
@@ -325,6 +379,7 @@ mod tests {
             duplicates: 2,
             duplicate_indices: vec![1, 3],
             rejected: vec![(4, "bad".into())],
+            expired: 0,
         };
         attribute(&tickets, &mut results, &out);
         assert_eq!(

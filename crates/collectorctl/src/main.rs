@@ -314,11 +314,20 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         } => {
             let filter = query_filter(meter, resource, since, until)?;
             let mut st = open_storage(cli)?;
-            let rows = st
-                .get_meter_statistics(&filter, *period)
+            let (rows, source) = st
+                .get_meter_statistics_from(&filter, *period)
                 .map_err(|e| Failure::Daemon(format!("query failed: {e}")))?;
             if *json {
-                print_json(&serde_json::to_value(&rows).unwrap_or(Json::Null));
+                // Each row says which data answered: "raw" or "rollup:<granularity>".
+                let mut v = serde_json::to_value(&rows).unwrap_or(Json::Null);
+                if let Json::Array(items) = &mut v {
+                    for item in items {
+                        if let Json::Object(o) = item {
+                            o.insert("source".into(), Json::String(source.to_string()));
+                        }
+                    }
+                }
+                print_json(&v);
             } else {
                 let table: Vec<Vec<String>> = rows
                     .iter()
@@ -359,10 +368,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
 
 fn open_storage(cli: &Cli) -> Result<Box<dyn storage::Storage>, Failure> {
     let cfg = load_config(cli)?;
-    let opts = storage::StorageOptions {
-        sqlite_synchronous: cfg.database.sqlite_synchronous.clone(),
-        ..Default::default()
-    };
+    let opts = cfg.database.storage_options();
     storage::open(&cfg.database.connection, &opts).map_err(|e| {
         Failure::Daemon(format!(
             "cannot open storage {}: {e}",

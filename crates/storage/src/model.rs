@@ -20,6 +20,9 @@ pub struct RecordOutcome {
     pub duplicate_indices: Vec<usize>,
     /// Batch index and reason of each sample refused on its own merits, ascending.
     pub rejected: Vec<(usize, String)>,
+    /// How many of the rejected samples were already older than the time to live when they
+    /// arrived (dropped, never stored).
+    pub expired: usize,
 }
 
 /// Which samples a query looks at. Every field narrows the match; the default matches all.

@@ -363,7 +363,8 @@ fn expiry_deletes_old_samples_and_orphans_and_other_handles_keep_working(kind: K
     let mut writer = t.open();
     let mut janitor = t.open();
     let now = OffsetDateTime::now_utc();
-    let old = iso(now - Duration::hours(2));
+    // Days old: SQLite drops whole day partitions entirely older than the cutoff.
+    let old = iso(now - Duration::days(3));
     let fresh = iso(now - Duration::seconds(5));
     let mut batch = vec![
         sample("old-1", "old.meter", "gone", &old, 1.0),
@@ -373,7 +374,7 @@ fn expiry_deletes_old_samples_and_orphans_and_other_handles_keep_working(kind: K
     batch[1].resource_metadata = batch[2].resource_metadata.clone();
     assert_eq!(writer.record_metering_data(&batch).unwrap().stored, 3);
 
-    assert_eq!(janitor.clear_expired_metering_data(3600).unwrap(), 2);
+    assert_eq!(janitor.clear_expired_metering_data(86_400).unwrap(), 2);
     assert_eq!(
         ids(&writer.get_samples(&SampleFilter::default()).unwrap()),
         ["new-1"]
@@ -383,9 +384,10 @@ fn expiry_deletes_old_samples_and_orphans_and_other_handles_keep_working(kind: K
         count("SELECT COUNT(*) FROM resource WHERE resource_id = 'gone'"),
         0
     );
+    // SQLite's rollups outlive the samples and keep their meter row.
     assert_eq!(
         count("SELECT COUNT(*) FROM meter WHERE name = 'old.meter'"),
-        0
+        i64::from(kind == Kind::Sqlite)
     );
     assert_eq!(
         count("SELECT COUNT(*) FROM resource WHERE resource_id = 'kept'"),
@@ -419,9 +421,12 @@ fn expiry_deletes_old_samples_and_orphans_and_other_handles_keep_working(kind: K
         );
     }
     // Nothing left to expire; a huge TTL expires nothing and does not overflow.
-    assert_eq!(janitor.clear_expired_metering_data(3600).unwrap(), 0);
+    assert_eq!(janitor.clear_expired_metering_data(86_400).unwrap(), 0);
     assert_eq!(janitor.clear_expired_metering_data(u64::MAX).unwrap(), 0);
-    assert_eq!(janitor.clear_expired_metering_data(0).unwrap(), 2);
+    // TTL 0: row-deleting drivers take everything up to now; SQLite's partition of today
+    // straddles the cutoff and waits for a later pass.
+    let all = if kind == Kind::Sqlite { 0 } else { 2 };
+    assert_eq!(janitor.clear_expired_metering_data(0).unwrap(), all);
 }
 
 fn many_handles_opening_a_fresh_database_at_once_all_succeed(kind: Kind) {
@@ -438,7 +443,8 @@ fn many_handles_opening_a_fresh_database_at_once_all_succeed(kind: Kind) {
         .collect();
     let stored: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
     assert_eq!(stored, 6);
-    assert_eq!(t.scalar("SELECT version FROM schema_version"), 1);
+    let version = if kind == Kind::Sqlite { 2 } else { 1 };
+    assert_eq!(t.scalar("SELECT version FROM schema_version"), version);
     assert_eq!(t.scalar("SELECT COUNT(*) FROM schema_version"), 1);
     assert_eq!(t.scalar("SELECT COUNT(*) FROM resource"), 1);
     assert_eq!(t.scalar("SELECT COUNT(*) FROM meter"), 1);
