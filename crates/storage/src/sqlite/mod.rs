@@ -150,7 +150,7 @@ fn rollup_statement(resource: bool, n: usize) -> &'static str {
                     format!(
                         "INSERT INTO rollup_resource (meter_id, resource_id, granularity, bucket,
                            count, sum, min, max, first, last) VALUES {r}
-                         ON CONFLICT (meter_id, resource_id, granularity, bucket)
+                         ON CONFLICT (granularity, bucket, meter_id, resource_id)
                          DO UPDATE SET {ROLLUP_UPDATE}"
                     ),
                 )
@@ -279,11 +279,7 @@ fn insert_chunk(
     Ok(())
 }
 
-/// Rollup retention deletes the old buckets of this many series per transaction, so writers in
-/// other processes wait for one such step at most.
-const RETENTION_SERIES: usize = 500;
-
-/// How often rollup retention runs (it visits every series).
+/// How often rollup retention runs (its buckets are an hour or longer).
 const ROLLUP_RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Registry entry point.
@@ -513,12 +509,12 @@ impl SqliteStorage {
                 [],
             )?;
             tx.execute(&format!("DELETE FROM resource WHERE {resource_orphan}"), [])?;
-            // Meters stay while a rollup refers to them: rollups outlive samples.
+            // Meters stay while a rollup refers to them: rollups outlive samples. (A meter's
+            // per-resource buckets always come with its per-meter ones.)
             tx.execute(
                 &format!(
                     "DELETE FROM meter WHERE {}
-                       AND NOT EXISTS (SELECT 1 FROM rollup_meter b WHERE b.meter_id = meter.id)
-                       AND NOT EXISTS (SELECT 1 FROM rollup_resource b WHERE b.meter_id = meter.id)",
+                       AND NOT EXISTS (SELECT 1 FROM rollup_meter b WHERE b.meter_id = meter.id)",
                     orphan("meter_id", "meter.id")
                 ),
                 [],
@@ -645,9 +641,9 @@ fn load_partitions(conn: &Connection) -> rusqlite::Result<Partitions> {
     ))
 }
 
-/// Delete rollup buckets older than their granularity's retention: per meter, then per series
-/// (a seek to the next series, then a range delete on its key), a few hundred series per
-/// transaction, so the write lock is held briefly however large the rollups are.
+/// Delete rollup buckets older than their granularity's retention: per meter (a range on each
+/// meter's key), then per-resource buckets one bucket (every series' row for that hour or day)
+/// per transaction, oldest first, so the write lock is held briefly however much is due.
 fn expire_rollups(
     conn: &mut Connection,
     levels: &[rollup::Granularity],
@@ -664,43 +660,19 @@ fn expire_rollups(
                AND granularity = ?1 AND bucket < ?2",
             params![gran, cutoff],
         )?;
-        let mut after: Option<(i64, String)> = None;
         loop {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut done = false;
-            for _ in 0..RETENTION_SERIES {
-                let next: Option<(i64, String)> = match &after {
-                    None => tx
-                        .prepare_cached(
-                            "SELECT meter_id, resource_id FROM rollup_resource
-                              ORDER BY meter_id, resource_id LIMIT 1",
-                        )?
-                        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
-                        .optional()?,
-                    Some((m, res)) => tx
-                        .prepare_cached(
-                            "SELECT meter_id, resource_id FROM rollup_resource
-                              WHERE (meter_id, resource_id) > (?1, ?2)
-                              ORDER BY meter_id, resource_id LIMIT 1",
-                        )?
-                        .query_row(params![m, res], |r| Ok((r.get(0)?, r.get(1)?)))
-                        .optional()?,
-                };
-                let Some((m, res)) = next else {
-                    done = true;
-                    break;
-                };
-                tx.prepare_cached(
-                    "DELETE FROM rollup_resource WHERE meter_id = ?1 AND resource_id = ?2
-                       AND granularity = ?3 AND bucket < ?4",
-                )?
-                .execute(params![m, res, gran, cutoff])?;
-                after = Some((m, res));
-            }
-            tx.commit()?;
-            if done {
+            let oldest: Option<i64> = tx
+                .prepare_cached("SELECT MIN(bucket) FROM rollup_resource WHERE granularity = ?1")?
+                .query_row([gran], |r| r.get(0))?;
+            let Some(bucket) = oldest.filter(|b| *b < cutoff) else {
                 break;
-            }
+            };
+            tx.prepare_cached(
+                "DELETE FROM rollup_resource WHERE granularity = ?1 AND bucket = ?2",
+            )?
+            .execute(params![gran, bucket])?;
+            tx.commit()?;
         }
     }
     Ok(())

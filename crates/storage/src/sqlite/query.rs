@@ -378,11 +378,45 @@ fn from_rollup(
     period: Option<u64>,
     g: &Granularity,
 ) -> Result<Vec<Statistics>> {
-    let mut sql = String::from(
-        "SELECT b.bucket, m.unit, b.count, b.sum, b.min, b.max, b.first, b.last FROM ",
-    );
+    let mut sql = String::new();
     let mut params = vec![SqlValue::Integer(g.seconds as i64)];
+    if let (Some(res), Some(start)) = (&filter.resource_id, filter.start) {
+        // rollup_resource is keyed by time first: enumerate the buckets of the range and seek
+        // each (one index seek per bucket and meter row), rather than scan every series.
+        let step = g.micros();
+        let end = match filter.end {
+            Some(e) => to_micros(e),
+            None => {
+                let last: Option<i64> = conn
+                    .prepare_cached(
+                        "SELECT MAX(bucket) FROM rollup_resource WHERE granularity = ?1",
+                    )?
+                    .query_row([g.seconds as i64], |r| r.get(0))?;
+                last.map_or(to_micros(start), |b| b.saturating_add(step))
+            }
+        };
+        params.push(SqlValue::Integer(to_micros(start)));
+        params.push(SqlValue::Integer(end));
+        params.push(SqlValue::Integer(step));
+        params.push(SqlValue::Text(res.clone()));
+        sql.push_str(
+            "WITH RECURSIVE t(bucket) AS (
+                 SELECT ?2 WHERE ?2 < ?3
+                 UNION ALL SELECT bucket + ?4 FROM t WHERE bucket + ?4 < ?3)
+             SELECT b.bucket, m.unit, b.count, b.sum, b.min, b.max, b.first, b.last
+               FROM t CROSS JOIN meter m CROSS JOIN rollup_resource b
+              WHERE b.granularity = ?1 AND b.bucket = t.bucket AND b.meter_id = m.id
+                AND b.resource_id = ?5",
+        );
+        if let Some(meter) = &filter.meter {
+            params.push(SqlValue::Text(meter.clone()));
+            sql.push_str(&format!(" AND m.name = ?{}", params.len()));
+        }
+        return fold_rollup(conn, &sql, params, filter, period);
+    }
+    sql.push_str("SELECT b.bucket, m.unit, b.count, b.sum, b.min, b.max, b.first, b.last FROM ");
     if let Some(res) = &filter.resource_id {
+        // Without a start (not exact, so not reached): scan the series' rows.
         sql.push_str(
             "meter m JOIN rollup_resource b ON b.meter_id = m.id AND b.resource_id = ?2
              WHERE b.granularity = ?1",
@@ -403,7 +437,18 @@ fn from_rollup(
         params.push(SqlValue::Integer(to_micros(end)));
         sql.push_str(&format!(" AND b.bucket < ?{}", params.len()));
     }
-    let mut stmt = conn.prepare_cached(&sql)?;
+    fold_rollup(conn, &sql, params, filter, period)
+}
+
+/// Run a rollup query (bucket, unit, count, sum, min, max, first, last) and fold its rows.
+fn fold_rollup(
+    conn: &Connection,
+    sql: &str,
+    params: Vec<SqlValue>,
+    filter: &SampleFilter,
+    period: Option<u64>,
+) -> Result<Vec<Statistics>> {
+    let mut stmt = conn.prepare_cached(sql)?;
     let mut rows = stmt.query(params_from_iter(params.iter()))?;
     let mut buckets = Vec::new();
     while let Some(row) = rows.next()? {

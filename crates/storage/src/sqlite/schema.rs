@@ -81,8 +81,11 @@ CREATE TABLE sample_partition (
 );
 
 -- Pre-aggregated statistics per meter row and per (meter row, resource id), in UTC-aligned
--- buckets of `granularity` seconds starting at `bucket` (microseconds). Keyed so that one
--- meter's (or one series') buckets over a time range are one index range.
+-- buckets of `granularity` seconds starting at `bucket` (microseconds). A meter's buckets over
+-- a time range are one index range. Per resource there are as many series as resources times
+-- meters, so that table is keyed by time first: new buckets are written at the end of the
+-- index (pages in cache, like a chunk's), retention is a range delete, and a series is read
+-- with one seek per bucket.
 CREATE TABLE rollup_meter (
     meter_id    INTEGER NOT NULL,
     granularity INTEGER NOT NULL,
@@ -106,7 +109,7 @@ CREATE TABLE rollup_resource (
     max         REAL NOT NULL,
     first       INTEGER NOT NULL,
     last        INTEGER NOT NULL,
-    PRIMARY KEY (meter_id, resource_id, granularity, bucket)
+    PRIMARY KEY (granularity, bucket, meter_id, resource_id)
 ) WITHOUT ROWID;
 -- The granularities rollups are kept at, and from which bucket on each is complete (a
 -- granularity configured later does not cover samples stored before).
@@ -230,7 +233,7 @@ fn rollup_from_partition(
                       MIN(s.volume), MAX(s.volume), MIN(s.timestamp), MAX(s.timestamp)
                  FROM \"{name}\" s JOIN resource r ON r.internal_id = s.resource_id
                 WHERE true GROUP BY s.meter_id, r.resource_id, 4
-             ON CONFLICT (meter_id, resource_id, granularity, bucket) DO UPDATE SET {upd}"
+             ON CONFLICT (granularity, bucket, meter_id, resource_id) DO UPDATE SET {upd}"
         ),
         params![g.seconds as i64, g.micros()],
     )?;
