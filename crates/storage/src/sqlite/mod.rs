@@ -538,7 +538,17 @@ impl SqliteStorage {
         f: impl FnOnce(&Connection) -> Result<T, query::QueryError>,
     ) -> Result<T, StorageError> {
         let conn = self.connection()?;
-        match f(conn) {
+        // One read transaction: a query reading the chunk list and then the chunks sees one
+        // snapshot (WAL), so a chunk dropped by retention meanwhile is still there for it.
+        let result = match conn.unchecked_transaction() {
+            Ok(tx) => {
+                let r = f(&tx);
+                drop(tx); // rolls back: nothing was written
+                r
+            }
+            Err(e) => Err(query::QueryError::Sql(e)),
+        };
+        match result {
             Ok(v) => Ok(v),
             Err(query::QueryError::Sql(e)) => Err(self.fail(e)),
             Err(query::QueryError::Storage(e)) => Err(e),
