@@ -399,4 +399,69 @@ mod tests {
             }
         );
     }
+
+    struct NoWake;
+    impl Wake for NoWake {
+        fn wake(&self) {}
+    }
+
+    fn old_sample(id: &str, days_ago: i64) -> Sample {
+        let t = time::OffsetDateTime::now_utc() - time::Duration::days(days_ago);
+        Sample {
+            source: "openstack".into(),
+            counter_name: "cpu".into(),
+            counter_type: meter::CounterType::Gauge,
+            counter_unit: "ns".into(),
+            counter_volume: meter::Volume::Int(1),
+            user_id: None,
+            project_id: None,
+            user_name: None,
+            project_name: None,
+            resource_id: "vm".into(),
+            timestamp: t
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap(),
+            resource_metadata: meter::Value::Map(Vec::new()),
+            message_id: id.into(),
+            message_signature: None,
+            monotonic_time: None,
+            extra: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn retention_runs_on_its_timer_while_no_batch_arrives() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:///{}", dir.path().join("c.db").display());
+        let opts = storage::StorageOptions::default();
+        let mut st = storage::open(&url, &opts).unwrap();
+        let out = st
+            .record_metering_data(&[old_sample("old", 5), old_sample("new", 0)])
+            .unwrap();
+        assert_eq!(out.stored, 2);
+        let writer = Writer {
+            storage: Some(storage::open(&url, &opts).unwrap()),
+            file: None,
+            ttl_seconds: Some(2 * 86_400),
+            expiry_interval: Duration::from_millis(50),
+        };
+        let (wtx, wrx) = std::sync::mpsc::channel();
+        let (ctx, _crx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || writer.run(wrx, ctx, Arc::new(NoWake)));
+        // No batch is ever sent: the timer alone must expire the old day.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = st
+                .get_samples(&storage::SampleFilter::default())
+                .unwrap()
+                .len();
+            if left == 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "old sample never expired");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(wtx);
+        thread.join().unwrap();
+    }
 }
