@@ -429,6 +429,27 @@ fn expiry_deletes_old_samples_and_orphans_and_other_handles_keep_working(kind: K
     assert_eq!(janitor.clear_expired_metering_data(0).unwrap(), all);
 }
 
+fn samples_older_than_the_time_to_live_on_arrival_are_counted_not_stored(kind: Kind) {
+    let t = TestDb::new(kind);
+    let opts = StorageOptions {
+        time_to_live_seconds: Some(86_400),
+        ..Default::default()
+    };
+    let mut db = storage::open(&t.url, &opts).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let batch = vec![
+        sample("fresh", "cpu", "r", &iso(now - Duration::hours(1)), 1.0),
+        sample("stale", "cpu", "r", &iso(now - Duration::days(2)), 2.0),
+    ];
+    let out = db.record_metering_data(&batch).unwrap();
+    assert_eq!((out.stored, out.expired), (1, 1));
+    assert_eq!(out.rejected, vec![(1, storage::EXPIRED_REASON.to_string())]);
+    assert_eq!(
+        ids(&db.get_samples(&SampleFilter::default()).unwrap()),
+        ["fresh"]
+    );
+}
+
 fn many_handles_opening_a_fresh_database_at_once_all_succeed(kind: Kind) {
     let t = TestDb::new(kind);
     let handles: Vec<_> = (0..6)
@@ -1226,6 +1247,7 @@ conformance!(
     meters_and_resources_summarize_matching_samples,
     statistics_match_an_independent_computation,
     expiry_deletes_old_samples_and_orphans_and_other_handles_keep_working,
+    samples_older_than_the_time_to_live_on_arrival_are_counted_not_stored,
     many_handles_opening_a_fresh_database_at_once_all_succeed,
     two_writer_processes_lose_and_duplicate_nothing,
 );

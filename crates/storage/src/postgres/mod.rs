@@ -54,6 +54,8 @@ pub struct PostgresStorage {
     /// The `cache_epoch` the caches were filled under.
     epoch: i64,
     json_buf: Vec<u8>,
+    /// `metering_time_to_live`: samples older on arrival are rejected and counted.
+    ttl_seconds: Option<u64>,
 }
 
 /// One open connection with its prepared hot-path statements.
@@ -131,7 +133,7 @@ impl PostgresStorage {
     /// driver starts disconnected and every call tries again (at most once a second), so a
     /// worker can start before its database. Bad credentials, an unknown database, a schema
     /// from a newer build and malformed URLs are errors.
-    pub fn open(url: &StorageUrl<'_>, _opts: &StorageOptions) -> Result<Self, StorageError> {
+    pub fn open(url: &StorageUrl<'_>, opts: &StorageOptions) -> Result<Self, StorageError> {
         let (config, what) = config_from_url(url)?;
         let mut st = PostgresStorage {
             config,
@@ -140,6 +142,7 @@ impl PostgresStorage {
             resources: ResourceCache::default(),
             epoch: i64::MIN,
             json_buf: Vec::new(),
+            ttl_seconds: opts.time_to_live_seconds,
         };
         match connect(&st.config, &st.link.what) {
             Ok(conn) => {
@@ -237,7 +240,7 @@ impl PostgresStorage {
 impl Storage for PostgresStorage {
     fn record_metering_data(&mut self, batch: &[Sample]) -> Result<RecordOutcome, StorageError> {
         let mut outcome = RecordOutcome::default();
-        let rows = server::prepare(batch, &mut outcome, |s, _| check_text(s));
+        let rows = server::prepare(batch, &mut outcome, self.ttl_seconds, |s, _| check_text(s));
         if !rows.is_empty() {
             let recorded_at = OffsetDateTime::now_utc();
             let mut attempt = 0;
