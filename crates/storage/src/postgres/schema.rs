@@ -11,7 +11,7 @@ use crate::StorageError;
 use ::postgres::Client;
 
 /// Version 1: the SQLite driver's model with PostgreSQL's own types. See docs/storage.md.
-const V1: &str = "
+pub const V1: &str = "
 CREATE TABLE meter (
     id    BIGSERIAL PRIMARY KEY,
     name  TEXT NOT NULL,
