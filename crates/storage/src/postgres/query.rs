@@ -373,11 +373,15 @@ pub(super) fn statistics_from(
     let rows = match &filter.resource_id {
         // Keyed by time first: one index lookup per bucket and meter row.
         Some(res) => c.query(
-            "SELECT b.bucket, m.unit, b.count, b.sum, b.min, b.max, b.first, b.last
+            // LATERAL: a primary-key lookup per bucket and meter row whatever the table
+            // statistics say (a plain join was planned as a scan right after a bulk fill).
+            "SELECT t.bucket, m.unit, b.count, b.sum, b.min, b.max, b.first, b.last
                FROM generate_series($2::BIGINT, $3::BIGINT - 1, $4::BIGINT) AS t (bucket)
                CROSS JOIN meter m
-               JOIN rollup_resource b ON b.granularity = $1 AND b.bucket = t.bucket
-                                     AND b.meter_id = m.id AND b.resource_id = $5
+               CROSS JOIN LATERAL (
+                   SELECT count, sum, min, max, first, last FROM rollup_resource
+                    WHERE granularity = $1 AND bucket = t.bucket AND meter_id = m.id
+                      AND resource_id = $5) b
               WHERE ($6::TEXT IS NULL OR m.name = $6)",
             &[&gran, &start, &end, &step, res, &filter.meter],
         )?,
