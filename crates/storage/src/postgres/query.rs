@@ -373,15 +373,16 @@ pub(super) fn statistics_from(
     let rows = match &filter.resource_id {
         // Keyed by time first: one index lookup per bucket and meter row.
         Some(res) => c.query(
-            // LATERAL: a primary-key lookup per bucket and meter row whatever the table
-            // statistics say (a plain join was planned as a scan right after a bulk fill).
+            // LATERAL with OFFSET 0 (kept from being pulled up into the join): one
+            // primary-key lookup per bucket and meter row. Joined plainly, the planner walked
+            // every bucket of the resource (150 ms on 1 M samples against 4 ms; EXPLAIN).
             "SELECT t.bucket, m.unit, b.count, b.sum, b.min, b.max, b.first, b.last
                FROM generate_series($2::BIGINT, $3::BIGINT - 1, $4::BIGINT) AS t (bucket)
                CROSS JOIN meter m
                CROSS JOIN LATERAL (
                    SELECT count, sum, min, max, first, last FROM rollup_resource
                     WHERE granularity = $1 AND bucket = t.bucket AND meter_id = m.id
-                      AND resource_id = $5) b
+                      AND resource_id = $5 OFFSET 0) b
               WHERE ($6::TEXT IS NULL OR m.name = $6)",
             &[&gran, &start, &end, &step, res, &filter.meter],
         )?,
