@@ -124,6 +124,7 @@ const STATS_TO_METRICS: &[(&str, &str, &[&str])] = &[
         &["reason=\"invalid_timestamp\""],
     ),
     ("samples_dropped", "collector_samples_dropped_total", &[]),
+    ("samples_expired", "collector_samples_expired_total", &[]),
     ("dispatch_errors", "collector_dispatch_errors_total", &[]),
     (
         "database_errors",

@@ -171,6 +171,19 @@ pub struct DatabaseConfig {
     /// SQLite `PRAGMA synchronous` (OFF, NORMAL, FULL, EXTRA). NORMAL in WAL mode survives a
     /// process crash; FULL also survives power loss.
     pub sqlite_synchronous: String,
+    /// Seconds of sample timestamps per time partition (UTC-aligned).
+    pub partition_span: u64,
+    /// Seconds between retention passes (worker 0's writer thread, also when idle).
+    pub expiry_interval: f64,
+    /// Rollup granularities and how long each keeps its buckets (seconds; 0: forever).
+    pub rollups: Vec<RollupConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RollupConfig {
+    pub granularity: u64,
+    pub time_to_live: u64,
 }
 
 impl Default for DatabaseConfig {
@@ -179,6 +192,36 @@ impl Default for DatabaseConfig {
             connection: "sqlite:///data/collector.db".into(),
             metering_time_to_live: -1,
             sqlite_synchronous: "NORMAL".into(),
+            partition_span: 86_400,
+            expiry_interval: 600.0,
+            rollups: storage::rollup::default_granularities()
+                .into_iter()
+                .map(|g| RollupConfig {
+                    granularity: g.seconds,
+                    time_to_live: g.retention_seconds,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl DatabaseConfig {
+    /// The storage driver's options for this section.
+    pub fn storage_options(&self) -> storage::StorageOptions {
+        storage::StorageOptions {
+            sqlite_synchronous: self.sqlite_synchronous.clone(),
+            partition_span_seconds: self.partition_span,
+            time_to_live_seconds: (self.metering_time_to_live > 0)
+                .then_some(self.metering_time_to_live as u64),
+            rollups: self
+                .rollups
+                .iter()
+                .map(|r| storage::rollup::Granularity {
+                    seconds: r.granularity,
+                    retention_seconds: r.time_to_live,
+                })
+                .collect(),
+            ..Default::default()
         }
     }
 }
@@ -310,6 +353,21 @@ impl Config {
                     "[collector] dispatchers: unknown dispatcher {d:?}; known: database, file"
                 ));
             }
+        }
+        let d = &self.database;
+        if d.partition_span == 0 {
+            return Err("[database] partition_span: must be > 0 seconds".into());
+        }
+        if !(d.expiry_interval.is_finite() && d.expiry_interval > 0.0) {
+            return Err(format!(
+                "[database] expiry_interval: must be > 0 seconds, not {}",
+                d.expiry_interval
+            ));
+        }
+        if let Some(r) = d.rollups.iter().find(|r| r.granularity == 0) {
+            return Err(format!(
+                "[database] rollups: granularity must be > 0 seconds ({r:?})"
+            ));
         }
         let s = &self.service;
         if !matches!(

@@ -139,6 +139,8 @@ pub struct Counters {
     pub samples_stored: u64,
     pub samples_duplicate: u64,
     pub samples_rejected: u64,
+    /// Of `samples_rejected`: samples already older than `metering_time_to_live` on arrival.
+    pub samples_expired: u64,
     pub invalid_signature: u64,
     pub invalid_timestamp: u64,
     pub dispatch_errors: u64,
@@ -213,6 +215,7 @@ impl Counters {
             samples_stored,
             samples_duplicate,
             samples_rejected,
+            samples_expired,
             invalid_signature,
             invalid_timestamp,
             dispatch_errors,

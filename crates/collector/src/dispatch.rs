@@ -11,7 +11,7 @@ use crate::counters::{Counters, BATCH_SIZE_BUCKETS, FRESHNESS_BUCKETS_MS};
 use crate::untrusted::{untrusted, Untrusted};
 use meter::Sample;
 use std::ops::Range;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage::{FileDispatcher, SampleFilter, Storage};
@@ -135,6 +135,8 @@ pub struct BatchCounts {
     pub stored: usize,
     pub duplicates: usize,
     pub rejected: usize,
+    /// Of `rejected`: older than the time to live on arrival.
+    pub expired: usize,
 }
 
 pub enum WriterMsg {
@@ -159,7 +161,10 @@ impl Wake for mio::Waker {
 pub struct Writer {
     pub storage: Option<Box<dyn Storage>>,
     pub file: Option<FileDispatcher>,
+    /// `metering_time_to_live` when this writer runs retention (worker 0's only).
     pub ttl_seconds: Option<u64>,
+    /// Between retention passes (`[database] expiry_interval`).
+    pub expiry_interval: Duration,
 }
 
 /// At most this many queued batches are merged into one transaction.
@@ -167,9 +172,6 @@ const MERGE_MAX: usize = 8;
 
 /// How often a writer whose database write failed checks whether storage answers again.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
-
-/// How often the database dispatcher expires old samples when `metering_time_to_live` > 0.
-const EXPIRY_INTERVAL: Duration = Duration::from_secs(600);
 
 /// What the storage probe asks: one sample of a meter nobody sends (a cheap indexed read).
 fn probe_filter() -> SampleFilter {
@@ -182,7 +184,12 @@ fn probe_filter() -> SampleFilter {
 
 impl Writer {
     /// The writer thread's body: runs until the loop drops its sender.
+    ///
+    /// With a time to live, retention runs here, between batches, every `expiry_interval`, on
+    /// a timer that also fires when no batch arrives (an idle daemon still expires). A pass
+    /// drops whole partitions, each in a moment, so a batch waits for at most one pass.
     pub fn run(mut self, rx: Receiver<WriterMsg>, tx: Sender<Completion>, waker: Arc<dyn Wake>) {
+        let interval = self.expiry_interval;
         let mut next_expiry = Instant::now();
         // After a failed database write, storage is probed every PROBE_EVERY until it
         // answers, so the worker reports it back up (and /readyz turns 200) without waiting
@@ -201,29 +208,78 @@ impl Writer {
             }
         }
         loop {
-            let msg = if down {
-                match rx.recv_timeout(PROBE_EVERY) {
-                    Ok(m) => m,
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        if let Some(st) = self.storage.as_mut() {
-                            if st.get_samples(&probe_filter()).is_ok() {
-                                down = false;
-                                if tx.send(Completion::probe(Ok(()))).is_err() {
-                                    return;
-                                }
-                                waker.wake();
-                            }
-                        }
-                        continue;
-                    }
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                }
-            } else {
-                match rx.recv() {
-                    Ok(m) => m,
+            // Wait for a batch, or until the next probe (storage down) or retention pass.
+            let expiring = self.ttl_seconds.is_some() && self.storage.is_some();
+            let mut wait = None;
+            if down {
+                wait = Some(PROBE_EVERY);
+            }
+            if expiring {
+                let until = next_expiry.saturating_duration_since(Instant::now());
+                wait = Some(wait.map_or(until, |w: Duration| w.min(until)));
+            }
+            let msg = match wait {
+                None => match rx.recv() {
+                    Ok(m) => Some(m),
                     Err(_) => return,
-                }
+                },
+                Some(w) => match rx.recv_timeout(w) {
+                    Ok(m) => Some(m),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                },
             };
+            let loop_alive = match msg {
+                Some(msg) => self.handle(msg, &rx, &tx, &waker, &mut down),
+                None if down => self.probe(&tx, &waker, &mut down),
+                None => true,
+            };
+            if !loop_alive {
+                return;
+            }
+            if let (Some(ttl), Some(st)) = (self.ttl_seconds, self.storage.as_mut()) {
+                if Instant::now() >= next_expiry {
+                    next_expiry = Instant::now() + interval;
+                    let started = Instant::now();
+                    match st.clear_expired_metering_data(ttl) {
+                        Ok(n) if n > 0 => log::info!(
+                            "expired {n} samples older than {ttl} s in {:.3} s",
+                            started.elapsed().as_secs_f64()
+                        ),
+                        Ok(_) => {}
+                        Err(e) => log::warn!("cannot expire old samples: {e}"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Probe storage that failed; tell the loop when it answers again. `false` when the loop
+    /// has gone.
+    fn probe(&mut self, tx: &Sender<Completion>, waker: &Arc<dyn Wake>, down: &mut bool) -> bool {
+        if let Some(st) = self.storage.as_mut() {
+            if st.get_samples(&probe_filter()).is_ok() {
+                *down = false;
+                if tx.send(Completion::probe(Ok(()))).is_err() {
+                    return false;
+                }
+                waker.wake();
+            }
+        }
+        true
+    }
+
+    /// One message and whatever queued behind it; `false` when the loop has gone. A written
+    /// batch updates `down` (the database failed it).
+    fn handle(
+        &mut self,
+        msg: WriterMsg,
+        rx: &Receiver<WriterMsg>,
+        tx: &Sender<Completion>,
+        waker: &Arc<dyn Wake>,
+        down: &mut bool,
+    ) -> bool {
+        {
             // Group commit: whatever queued behind the previous commit goes in this one.
             let mut batches = Vec::new();
             let mut next = Some(msg);
@@ -239,23 +295,14 @@ impl Writer {
             if !batches.is_empty() {
                 let primary_is_db = self.storage.is_some();
                 let c = self.write(merge(batches, primary_is_db));
-                down = c.error_kind == Some("database");
+                *down = c.error_kind == Some("database");
                 if tx.send(c).is_err() {
-                    return;
+                    return false;
                 }
                 waker.wake();
             }
-            if let (Some(ttl), Some(st)) = (self.ttl_seconds, self.storage.as_mut()) {
-                if Instant::now() >= next_expiry {
-                    next_expiry = Instant::now() + EXPIRY_INTERVAL;
-                    match st.clear_expired_metering_data(ttl) {
-                        Ok(n) if n > 0 => log::info!("expired {n} samples older than {ttl} s"),
-                        Ok(_) => {}
-                        Err(e) => log::warn!("cannot expire old samples: {e}"),
-                    }
-                }
-            }
         }
+        true
     }
 
     fn reopen(&mut self) {
@@ -300,7 +347,18 @@ impl Writer {
                         counts.stored = out.stored;
                         counts.duplicates = out.duplicate_indices.len();
                         counts.rejected = out.rejected.len();
-                        for (i, reason) in &out.rejected {
+                        counts.expired = out.expired;
+                        if out.expired > 0 {
+                            log::warn!(
+                                "{} samples older than metering_time_to_live dropped",
+                                out.expired
+                            );
+                        }
+                        for (i, reason) in out
+                            .rejected
+                            .iter()
+                            .filter(|(_, r)| r != storage::EXPIRED_REASON)
+                        {
                             log::warn!(
                                 "sample {} rejected by storage: {}",
                                 Untrusted(
@@ -452,6 +510,7 @@ pub fn count_completion(c: &Completion, counters: &mut Counters) {
                 *a += b;
             }
             counters.freshness_ms_sum += c.freshness_ms_sum;
+            counters.samples_expired += c.counts.expired as u64;
         }
         Err(_) => {
             counters.dispatch_errors += 1;
@@ -516,6 +575,7 @@ mod tests {
             duplicates: 2,
             duplicate_indices: vec![1, 3],
             rejected: vec![(4, "bad".into())],
+            expired: 0,
         };
         attribute(&tickets, &mut results, &out);
         assert_eq!(
@@ -534,5 +594,70 @@ mod tests {
                 rejected: 1
             }
         );
+    }
+
+    struct NoWake;
+    impl Wake for NoWake {
+        fn wake(&self) {}
+    }
+
+    fn old_sample(id: &str, days_ago: i64) -> Sample {
+        let t = time::OffsetDateTime::now_utc() - time::Duration::days(days_ago);
+        Sample {
+            source: "openstack".into(),
+            counter_name: "cpu".into(),
+            counter_type: meter::CounterType::Gauge,
+            counter_unit: "ns".into(),
+            counter_volume: meter::Volume::Int(1),
+            user_id: None,
+            project_id: None,
+            user_name: None,
+            project_name: None,
+            resource_id: "vm".into(),
+            timestamp: t
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap(),
+            resource_metadata: meter::Value::Map(Vec::new()),
+            message_id: id.into(),
+            message_signature: None,
+            monotonic_time: None,
+            extra: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn retention_runs_on_its_timer_while_no_batch_arrives() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:///{}", dir.path().join("c.db").display());
+        let opts = storage::StorageOptions::default();
+        let mut st = storage::open(&url, &opts).unwrap();
+        let out = st
+            .record_metering_data(&[old_sample("old", 5), old_sample("new", 0)])
+            .unwrap();
+        assert_eq!(out.stored, 2);
+        let writer = Writer {
+            storage: Some(storage::open(&url, &opts).unwrap()),
+            file: None,
+            ttl_seconds: Some(2 * 86_400),
+            expiry_interval: Duration::from_millis(50),
+        };
+        let (wtx, wrx) = std::sync::mpsc::channel();
+        let (ctx, _crx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || writer.run(wrx, ctx, Arc::new(NoWake)));
+        // No batch is ever sent: the timer alone must expire the old day.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = st
+                .get_samples(&storage::SampleFilter::default())
+                .unwrap()
+                .len();
+            if left == 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "old sample never expired");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(wtx);
+        thread.join().unwrap();
     }
 }

@@ -299,6 +299,11 @@ impl Collector for Snapshot {
             "Samples lost to a storage failure that no client will retry (UDP, TCP, RPC without requeue).",
             t.samples_dropped,
         )?;
+        o.counter(
+            "collector_samples_expired",
+            "Samples already older than metering_time_to_live when they arrived (dropped, also counted as rejected).",
+            t.samples_expired,
+        )?;
 
         // Sources.
         o.counter(

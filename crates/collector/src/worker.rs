@@ -127,10 +127,7 @@ impl Worker {
         let db = cfg.has_dispatcher("database");
         let file = cfg.has_dispatcher("file");
         let storage = if db {
-            let opts = storage::StorageOptions {
-                sqlite_synchronous: cfg.database.sqlite_synchronous.clone(),
-                ..Default::default()
-            };
+            let opts = cfg.database.storage_options();
             Some(
                 storage::open(&cfg.database.connection, &opts).map_err(|source| {
                     BootError::Storage {
@@ -166,6 +163,7 @@ impl Worker {
             storage,
             file: file_dispatcher,
             ttl_seconds: ttl,
+            expiry_interval: Duration::from_secs_f64(cfg.database.expiry_interval),
         };
         let amqp = if cfg.messaging.transport_url.is_empty() {
             None

@@ -442,9 +442,21 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             out,
         } => {
             let filter = query_filter(Some(meter), filter)?;
-            let rows = open_storage(cli)?
-                .get_meter_statistics(&filter, *period)
+            let (rows, source) = open_storage(cli)?
+                .get_meter_statistics_from(&filter, *period)
                 .map_err(query_failed)?;
+            // Each row says which data answered: "raw" or "rollup:<granularity>".
+            let source = source.to_string();
+            let json_rows: Vec<Json> = rows
+                .iter()
+                .map(|r| {
+                    let mut v = serde_json::to_value(r).unwrap_or(Json::Null);
+                    if let Json::Object(o) = &mut v {
+                        o.insert("source".into(), Json::String(source.clone()));
+                    }
+                    v
+                })
+                .collect();
             let table = rows
                 .iter()
                 .map(|s| {
@@ -457,6 +469,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                         format!("{}", s.avg),
                         format!("{}", s.sum),
                         s.unit.clone(),
+                        source.clone(),
                     ]
                 })
                 .collect();
@@ -469,8 +482,9 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 "AVG",
                 "SUM",
                 "UNIT",
+                "SOURCE",
             ];
-            print_rows(out.format(), &rows, &headers, table)?;
+            print_rows(out.format(), &json_rows, &headers, table)?;
         }
         Cmd::Meters { meter, filter, out } => {
             let filter = query_filter(meter.as_deref(), filter)?;
@@ -633,10 +647,7 @@ fn generate_docs(out: &std::path::Path) -> Result<(), Failure> {
 
 fn open_storage(cli: &Cli) -> Result<Box<dyn storage::Storage>, Failure> {
     let cfg = load_config(cli)?;
-    let opts = storage::StorageOptions {
-        sqlite_synchronous: cfg.database.sqlite_synchronous.clone(),
-        ..Default::default()
-    };
+    let opts = cfg.database.storage_options();
     storage::open(&cfg.database.connection, &opts).map_err(|e| {
         Failure::Daemon(format!(
             "cannot open storage {}: {e}",

@@ -12,6 +12,7 @@
 //!
 //! It is a measuring tool, not part of the daemon: nothing in the daemon depends on it.
 
+pub mod grow;
 pub mod json;
 pub mod raw_server;
 pub mod raw_sqlite;

@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use collector_load::samples::{self, Payloads};
 use collector_load::stats::{latency_summary, udp_rcvbuf_errors};
-use collector_load::{json as sample_json, raw_server, raw_sqlite, rpc, udp, watch};
+use collector_load::{grow, json as sample_json, raw_server, raw_sqlite, rpc, udp, watch};
 use serde_json::json;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -134,6 +134,53 @@ enum Mode {
         /// Rows per transaction (one COPY or one INSERT each).
         #[arg(long, default_value_t = 1000)]
         per_tx: usize,
+    },
+    /// The growth run: COUNT ceilometer-shaped samples (uuid1 message_ids, INSTANCES instances
+    /// with 8 meters on 2 x INSTANCES resources, timestamps over DAYS days ending at today's
+    /// 00:00 UTC) as calls of BATCH samples over one connection; stored/s per window.
+    Grow {
+        /// The collector's RPC address.
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 1000)]
+        instances: u64,
+        #[arg(long, default_value_t = 7.0)]
+        days: f64,
+        #[arg(long, default_value_t = 1000)]
+        batch: u64,
+        /// Calls in flight.
+        #[arg(long, default_value_t = 4)]
+        depth: usize,
+        /// Report stored/s over this many windows of COUNT / WINDOWS samples.
+        #[arg(long, default_value_t = 12)]
+        windows: u64,
+    },
+    /// Time statistics (cpu, hourly, over [START, END) µs; all and one resource) and the latest
+    /// 100 cpu samples of one resource on a grown store, through the storage crate.
+    Query {
+        /// Storage URL (as `[database] connection`).
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        start_micros: i64,
+        #[arg(long)]
+        end_micros: i64,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// Time `clear_expired_metering_data(TTL)` on a store; with PROBE, calls of BATCH fresh
+    /// samples go to the daemon there meanwhile and their longest wait is reported.
+    Expire {
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        ttl: u64,
+        #[arg(long)]
+        probe: Option<SocketAddr>,
+        #[arg(long, default_value_t = 1000)]
+        batch: u64,
     },
     /// Write COUNT samples as oslo.messaging v2 notification bodies (JSON, PER_MESSAGE samples
     /// each), one body per line, for a publisher to put on an AMQP queue.
@@ -347,6 +394,48 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
                 "seconds": r.seconds,
                 "insert_per_s": round(r.rows as f64 / r.seconds.max(1e-9)),
             })
+        }
+        Mode::Grow {
+            to,
+            count,
+            instances,
+            days,
+            batch,
+            depth,
+            windows,
+        } => {
+            let day = 86_400_000_000i64;
+            let today = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64;
+            let start = (today - today.rem_euclid(day)) - (days * day as f64) as i64;
+            let fleet = samples::Fleet::spanning(count, instances, days, start);
+            grow::grow(&grow::GrowOptions {
+                to,
+                fleet,
+                count,
+                batch,
+                depth,
+                windows,
+                secret: cli.secret.clone(),
+            })?
+        }
+        Mode::Query {
+            db,
+            start_micros,
+            end_micros,
+            runs,
+        } => grow::query(&db, start_micros, end_micros, runs)?,
+        Mode::Expire {
+            db,
+            ttl,
+            probe,
+            batch,
+        } => {
+            let fleet = samples::Fleet {
+                instances: 1000,
+                start_micros: 0,
+                interval_micros: 60_000_000,
+            };
+            grow::expire(&db, ttl, probe, fleet, batch, &cli.secret)?
         }
         Mode::AmqpBodies {
             count,

@@ -250,25 +250,35 @@ fn instance_of(seq: u64) -> u64 {
 
 /// Sample `seq`'s resource: the instance, or its tap interface for network meters.
 pub fn resource_of(seq: u64) -> String {
-    let inst = instance_of(seq);
-    if METERS[(seq % METERS.len() as u64) as usize].on_vnic {
-        format!(
-            "instance-{inst:08x}-{}-tap{}",
-            uuid_dashed(0x1ce, inst),
-            &uuid_hex(0x7a9, inst)[..11]
-        )
-    } else {
-        uuid_dashed(0x1ce, inst)
-    }
+    resource_for((seq % METERS.len() as u64) as usize, instance_of(seq))
 }
 
 /// Sample `seq`, signed with `secret`. `base_micros` is the timestamp of sample 0; each sample
 /// is 1 ms later than the one before.
 pub fn sample(seq: u64, secret: &str, base_micros: i64) -> Value {
-    let meter = &METERS[(seq % METERS.len() as u64) as usize];
-    let inst = instance_of(seq);
+    build(
+        (seq % METERS.len() as u64) as usize,
+        instance_of(seq),
+        resource_of(seq),
+        seq,
+        base_micros + seq as i64 * 1_000,
+        message_id(seq),
+        secret,
+    )
+}
+
+/// One signed sample of `METERS[meter]` on instance `inst` (or its interface).
+fn build(
+    meter: usize,
+    inst: u64,
+    resource_id: String,
+    seq: u64,
+    micros: i64,
+    message_id: String,
+    secret: &str,
+) -> Value {
+    let meter = &METERS[meter];
     let noise = mix(seq);
-    let resource_id = resource_of(seq);
     let metadata = if meter.on_vnic {
         vnic_metadata(inst)
     } else {
@@ -295,13 +305,101 @@ pub fn sample(seq: u64, secret: &str, base_micros: i64) -> Value {
         ("project_id", s(&uuid_hex(0x9403, inst % PROJECTS))),
         ("project_name", Value::Nil),
         ("resource_id", Value::Str(resource_id)),
-        ("timestamp", s(&iso(base_micros + seq as i64 * 1_000))),
+        ("timestamp", s(&iso(micros))),
         ("resource_metadata", metadata),
-        ("message_id", s(&message_id(seq))),
+        ("message_id", s(&message_id)),
         ("monotonic_time", monotonic),
     ]);
     meter::signature::sign(&mut v, secret);
     v
+}
+
+/// Instance `inst`'s resource id for `METERS[meter]`: the instance, or its tap interface.
+fn resource_for(meter: usize, inst: u64) -> String {
+    if METERS[meter].on_vnic {
+        format!(
+            "instance-{inst:08x}-{}-tap{}",
+            uuid_dashed(0x1ce, inst),
+            &uuid_hex(0x7a9, inst)[..11]
+        )
+    } else {
+        uuid_dashed(0x1ce, inst)
+    }
+}
+
+/// 100-ns intervals between the Gregorian reform (UUID v1's epoch) and the Unix epoch.
+const UUID_EPOCH_OFFSET: u64 = 0x01B2_1DD2_1381_4000;
+
+/// Python's `str(uuid.uuid1())` as a ceilometer agent on host `node` would make it around
+/// `micros`, `tick` 100-ns steps later. The low 32 bits of the clock come first in the text
+/// and wrap every 429 s, so ids are random in sort order; the caller passes a random `tick`
+/// below 2^32 (agents on many hosts, their clocks and queues) so that every index insert lands
+/// on a random page, the worst case and what the issue measured.
+pub fn uuid1(micros: i64, tick: u64, node: u64) -> String {
+    let t = (micros.max(0) as u64 * 10)
+        .wrapping_add(UUID_EPOCH_OFFSET)
+        .wrapping_add(tick);
+    let clock_seq = 0x8000 | (mix(node ^ 0xc10c) & 0x3fff);
+    format!(
+        "{:08x}-{:04x}-1{:03x}-{:04x}-{:012x}",
+        t as u32,
+        (t >> 32) as u16,
+        (t >> 48) & 0xfff,
+        clock_seq,
+        (mix(node) & 0xffff_ffff_ffff) | 0x0100_0000_0000
+    )
+}
+
+/// A cloud polled as ceilometer's compute agent does: every `interval` each of `instances`
+/// instances sends its eight meters (five on the instance, three on its interface: `2 ×
+/// instances` resources), the instances' polls spread over the interval. Sample `i` is in round
+/// `i / (8 · instances)`; timestamps run from `start_micros` in order, `message_id`s are uuid1
+/// text. Used by `collector-load grow`.
+#[derive(Debug, Clone, Copy)]
+pub struct Fleet {
+    pub instances: u64,
+    pub start_micros: i64,
+    pub interval_micros: i64,
+}
+
+impl Fleet {
+    /// A fleet whose `count` samples span `days` days from `start_micros`.
+    pub fn spanning(count: u64, instances: u64, days: f64, start_micros: i64) -> Fleet {
+        let per_round = instances.max(1) * METERS.len() as u64;
+        let rounds = count.div_ceil(per_round).max(1);
+        Fleet {
+            instances: instances.max(1),
+            start_micros,
+            interval_micros: ((days * 86_400e6) / rounds as f64) as i64,
+        }
+    }
+
+    pub fn per_round(&self) -> u64 {
+        self.instances * METERS.len() as u64
+    }
+
+    /// Sample `i`'s timestamp (µs).
+    pub fn timestamp(&self, i: u64) -> i64 {
+        let round = i / self.per_round();
+        let inst = (i % self.per_round()) / METERS.len() as u64;
+        self.start_micros
+            + round as i64 * self.interval_micros
+            + (inst as i64 * self.interval_micros) / self.instances as i64
+    }
+
+    /// Sample `i`, signed with `secret`.
+    pub fn sample(&self, i: u64, secret: &str) -> Value {
+        let j = i % self.per_round();
+        let (inst, meter) = (j / METERS.len() as u64, (j % METERS.len() as u64) as usize);
+        let ts = self.timestamp(i);
+        let id = uuid1(ts, mix(i ^ 0x0a1d) & 0xffff_ffff, inst);
+        build(meter, inst, resource_for(meter, inst), i, ts, id, secret)
+    }
+
+    /// The resource id of instance `inst` for the `cpu` meter.
+    pub fn instance_resource(inst: u64) -> String {
+        resource_for(0, inst)
+    }
 }
 
 /// Encoded samples, one contiguous buffer: sample `i` is `data[offsets[i]..offsets[i + 1]]`.
@@ -452,6 +550,46 @@ mod tests {
     fn runs_cover_about_1000_resources() {
         let resources: std::collections::HashSet<String> = (0..100_000).map(resource_of).collect();
         assert_eq!(resources.len(), 2 * INSTANCES as usize);
+    }
+
+    #[test]
+    fn fleet_samples_are_ceilometer_shaped() {
+        let f = Fleet::spanning(80_000, 1_000, 7.0, 1_700_000_000_000_000);
+        assert_eq!(f.per_round(), 8_000);
+        let key = meter::SigningKey::new("k");
+        let mut ids = std::collections::HashSet::new();
+        let mut last_ts = 0;
+        let mut sorted_in_order = 0;
+        let mut last_id = String::new();
+        for i in (0..80_000).step_by(7) {
+            let v = f.sample(i, "k");
+            assert!(key.verify(&v));
+            let s = meter::Sample::from_value(v).expect("is a sample");
+            let ts = meter::parse_timestamp(&s.timestamp).expect("parses");
+            let us = (ts.unix_timestamp_nanos() / 1000) as i64;
+            assert_eq!(us, f.timestamp(i));
+            assert!(us >= last_ts, "timestamps in order");
+            last_ts = us;
+            assert_eq!(
+                &s.message_id[14..15],
+                "1",
+                "uuid version 1: {}",
+                s.message_id
+            );
+            if s.message_id > last_id {
+                sorted_in_order += 1;
+            }
+            last_id = s.message_id.clone();
+            assert!(ids.insert(s.message_id));
+        }
+        // Random in sort order: about half the ids sort after their predecessor.
+        let n = ids.len();
+        assert!(
+            sorted_in_order > n / 4 && sorted_in_order < 3 * n / 4,
+            "{sorted_in_order}/{n}"
+        );
+        // The ten rounds span 7 days.
+        assert!(last_ts - f.start_micros > 6 * 86_400_000_000);
     }
 
     #[test]

@@ -19,8 +19,10 @@ pub mod file;
 pub mod json;
 pub mod model;
 pub mod mysql;
+pub mod partition;
 pub mod postgres;
 pub mod registry;
+pub mod rollup;
 pub mod server;
 pub mod sqlite;
 pub mod tls;
@@ -28,7 +30,9 @@ pub mod url;
 
 pub use error::StorageError;
 pub use file::FileDispatcher;
-pub use model::{MeterInfo, RecordOutcome, ResourceInfo, SampleFilter, Statistics, StoredSample};
+pub use model::{
+    MeterInfo, RecordOutcome, ResourceInfo, SampleFilter, Statistics, StatsSource, StoredSample,
+};
 pub use registry::{check_url, known_schemes, open};
 
 use meter::Sample;
@@ -68,10 +72,23 @@ pub trait Storage: Send {
         period: Option<u64>,
     ) -> Result<Vec<Statistics>, StorageError>;
 
+    /// [`Storage::get_meter_statistics`], and where the answer came from: pre-aggregated
+    /// rollups (exact for the filter and period asked) or the raw samples.
+    fn get_meter_statistics_from(
+        &mut self,
+        filter: &SampleFilter,
+        period: Option<u64>,
+    ) -> Result<(Vec<Statistics>, StatsSource), StorageError> {
+        Ok((self.get_meter_statistics(filter, period)?, StatsSource::Raw))
+    }
+
     /// Delete samples whose timestamp is older than now − `ttl_seconds`, then the resources
     /// and meters no sample refers to any more. Returns the number of samples deleted.
     fn clear_expired_metering_data(&mut self, ttl_seconds: u64) -> Result<u64, StorageError>;
 }
+
+/// The rejection reason of a sample already older than the time to live when it arrived.
+pub const EXPIRED_REASON: &str = "older than metering_time_to_live";
 
 /// Driver tuning that does not belong in the connection URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +99,13 @@ pub struct StorageOptions {
     /// How long a write waits for another process's lock before the batch fails as
     /// [`StorageError::Unavailable`].
     pub busy_timeout_ms: u64,
+    /// Length of a sample partition (SQLite: one chunk table each), in seconds; UTC-aligned.
+    pub partition_span_seconds: u64,
+    /// `metering_time_to_live`: a sample already older than this when it arrives is not stored
+    /// (rejected, and counted in [`RecordOutcome::expired`]). `None`: samples never expire.
+    pub time_to_live_seconds: Option<u64>,
+    /// Rollup granularities and their retention.
+    pub rollups: Vec<rollup::Granularity>,
 }
 
 impl Default for StorageOptions {
@@ -89,6 +113,9 @@ impl Default for StorageOptions {
         StorageOptions {
             sqlite_synchronous: "NORMAL".to_string(),
             busy_timeout_ms: 5000,
+            partition_span_seconds: 86_400,
+            time_to_live_seconds: None,
+            rollups: rollup::default_granularities(),
         }
     }
 }

@@ -20,6 +20,9 @@ pub struct RecordOutcome {
     pub duplicate_indices: Vec<usize>,
     /// Batch index and reason of each sample refused on its own merits, ascending.
     pub rejected: Vec<(usize, String)>,
+    /// How many of the rejected samples were already older than the time to live when they
+    /// arrived (dropped, never stored).
+    pub expired: usize,
 }
 
 /// Which samples a query looks at. Every field narrows the match; the default matches all.
@@ -117,6 +120,24 @@ pub struct Statistics {
     /// `duration_end - duration_start` in seconds.
     pub duration: f64,
     pub unit: String,
+}
+
+/// Which data answered a statistics query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatsSource {
+    /// Computed over the stored samples.
+    Raw,
+    /// Summed from the rollup of this granularity (seconds), which is exact for the query.
+    Rollup { granularity: u64 },
+}
+
+impl std::fmt::Display for StatsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StatsSource::Raw => f.write_str("raw"),
+            StatsSource::Rollup { granularity } => write!(f, "rollup:{granularity}"),
+        }
+    }
 }
 
 /// Microseconds since the Unix epoch: how every driver in this crate represents instants

@@ -263,17 +263,31 @@ pub struct Valid<'a> {
 }
 
 /// Validate a batch: rejected samples and repeats of a message_id already seen earlier in the
-/// batch go into `outcome`; the rest is returned in batch order. `extra` adds driver-specific
-/// checks (lengths a column can hold, characters a server refuses).
+/// batch go into `outcome`; the rest is returned in batch order. With `ttl_seconds`, a sample
+/// already older than now − TTL is rejected with [`crate::EXPIRED_REASON`] and counted in
+/// `outcome.expired`. `extra` adds driver-specific checks (lengths a column can hold,
+/// characters a server refuses).
 pub fn prepare<'a>(
     batch: &'a [Sample],
     outcome: &mut RecordOutcome,
+    ttl_seconds: Option<u64>,
     extra: impl Fn(&Sample, OffsetDateTime) -> Result<(), String>,
 ) -> Vec<Valid<'a>> {
     let mut seen: HashSet<&str> = HashSet::with_capacity(batch.len());
     let mut rows = Vec::with_capacity(batch.len());
+    let too_old = ttl_seconds.and_then(|ttl| {
+        OffsetDateTime::now_utc().checked_sub(time::Duration::seconds(
+            i64::try_from(ttl).unwrap_or(i64::MAX / 2),
+        ))
+    });
     for (index, sample) in batch.iter().enumerate() {
         match validate(sample).and_then(|ts| extra(sample, ts).map(|()| ts)) {
+            Ok(ts) if too_old.is_some_and(|cutoff| ts < cutoff) => {
+                outcome
+                    .rejected
+                    .push((index, crate::EXPIRED_REASON.to_string()));
+                outcome.expired += 1;
+            }
             Err(reason) => outcome.rejected.push((index, reason)),
             Ok(_) if !seen.insert(sample.message_id.as_str()) => {
                 outcome.duplicate_indices.push(index)

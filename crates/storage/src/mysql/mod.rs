@@ -64,6 +64,8 @@ pub struct MysqlStorage {
     resources: ResourceCache,
     epoch: i64,
     json_buf: Vec<u8>,
+    /// `metering_time_to_live`: samples older on arrival are rejected and counted.
+    ttl_seconds: Option<u64>,
 }
 
 /// Why a write or read failed: the client's error, or one of ours.
@@ -111,7 +113,7 @@ fn insert_statement(remaining: usize) -> (usize, &'static str) {
 impl MysqlStorage {
     /// Parse the URL and connect; as for PostgreSQL, an unreachable server is not an error
     /// here (the driver starts disconnected), refused credentials or an unknown database are.
-    pub fn open(url: &StorageUrl<'_>, _opts: &StorageOptions) -> Result<Self, StorageError> {
+    pub fn open(url: &StorageUrl<'_>, options: &StorageOptions) -> Result<Self, StorageError> {
         let (opts, database, what) = opts_from_url(url)?;
         let mut st = MysqlStorage {
             opts,
@@ -121,6 +123,7 @@ impl MysqlStorage {
             resources: ResourceCache::default(),
             epoch: i64::MIN,
             json_buf: Vec::new(),
+            ttl_seconds: options.time_to_live_seconds,
         };
         match connect(&st.opts, &st.database, &st.link.what) {
             Ok(conn) => {
@@ -224,7 +227,7 @@ impl MysqlStorage {
 impl Storage for MysqlStorage {
     fn record_metering_data(&mut self, batch: &[Sample]) -> Result<RecordOutcome, StorageError> {
         let mut outcome = RecordOutcome::default();
-        let rows = server::prepare(batch, &mut outcome, check_fits);
+        let rows = server::prepare(batch, &mut outcome, self.ttl_seconds, check_fits);
         if !rows.is_empty() {
             let recorded_at = date(OffsetDateTime::now_utc());
             let mut attempt = 0;

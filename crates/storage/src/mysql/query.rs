@@ -14,6 +14,12 @@ use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
 
 use crate::model::SAMPLE_FROM as FROM;
 
+/// [`FROM`] with the join order fixed: resource rows first, then their samples through
+/// `ix_sample_resource_timestamp`.
+const SAMPLE_FROM_RESOURCE: &str = " FROM resource r
+    STRAIGHT_JOIN sample s ON s.resource_id = r.internal_id
+    JOIN meter m ON m.id = s.meter_id";
+
 /// A `WHERE` clause and its parameters, in textual order.
 struct Where {
     sql: String,
@@ -163,11 +169,19 @@ pub(super) fn samples(c: &mut MyConn, filter: &SampleFilter) -> Result<Vec<Store
     let mut w = Where::new(filter);
     w.sql.push_str(" ORDER BY s.timestamp DESC, s.id DESC");
     w.limit(filter);
+    // With a resource id, start from its resource rows whatever the table statistics say:
+    // right after a bulk fill InnoDB's statistics were stale and the plan walked every sample
+    // of the meter (2.3 s on 1 M rows, 10 ms once they were recalculated).
+    let from = if filter.resource_id.is_some() {
+        SAMPLE_FROM_RESOURCE
+    } else {
+        FROM
+    };
     let sql = format!(
         "SELECT r.source_id, m.name, m.type, m.unit, s.volume, r.user_id, r.project_id,
                 r.resource_id, s.timestamp, s.recorded_at, r.resource_metadata, s.message_id,
                 s.message_signature
-         {FROM}{}",
+         {from}{}",
         w.sql
     );
     run(c, &sql, w.params)?

@@ -57,6 +57,11 @@ pub struct PostgresStorage {
     /// The `cache_epoch` the caches were filled under.
     epoch: i64,
     json_buf: Vec<u8>,
+    /// `metering_time_to_live`: samples older on arrival are rejected and counted.
+    ttl_seconds: Option<u64>,
+    /// Rollup levels, and their granularities in seconds as the insert binds them.
+    levels: Vec<crate::rollup::Granularity>,
+    level_seconds: Vec<i64>,
 }
 
 /// Where and how to connect: the client configuration and the TLS connector its `sslmode`
@@ -94,9 +99,51 @@ inserted AS (
                 $5::TEXT[], $6::TEXT[])
         AS t (meter_id, resource_id, volume, ts, message_id, message_signature)
     WHERE (SELECT epoch FROM e) = $8::BIGINT
-    RETURNING 1
-)
+    RETURNING meter_id, resource_id, volume, timestamp
+)ROLLUPS
 SELECT (SELECT epoch FROM e), (SELECT COUNT(*) FROM inserted), '{}'::BIGINT[]";
+
+/// The rollup upserts appended to both inserts (`ROLLUPS`): the rows the statement inserted,
+/// and only those, folded into buckets of each granularity in `$9` (seconds), per meter row and
+/// per (meter row, resource id), in the same statement and so the same transaction. Rows are
+/// upserted in key order, so concurrent writers lock shared buckets in the same order.
+const ROLLUPS: &str = ",
+rolled AS (
+    SELECT i.meter_id, i.resource_id, i.volume, g.seconds,
+           (EXTRACT(EPOCH FROM i.timestamp) * 1000000)::BIGINT AS us,
+           g.seconds * 1000000 AS step
+    FROM inserted i CROSS JOIN unnest($9::BIGINT[]) AS g (seconds)
+),
+bucketed AS (
+    SELECT meter_id, resource_id, volume, seconds, us,
+           us - (((us % step) + step) % step) AS bucket
+    FROM rolled
+),
+rm AS (
+    INSERT INTO rollup_meter (meter_id, granularity, bucket, count, sum, min, max, first, last)
+    SELECT meter_id, seconds, bucket, COUNT(*), SUM(volume), MIN(volume), MAX(volume),
+           MIN(us), MAX(us)
+    FROM bucketed GROUP BY meter_id, seconds, bucket ORDER BY meter_id, seconds, bucket
+    ON CONFLICT (meter_id, granularity, bucket) DO UPDATE SET
+        count = rollup_meter.count + excluded.count, sum = rollup_meter.sum + excluded.sum,
+        min = LEAST(rollup_meter.min, excluded.min), max = GREATEST(rollup_meter.max, excluded.max),
+        first = LEAST(rollup_meter.first, excluded.first), last = GREATEST(rollup_meter.last, excluded.last)
+    RETURNING 1
+),
+rr AS (
+    INSERT INTO rollup_resource (granularity, bucket, meter_id, resource_id, count, sum, min,
+                                 max, first, last)
+    SELECT b.seconds, b.bucket, b.meter_id, r.resource_id, COUNT(*), SUM(b.volume),
+           MIN(b.volume), MAX(b.volume), MIN(b.us), MAX(b.us)
+    FROM bucketed b JOIN resource r ON r.internal_id = b.resource_id
+    GROUP BY b.seconds, b.bucket, b.meter_id, r.resource_id
+    ORDER BY b.seconds, b.bucket, b.meter_id, r.resource_id
+    ON CONFLICT (granularity, bucket, meter_id, resource_id) DO UPDATE SET
+        count = rollup_resource.count + excluded.count, sum = rollup_resource.sum + excluded.sum,
+        min = LEAST(rollup_resource.min, excluded.min), max = GREATEST(rollup_resource.max, excluded.max),
+        first = LEAST(rollup_resource.first, excluded.first), last = GREATEST(rollup_resource.last, excluded.last)
+    RETURNING 1
+)";
 
 /// The same, skipping stored message_ids; also returns the 1-based positions it skipped.
 const INSERT_SAMPLES_DEDUP: &str = "
@@ -112,8 +159,8 @@ input AS (
     SELECT meter_id, resource_id, volume, ts, $7, message_id, message_signature
     FROM input ORDER BY ord
     ON CONFLICT (message_id) DO NOTHING
-    RETURNING message_id
-)
+    RETURNING message_id, meter_id, resource_id, volume, timestamp
+)ROLLUPS
 SELECT (SELECT epoch FROM e), (SELECT COUNT(*) FROM inserted),
        ARRAY(SELECT ord FROM input WHERE message_id NOT IN (SELECT message_id FROM inserted)
              ORDER BY ord)";
@@ -141,7 +188,7 @@ impl PostgresStorage {
     /// driver starts disconnected and every call tries again (at most once a second), so a
     /// worker can start before its database. Bad credentials, an unknown database, a schema
     /// from a newer build and malformed URLs are errors.
-    pub fn open(url: &StorageUrl<'_>, _opts: &StorageOptions) -> Result<Self, StorageError> {
+    pub fn open(url: &StorageUrl<'_>, opts: &StorageOptions) -> Result<Self, StorageError> {
         let (config, what) = config_from_url(url)?;
         let mut st = PostgresStorage {
             config,
@@ -150,8 +197,11 @@ impl PostgresStorage {
             resources: ResourceCache::default(),
             epoch: i64::MIN,
             json_buf: Vec::new(),
+            ttl_seconds: opts.time_to_live_seconds,
+            levels: opts.rollups.clone(),
+            level_seconds: opts.rollups.iter().map(|g| g.seconds as i64).collect(),
         };
-        match connect(&st.config, &st.link.what) {
+        match connect(&st.config, &st.link.what, &st.levels) {
             Ok(conn) => {
                 st.link.get(|| Ok(conn))?;
             }
@@ -190,8 +240,8 @@ impl PostgresStorage {
         &mut self,
         f: impl FnOnce(&mut Client) -> Result<T, Fail>,
     ) -> Result<T, StorageError> {
-        let (config, what) = (&self.config, self.link.what.clone());
-        let conn = self.link.get(|| connect(config, &what))?;
+        let (config, what, levels) = (&self.config, self.link.what.clone(), &self.levels);
+        let conn = self.link.get(|| connect(config, &what, levels))?;
         let result = f(&mut conn.client);
         let closed = conn.client.is_closed();
         match result {
@@ -206,8 +256,30 @@ impl PostgresStorage {
         }
     }
 
-    fn expire(conn: &mut Conn, cutoff: OffsetDateTime) -> Result<(u64, bool), Fail> {
+    fn expire(
+        conn: &mut Conn,
+        cutoff: OffsetDateTime,
+        levels: &[crate::rollup::Granularity],
+    ) -> Result<(u64, bool), Fail> {
         let client = &mut conn.client;
+        // Rollup buckets past their own retention: a range on rollup_resource's key; the
+        // per-meter table holds a few rows per meter and bucket.
+        let now = crate::model::to_micros(OffsetDateTime::now_utc());
+        for g in levels.iter().filter(|g| g.retention_seconds > 0) {
+            let keep = i64::try_from(g.retention_seconds)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1_000_000);
+            let before = now.saturating_sub(keep);
+            let gran = g.seconds as i64;
+            client.execute(
+                "DELETE FROM rollup_meter WHERE granularity = $1 AND bucket < $2",
+                &[&gran, &before],
+            )?;
+            client.execute(
+                "DELETE FROM rollup_resource WHERE granularity = $1 AND bucket < $2",
+                &[&gran, &before],
+            )?;
+        }
         let mut total = 0u64;
         loop {
             // The BRIN index finds old block ranges; each chunk commits on its own.
@@ -232,7 +304,9 @@ impl PostgresStorage {
             &[],
         )?;
         let meters = tx.execute(
-            "DELETE FROM meter m WHERE NOT EXISTS (SELECT 1 FROM sample s WHERE s.meter_id = m.id)",
+            // Meters stay while a rollup refers to them: rollups outlive samples.
+            "DELETE FROM meter m WHERE NOT EXISTS (SELECT 1 FROM sample s WHERE s.meter_id = m.id)
+               AND NOT EXISTS (SELECT 1 FROM rollup_meter b WHERE b.meter_id = m.id)",
             &[],
         )?;
         let bumped = resources + meters > 0;
@@ -247,15 +321,16 @@ impl PostgresStorage {
 impl Storage for PostgresStorage {
     fn record_metering_data(&mut self, batch: &[Sample]) -> Result<RecordOutcome, StorageError> {
         let mut outcome = RecordOutcome::default();
-        let rows = server::prepare(batch, &mut outcome, |s, _| check_text(s));
+        let rows = server::prepare(batch, &mut outcome, self.ttl_seconds, |s, _| check_text(s));
         if !rows.is_empty() {
             let recorded_at = OffsetDateTime::now_utc();
             let mut attempt = 0;
             let mut dedup = false;
             let dups = loop {
-                let (config, what) = (&self.config, self.link.what.clone());
-                let conn = self.link.get(|| connect(config, &what))?;
+                let (config, what, levels) = (&self.config, self.link.what.clone(), &self.levels);
+                let conn = self.link.get(|| connect(config, &what, levels))?;
                 let mut caches = Caches {
+                    levels: &self.level_seconds,
                     meters: &mut self.meters,
                     resources: &mut self.resources,
                     epoch: &mut self.epoch,
@@ -312,7 +387,17 @@ impl Storage for PostgresStorage {
         filter: &SampleFilter,
         period: Option<u64>,
     ) -> Result<Vec<Statistics>, StorageError> {
-        self.read(|c| query::statistics(c, filter, period))
+        Ok(self.get_meter_statistics_from(filter, period)?.0)
+    }
+
+    fn get_meter_statistics_from(
+        &mut self,
+        filter: &SampleFilter,
+        period: Option<u64>,
+    ) -> Result<(Vec<Statistics>, crate::StatsSource), StorageError> {
+        let levels = self.levels.clone();
+        let now = crate::model::to_micros(OffsetDateTime::now_utc());
+        self.read(|c| query::statistics_from(c, filter, period, &levels, now))
     }
 
     fn clear_expired_metering_data(&mut self, ttl_seconds: u64) -> Result<u64, StorageError> {
@@ -320,9 +405,9 @@ impl Storage for PostgresStorage {
         let cutoff = OffsetDateTime::now_utc()
             .checked_sub(ttl)
             .unwrap_or(OffsetDateTime::UNIX_EPOCH - time::Duration::days(365 * 3000));
-        let (config, what) = (&self.config, self.link.what.clone());
-        let conn = self.link.get(|| connect(config, &what))?;
-        match Self::expire(conn, cutoff) {
+        let (config, what, levels) = (&self.config, self.link.what.clone(), &self.levels);
+        let conn = self.link.get(|| connect(config, &what, levels))?;
+        match Self::expire(conn, cutoff, levels) {
             Ok((n, bumped)) => {
                 if bumped {
                     self.clear_caches();
@@ -343,6 +428,8 @@ impl Storage for PostgresStorage {
 
 /// The driver's caches, borrowed for one batch.
 struct Caches<'a> {
+    /// Rollup granularities (seconds), for the insert's `$9`.
+    levels: &'a [i64],
     meters: &'a mut MeterCache,
     resources: &'a mut ResourceCache,
     epoch: &'a mut i64,
@@ -408,6 +495,7 @@ fn write_batch(
                 &sigs,
                 &recorded_at,
                 &expected,
+                &caches.levels,
             ],
         )?;
         let found: i64 = row.get(0);
@@ -597,19 +685,23 @@ fn classify(what: &str, e: &::postgres::Error) -> (StorageError, bool) {
 }
 
 /// Connect, set up the session, migrate and prepare the hot-path statements.
-fn connect(config: &Target, what: &str) -> Result<Conn, StorageError> {
+fn connect(
+    config: &Target,
+    what: &str,
+    levels: &[crate::rollup::Granularity],
+) -> Result<Conn, StorageError> {
     let mut client = config
         .pg
         .connect(config.tls.clone())
         .map_err(|e| connect_error(what, &e))?;
-    match schema::migrate(&mut client) {
+    match schema::migrate(&mut client, levels) {
         Ok(()) => {}
         Err(schema::MigrateError::TooNew(e)) => return Err(e),
         Err(schema::MigrateError::Sql(e)) => return Err(connect_error(what, &e)),
     }
     let mut prepare = |sql: &str| client.prepare(sql).map_err(|e| connect_error(what, &e));
-    let insert = prepare(INSERT_SAMPLES)?;
-    let insert_dedup = prepare(INSERT_SAMPLES_DEDUP)?;
+    let insert = prepare(&INSERT_SAMPLES.replace("ROLLUPS", ROLLUPS))?;
+    let insert_dedup = prepare(&INSERT_SAMPLES_DEDUP.replace("ROLLUPS", ROLLUPS))?;
     let meter_select = prepare("SELECT id FROM meter WHERE name = $1 AND type = $2 AND unit = $3")?;
     let meter_insert = prepare(
         "INSERT INTO meter (name, type, unit) VALUES ($1, $2, $3)

@@ -15,6 +15,8 @@ use serde_json::Value as J;
 use time::OffsetDateTime;
 
 use crate::model::SAMPLE_FROM as FROM;
+use crate::model::{to_micros, StatsSource};
+use crate::rollup::{self, BucketRow, Granularity};
 
 type Param = Box<dyn ToSql + Sync>;
 
@@ -320,4 +322,93 @@ pub(super) fn statistics(
             stats_of(row, 1, Some(start), Some(end), period)
         })
         .collect()
+}
+
+/// Statistics from the coarsest rollup level exact for the query (see `storage::rollup`),
+/// among `levels` complete from the filter's start on; else from the samples.
+pub(super) fn statistics_from(
+    c: &mut Client,
+    filter: &SampleFilter,
+    period: Option<u64>,
+    levels: &[Granularity],
+    now: i64,
+) -> Result<(Vec<Statistics>, StatsSource), Fail> {
+    let mut usable = Vec::new();
+    if let Some(start) = filter.start.map(to_micros) {
+        for g in levels {
+            let from: Option<i64> = c
+                .query_opt(
+                    "SELECT complete_from FROM rollup_level WHERE granularity = $1",
+                    &[&(g.seconds as i64)],
+                )?
+                .map(|r| r.get(0));
+            if from.is_some_and(|f| f <= start) {
+                usable.push(*g);
+            }
+        }
+    }
+    let Some(g) = rollup::exact_granularity(&usable, filter, period, now) else {
+        return Ok((statistics(c, filter, period)?, StatsSource::Raw));
+    };
+    let start = filter.start.map(to_micros).unwrap_or(0);
+    let step = g.micros();
+    let gran = g.seconds as i64;
+    let end: i64 = match filter.end {
+        Some(e) => to_micros(e),
+        None => {
+            let table = if filter.resource_id.is_some() {
+                "rollup_resource"
+            } else {
+                "rollup_meter"
+            };
+            let last: Option<i64> = c
+                .query_one(
+                    &format!("SELECT MAX(bucket) FROM {table} WHERE granularity = $1"),
+                    &[&gran],
+                )?
+                .get(0);
+            last.map_or(start, |b| b.saturating_add(step))
+        }
+    };
+    let rows = match &filter.resource_id {
+        // Keyed by time first: one index lookup per bucket and meter row.
+        Some(res) => c.query(
+            // LATERAL with OFFSET 0 (kept from being pulled up into the join): one
+            // primary-key lookup per bucket and meter row. Joined plainly, the planner walked
+            // every bucket of the resource (150 ms on 1 M samples against 4 ms; EXPLAIN).
+            "SELECT t.bucket, m.unit, b.count, b.sum, b.min, b.max, b.first, b.last
+               FROM generate_series($2::BIGINT, $3::BIGINT - 1, $4::BIGINT) AS t (bucket)
+               CROSS JOIN meter m
+               CROSS JOIN LATERAL (
+                   SELECT count, sum, min, max, first, last FROM rollup_resource
+                    WHERE granularity = $1 AND bucket = t.bucket AND meter_id = m.id
+                      AND resource_id = $5 OFFSET 0) b
+              WHERE ($6::TEXT IS NULL OR m.name = $6)",
+            &[&gran, &start, &end, &step, res, &filter.meter],
+        )?,
+        None => c.query(
+            "SELECT b.bucket, m.unit, b.count, b.sum, b.min, b.max, b.first, b.last
+               FROM meter m JOIN rollup_meter b ON b.meter_id = m.id
+              WHERE b.granularity = $1 AND b.bucket >= $2 AND b.bucket < $3
+                AND ($4::TEXT IS NULL OR m.name = $4)",
+            &[&gran, &start, &end, &filter.meter],
+        )?,
+    };
+    let mut buckets = Vec::with_capacity(rows.len());
+    for r in rows {
+        buckets.push(BucketRow {
+            bucket: r.try_get(0)?,
+            unit: r.try_get(1)?,
+            agg: rollup::Agg {
+                count: r.try_get::<_, i64>(2)?.max(0) as u64,
+                sum: r.try_get(3)?,
+                min: r.try_get(4)?,
+                max: r.try_get(5)?,
+                first: r.try_get(6)?,
+                last: r.try_get(7)?,
+            },
+        });
+    }
+    let stats = rollup::statistics(buckets, filter, period).map_err(Fail::Storage)?;
+    Ok((stats, rollup::source(&g)))
 }

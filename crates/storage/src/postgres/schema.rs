@@ -11,7 +11,7 @@ use crate::StorageError;
 use ::postgres::Client;
 
 /// Version 1: the SQLite driver's model with PostgreSQL's own types. See docs/storage.md.
-const V1: &str = "
+pub const V1: &str = "
 CREATE TABLE meter (
     id    BIGSERIAL PRIMARY KEY,
     name  TEXT NOT NULL,
@@ -59,8 +59,66 @@ CREATE TABLE cache_epoch (epoch BIGINT NOT NULL);
 INSERT INTO cache_epoch (epoch) VALUES (0);
 ";
 
+/// Version 2: rollups (pre-aggregated statistics), as in the SQLite schema. Buckets and
+/// timestamps are integer microseconds so the drivers share the arithmetic
+/// (`storage::rollup`). Samples stored before a level existed are not in it: `rollup_level`
+/// says from which bucket on each level is complete.
+const V2: &str = "
+CREATE TABLE rollup_meter (
+    meter_id    BIGINT NOT NULL,
+    granularity BIGINT NOT NULL,
+    bucket      BIGINT NOT NULL,
+    count       BIGINT NOT NULL,
+    sum         DOUBLE PRECISION NOT NULL,
+    min         DOUBLE PRECISION NOT NULL,
+    max         DOUBLE PRECISION NOT NULL,
+    first       BIGINT NOT NULL,
+    last        BIGINT NOT NULL,
+    PRIMARY KEY (meter_id, granularity, bucket)
+);
+CREATE TABLE rollup_resource (
+    granularity BIGINT NOT NULL,
+    bucket      BIGINT NOT NULL,
+    meter_id    BIGINT NOT NULL,
+    resource_id TEXT NOT NULL,
+    count       BIGINT NOT NULL,
+    sum         DOUBLE PRECISION NOT NULL,
+    min         DOUBLE PRECISION NOT NULL,
+    max         DOUBLE PRECISION NOT NULL,
+    first       BIGINT NOT NULL,
+    last        BIGINT NOT NULL,
+    PRIMARY KEY (granularity, bucket, meter_id, resource_id)
+);
+CREATE TABLE rollup_level (
+    granularity   BIGINT PRIMARY KEY,
+    complete_from BIGINT NOT NULL
+);
+";
+
 /// Applied in order; entry `i` takes a database from version `i` to `i + 1`. Append only.
-pub const MIGRATIONS: &[&str] = &[V1];
+pub const MIGRATIONS: &[&str] = &[V1, V2];
+
+/// Register the configured rollup levels missing from `rollup_level`: complete from the
+/// bucket after the newest stored sample (earlier samples were not counted at that level), or
+/// from the beginning on an empty database.
+pub fn register_levels(
+    client: &mut Client,
+    levels: &[crate::rollup::Granularity],
+) -> Result<(), ::postgres::Error> {
+    for g in levels {
+        let g_us = g.micros();
+        client.execute(
+            "INSERT INTO rollup_level (granularity, complete_from)
+             SELECT $1::BIGINT, COALESCE(
+                 (SELECT ((EXTRACT(EPOCH FROM MAX(timestamp)) * 1000000)::BIGINT / $2::BIGINT + 1)
+                         * $2::BIGINT FROM sample),
+                 (-9223372036854775807)::BIGINT - 1)
+             ON CONFLICT (granularity) DO NOTHING",
+            &[&(g.seconds as i64), &g_us],
+        )?;
+    }
+    Ok(())
+}
 
 /// The version this build writes.
 pub fn current_version() -> i64 {
@@ -99,9 +157,13 @@ impl From<::postgres::Error> for MigrateError {
 }
 
 /// Bring the database to [`current_version`].
-pub fn migrate(client: &mut Client) -> Result<(), MigrateError> {
+pub fn migrate(
+    client: &mut Client,
+    levels: &[crate::rollup::Granularity],
+) -> Result<(), MigrateError> {
     // Common case first, without the lock: already up to date.
     if read_version(client)? == Some(current_version()) {
+        register_levels(client, levels)?;
         return Ok(());
     }
     let mut tx = client.transaction()?;
@@ -129,5 +191,6 @@ pub fn migrate(client: &mut Client) -> Result<(), MigrateError> {
         &[&(current_version() as i32)],
     )?;
     tx.commit()?;
+    register_levels(client, levels)?;
     Ok(())
 }

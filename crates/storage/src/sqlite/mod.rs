@@ -17,6 +17,8 @@ pub mod schema;
 
 use crate::json::{flatten, FlatValue, Json};
 use crate::model::to_micros;
+use crate::partition::{self, Partitions};
+use crate::rollup::{self, BatchRollup};
 use crate::url::StorageUrl;
 use crate::{
     MeterInfo, RecordOutcome, ResourceInfo, SampleFilter, Statistics, Storage, StorageError,
@@ -84,6 +86,11 @@ pub struct SqliteStorage {
     epoch: i64,
     /// Scratch buffer for metadata JSON, reused across samples.
     json_buf: Vec<u8>,
+    /// The chunk tables known to this connection; reloaded with the caches (expiry drops
+    /// chunks and bumps the epoch) and when a batch needs one it does not know.
+    partitions: Partitions,
+    /// When rollup retention last ran (it walks every series, so not on every pass).
+    rollup_retention_at: Option<Instant>,
 }
 
 /// A validated sample with its ids resolved, ready to insert.
@@ -101,34 +108,131 @@ struct Row<'a> {
 /// fixed set of sizes keeps the statements in the prepared-statement cache.
 const CHUNK_SIZES: [usize; 4] = [128, 32, 8, 1];
 
-/// The largest chunk size that fits in `remaining` rows, and its statement.
-fn insert_statement(remaining: usize) -> (usize, &'static str) {
-    static SQL: OnceLock<Vec<String>> = OnceLock::new();
-    let sql = SQL.get_or_init(|| {
-        CHUNK_SIZES
-            .iter()
-            .map(|&n| {
-                let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; n].join(", ");
-                format!(
-                    "INSERT INTO sample (meter_id, resource_id, volume, timestamp, recorded_at,
-                       message_id, message_signature) VALUES {values}
-                     ON CONFLICT (message_id) DO NOTHING"
-                )
-            })
-            .collect()
-    });
+/// The largest chunk size that fits in `remaining` rows, and its statement for chunk `table`.
+fn insert_statement(table: &str, remaining: usize) -> (usize, String) {
     let i = CHUNK_SIZES
         .iter()
         .position(|&n| n <= remaining)
         .unwrap_or(CHUNK_SIZES.len() - 1);
-    (CHUNK_SIZES[i], sql[i].as_str())
+    let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; CHUNK_SIZES[i]].join(", ");
+    (
+        CHUNK_SIZES[i],
+        format!(
+            "INSERT INTO \"{table}\" (meter_id, resource_id, volume, timestamp, recorded_at,
+               message_id, message_signature) VALUES {values}
+             ON CONFLICT (message_id) DO NOTHING"
+        ),
+    )
 }
 
-/// Insert one chunk; count what was stored and which indices were duplicates.
+/// Rollup rows are upserted by multi-row statements of these sizes.
+const ROLLUP_SIZES: [usize; 4] = [64, 16, 4, 1];
+
+const ROLLUP_UPDATE: &str = "count = count + excluded.count, sum = sum + excluded.sum,
+    min = min(min, excluded.min), max = max(max, excluded.max),
+    first = min(first, excluded.first), last = max(last, excluded.last)";
+
+/// The upsert of `n` per-meter (or, with `resource`, per-resource) rollup rows.
+fn rollup_statement(resource: bool, n: usize) -> &'static str {
+    static SQL: OnceLock<Vec<(String, String)>> = OnceLock::new();
+    let sql = SQL.get_or_init(|| {
+        ROLLUP_SIZES
+            .iter()
+            .map(|&n| {
+                let m = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; n].join(", ");
+                let r = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; n].join(", ");
+                (
+                    format!(
+                        "INSERT INTO rollup_meter (meter_id, granularity, bucket, count, sum, min,
+                           max, first, last) VALUES {m}
+                         ON CONFLICT (meter_id, granularity, bucket) DO UPDATE SET {ROLLUP_UPDATE}"
+                    ),
+                    format!(
+                        "INSERT INTO rollup_resource (meter_id, resource_id, granularity, bucket,
+                           count, sum, min, max, first, last) VALUES {r}
+                         ON CONFLICT (granularity, bucket, meter_id, resource_id)
+                         DO UPDATE SET {ROLLUP_UPDATE}"
+                    ),
+                )
+            })
+            .collect()
+    });
+    let i = ROLLUP_SIZES.iter().position(|&k| k == n).unwrap_or(3);
+    if resource {
+        &sql[i].1
+    } else {
+        &sql[i].0
+    }
+}
+
+/// Upsert a batch's rollup buckets.
+fn write_rollups(conn: &Connection, b: &BatchRollup<'_>) -> rusqlite::Result<()> {
+    let meters: Vec<_> = b.meters.iter().collect();
+    let mut rest = &meters[..];
+    while !rest.is_empty() {
+        let n = ROLLUP_SIZES
+            .iter()
+            .copied()
+            .find(|&k| k <= rest.len())
+            .unwrap_or(1);
+        let (chunk, tail) = rest.split_at(n);
+        let mut params: Vec<&dyn ToSql> = Vec::with_capacity(n * 9);
+        let grans: Vec<i64> = chunk.iter().map(|((g, _, _), _)| *g as i64).collect();
+        for (((_, meter, bucket), a), g) in chunk.iter().zip(&grans) {
+            params.extend_from_slice(&[
+                meter as &dyn ToSql,
+                g,
+                bucket,
+                &a.count as &dyn ToSql,
+                &a.sum,
+                &a.min,
+                &a.max,
+                &a.first,
+                &a.last,
+            ]);
+        }
+        conn.prepare_cached(rollup_statement(false, n))?
+            .execute(&*params)?;
+        rest = tail;
+    }
+    let resources: Vec<_> = b.resources.iter().collect();
+    let mut rest = &resources[..];
+    while !rest.is_empty() {
+        let n = ROLLUP_SIZES
+            .iter()
+            .copied()
+            .find(|&k| k <= rest.len())
+            .unwrap_or(1);
+        let (chunk, tail) = rest.split_at(n);
+        let mut params: Vec<&dyn ToSql> = Vec::with_capacity(n * 10);
+        let grans: Vec<i64> = chunk.iter().map(|((g, _, _, _), _)| *g as i64).collect();
+        for (((_, meter, resource, bucket), a), g) in chunk.iter().zip(&grans) {
+            params.extend_from_slice(&[
+                meter as &dyn ToSql,
+                resource,
+                g,
+                bucket,
+                &a.count as &dyn ToSql,
+                &a.sum,
+                &a.min,
+                &a.max,
+                &a.first,
+                &a.last,
+            ]);
+        }
+        conn.prepare_cached(rollup_statement(true, n))?
+            .execute(&*params)?;
+        rest = tail;
+    }
+    Ok(())
+}
+
+/// Insert one chunk into `table`; count what was stored and which indices were duplicates.
 fn insert_chunk(
     conn: &Connection,
+    table: &str,
     sql: &str,
-    chunk: &[Row<'_>],
+    chunk: &[&Row<'_>],
     recorded_at: i64,
     outcome: &mut RecordOutcome,
 ) -> rusqlite::Result<()> {
@@ -155,8 +259,9 @@ fn insert_chunk(
     let mut fresh = HashSet::new();
     if inserted > 0 {
         let last = conn.last_insert_rowid();
-        let mut stmt =
-            conn.prepare_cached("SELECT message_id FROM sample WHERE id > ?1 AND id <= ?2")?;
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT message_id FROM \"{table}\" WHERE id > ?1 AND id <= ?2"
+        ))?;
         let ids = stmt.query_map(params![last - inserted as i64, last], |r| {
             r.get::<_, String>(0)
         })?;
@@ -174,9 +279,8 @@ fn insert_chunk(
     Ok(())
 }
 
-/// Expiry deletes in chunks of this many samples, one transaction each, so writers in other
-/// processes wait for one chunk at most.
-const EXPIRY_CHUNK: i64 = 10_000;
+/// How often rollup retention runs (its buckets are an hour or longer).
+const ROLLUP_RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Registry entry point.
 pub fn open_boxed(
@@ -199,6 +303,8 @@ impl SqliteStorage {
             resources: ResourceCache::default(),
             epoch: i64::MIN,
             json_buf: Vec::new(),
+            partitions: Partitions::default(),
+            rollup_retention_at: None,
         };
         storage.connection()?;
         Ok(storage)
@@ -246,7 +352,15 @@ impl SqliteStorage {
     fn clear_caches(&mut self) {
         self.meters.clear();
         self.resources.clear();
+        self.partitions.clear();
         self.epoch = i64::MIN;
+    }
+
+    fn span_us(&self) -> i64 {
+        i64::try_from(self.opts.partition_span_seconds)
+            .unwrap_or(i64::MAX / 1_000_000)
+            .max(1)
+            .saturating_mul(1_000_000)
     }
 
     fn write_batch(
@@ -256,6 +370,7 @@ impl SqliteStorage {
         recorded_at: i64,
         outcome: &mut RecordOutcome,
     ) -> rusqlite::Result<()> {
+        let span = self.span_us();
         let conn = match self.conn.as_mut() {
             Some(c) => c,
             None => return Err(rusqlite::Error::InvalidQuery),
@@ -267,6 +382,7 @@ impl SqliteStorage {
         if epoch != self.epoch {
             self.meters.clear();
             self.resources.clear();
+            self.partitions.clear();
             self.epoch = epoch;
         }
         let mut rows = Vec::with_capacity(valid.len());
@@ -281,54 +397,138 @@ impl SqliteStorage {
                 sample,
             });
         }
-        let mut rest = &rows[..];
-        while !rest.is_empty() {
-            let (size, sql) = insert_statement(rest.len());
-            let (chunk, tail) = rest.split_at(size);
-            insert_chunk(&tx, sql, chunk, recorded_at, outcome)?;
-            rest = tail;
+        if self.partitions.is_empty() {
+            self.partitions = load_partitions(&tx)?;
+        }
+        let mut plan = partition::plan(&self.partitions, rows.iter().map(|r| r.timestamp), span);
+        if plan
+            .iter()
+            .any(|(r, _)| self.partitions.find(r.lo) != Some(*r))
+        {
+            // A chunk this process has not seen: another may have made it since we looked.
+            self.partitions = load_partitions(&tx)?;
+            plan = partition::plan(&self.partitions, rows.iter().map(|r| r.timestamp), span);
+        }
+        let mut part_rows = Vec::with_capacity(rows.len());
+        for (range, positions) in &plan {
+            let table = if self.partitions.find(range.lo) == Some(*range) {
+                range.name("sample_")
+            } else {
+                let name = schema::create_partition(&tx, *range)?;
+                self.partitions.insert(*range);
+                name
+            };
+            part_rows.clear();
+            part_rows.extend(positions.iter().map(|&i| &rows[i]));
+            let mut rest = &part_rows[..];
+            while !rest.is_empty() {
+                let (size, sql) = insert_statement(&table, rest.len());
+                let (chunk, tail) = rest.split_at(size);
+                insert_chunk(&tx, &table, &sql, chunk, recorded_at, outcome)?;
+                rest = tail;
+            }
+        }
+        if !self.opts.rollups.is_empty() {
+            // Only what was inserted: a duplicate never counts twice.
+            outcome.duplicate_indices.sort_unstable();
+            let mut rollup = BatchRollup::default();
+            for r in &rows {
+                if outcome.duplicate_indices.binary_search(&r.index).is_err() {
+                    rollup.add(
+                        &self.opts.rollups,
+                        r.meter_id,
+                        &r.sample.resource_id,
+                        r.timestamp,
+                        r.volume,
+                    );
+                }
+            }
+            write_rollups(&tx, &rollup)?;
         }
         tx.commit()
     }
 
-    fn expire(&mut self, cutoff: i64) -> rusqlite::Result<u64> {
+    /// Retention: drop the chunk tables entirely older than `cutoff`, one per transaction (a
+    /// `DROP TABLE` frees pages without visiting rows, so each holds the write lock for a
+    /// moment whatever its row count); then the resources and meters nothing refers to any
+    /// more, and rollup buckets past their own retention. Returns the samples dropped.
+    fn expire(&mut self, cutoff: i64, now: i64) -> rusqlite::Result<u64> {
         let conn = match self.conn.as_mut() {
             Some(c) => c,
             None => return Err(rusqlite::Error::InvalidQuery),
         };
         let mut total = 0u64;
+        let mut dropped = false;
         loop {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let n = tx.execute(
-                // Per meter, through ix_sample_meter_timestamp.
-                "DELETE FROM sample WHERE id IN
-                   (SELECT id FROM sample WHERE meter_id IN (SELECT id FROM meter)
-                      AND timestamp < ?1 LIMIT ?2)",
-                params![cutoff, EXPIRY_CHUNK],
-            )?;
-            tx.commit()?;
-            total += n as u64;
-            if (n as i64) < EXPIRY_CHUNK {
+            let Some(r) = load_partitions(&tx)?.expired(cutoff).into_iter().next() else {
                 break;
-            }
-        }
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        const ORPHAN: &str =
-            "NOT EXISTS (SELECT 1 FROM sample s WHERE s.resource_id = resource.internal_id)";
-        tx.execute(
-            &format!("DELETE FROM metadata WHERE id IN (SELECT internal_id FROM resource WHERE {ORPHAN})"),
-            [],
-        )?;
-        let resources = tx.execute(&format!("DELETE FROM resource WHERE {ORPHAN}"), [])?;
-        let meters = tx.execute(
-            "DELETE FROM meter WHERE NOT EXISTS (SELECT 1 FROM sample s WHERE s.meter_id = meter.id)",
-            [],
-        )?;
-        if resources + meters > 0 {
-            // Ids may be reused now: every process must forget the ones it cached.
+            };
+            let name = r.name("sample_");
+            // The row count comes from the rowid range (the table's own B-tree), not a scan:
+            // rows are never deleted from a chunk, so max(id) - min(id) + 1 is exact unless two
+            // processes raced for ids, which the write lock excludes.
+            let n: i64 = tx.query_row(
+                &format!("SELECT COALESCE(MAX(id) - MIN(id) + 1, 0) FROM \"{name}\""),
+                [],
+                |row| row.get(0),
+            )?;
+            tx.execute_batch(&format!("DROP TABLE IF EXISTS \"{name}\""))?;
+            tx.execute("DELETE FROM sample_partition WHERE lo = ?1", [r.lo])?;
+            schema::refresh_view(&tx)?;
+            // Other processes must forget the chunk (and, below, the rows that go with it).
             tx.execute("UPDATE cache_epoch SET epoch = epoch + 1", [])?;
+            tx.commit()?;
+            total += n.max(0) as u64;
+            dropped = true;
         }
-        tx.commit()?;
+        if dropped {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let names: Vec<String> = load_partitions(&tx)?
+                .overlapping(None, None)
+                .iter()
+                .map(|r| r.name("sample_"))
+                .collect();
+            // One index probe per resource (or meter) row and chunk.
+            let orphan = |col: &str, outer: &str| -> String {
+                let mut w = String::from("1 = 1");
+                for n in &names {
+                    let _ = write!(
+                        w,
+                        " AND NOT EXISTS (SELECT 1 FROM \"{n}\" s WHERE s.{col} = {outer})"
+                    );
+                }
+                w
+            };
+            let resource_orphan = orphan("resource_id", "resource.internal_id");
+            tx.execute(
+                &format!(
+                    "DELETE FROM metadata WHERE id IN
+                       (SELECT internal_id FROM resource WHERE {resource_orphan})"
+                ),
+                [],
+            )?;
+            tx.execute(&format!("DELETE FROM resource WHERE {resource_orphan}"), [])?;
+            // Meters stay while a rollup refers to them: rollups outlive samples. (A meter's
+            // per-resource buckets always come with its per-meter ones.)
+            tx.execute(
+                &format!(
+                    "DELETE FROM meter WHERE {}
+                       AND NOT EXISTS (SELECT 1 FROM rollup_meter b WHERE b.meter_id = meter.id)",
+                    orphan("meter_id", "meter.id")
+                ),
+                [],
+            )?;
+            tx.execute("UPDATE cache_epoch SET epoch = epoch + 1", [])?;
+            tx.commit()?;
+        }
+        let due = self
+            .rollup_retention_at
+            .map_or(true, |t| t.elapsed() >= ROLLUP_RETENTION_INTERVAL);
+        if due {
+            self.rollup_retention_at = Some(Instant::now());
+            expire_rollups(conn, &self.opts.rollups, now)?;
+        }
         Ok(total)
     }
 
@@ -338,7 +538,17 @@ impl SqliteStorage {
         f: impl FnOnce(&Connection) -> Result<T, query::QueryError>,
     ) -> Result<T, StorageError> {
         let conn = self.connection()?;
-        match f(conn) {
+        // One read transaction: a query reading the chunk list and then the chunks sees one
+        // snapshot (WAL), so a chunk dropped by retention meanwhile is still there for it.
+        let result = match conn.unchecked_transaction() {
+            Ok(tx) => {
+                let r = f(&tx);
+                drop(tx); // rolls back: nothing was written
+                r
+            }
+            Err(e) => Err(query::QueryError::Sql(e)),
+        };
+        match result {
             Ok(v) => Ok(v),
             Err(query::QueryError::Sql(e)) => Err(self.fail(e)),
             Err(query::QueryError::Storage(e)) => Err(e),
@@ -350,8 +560,22 @@ impl Storage for SqliteStorage {
     fn record_metering_data(&mut self, batch: &[Sample]) -> Result<RecordOutcome, StorageError> {
         let mut outcome = RecordOutcome::default();
         let mut valid = Vec::with_capacity(batch.len());
+        let now = to_micros(OffsetDateTime::now_utc());
+        let too_old = self.opts.time_to_live_seconds.map(|ttl| {
+            now.saturating_sub(
+                i64::try_from(ttl)
+                    .unwrap_or(i64::MAX)
+                    .saturating_mul(1_000_000),
+            )
+        });
         for (i, s) in batch.iter().enumerate() {
             match validate(s) {
+                Ok(ts) if too_old.is_some_and(|cutoff| ts < cutoff) => {
+                    outcome
+                        .rejected
+                        .push((i, crate::EXPIRED_REASON.to_string()));
+                    outcome.expired += 1;
+                }
                 Ok(ts) => valid.push((i, ts)),
                 Err(reason) => outcome.rejected.push((i, reason)),
             }
@@ -359,7 +583,7 @@ impl Storage for SqliteStorage {
         if valid.is_empty() {
             return Ok(outcome);
         }
-        let recorded_at = to_micros(OffsetDateTime::now_utc());
+        let recorded_at = now;
         self.connection()?;
         if let Err(e) = self.write_batch(batch, &valid, recorded_at, &mut outcome) {
             return Err(self.fail(e));
@@ -385,7 +609,17 @@ impl Storage for SqliteStorage {
         filter: &SampleFilter,
         period: Option<u64>,
     ) -> Result<Vec<Statistics>, StorageError> {
-        self.read(|c| query::statistics(c, filter, period))
+        Ok(self.get_meter_statistics_from(filter, period)?.0)
+    }
+
+    fn get_meter_statistics_from(
+        &mut self,
+        filter: &SampleFilter,
+        period: Option<u64>,
+    ) -> Result<(Vec<Statistics>, crate::StatsSource), StorageError> {
+        let levels = self.opts.rollups.clone();
+        let now = to_micros(OffsetDateTime::now_utc());
+        self.read(|c| query::statistics_from(c, filter, period, &levels, now))
     }
 
     fn clear_expired_metering_data(&mut self, ttl_seconds: u64) -> Result<u64, StorageError> {
@@ -393,13 +627,65 @@ impl Storage for SqliteStorage {
             .ok()
             .and_then(|s| s.checked_mul(1_000_000))
             .unwrap_or(i64::MAX);
-        let cutoff = to_micros(OffsetDateTime::now_utc()).saturating_sub(ttl_us);
+        let now = to_micros(OffsetDateTime::now_utc());
+        let cutoff = now.saturating_sub(ttl_us);
         self.connection()?;
-        match self.expire(cutoff) {
+        match self.expire(cutoff, now) {
             Ok(n) => Ok(n),
             Err(e) => Err(self.fail(e)),
         }
     }
+}
+
+/// The chunk tables listed in `sample_partition`.
+fn load_partitions(conn: &Connection) -> rusqlite::Result<Partitions> {
+    let mut stmt = conn.prepare_cached("SELECT lo, hi FROM sample_partition")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(partition::Range {
+            lo: r.get(0)?,
+            hi: r.get(1)?,
+        })
+    })?;
+    Ok(Partitions::from_ranges(
+        rows.collect::<rusqlite::Result<Vec<_>>>()?,
+    ))
+}
+
+/// Delete rollup buckets older than their granularity's retention: per meter (a range on each
+/// meter's key), then per-resource buckets one bucket (every series' row for that hour or day)
+/// per transaction, oldest first, so the write lock is held briefly however much is due.
+fn expire_rollups(
+    conn: &mut Connection,
+    levels: &[rollup::Granularity],
+    now: i64,
+) -> rusqlite::Result<()> {
+    for g in levels.iter().filter(|g| g.retention_seconds > 0) {
+        let keep = i64::try_from(g.retention_seconds)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1_000_000);
+        let cutoff = now.saturating_sub(keep);
+        let gran = g.seconds as i64;
+        conn.execute(
+            "DELETE FROM rollup_meter WHERE meter_id IN (SELECT id FROM meter)
+               AND granularity = ?1 AND bucket < ?2",
+            params![gran, cutoff],
+        )?;
+        loop {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let oldest: Option<i64> = tx
+                .prepare_cached("SELECT MIN(bucket) FROM rollup_resource WHERE granularity = ?1")?
+                .query_row([gran], |r| r.get(0))?;
+            let Some(bucket) = oldest.filter(|b| *b < cutoff) else {
+                break;
+            };
+            tx.prepare_cached(
+                "DELETE FROM rollup_resource WHERE granularity = ?1 AND bucket = ?2",
+            )?
+            .execute(params![gran, bucket])?;
+            tx.commit()?;
+        }
+    }
+    Ok(())
 }
 
 /// The sample's UTC timestamp in microseconds, or why it cannot be stored.
@@ -556,8 +842,19 @@ fn connect(
         // rows per sample cost ~15 % of insert throughput, and the ids come from lookups made
         // under the batch's write lock (see the cache epoch), so they cannot dangle.
         conn.pragma_update(None, "foreign_keys", false)?;
-        conn.set_prepared_statement_cache_capacity(32);
-        schema::migrate(conn)
+        // Four insert sizes per chunk table in use, the rollup upserts, the queries.
+        conn.set_prepared_statement_cache_capacity(64);
+        let span_us = i64::try_from(opts.partition_span_seconds)
+            .unwrap_or(i64::MAX / 1_000_000)
+            .max(1)
+            .saturating_mul(1_000_000);
+        schema::migrate(
+            conn,
+            &schema::Layout {
+                span_us,
+                rollups: &opts.rollups,
+            },
+        )
     };
     match setup(&mut conn) {
         Ok(()) => Ok(conn),

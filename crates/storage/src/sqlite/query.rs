@@ -23,7 +23,69 @@ impl From<rusqlite::Error> for QueryError {
 
 type Result<T> = std::result::Result<T, QueryError>;
 
-use crate::model::SAMPLE_FROM as FROM;
+use crate::partition::Range;
+use crate::rollup::{self, BucketRow, Granularity};
+use crate::StatsSource;
+
+use super::schema::NO_SAMPLES;
+
+/// The chunk tables overlapping the filter's time range, oldest first.
+fn partitions(conn: &Connection, filter: &SampleFilter) -> Result<Vec<Range>> {
+    let mut stmt = conn.prepare_cached("SELECT lo, hi FROM sample_partition ORDER BY lo")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Range {
+            lo: r.get(0)?,
+            hi: r.get(1)?,
+        })
+    })?;
+    let (start, end) = (filter.start.map(to_micros), filter.end.map(to_micros));
+    let mut out = Vec::new();
+    for r in rows {
+        let r = r?;
+        if r.overlaps(start, end) {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// `FROM` the given chunks as one table `s`, joined with meter `m` and resource `r`.
+fn from(parts: &[Range]) -> String {
+    let union = if parts.is_empty() {
+        NO_SAMPLES.to_string()
+    } else {
+        parts
+            .iter()
+            .map(|p| format!("SELECT * FROM \"{}\"", p.name("sample_")))
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ")
+    };
+    format!(
+        " FROM ({union}) s
+    JOIN meter m ON m.id = s.meter_id
+    JOIN resource r ON r.internal_id = s.resource_id"
+    )
+}
+
+/// `FROM` one chunk table as `s`, joined as [`from`] does. With a resource id in the filter
+/// the join starts from its resource rows (`CROSS JOIN` fixes SQLite's join order): that
+/// resource's samples through `(resource_id, timestamp)` are a few hundred a day, where the
+/// planner's own choice walked every sample of the meter (`EXPLAIN QUERY PLAN`).
+fn from_one(part: &Range, filter: &SampleFilter) -> String {
+    let name = part.name("sample_");
+    if filter.resource_id.is_some() {
+        format!(
+            " FROM resource r CROSS JOIN \"{name}\" s ON s.resource_id = r.internal_id
+    JOIN meter m ON m.id = s.meter_id"
+        )
+    } else {
+        format!(
+            " FROM \"{name}\" s
+    JOIN meter m ON m.id = s.meter_id
+    JOIN resource r ON r.internal_id = s.resource_id"
+        )
+    }
+}
 
 /// A `WHERE` clause and its parameters, in textual order.
 struct Where {
@@ -112,21 +174,33 @@ fn counter_type_at(text: &str) -> Result<meter::CounterType> {
         .ok_or_else(|| corrupt(format!("unknown stored counter type {text:?}")))
 }
 
+/// Newest first: chunk by chunk from the newest, each chunk's rows through its own indexes,
+/// until the limit is reached (chunks do not overlap in time, so the order holds).
 pub fn samples(conn: &Connection, filter: &SampleFilter) -> Result<Vec<StoredSample>> {
-    let mut w = Where::new(filter);
-    let sql = format!(
-        "SELECT r.source_id, m.name, m.type, m.unit, s.volume, r.user_id, r.project_id,
-                r.resource_id, s.timestamp, s.recorded_at, r.resource_metadata, s.message_id,
-                s.message_signature
-         {FROM}{} ORDER BY s.timestamp DESC, s.id DESC LIMIT ?",
-        w.sql
-    );
-    w.params.push(SqlValue::Integer(limit(filter)));
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let mut rows = stmt.query(params_from_iter(w.params.iter()))?;
+    let w = Where::new(filter);
     let mut out = Vec::new();
-    while let Some(row) = rows.next()? {
-        out.push(sample_row(row)?);
+    let want = filter.limit;
+    for part in partitions(conn, filter)?.iter().rev() {
+        let left = match want {
+            Some(n) if out.len() >= n => break,
+            Some(n) => i64::try_from(n - out.len()).unwrap_or(i64::MAX),
+            None => -1,
+        };
+        let sql = format!(
+            "SELECT r.source_id, m.name, m.type, m.unit, s.volume, r.user_id, r.project_id,
+                    r.resource_id, s.timestamp, s.recorded_at, r.resource_metadata, s.message_id,
+                    s.message_signature
+             {}{} ORDER BY s.timestamp DESC, s.id DESC LIMIT ?",
+            from_one(part, filter),
+            w.sql
+        );
+        let mut params = w.params.clone();
+        params.push(SqlValue::Integer(left));
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query(params_from_iter(params.iter()))?;
+        while let Some(row) = rows.next()? {
+            out.push(sample_row(row)?);
+        }
     }
     Ok(out)
 }
@@ -151,10 +225,11 @@ fn sample_row(row: &Row<'_>) -> Result<StoredSample> {
 
 pub fn meters(conn: &Connection, filter: &SampleFilter) -> Result<Vec<MeterInfo>> {
     let mut w = Where::new(filter);
+    let from = from(&partitions(conn, filter)?);
     let sql = format!(
         "SELECT DISTINCT m.name, m.type, m.unit, r.resource_id, r.project_id, r.user_id,
                 r.source_id
-         {FROM}{}
+         {from}{}
          ORDER BY m.name, m.type, m.unit, r.resource_id, r.project_id, r.user_id, r.source_id
          LIMIT ?",
         w.sql
@@ -179,6 +254,7 @@ pub fn meters(conn: &Connection, filter: &SampleFilter) -> Result<Vec<MeterInfo>
 
 pub fn resources(conn: &Connection, filter: &SampleFilter) -> Result<Vec<ResourceInfo>> {
     let mut w = Where::new(filter);
+    let from = from(&partitions(conn, filter)?);
     // Per resource id: the span of its matching samples, and owner/metadata of the newest one
     // (a resource id has one row per metadata version it was seen with).
     let sql = format!(
@@ -188,7 +264,7 @@ pub fn resources(conn: &Connection, filter: &SampleFilter) -> Result<Vec<Resourc
                   MIN(s.timestamp) OVER w AS first, MAX(s.timestamp) OVER w AS last,
                   ROW_NUMBER() OVER (PARTITION BY r.resource_id
                                      ORDER BY s.timestamp DESC, s.id DESC) AS rn
-           {FROM}{}
+           {from}{}
            WINDOW w AS (PARTITION BY r.resource_id)
          )
          WHERE rn = 1 ORDER BY resource_id LIMIT ?",
@@ -264,6 +340,144 @@ fn stats_of(
     })
 }
 
+/// Statistics from the coarsest rollup that is exact for the query, else from the samples.
+pub fn statistics_from(
+    conn: &Connection,
+    filter: &SampleFilter,
+    period: Option<u64>,
+    levels: &[Granularity],
+    now: i64,
+) -> Result<(Vec<Statistics>, StatsSource)> {
+    let usable = usable_levels(conn, filter, levels)?;
+    match rollup::exact_granularity(&usable, filter, period, now) {
+        Some(g) => Ok((from_rollup(conn, filter, period, &g)?, rollup::source(&g))),
+        None => Ok((statistics(conn, filter, period)?, StatsSource::Raw)),
+    }
+}
+
+/// The configured levels whose rollups are complete from the filter's start on.
+fn usable_levels(
+    conn: &Connection,
+    filter: &SampleFilter,
+    levels: &[Granularity],
+) -> Result<Vec<Granularity>> {
+    let Some(start) = filter.start.map(to_micros) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    let mut stmt =
+        conn.prepare_cached("SELECT complete_from FROM rollup_level WHERE granularity = ?1")?;
+    for g in levels {
+        let from: Option<i64> = stmt
+            .query_row([g.seconds as i64], |r| r.get(0))
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })?;
+        if from.is_some_and(|f| f <= start) {
+            out.push(*g);
+        }
+    }
+    Ok(out)
+}
+
+fn from_rollup(
+    conn: &Connection,
+    filter: &SampleFilter,
+    period: Option<u64>,
+    g: &Granularity,
+) -> Result<Vec<Statistics>> {
+    let mut sql = String::new();
+    let mut params = vec![SqlValue::Integer(g.seconds as i64)];
+    if let (Some(res), Some(start)) = (&filter.resource_id, filter.start) {
+        // rollup_resource is keyed by time first: enumerate the buckets of the range and seek
+        // each (one index seek per bucket and meter row), rather than scan every series.
+        let step = g.micros();
+        let end = match filter.end {
+            Some(e) => to_micros(e),
+            None => {
+                let last: Option<i64> = conn
+                    .prepare_cached(
+                        "SELECT MAX(bucket) FROM rollup_resource WHERE granularity = ?1",
+                    )?
+                    .query_row([g.seconds as i64], |r| r.get(0))?;
+                last.map_or(to_micros(start), |b| b.saturating_add(step))
+            }
+        };
+        params.push(SqlValue::Integer(to_micros(start)));
+        params.push(SqlValue::Integer(end));
+        params.push(SqlValue::Integer(step));
+        params.push(SqlValue::Text(res.clone()));
+        sql.push_str(
+            "WITH RECURSIVE t(bucket) AS (
+                 SELECT ?2 WHERE ?2 < ?3
+                 UNION ALL SELECT bucket + ?4 FROM t WHERE bucket + ?4 < ?3)
+             SELECT b.bucket, m.unit, b.count, b.sum, b.min, b.max, b.first, b.last
+               FROM t CROSS JOIN meter m CROSS JOIN rollup_resource b
+              WHERE b.granularity = ?1 AND b.bucket = t.bucket AND b.meter_id = m.id
+                AND b.resource_id = ?5",
+        );
+        if let Some(meter) = &filter.meter {
+            params.push(SqlValue::Text(meter.clone()));
+            sql.push_str(&format!(" AND m.name = ?{}", params.len()));
+        }
+        return fold_rollup(conn, &sql, params, filter, period);
+    }
+    sql.push_str("SELECT b.bucket, m.unit, b.count, b.sum, b.min, b.max, b.first, b.last FROM ");
+    if let Some(res) = &filter.resource_id {
+        // Without a start (not exact, so not reached): scan the series' rows.
+        sql.push_str(
+            "meter m JOIN rollup_resource b ON b.meter_id = m.id AND b.resource_id = ?2
+             WHERE b.granularity = ?1",
+        );
+        params.push(SqlValue::Text(res.clone()));
+    } else {
+        sql.push_str("meter m JOIN rollup_meter b ON b.meter_id = m.id WHERE b.granularity = ?1");
+    }
+    if let Some(meter) = &filter.meter {
+        params.push(SqlValue::Text(meter.clone()));
+        sql.push_str(&format!(" AND m.name = ?{}", params.len()));
+    }
+    if let Some(start) = filter.start {
+        params.push(SqlValue::Integer(to_micros(start)));
+        sql.push_str(&format!(" AND b.bucket >= ?{}", params.len()));
+    }
+    if let Some(end) = filter.end {
+        params.push(SqlValue::Integer(to_micros(end)));
+        sql.push_str(&format!(" AND b.bucket < ?{}", params.len()));
+    }
+    fold_rollup(conn, &sql, params, filter, period)
+}
+
+/// Run a rollup query (bucket, unit, count, sum, min, max, first, last) and fold its rows.
+fn fold_rollup(
+    conn: &Connection,
+    sql: &str,
+    params: Vec<SqlValue>,
+    filter: &SampleFilter,
+    period: Option<u64>,
+) -> Result<Vec<Statistics>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut rows = stmt.query(params_from_iter(params.iter()))?;
+    let mut buckets = Vec::new();
+    while let Some(row) = rows.next()? {
+        buckets.push(BucketRow {
+            bucket: row.get(0)?,
+            unit: row.get(1)?,
+            agg: rollup::Agg {
+                count: row.get::<_, i64>(2)?.max(0) as u64,
+                sum: row.get(3)?,
+                min: row.get(4)?,
+                max: row.get(5)?,
+                first: row.get(6)?,
+                last: row.get(7)?,
+            },
+        });
+    }
+    rollup::statistics(buckets, filter, period).map_err(QueryError::Storage)
+}
+
 pub fn statistics(
     conn: &Connection,
     filter: &SampleFilter,
@@ -271,10 +485,11 @@ pub fn statistics(
 ) -> Result<Vec<Statistics>> {
     let w = Where::new(filter);
     let period = period.filter(|p| *p > 0);
+    let from = from(&partitions(conn, filter)?);
     let Some(period) = period else {
         // One bucket per unit over the filter's range (or the samples' span where it is open).
         let sql = format!(
-            "SELECT {AGGREGATES}{FROM}{} GROUP BY m.unit ORDER BY m.unit",
+            "SELECT {AGGREGATES}{from}{} GROUP BY m.unit ORDER BY m.unit",
             w.sql
         );
         let mut stmt = conn.prepare_cached(&sql)?;
@@ -308,7 +523,7 @@ pub fn statistics(
     let anchor = match filter.start {
         Some(t) => to_micros(t),
         None => {
-            let sql = format!("SELECT MIN(s.timestamp){FROM}{}", w.sql);
+            let sql = format!("SELECT MIN(s.timestamp){from}{}", w.sql);
             let first: Option<i64> = conn
                 .prepare_cached(&sql)?
                 .query_row(params_from_iter(w.params.iter()), |r| r.get(0))?;
@@ -320,7 +535,7 @@ pub fn statistics(
     };
     // timestamp >= anchor, so the integer division is a floor.
     let sql = format!(
-        "SELECT (s.timestamp - ?) / ? AS bucket, {AGGREGATES}{FROM}{} AND s.timestamp >= ?
+        "SELECT (s.timestamp - ?) / ? AS bucket, {AGGREGATES}{from}{} AND s.timestamp >= ?
          GROUP BY bucket, m.unit ORDER BY bucket, m.unit",
         w.sql
     );

@@ -4,13 +4,19 @@
 //! Every open brings the file up to date inside one `BEGIN IMMEDIATE` transaction, so when
 //! several worker processes open a fresh file at once exactly one of them migrates and the
 //! others find the work done. A file migrated by a newer build is refused rather than guessed at.
+//!
+//! Version 2 partitions samples by time: the `sample` table of version 1 gives way to chunk
+//! tables (`sample_<lo>`, listed in `sample_partition`), and rollups are added; a version 1 file
+//! is converted in place (its samples moved into chunks, its rollups computed from them).
 
+use crate::partition::{floor_to, Range};
+use crate::rollup::Granularity;
 use crate::StorageError;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 /// Version 1: ceilometer's normalized model (meter, resource, sample) plus typed, flattened
 /// resource metadata and the cache epoch. See docs/storage.md for the reasoning per column.
-const V1: &str = "
+pub const V1: &str = "
 CREATE TABLE meter (
     id    INTEGER PRIMARY KEY,
     name  TEXT NOT NULL,
@@ -64,8 +70,231 @@ CREATE TABLE cache_epoch (epoch INTEGER NOT NULL);
 INSERT INTO cache_epoch (epoch) VALUES (0);
 ";
 
+/// Version 2: time-partitioned samples and rollups. The chunk tables are made by
+/// [`create_partition`]; this adds their registry and the rollup tables.
+const V2: &str = "
+-- One row per chunk table: samples with lo <= timestamp < hi (microseconds) live in `name`.
+CREATE TABLE sample_partition (
+    lo   INTEGER PRIMARY KEY,
+    hi   INTEGER NOT NULL,
+    name TEXT NOT NULL UNIQUE
+);
+
+-- Pre-aggregated statistics per meter row and per (meter row, resource id), in UTC-aligned
+-- buckets of `granularity` seconds starting at `bucket` (microseconds). A meter's buckets over
+-- a time range are one index range. Per resource there are as many series as resources times
+-- meters, so that table is keyed by time first: new buckets are written at the end of the
+-- index (pages in cache, like a chunk's), retention is a range delete, and a series is read
+-- with one seek per bucket.
+CREATE TABLE rollup_meter (
+    meter_id    INTEGER NOT NULL,
+    granularity INTEGER NOT NULL,
+    bucket      INTEGER NOT NULL,
+    count       INTEGER NOT NULL,
+    sum         REAL NOT NULL,
+    min         REAL NOT NULL,
+    max         REAL NOT NULL,
+    first       INTEGER NOT NULL,
+    last        INTEGER NOT NULL,
+    PRIMARY KEY (meter_id, granularity, bucket)
+) WITHOUT ROWID;
+CREATE TABLE rollup_resource (
+    meter_id    INTEGER NOT NULL,
+    resource_id TEXT NOT NULL,    -- the resource id itself: rollups outlive resource rows
+    granularity INTEGER NOT NULL,
+    bucket      INTEGER NOT NULL,
+    count       INTEGER NOT NULL,
+    sum         REAL NOT NULL,
+    min         REAL NOT NULL,
+    max         REAL NOT NULL,
+    first       INTEGER NOT NULL,
+    last        INTEGER NOT NULL,
+    PRIMARY KEY (granularity, bucket, meter_id, resource_id)
+) WITHOUT ROWID;
+-- The granularities rollups are kept at, and from which bucket on each is complete (a
+-- granularity configured later does not cover samples stored before).
+CREATE TABLE rollup_level (
+    granularity INTEGER PRIMARY KEY,
+    complete_from INTEGER NOT NULL
+);
+";
+
+/// What a migration needs to know beyond the SQL: the partition span and rollup levels.
+pub struct Layout<'a> {
+    pub span_us: i64,
+    pub rollups: &'a [Granularity],
+}
+
+/// One migration step.
+type Step = fn(&Transaction<'_>, &Layout<'_>) -> rusqlite::Result<()>;
+
+fn v1(tx: &Transaction<'_>, _: &Layout<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(V1)
+}
+
+/// Version 1 → 2: move the samples into chunk tables, compute the rollups, drop `sample`.
+fn v2(tx: &Transaction<'_>, layout: &Layout<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(V2)?;
+    let span = layout.span_us.max(1);
+    let los: Vec<i64> = {
+        // Per span, through ix_sample_meter_timestamp per meter.
+        let mut stmt = tx.prepare(
+            "SELECT DISTINCT timestamp - ((timestamp % ?1) + ?1) % ?1 FROM sample
+              WHERE meter_id IN (SELECT id FROM meter) ORDER BY 1",
+        )?;
+        let rows = stmt.query_map([span], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    for lo in los {
+        let r = Range { lo, hi: lo + span };
+        let name = create_partition(tx, r)?;
+        tx.execute(
+            &format!(
+                "INSERT INTO \"{name}\" SELECT * FROM sample
+                  WHERE meter_id IN (SELECT id FROM meter) AND timestamp >= ?1 AND timestamp < ?2
+                  ORDER BY id"
+            ),
+            params![r.lo, r.hi],
+        )?;
+        for g in layout.rollups {
+            rollup_from_partition(tx, &name, g)?;
+        }
+    }
+    for g in layout.rollups {
+        tx.execute(
+            "INSERT OR IGNORE INTO rollup_level (granularity, complete_from) VALUES (?1, ?2)",
+            params![g.seconds as i64, i64::MIN],
+        )?;
+    }
+    tx.execute_batch("DROP TABLE sample")?;
+    refresh_view(tx)
+}
+
+/// The view `sample`: every chunk table as one, for readers outside the driver (the
+/// `sqlite3` shell, scripts, tests) that knew version 1's table. Remade whenever a chunk is
+/// created or dropped (a schema change: other connections re-prepare once).
+pub fn refresh_view(conn: &Connection) -> rusqlite::Result<()> {
+    let table: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'sample' AND type = 'table')",
+        [],
+        |r| r.get(0),
+    )?;
+    if table {
+        // Version 1's table, mid-migration: the view replaces it once it is dropped.
+        return Ok(());
+    }
+    let names: Vec<String> = {
+        let mut stmt = conn.prepare_cached("SELECT name FROM sample_partition ORDER BY lo")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let body = if names.is_empty() {
+        NO_SAMPLES.to_string()
+    } else {
+        names
+            .iter()
+            .map(|n| format!("SELECT * FROM \"{n}\""))
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ")
+    };
+    conn.execute_batch(&format!(
+        "DROP VIEW IF EXISTS sample; CREATE VIEW sample AS {body};"
+    ))
+}
+
+/// The columns of every chunk table, for an empty stand-in when there is no chunk.
+pub const NO_SAMPLES: &str = "SELECT 0 AS id, 0 AS meter_id, 0 AS resource_id, 0.0 AS volume,
+    0 AS timestamp, 0 AS recorded_at, '' AS message_id, NULL AS message_signature WHERE 0";
+
+/// Fold every sample of a chunk table into the rollups of granularity `g` (migration).
+fn rollup_from_partition(
+    tx: &Transaction<'_>,
+    name: &str,
+    g: &Granularity,
+) -> rusqlite::Result<()> {
+    let upd = "count = count + excluded.count, sum = sum + excluded.sum,
+               min = min(min, excluded.min), max = max(max, excluded.max),
+               first = min(first, excluded.first), last = max(last, excluded.last)";
+    let bucket = "s.timestamp - ((s.timestamp % ?2) + ?2) % ?2";
+    tx.execute(
+        &format!(
+            "INSERT INTO rollup_meter
+               SELECT s.meter_id, ?1, {bucket}, COUNT(*), SUM(s.volume), MIN(s.volume),
+                      MAX(s.volume), MIN(s.timestamp), MAX(s.timestamp)
+                 FROM \"{name}\" s WHERE true GROUP BY s.meter_id, 3
+             ON CONFLICT (meter_id, granularity, bucket) DO UPDATE SET {upd}"
+        ),
+        params![g.seconds as i64, g.micros()],
+    )?;
+    tx.execute(
+        &format!(
+            "INSERT INTO rollup_resource
+               SELECT s.meter_id, r.resource_id, ?1, {bucket}, COUNT(*), SUM(s.volume),
+                      MIN(s.volume), MAX(s.volume), MIN(s.timestamp), MAX(s.timestamp)
+                 FROM \"{name}\" s JOIN resource r ON r.internal_id = s.resource_id
+                WHERE true GROUP BY s.meter_id, r.resource_id, 4
+             ON CONFLICT (granularity, bucket, meter_id, resource_id) DO UPDATE SET {upd}"
+        ),
+        params![g.seconds as i64, g.micros()],
+    )?;
+    Ok(())
+}
+
+/// Create the chunk table for `r` (if missing) and register it; returns its name.
+pub fn create_partition(tx: &Connection, r: Range) -> rusqlite::Result<String> {
+    let name = r.name("sample_");
+    tx.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS \"{name}\" (
+             id                INTEGER PRIMARY KEY,
+             meter_id          INTEGER NOT NULL,
+             resource_id       INTEGER NOT NULL,
+             volume            REAL NOT NULL,
+             timestamp         INTEGER NOT NULL,
+             recorded_at       INTEGER NOT NULL,
+             message_id        TEXT NOT NULL UNIQUE,
+             message_signature TEXT
+         );
+         CREATE INDEX IF NOT EXISTS \"ix_{name}_meter_timestamp\" ON \"{name}\" (meter_id, timestamp);
+         CREATE INDEX IF NOT EXISTS \"ix_{name}_resource_timestamp\" ON \"{name}\" (resource_id, timestamp);"
+    ))?;
+    let added = tx.execute(
+        "INSERT OR IGNORE INTO sample_partition (lo, hi, name) VALUES (?1, ?2, ?3)",
+        params![r.lo, r.hi, name],
+    )?;
+    if added > 0 {
+        refresh_view(tx)?;
+    }
+    Ok(name)
+}
+
 /// Applied in order; entry `i` takes a file from version `i` to `i + 1`. Append only.
-pub const MIGRATIONS: &[&str] = &[V1];
+pub const MIGRATIONS: &[Step] = &[v1, v2];
+
+/// The rollup levels of `layout` missing from `rollup_level` are added, complete from the
+/// bucket after the newest sample's (samples stored before were not counted at that level).
+pub fn register_rollup_levels(conn: &Connection, layout: &Layout<'_>) -> rusqlite::Result<()> {
+    for g in layout.rollups {
+        let known: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM rollup_level WHERE granularity = ?1)",
+            [g.seconds as i64],
+            |r| r.get(0),
+        )?;
+        if known {
+            continue;
+        }
+        let newest: Option<i64> =
+            conn.query_row("SELECT MAX(last) FROM rollup_meter", [], |r| r.get(0))?;
+        let from = match newest {
+            Some(ts) => floor_to(ts, g.micros()).saturating_add(g.micros()),
+            None => i64::MIN,
+        };
+        conn.execute(
+            "INSERT OR IGNORE INTO rollup_level (granularity, complete_from) VALUES (?1, ?2)",
+            params![g.seconds as i64, from],
+        )?;
+    }
+    Ok(())
+}
 
 /// The version this build writes.
 pub fn current_version() -> i64 {
@@ -87,9 +316,14 @@ fn read_version(conn: &Connection) -> rusqlite::Result<Option<i64>> {
 
 /// Bring the file to [`current_version`]. Errors are rusqlite's or
 /// [`StorageError::SchemaTooNew`]; the caller maps the former.
-pub fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
+pub fn migrate(conn: &mut Connection, layout: &Layout<'_>) -> Result<(), MigrateError> {
     // Common case first, without taking the write lock: already up to date.
     if read_version(conn)? == Some(current_version()) {
+        if missing_levels(conn, layout)? {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            register_rollup_levels(&tx, layout)?;
+            tx.commit()?;
+        }
         return Ok(());
     }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -107,16 +341,32 @@ pub fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
             supported: current_version(),
         }));
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
         log::info!("sqlite: migrating schema to version {}", i + 1);
-        tx.execute_batch(sql)?;
+        step(&tx, layout)?;
     }
+    register_rollup_levels(&tx, layout)?;
     tx.execute(
         "UPDATE schema_version SET version = ?1",
         [current_version()],
     )?;
     tx.commit()?;
     Ok(())
+}
+
+fn missing_levels(conn: &Connection, layout: &Layout<'_>) -> rusqlite::Result<bool> {
+    let n: i64 = conn.query_row("SELECT COUNT(*) FROM rollup_level", [], |r| r.get(0))?;
+    if n as usize >= layout.rollups.len() {
+        let mut stmt = conn.prepare_cached("SELECT granularity FROM rollup_level")?;
+        let have: Vec<i64> = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        return Ok(layout
+            .rollups
+            .iter()
+            .any(|g| !have.contains(&(g.seconds as i64))));
+    }
+    Ok(true)
 }
 
 /// Failure of [`migrate`].
@@ -139,15 +389,20 @@ mod tests {
     #[test]
     fn migrates_once_and_refuses_newer_files() {
         let mut conn = Connection::open_in_memory().unwrap();
-        migrate(&mut conn).unwrap();
-        migrate(&mut conn).unwrap();
+        let rollups = crate::rollup::default_granularities();
+        let layout = Layout {
+            span_us: crate::partition::DAY_US,
+            rollups: &rollups,
+        };
+        migrate(&mut conn, &layout).unwrap();
+        migrate(&mut conn, &layout).unwrap();
         let v: i64 = conn
             .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, current_version());
         conn.execute("UPDATE schema_version SET version = 99", [])
             .unwrap();
-        match migrate(&mut conn) {
+        match migrate(&mut conn, &layout) {
             Err(MigrateError::TooNew(StorageError::SchemaTooNew { found: 99, .. })) => {}
             other => panic!("expected SchemaTooNew, got {other:?}"),
         }

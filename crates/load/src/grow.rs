@@ -1,0 +1,291 @@
+//! The growth run (`collector-load grow`) and the probes run on the grown store (`query`,
+//! `expire`).
+//!
+//! `grow` sends a [`Fleet`]'s samples (ceilometer-shaped: uuid1 `message_id`s, thousands of
+//! resources, days of timestamps in order) as `record_metering_data` calls of `batch` samples
+//! over one connection, a few in flight, generated and signed on a thread of their own while
+//! earlier calls are answered; it reports stored/s per window of acked samples, so a store that
+//! slows as it fills shows it. `query` times statistics and `samples` through the storage crate
+//! against the grown database; `expire` times `clear_expired_metering_data` while a probe keeps
+//! sending calls to the daemon and records how long each waited.
+
+use crate::rpc::{encode_request, parse_response, Ack};
+use crate::samples::Fleet;
+use anyhow::{bail, Context, Result};
+use meter::decode::{read_value, DecodeError, Limits};
+use serde_json::{json, Value as Json};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// One connection to the daemon's RPC port: send requests, read answers in order.
+struct Rpc {
+    writer: TcpStream,
+    reader: TcpStream,
+    buf: Vec<u8>,
+    chunk: Vec<u8>,
+}
+
+impl Rpc {
+    fn connect(to: SocketAddr) -> Result<Rpc> {
+        let s = TcpStream::connect(to).with_context(|| format!("connect to {to}"))?;
+        s.set_nodelay(true)?;
+        let reader = s.try_clone()?;
+        reader.set_read_timeout(Some(Duration::from_secs(120)))?;
+        Ok(Rpc {
+            writer: s,
+            reader,
+            buf: Vec::with_capacity(1 << 16),
+            chunk: vec![0; 1 << 16],
+        })
+    }
+
+    fn send(&mut self, request: &[u8]) -> Result<()> {
+        self.writer.write_all(request).context("send request")
+    }
+
+    fn answer(&mut self) -> Result<Ack> {
+        let limits = Limits::default();
+        loop {
+            match read_value(&self.buf, &limits) {
+                Ok((v, used)) => {
+                    self.buf.drain(..used);
+                    return parse_response(&v);
+                }
+                Err(DecodeError::Incomplete) => {}
+                Err(e) => bail!("undecodable response: {e}"),
+            }
+            let n = self.reader.read(&mut self.chunk).context("read response")?;
+            if n == 0 {
+                bail!("the collector closed the connection");
+            }
+            self.buf.extend_from_slice(&self.chunk[..n]);
+        }
+    }
+}
+
+/// Requests of `batch` fleet samples `range`, built on a thread of their own.
+fn requests(
+    fleet: Fleet,
+    secret: String,
+    range: std::ops::Range<u64>,
+    batch: u64,
+) -> mpsc::Receiver<(Vec<u8>, usize)> {
+    let (tx, rx) = mpsc::sync_channel(16);
+    std::thread::spawn(move || {
+        let mut msgid = 0u32;
+        let mut i = range.start;
+        let mut body = Vec::new();
+        while i < range.end {
+            let end = (i + batch).min(range.end);
+            body.clear();
+            for k in i..end {
+                meter::encode::encode_value(&fleet.sample(k, &secret), &mut body);
+            }
+            let mut req = Vec::with_capacity(body.len() + 32);
+            encode_request(&mut req, msgid, (end - i) as usize, &body);
+            if tx.send((req, (end - i) as usize)).is_err() {
+                return;
+            }
+            msgid = msgid.wrapping_add(1);
+            i = end;
+        }
+    });
+    rx
+}
+
+pub struct GrowOptions {
+    pub to: SocketAddr,
+    pub fleet: Fleet,
+    pub count: u64,
+    pub batch: u64,
+    pub depth: usize,
+    pub windows: u64,
+    pub secret: String,
+}
+
+/// Send the fleet's first `count` samples; stored/s per window of `count / windows` acked
+/// samples.
+pub fn grow(o: &GrowOptions) -> Result<Json> {
+    let rx = requests(o.fleet, o.secret.clone(), 0..o.count, o.batch.max(1));
+    let mut rpc = Rpc::connect(o.to)?;
+    let window = (o.count / o.windows.max(1)).max(1);
+    let mut in_flight = std::collections::VecDeque::new();
+    let (mut acked, mut stored, mut dups, mut errors) = (0u64, 0u64, 0u64, 0u64);
+    let (mut max_wait, mut window_start, mut window_stored) = (Duration::ZERO, Instant::now(), 0);
+    let mut windows = Vec::new();
+    let started = Instant::now();
+    let mut gen_wait = Duration::ZERO;
+    loop {
+        while in_flight.len() < o.depth.max(1) {
+            let t = Instant::now();
+            let Ok((req, n)) = rx.recv() else { break };
+            gen_wait += t.elapsed();
+            rpc.send(&req)?;
+            in_flight.push_back((Instant::now(), n));
+        }
+        let Some((sent, n)) = in_flight.pop_front() else {
+            break;
+        };
+        let ack = rpc.answer()?;
+        max_wait = max_wait.max(sent.elapsed());
+        if ack.error {
+            errors += 1;
+        }
+        acked += n as u64;
+        stored += ack.stored;
+        dups += ack.duplicates;
+        window_stored += ack.stored;
+        if acked / window > (acked - n as u64) / window || acked == o.count {
+            let secs = window_start.elapsed().as_secs_f64();
+            windows.push(json!({
+                "rows": stored,
+                "stored_per_s": (window_stored as f64 / secs.max(1e-9)).round(),
+            }));
+            eprintln!(
+                "grow: {stored} rows, {:.0} stored/s",
+                window_stored as f64 / secs.max(1e-9)
+            );
+            window_start = Instant::now();
+            window_stored = 0;
+        }
+    }
+    Ok(json!({
+        "mode": "grow",
+        "samples": o.count,
+        "stored": stored,
+        "duplicates": dups,
+        "error_answers": errors,
+        "seconds": started.elapsed().as_secs_f64(),
+        "generator_wait_s": gen_wait.as_secs_f64(),
+        "max_call_wait_ms": max_wait.as_secs_f64() * 1e3,
+        "windows": windows,
+        "start_micros": o.fleet.start_micros,
+        "end_micros": o.fleet.timestamp(o.count.saturating_sub(1)),
+    }))
+}
+
+fn median_ms(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn time_of(us: i64) -> Result<time::OffsetDateTime> {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+        .map_err(|e| anyhow::anyhow!("{us} µs: {e}"))
+}
+
+/// Median of `runs` timings (ms) of statistics and `samples` queries on a grown store:
+/// `cpu` hourly over [start, end), the same for one resource, and the latest 100 `cpu`
+/// samples of that resource.
+pub fn query(url: &str, start_us: i64, end_us: i64, runs: usize) -> Result<Json> {
+    let mut st = storage::open(url, &storage::StorageOptions::default())?;
+    let resource = Fleet::instance_resource(7);
+    let base = storage::SampleFilter {
+        meter: Some("cpu".into()),
+        start: Some(time_of(start_us)?),
+        end: Some(time_of(end_us)?),
+        ..Default::default()
+    };
+    let one = storage::SampleFilter {
+        resource_id: Some(resource.clone()),
+        ..base.clone()
+    };
+    let latest = storage::SampleFilter {
+        meter: Some("cpu".into()),
+        resource_id: Some(resource),
+        limit: Some(100),
+        ..Default::default()
+    };
+    let mut out = json!({"mode": "query", "runs": runs});
+    for (name, filter) in [("statistics_meter", &base), ("statistics_resource", &one)] {
+        let (mut t, mut periods, mut count, mut source) = (Vec::new(), 0, 0, String::new());
+        for _ in 0..runs.max(1) + 1 {
+            let t0 = Instant::now();
+            let (stats, src) = st.get_meter_statistics_from(filter, Some(3600))?;
+            t.push(t0.elapsed().as_secs_f64() * 1e3);
+            periods = stats.len();
+            count = stats.iter().map(|s| s.count).sum::<u64>();
+            source = src.to_string();
+        }
+        t.remove(0); // the first run warms the page cache and the statement cache
+        out[name] =
+            json!({"ms": median_ms(t), "periods": periods, "samples": count, "source": source});
+    }
+    let mut t = Vec::new();
+    let mut n = 0;
+    for _ in 0..runs.max(1) + 1 {
+        let t0 = Instant::now();
+        n = st.get_samples(&latest)?.len();
+        t.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    t.remove(0);
+    out["samples_latest_100"] = json!({"ms": median_ms(t), "rows": n});
+    Ok(out)
+}
+
+/// Time `clear_expired_metering_data(ttl)` on `url`; meanwhile, with `probe`, keep sending
+/// calls of `batch` fresh samples to the daemon there and report how long each waited.
+pub fn expire(
+    url: &str,
+    ttl: u64,
+    probe: Option<SocketAddr>,
+    fleet: Fleet,
+    batch: u64,
+    secret: &str,
+) -> Result<Json> {
+    let mut st = storage::open(url, &storage::StorageOptions::default())?;
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| -> Result<Json> {
+        let prober = probe.map(|to| {
+            let stop = &stop;
+            let secret = secret.to_string();
+            scope.spawn(move || -> Result<(u64, Vec<f64>)> {
+                let mut rpc = Rpc::connect(to)?;
+                // Fresh samples, stamped from now on: new ids, in today's partition.
+                let now = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64;
+                let fresh = Fleet {
+                    start_micros: now,
+                    ..fleet
+                };
+                let rx = requests(fresh, secret, 0..1_000_000, batch);
+                let mut waits = Vec::new();
+                let mut stored = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((req, _)) = rx.recv() else { break };
+                    let t0 = Instant::now();
+                    rpc.send(&req)?;
+                    stored += rpc.answer()?.stored;
+                    waits.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+                Ok((stored, waits))
+            })
+        });
+        if prober.is_some() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let t0 = Instant::now();
+        let result = st.clear_expired_metering_data(ttl);
+        let secs = t0.elapsed().as_secs_f64();
+        if prober.is_some() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let expired = result?;
+        let mut out = json!({"mode": "expire", "ttl": ttl, "expired": expired, "seconds": secs});
+        if let Some(p) = prober {
+            match p.join() {
+                Ok(Ok((stored, waits))) => {
+                    let max = waits.iter().copied().fold(0.0, f64::max);
+                    out["probe"] =
+                        json!({"calls": waits.len(), "stored": stored, "max_wait_ms": max});
+                }
+                Ok(Err(e)) => out["probe_error"] = json!(format!("{e:#}")),
+                Err(_) => out["probe_error"] = json!("probe thread panicked"),
+            }
+        }
+        Ok(out)
+    })
+}

@@ -1,0 +1,320 @@
+//! Rollups (pre-aggregated statistics), independent of any SQL dialect.
+//!
+//! As Gnocchi's archive policies do, every stored sample is also folded into buckets of each
+//! configured granularity (UTC-aligned: an hour, a day), per meter row and per (meter row,
+//! resource id): count, sum, min, max and the first and last timestamps, so avg and the
+//! duration follow. The drivers write them in the same transaction as the samples, counting
+//! only the samples actually inserted; here is the arithmetic they share: bucketing a batch,
+//! choosing the coarsest granularity that answers a statistics query exactly, and folding
+//! bucket rows into [`Statistics`] the way the raw query computes them.
+
+use crate::model::{from_micros, StatsSource};
+use crate::partition::floor_to;
+use crate::{SampleFilter, Statistics, StorageError};
+use std::collections::BTreeMap;
+use time::OffsetDateTime;
+
+/// One rollup level: bucket length and how long its buckets are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Granularity {
+    pub seconds: u64,
+    /// Buckets older than now − this are deleted; 0 keeps them forever.
+    pub retention_seconds: u64,
+}
+
+impl Granularity {
+    pub fn micros(&self) -> i64 {
+        i64::try_from(self.seconds)
+            .unwrap_or(i64::MAX / 1_000_000)
+            .saturating_mul(1_000_000)
+    }
+}
+
+/// The defaults: 1 hour kept 90 days, 1 day kept 5 years.
+pub fn default_granularities() -> Vec<Granularity> {
+    vec![
+        Granularity {
+            seconds: 3600,
+            retention_seconds: 90 * 86_400,
+        },
+        Granularity {
+            seconds: 86_400,
+            retention_seconds: 5 * 365 * 86_400,
+        },
+    ]
+}
+
+/// count / sum / min / max / first / last of some samples.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Agg {
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+    pub first: i64,
+    pub last: i64,
+}
+
+impl Agg {
+    pub fn of(ts: i64, volume: f64) -> Agg {
+        Agg {
+            count: 1,
+            sum: volume,
+            min: volume,
+            max: volume,
+            first: ts,
+            last: ts,
+        }
+    }
+
+    pub fn merge(&mut self, o: &Agg) {
+        self.count += o.count;
+        self.sum += o.sum;
+        self.min = self.min.min(o.min);
+        self.max = self.max.max(o.max);
+        self.first = self.first.min(o.first);
+        self.last = self.last.max(o.last);
+    }
+}
+
+/// The key of a per-meter bucket: (granularity seconds, meter row id, bucket start µs).
+pub type MeterKey = (u64, i64, i64);
+/// The key of a per-(meter, resource) bucket: (granularity seconds, meter row id, resource id,
+/// bucket start µs).
+pub type ResourceKey<'a> = (u64, i64, &'a str, i64);
+
+/// A batch's inserted samples folded into buckets, ready for the drivers' upserts.
+#[derive(Debug, Default)]
+pub struct BatchRollup<'a> {
+    pub meters: BTreeMap<MeterKey, Agg>,
+    pub resources: BTreeMap<ResourceKey<'a>, Agg>,
+}
+
+impl<'a> BatchRollup<'a> {
+    /// Fold one inserted sample (meter row id, resource id, timestamp µs, volume) in.
+    pub fn add(
+        &mut self,
+        grans: &[Granularity],
+        meter_id: i64,
+        resource: &'a str,
+        ts: i64,
+        volume: f64,
+    ) {
+        let one = Agg::of(ts, volume);
+        for g in grans {
+            let bucket = floor_to(ts, g.micros());
+            self.meters
+                .entry((g.seconds, meter_id, bucket))
+                .and_modify(|a| a.merge(&one))
+                .or_insert(one);
+            self.resources
+                .entry((g.seconds, meter_id, resource, bucket))
+                .and_modify(|a| a.merge(&one))
+                .or_insert(one);
+        }
+    }
+}
+
+/// The coarsest configured granularity whose buckets answer `filter` with `period` exactly:
+/// the filter narrows only by meter, resource and time; its start (required) and end (if any)
+/// are multiples of the granularity, as is the period; and the start is inside the
+/// granularity's retention. `None`: compute from raw samples.
+pub fn exact_granularity(
+    grans: &[Granularity],
+    filter: &SampleFilter,
+    period: Option<u64>,
+    now_us: i64,
+) -> Option<Granularity> {
+    if filter.project_id.is_some()
+        || filter.user_id.is_some()
+        || filter.source.is_some()
+        || !filter.metadata.is_empty()
+    {
+        return None;
+    }
+    let start = crate::model::to_micros(filter.start?);
+    let end = filter.end.map(crate::model::to_micros);
+    let period = period.filter(|p| *p > 0);
+    grans
+        .iter()
+        .filter(|g| g.seconds > 0)
+        .filter(|g| start.rem_euclid(g.micros()) == 0)
+        .filter(|g| end.map_or(true, |e| e.rem_euclid(g.micros()) == 0))
+        .filter(|g| period.map_or(true, |p| p % g.seconds == 0))
+        .filter(|g| {
+            g.retention_seconds == 0
+                || start
+                    >= now_us.saturating_sub(
+                        i64::try_from(g.retention_seconds)
+                            .unwrap_or(i64::MAX)
+                            .saturating_mul(1_000_000),
+                    )
+        })
+        .max_by_key(|g| g.seconds)
+        .copied()
+}
+
+/// One bucket row read back from a rollup: its start (µs), the meter row's unit, the aggregate.
+pub struct BucketRow {
+    pub bucket: i64,
+    pub unit: String,
+    pub agg: Agg,
+}
+
+fn time_at(us: i64) -> Result<OffsetDateTime, StorageError> {
+    from_micros(us).ok_or_else(|| StorageError::Database(format!("timestamp {us} µs out of range")))
+}
+
+/// Fold bucket rows (already restricted to `[filter.start, filter.end)`) into the statistics
+/// the raw query gives for `filter` and `period`: per unit, and per period counted from
+/// `filter.start` when a period is asked for.
+pub fn statistics(
+    rows: impl IntoIterator<Item = BucketRow>,
+    filter: &SampleFilter,
+    period: Option<u64>,
+) -> Result<Vec<Statistics>, StorageError> {
+    let anchor = filter.start.map(crate::model::to_micros).unwrap_or(0);
+    let period = period.filter(|p| *p > 0);
+    let period_us = match period {
+        Some(p) => Some(
+            i64::try_from(p)
+                .ok()
+                .and_then(|p| p.checked_mul(1_000_000))
+                .ok_or_else(|| StorageError::InvalidOption {
+                    name: "period",
+                    value: p.to_string(),
+                    reason: "too long".to_string(),
+                })?,
+        ),
+        None => None,
+    };
+    let mut groups: BTreeMap<(i64, String), Agg> = BTreeMap::new();
+    for r in rows {
+        let k = match period_us {
+            Some(p) => (r.bucket - anchor).div_euclid(p),
+            None => 0,
+        };
+        let key = (k, r.unit);
+        groups
+            .entry(key)
+            .and_modify(|a| a.merge(&r.agg))
+            .or_insert(r.agg);
+    }
+    let mut out = Vec::with_capacity(groups.len());
+    for ((k, unit), a) in groups {
+        let (start, end) = match period_us {
+            Some(p) => {
+                let s = anchor + k * p;
+                (time_at(s)?, time_at(s.saturating_add(p))?)
+            }
+            None => (
+                match filter.start {
+                    Some(t) => t,
+                    None => time_at(a.first)?,
+                },
+                match filter.end {
+                    Some(t) => t,
+                    None => time_at(a.last)?,
+                },
+            ),
+        };
+        out.push(Statistics {
+            period_start: start,
+            period_end: end,
+            period: period.unwrap_or(0),
+            count: a.count,
+            min: a.min,
+            max: a.max,
+            avg: a.sum / a.count.max(1) as f64,
+            sum: a.sum,
+            duration_start: time_at(a.first)?,
+            duration_end: time_at(a.last)?,
+            duration: (a.last - a.first) as f64 / 1e6,
+            unit,
+        });
+    }
+    Ok(out)
+}
+
+/// The source to report for a granularity.
+pub fn source(g: &Granularity) -> StatsSource {
+    StatsSource::Rollup {
+        granularity: g.seconds,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn filter(start: Option<OffsetDateTime>, end: Option<OffsetDateTime>) -> SampleFilter {
+        SampleFilter {
+            meter: Some("cpu".into()),
+            start,
+            end,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_coarsest_exact_granularity_answers() {
+        let g = default_granularities();
+        let now = crate::model::to_micros(datetime!(2026-11-30 12:00 UTC));
+        let day = Some(datetime!(2026-11-23 00:00 UTC));
+        let end = Some(datetime!(2026-11-30 00:00 UTC));
+        let pick = |f: &SampleFilter, p| exact_granularity(&g, f, p, now).map(|g| g.seconds);
+        assert_eq!(pick(&filter(day, end), Some(3600)), Some(3600));
+        assert_eq!(pick(&filter(day, end), Some(86_400)), Some(86_400));
+        assert_eq!(pick(&filter(day, end), None), Some(86_400));
+        assert_eq!(pick(&filter(day, None), Some(7200)), Some(3600));
+        // Unaligned start, end or period: raw.
+        let odd = Some(datetime!(2026-11-23 00:30 UTC));
+        assert_eq!(pick(&filter(odd, end), Some(3600)), None);
+        assert_eq!(pick(&filter(day, odd), Some(3600)), None);
+        assert_eq!(pick(&filter(day, end), Some(60)), None);
+        assert_eq!(pick(&filter(None, end), Some(3600)), None);
+        // A filter the rollups do not key on: raw.
+        let mut f = filter(day, end);
+        f.project_id = Some("p".into());
+        assert_eq!(pick(&f, Some(3600)), None);
+        // Beyond the hourly retention (90 days), only the daily rollup is complete.
+        let old = Some(datetime!(2026-01-01 00:00 UTC));
+        assert_eq!(pick(&filter(old, end), Some(3600)), None);
+        assert_eq!(pick(&filter(old, end), Some(86_400)), Some(86_400));
+    }
+
+    #[test]
+    fn batch_rollup_counts_each_sample_once_per_granularity() {
+        let g = default_granularities();
+        let mut b = BatchRollup::default();
+        let h = 3_600_000_000;
+        b.add(&g, 1, "r", 10, 2.0);
+        b.add(&g, 1, "r", h + 10, 4.0);
+        b.add(&g, 1, "s", 20, 1.0);
+        assert_eq!(b.meters.len(), 3); // two hours + one day
+        let day = b.meters[&(86_400, 1, 0)];
+        assert_eq!((day.count, day.sum, day.min, day.max), (3, 7.0, 1.0, 4.0));
+        assert_eq!((day.first, day.last), (10, h + 10));
+        assert_eq!(b.resources[&(3600, 1, "r", 0)].count, 1);
+        assert_eq!(b.resources[&(86_400, 1, "r", 0)].count, 2);
+    }
+
+    #[test]
+    fn buckets_fold_into_periods_from_the_start() {
+        let h = 3_600_000_000i64;
+        let start = datetime!(2026-11-23 00:00 UTC);
+        let s0 = crate::model::to_micros(start);
+        let rows = (0..5).map(|i| BucketRow {
+            bucket: s0 + i * h,
+            unit: "ns".into(),
+            agg: Agg::of(s0 + i * h + 1, i as f64),
+        });
+        let st = statistics(rows, &filter(Some(start), None), Some(7200)).unwrap();
+        assert_eq!(st.len(), 3);
+        assert_eq!((st[0].count, st[0].sum, st[0].max), (2, 1.0, 1.0));
+        assert_eq!(st[2].count, 1);
+        assert_eq!(crate::model::to_micros(st[1].period_start), s0 + 2 * h);
+        assert_eq!(st[1].period, 7200);
+    }
+}

@@ -1,0 +1,428 @@
+//! Time partitions, retention, rollups and the version 1 → 2 migration of the SQLite driver,
+//! against real files. (The server drivers are not partitioned yet: see docs/storage.md.)
+
+mod common;
+
+use common::{sample, url_for};
+use rusqlite::Connection;
+use std::collections::{BTreeMap, HashMap};
+use storage::rollup::Granularity;
+use storage::{SampleFilter, Statistics, StatsSource, StorageOptions};
+use time::format_description::well_known::Rfc3339;
+use time::{Duration, OffsetDateTime};
+
+fn iso(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap()
+}
+
+fn today() -> OffsetDateTime {
+    OffsetDateTime::now_utc().replace_time(time::Time::MIDNIGHT)
+}
+
+fn chunk_tables(path: &std::path::Path) -> Vec<String> {
+    let c = Connection::open(path).unwrap();
+    let mut stmt = c
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'sample_%' AND name != 'sample_partition' ORDER BY name")
+        .unwrap();
+    let names = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    names
+}
+
+#[test]
+fn samples_go_to_day_chunks_and_queries_span_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let mut db = storage::open(&url_for(&path), &StorageOptions::default()).unwrap();
+    let day0 = today() - Duration::days(3);
+    let mut batch = Vec::new();
+    for d in 0..3 {
+        for h in [1, 13] {
+            let t = day0 + Duration::days(d) + Duration::hours(h);
+            batch.push(sample(
+                &format!("s{d}-{h}"),
+                "cpu",
+                "r",
+                &iso(t),
+                (d * 100 + h) as f64,
+            ));
+        }
+    }
+    // One batch over three days: three chunks, each row once.
+    let out = db.record_metering_data(&batch).unwrap();
+    assert_eq!((out.stored, out.duplicates), (6, 0));
+    assert_eq!(chunk_tables(&path).len(), 3);
+    // A retry is a duplicate in whichever chunk it went to.
+    let out = db.record_metering_data(&batch).unwrap();
+    assert_eq!((out.stored, out.duplicates), (0, 6));
+
+    // Newest first across chunks, limit honoured, range filters pick chunks.
+    let latest = db
+        .get_samples(&SampleFilter {
+            meter: Some("cpu".into()),
+            limit: Some(3),
+            ..Default::default()
+        })
+        .unwrap();
+    let ids: Vec<_> = latest.iter().map(|s| s.message_id.as_str()).collect();
+    assert_eq!(ids, ["s2-13", "s2-1", "s1-13"]);
+    let mid = db
+        .get_samples(&SampleFilter {
+            start: Some(day0 + Duration::hours(12)),
+            end: Some(day0 + Duration::days(1) + Duration::hours(12)),
+            ..Default::default()
+        })
+        .unwrap();
+    let ids: Vec<_> = mid.iter().map(|s| s.message_id.as_str()).collect();
+    assert_eq!(ids, ["s1-1", "s0-13"]);
+    assert_eq!(db.get_meters(&SampleFilter::default()).unwrap().len(), 1);
+    let res = db.get_resources(&SampleFilter::default()).unwrap();
+    assert_eq!(res.len(), 1);
+    assert_eq!(res[0].first_sample_timestamp, day0 + Duration::hours(1));
+    // The view keeps version 1's `sample` table readable for outside readers.
+    let c = Connection::open(&path).unwrap();
+    let n: i64 = c
+        .query_row("SELECT COUNT(*) FROM sample", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 6);
+}
+
+#[test]
+fn retention_drops_whole_chunks_and_too_old_samples_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let opts = StorageOptions {
+        time_to_live_seconds: Some(10 * 86_400),
+        ..Default::default()
+    };
+    let mut db = storage::open(&url_for(&path), &opts).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let d = |days: i64, id: &str, r: &str| {
+        sample(
+            id,
+            "cpu",
+            r,
+            &iso(today() - Duration::days(days) + Duration::hours(1)),
+            1.0,
+        )
+    };
+    let batch = vec![
+        d(3, "a", "old-only"),
+        d(3, "b", "kept"),
+        d(2, "c", "kept"),
+        d(0, "e", "kept"),
+        // Beyond the 10-day time to live already: counted, not stored.
+        d(12, "x", "kept"),
+    ];
+    let out = db.record_metering_data(&batch).unwrap();
+    assert_eq!((out.stored, out.expired), (4, 1));
+    assert_eq!(out.rejected.len(), 1);
+    assert_eq!(out.rejected[0].0, 4);
+    assert_eq!(out.rejected[0].1, storage::EXPIRED_REASON);
+    assert_eq!(chunk_tables(&path).len(), 3);
+
+    // A cutoff inside day -2: day -3 goes whole, day -2 straddles and waits.
+    let ttl = (now - (today() - Duration::days(2) + Duration::hours(12))).whole_seconds() as u64;
+    let mut janitor = storage::open(&url_for(&path), &opts).unwrap();
+    assert_eq!(janitor.clear_expired_metering_data(ttl).unwrap(), 2);
+    assert_eq!(chunk_tables(&path).len(), 2);
+    let ids: Vec<_> = db
+        .get_samples(&SampleFilter::default())
+        .unwrap()
+        .into_iter()
+        .map(|s| s.message_id)
+        .collect();
+    assert_eq!(ids, ["e", "c"]);
+    let c = Connection::open(&path).unwrap();
+    let gone: i64 = c
+        .query_row(
+            "SELECT COUNT(*) FROM resource WHERE resource_id = 'old-only'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(gone, 0, "orphaned resource rows go with their chunk");
+    // The writer's cached chunk list is stale; the epoch makes it reload, and a late sample
+    // for a dropped day makes a new chunk.
+    let out = db
+        .record_metering_data(&[d(3, "late", "old-only")])
+        .unwrap();
+    assert_eq!(out.stored, 1);
+    assert_eq!(chunk_tables(&path).len(), 3);
+    // Rollups outlive the samples: statistics for day -3 still come from them.
+    let (stats, source) = db
+        .get_meter_statistics_from(
+            &SampleFilter {
+                meter: Some("cpu".into()),
+                start: Some(today() - Duration::days(3)),
+                end: Some(today() - Duration::days(2)),
+                ..Default::default()
+            },
+            Some(86_400),
+        )
+        .unwrap();
+    assert_eq!(
+        source,
+        StatsSource::Rollup {
+            granularity: 86_400
+        }
+    );
+    assert_eq!(stats[0].count, 3, "a, b and the late one");
+}
+
+/// splitmix64, for reproducible random data without a dependency.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Per (period index, unit): count, sum, min, max, first and last timestamp.
+type Expected = BTreeMap<(i64, String), (u64, f64, f64, f64, i64, i64)>;
+
+/// The statistics the raw definition gives, computed here from the samples themselves.
+fn expected(
+    samples: &[(String, String, String, i64, f64)],
+    meter: &str,
+    resource: Option<&str>,
+    start: i64,
+    end: i64,
+    period: i64,
+) -> Expected {
+    let mut out: Expected = BTreeMap::new();
+    for (m, unit, r, ts, v) in samples {
+        if m != meter || resource.is_some_and(|x| x != r) || *ts < start || *ts >= end {
+            continue;
+        }
+        let k = (ts - start) / period;
+        let e = out.entry((k, unit.clone())).or_insert((
+            0,
+            0.0,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            i64::MAX,
+            i64::MIN,
+        ));
+        e.0 += 1;
+        e.1 += v;
+        e.2 = e.2.min(*v);
+        e.3 = e.3.max(*v);
+        e.4 = e.4.min(*ts);
+        e.5 = e.5.max(*ts);
+    }
+    out
+}
+
+fn check(got: &[Statistics], want: &Expected, start: i64, period: i64) {
+    assert_eq!(got.len(), want.len());
+    for (s, ((k, unit), w)) in got.iter().zip(want) {
+        let ps = (s.period_start.unix_timestamp_nanos() / 1000) as i64;
+        assert_eq!(ps, start + k * period);
+        assert_eq!(&s.unit, unit);
+        assert_eq!(s.count, w.0);
+        assert!(
+            (s.sum - w.1).abs() <= 1e-6 * w.1.abs().max(1.0),
+            "{} vs {}",
+            s.sum,
+            w.1
+        );
+        assert_eq!((s.min, s.max), (w.2, w.3));
+        assert!((s.avg - w.1 / w.0 as f64).abs() <= 1e-9 * w.1.abs().max(1.0));
+        let first = (s.duration_start.unix_timestamp_nanos() / 1000) as i64;
+        let last = (s.duration_end.unix_timestamp_nanos() / 1000) as i64;
+        assert_eq!((first, last), (w.4, w.5));
+    }
+}
+
+#[test]
+fn rollups_agree_with_raw_over_random_data_and_count_no_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let mut db = storage::open(&url_for(&path), &StorageOptions::default()).unwrap();
+    let hour = 3_600_000_000i64;
+    let start_t = today() - Duration::days(4);
+    let start = (start_t.unix_timestamp_nanos() / 1000) as i64;
+    let meters = [("cpu", "ns"), ("cpu", "%"), ("memory", "MB")];
+    let mut kept = Vec::new();
+    let mut seen = HashMap::new();
+    let mut seq = 0u64;
+    for round in 0..30 {
+        let mut batch = Vec::new();
+        for _ in 0..97 {
+            seq += 1;
+            let r = mix(seq);
+            // Mostly new samples, some retries of earlier ones (same id and timestamp).
+            let (id, ts, (m, unit), res, v) = if r % 7 == 0 && !kept.is_empty() {
+                let (id, ts, mu, res, v): &(String, i64, (&str, &str), String, f64) =
+                    &kept[(r >> 8) as usize % kept.len()];
+                (id.clone(), *ts, *mu, res.clone(), *v + 1000.0)
+            } else {
+                let ts = start + (r >> 3) as i64 % (4 * 24 * hour);
+                let mu = meters[(r >> 40) as usize % meters.len()];
+                let res = format!("r{}", (r >> 50) % 5);
+                let v = ((r >> 20) % 10_000) as f64 / 8.0 - 300.0;
+                let id = format!("m{round}-{seq}");
+                kept.push((id.clone(), ts, mu, res.clone(), v));
+                (id, ts, mu, res, v)
+            };
+            let when = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts) * 1000).unwrap();
+            let mut s = sample(&id, m, &res, &iso(when), v);
+            s.counter_unit = unit.into();
+            seen.entry(id)
+                .or_insert((m.to_string(), unit.to_string(), res, ts, v));
+            batch.push(s);
+        }
+        db.record_metering_data(&batch).unwrap();
+    }
+    let stored: Vec<_> = seen.into_values().collect();
+    let end = start + 4 * 24 * hour;
+    let end_t = start_t + Duration::days(4);
+    // The same database without rollup levels: the raw path.
+    let mut raw = storage::open(
+        &url_for(&path),
+        &StorageOptions {
+            rollups: Vec::new(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for (resource, period, gran) in [
+        (None, 3600, 3600),
+        (None, 7200, 3600),
+        (None, 86_400, 86_400),
+        (Some("r3"), 3600, 3600),
+        (Some("r1"), 2 * 86_400, 86_400),
+    ] {
+        let f = SampleFilter {
+            meter: Some("cpu".into()),
+            resource_id: resource.map(String::from),
+            start: Some(start_t),
+            end: Some(end_t),
+            ..Default::default()
+        };
+        let (got, source) = db.get_meter_statistics_from(&f, Some(period)).unwrap();
+        assert_eq!(source, StatsSource::Rollup { granularity: gran });
+        let want = expected(
+            &stored,
+            "cpu",
+            resource,
+            start,
+            end,
+            period as i64 * 1_000_000,
+        );
+        check(&got, &want, start, period as i64 * 1_000_000);
+        let (raw_got, raw_source) = raw.get_meter_statistics_from(&f, Some(period)).unwrap();
+        assert_eq!(raw_source, StatsSource::Raw);
+        check(&raw_got, &want, start, period as i64 * 1_000_000);
+    }
+    // Unaligned: raw, and still right.
+    let f = SampleFilter {
+        meter: Some("cpu".into()),
+        start: Some(start_t + Duration::minutes(30)),
+        end: Some(end_t),
+        ..Default::default()
+    };
+    let (got, source) = db.get_meter_statistics_from(&f, Some(3600)).unwrap();
+    assert_eq!(source, StatsSource::Raw);
+    let s30 = start + hour / 2;
+    check(
+        &got,
+        &expected(&stored, "cpu", None, s30, end, hour),
+        s30,
+        hour,
+    );
+}
+
+#[test]
+fn a_version_1_file_is_migrated_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    let day = 86_400_000_000i64;
+    let base = (today().unix_timestamp_nanos() / 1000) as i64 - 2 * day;
+    {
+        // A file as today's code (schema version 1) leaves it.
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(storage::sqlite::schema::V1).unwrap();
+        c.execute_batch(
+            "CREATE TABLE schema_version (version INTEGER NOT NULL);
+             INSERT INTO schema_version VALUES (1);
+             INSERT INTO meter (id, name, type, unit) VALUES (1, 'cpu', 'gauge', '%');
+             INSERT INTO resource VALUES (1, 'vm', NULL, NULL, 'openstack', '{}', 'h');",
+        )
+        .unwrap();
+        for i in 0..48i64 {
+            c.execute(
+                "INSERT INTO sample (meter_id, resource_id, volume, timestamp, recorded_at, message_id)
+                 VALUES (1, 1, ?1, ?2, ?2, ?3)",
+                rusqlite::params![i as f64, base + i * day / 24 + 7, format!("id-{i}")],
+            )
+            .unwrap();
+        }
+    }
+    let mut db = storage::open(&url_for(&path), &StorageOptions::default()).unwrap();
+    let c = Connection::open(&path).unwrap();
+    let v: i64 = c
+        .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, 2);
+    assert_eq!(chunk_tables(&path).len(), 2, "two days, two chunks");
+    assert_eq!(db.get_samples(&SampleFilter::default()).unwrap().len(), 48);
+    // Rollups were computed from the migrated samples.
+    let f = SampleFilter {
+        meter: Some("cpu".into()),
+        start: Some(today() - Duration::days(2)),
+        end: Some(today()),
+        ..Default::default()
+    };
+    let (stats, source) = db.get_meter_statistics_from(&f, Some(86_400)).unwrap();
+    assert_eq!(
+        source,
+        StatsSource::Rollup {
+            granularity: 86_400
+        }
+    );
+    assert_eq!(stats.len(), 2);
+    assert_eq!(
+        (stats[0].count, stats[0].sum),
+        (24, (0..24).sum::<i64>() as f64)
+    );
+    // Stored ids still deduplicate after the move.
+    let ts = OffsetDateTime::from_unix_timestamp_nanos(i128::from(base + 7) * 1000).unwrap();
+    let out = db
+        .record_metering_data(&[sample("id-0", "cpu", "vm", &iso(ts), 0.0)])
+        .unwrap();
+    assert_eq!(out.duplicates, 1);
+}
+
+#[test]
+fn a_granularity_added_later_is_used_only_where_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let hourly = StorageOptions {
+        rollups: vec![Granularity {
+            seconds: 3600,
+            retention_seconds: 0,
+        }],
+        ..Default::default()
+    };
+    let t = today() - Duration::days(2) + Duration::hours(3);
+    let mut db = storage::open(&url_for(&path), &hourly).unwrap();
+    db.record_metering_data(&[sample("a", "cpu", "r", &iso(t), 1.0)])
+        .unwrap();
+    drop(db);
+    let mut db = storage::open(&url_for(&path), &StorageOptions::default()).unwrap();
+    let f = SampleFilter {
+        meter: Some("cpu".into()),
+        start: Some(today() - Duration::days(2)),
+        end: Some(today()),
+        ..Default::default()
+    };
+    // The daily level did not see sample "a": hourly buckets answer the daily question.
+    let (stats, source) = db.get_meter_statistics_from(&f, Some(86_400)).unwrap();
+    assert_eq!(source, StatsSource::Rollup { granularity: 3600 });
+    assert_eq!(stats[0].count, 1);
+}
