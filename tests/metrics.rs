@@ -7,10 +7,9 @@
 use collector_e2e::*;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -404,74 +403,6 @@ fn restarts_by_cause_and_readiness_while_a_worker_is_replaced() {
 
 // ------------------------------------------------------------------ storage through a proxy
 
-/// A loopback TCP proxy in front of PostgreSQL: while down it closes new connections at once
-/// and `cut` severs the open ones (a server crash, from the daemon's side).
-struct Proxy {
-    addr: String,
-    up: Arc<AtomicBool>,
-    open: Arc<std::sync::Mutex<Vec<TcpStream>>>,
-}
-
-impl Proxy {
-    fn start(target: &str) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
-        let addr = listener.local_addr().unwrap().to_string();
-        let up = Arc::new(AtomicBool::new(true));
-        let open = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (up2, open2) = (up.clone(), open.clone());
-        let target = target.to_string();
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                if !up2.load(Ordering::SeqCst) {
-                    let _ = client.shutdown(Shutdown::Both);
-                    continue;
-                }
-                let Ok(server) = TcpStream::connect(&target) else {
-                    let _ = client.shutdown(Shutdown::Both);
-                    continue;
-                };
-                let mut o = open2.lock().unwrap();
-                o.push(client.try_clone().unwrap());
-                o.push(server.try_clone().unwrap());
-                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                pipe(server, client);
-            }
-        });
-        Proxy { addr, up, open }
-    }
-
-    fn down(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        for s in self.open.lock().unwrap().drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-
-    fn up(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.down();
-    }
-}
-
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 16384];
-        while let Ok(n) = from.read(&mut buf) {
-            if n == 0 || to.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-        let _ = to.shutdown(Shutdown::Both);
-        let _ = from.shutdown(Shutdown::Both);
-    });
-}
-
 fn psql(db: &str, statement: &str) {
     let out = Command::new("psql")
         .args(["-h", "127.0.0.1", "-p", "5432", "-U", "postgres", "-d", db])
@@ -528,7 +459,8 @@ fn readyz_is_503_while_storage_is_down_and_200_after_recovery() {
     let mut c = RpcClient::connect(d.rpc.unwrap()).unwrap();
     assert_eq!(c.call(vec![sample("pg-0", SECRET)]).unwrap().stored, 1);
 
-    proxy.down();
+    proxy.set_up(false);
+    proxy.cut();
     // Both workers notice: a write fails (or their probe does).
     let batch: Vec<_> = (1..=4)
         .map(|i| sample(&format!("pg-{i}"), SECRET))
@@ -555,7 +487,7 @@ fn readyz_is_503_while_storage_is_down_and_200_after_recovery() {
     // /healthz: the launcher itself is fine.
     assert_eq!(get(addr, "/healthz", "").0, 200);
 
-    proxy.up();
+    proxy.set_up(true);
     wait_for(WAIT, || {
         let r = c.call(batch.clone()).ok()?;
         r.error.is_none().then_some(())

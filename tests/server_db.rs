@@ -9,10 +9,9 @@
 use collector_e2e::*;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -391,94 +390,6 @@ fn refused_credentials_are_a_boot_error() {
     let all = format!("{err}{log}");
     assert!(all.contains("no_such_role_e2e"), "{all}");
     assert!(!all.contains(":pw@"), "password shown: {all}");
-}
-
-// ------------------------------------------------------------------ a server that goes away
-
-/// A loopback TCP proxy in front of the database: while "down" it accepts and at once closes
-/// connections (a restarting server); `cut` severs every open connection (a crash).
-struct Proxy {
-    addr: String,
-    up: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    open: Arc<std::sync::Mutex<Vec<TcpStream>>>,
-}
-
-impl Proxy {
-    fn start(target: &str) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
-        let addr = listener.local_addr().unwrap().to_string();
-        let up = Arc::new(AtomicBool::new(true));
-        let stop = Arc::new(AtomicBool::new(false));
-        let open = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (up2, stop2, open2) = (up.clone(), stop.clone(), open.clone());
-        let target = target.to_string();
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                if stop2.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(client) = client else { continue };
-                if !up2.load(Ordering::SeqCst) {
-                    let _ = client.shutdown(Shutdown::Both);
-                    continue;
-                }
-                let Ok(server) = TcpStream::connect(&target) else {
-                    let _ = client.shutdown(Shutdown::Both);
-                    continue;
-                };
-                {
-                    let mut o = open2.lock().unwrap();
-                    o.push(client.try_clone().unwrap());
-                    o.push(server.try_clone().unwrap());
-                }
-                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                pipe(server, client);
-            }
-        });
-        Proxy {
-            addr,
-            up,
-            stop,
-            open,
-        }
-    }
-
-    fn set_up(&self, up: bool) {
-        self.up.store(up, Ordering::SeqCst);
-    }
-
-    fn cut(&self) {
-        for s in self.open.lock().unwrap().drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 16384];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        let _ = to.shutdown(Shutdown::Both);
-        let _ = from.shutdown(Shutdown::Both);
-    });
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.cut();
-        let _ = TcpStream::connect(&self.addr);
-    }
 }
 
 /// The daemon on PostgreSQL over TLS (issue 17): `sslmode=verify-full` with the server's
