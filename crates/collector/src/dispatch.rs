@@ -191,21 +191,14 @@ impl Writer {
     pub fn run(mut self, rx: Receiver<WriterMsg>, tx: Sender<Completion>, waker: Arc<dyn Wake>) {
         let interval = self.expiry_interval;
         let mut next_expiry = Instant::now();
-        // After a failed database write, storage is probed every PROBE_EVERY until it
-        // answers, so the worker reports it back up (and /readyz turns 200) without waiting
-        // for the next sample.
+        // Storage is probed once at start, so a database that cannot be reached (down,
+        // refused credentials later fixed, a TLS handshake that fails) is reported at once,
+        // not at the first batch: `collectorctl status` shows why and /readyz says 503. After
+        // a failure it is probed every PROBE_EVERY until it answers, so the worker reports it
+        // back up without waiting for the next sample.
         let mut down = false;
-        // A database that cannot be reached at start (down, refused credentials later
-        // fixed, a TLS handshake that fails) is reported at once, not at the first batch:
-        // `collectorctl status` shows why and /readyz says 503 while nothing is written.
-        if let Some(st) = self.storage.as_mut() {
-            if let Err(e) = st.get_samples(&probe_filter()) {
-                down = true;
-                if tx.send(Completion::probe(Err(e.to_string()))).is_err() {
-                    return;
-                }
-                waker.wake();
-            }
+        if !self.probe(&tx, &waker, &mut down) {
+            return;
         }
         loop {
             // Wait for a batch, or until the next probe (storage down) or retention pass.
@@ -254,18 +247,24 @@ impl Writer {
         }
     }
 
-    /// Probe storage that failed; tell the loop when it answers again. `false` when the loop
-    /// has gone.
+    /// Probe storage and tell the loop when its state differs from `down` (it failed, or
+    /// answers again). `false` when the loop has gone.
     fn probe(&mut self, tx: &Sender<Completion>, waker: &Arc<dyn Wake>, down: &mut bool) -> bool {
-        if let Some(st) = self.storage.as_mut() {
-            if st.get_samples(&probe_filter()).is_ok() {
-                *down = false;
-                if tx.send(Completion::probe(Ok(()))).is_err() {
-                    return false;
-                }
-                waker.wake();
-            }
+        let Some(st) = self.storage.as_mut() else {
+            return true;
+        };
+        let result = st.get_samples(&probe_filter()).map(drop);
+        if result.is_err() == *down {
+            return true;
         }
+        *down = result.is_err();
+        if tx
+            .send(Completion::probe(result.map_err(|e| e.to_string())))
+            .is_err()
+        {
+            return false;
+        }
+        waker.wake();
         true
     }
 

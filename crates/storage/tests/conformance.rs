@@ -10,7 +10,7 @@
 mod common;
 mod servers;
 
-use common::{s, sample};
+use common::{fold, s, sample, Aggregate, NO_SAMPLES};
 use meter::{CounterType, Sample, Value, Volume};
 use servers::proxy::Proxy;
 use servers::{Kind, TestDb};
@@ -458,9 +458,6 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// count, sum, min, max, first and last timestamp.
-type Aggregate = (u64, f64, f64, f64, i64, i64);
-
 fn rollups_answer_aligned_statistics_as_the_raw_computation(kind: Kind) {
     let t = TestDb::new(kind);
     let mut db = t.open();
@@ -525,20 +522,8 @@ fn rollups_answer_aligned_statistics_as_the_raw_computation(kind: Kind) {
             if resource.is_some_and(|r| r != res) {
                 continue;
             }
-            let e = want.entry(((ts - start) / p, unit)).or_insert((
-                0,
-                0.0,
-                f64::INFINITY,
-                f64::NEG_INFINITY,
-                i64::MAX,
-                i64::MIN,
-            ));
-            e.0 += 1;
-            e.1 += v;
-            e.2 = e.2.min(*v);
-            e.3 = e.3.max(*v);
-            e.4 = e.4.min(*ts);
-            e.5 = e.5.max(*ts);
+            let e = want.entry(((ts - start) / p, unit)).or_insert(NO_SAMPLES);
+            fold(e, *v, *ts);
         }
         assert_eq!(got.len(), want.len(), "{resource:?} {period}");
         for (st, ((k, unit), w)) in got.iter().zip(&want) {

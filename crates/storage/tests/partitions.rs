@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{sample, url_for};
+use common::{fold, sample, url_for, Aggregate, NO_SAMPLES};
 use rusqlite::Connection;
 use std::collections::{BTreeMap, HashMap};
 use storage::rollup::Granularity;
@@ -182,7 +182,7 @@ fn mix(mut z: u64) -> u64 {
 }
 
 /// Per (period index, unit): count, sum, min, max, first and last timestamp.
-type Expected = BTreeMap<(i64, String), (u64, f64, f64, f64, i64, i64)>;
+type Expected = BTreeMap<(i64, String), Aggregate>;
 
 /// The statistics the raw definition gives, computed here from the samples themselves.
 fn expected(
@@ -199,20 +199,8 @@ fn expected(
             continue;
         }
         let k = (ts - start) / period;
-        let e = out.entry((k, unit.clone())).or_insert((
-            0,
-            0.0,
-            f64::INFINITY,
-            f64::NEG_INFINITY,
-            i64::MAX,
-            i64::MIN,
-        ));
-        e.0 += 1;
-        e.1 += v;
-        e.2 = e.2.min(*v);
-        e.3 = e.3.max(*v);
-        e.4 = e.4.min(*ts);
-        e.5 = e.5.max(*ts);
+        let e = out.entry((k, unit.clone())).or_insert(NO_SAMPLES);
+        fold(e, *v, *ts);
     }
     out
 }

@@ -359,6 +359,35 @@ struct Session {
     wake_loop: bool,
 }
 
+impl Session {
+    /// A connection just opened: nothing sent or received yet, limits as before `tune`.
+    fn new(sock: Stream, peer: String, epoch: u64) -> Session {
+        let now = Instant::now();
+        Session {
+            sock,
+            peer,
+            epoch,
+            rbuf: Vec::with_capacity(64 * 1024),
+            wbuf: Vec::new(),
+            writable_interest: true,
+            established: false,
+            open: false,
+            frame_max: FRAME_MAX_BEFORE_TUNE,
+            heartbeat: None,
+            last_read: now,
+            last_write: now,
+            inbox: VecDeque::new(),
+            consumer_tag: None,
+            consuming_since: None,
+            cancel_sent: false,
+            partial: None,
+            more_to_read: false,
+            delayed: VecDeque::new(),
+            wake_loop: false,
+        }
+    }
+}
+
 struct Consumer {
     target: TransportUrl,
     /// Set when the connection is TLS.
@@ -507,29 +536,7 @@ impl Consumer {
             .registry()
             .register(&mut sock, SOCKET, Interest::READABLE | Interest::WRITABLE)
             .map_err(|e| failed(format!("cannot register the socket: {e}")))?;
-        let now = Instant::now();
-        let mut s = Session {
-            sock,
-            peer,
-            epoch: self.epoch,
-            rbuf: Vec::with_capacity(64 * 1024),
-            wbuf: Vec::new(),
-            writable_interest: true,
-            established: false,
-            open: false,
-            frame_max: FRAME_MAX_BEFORE_TUNE,
-            heartbeat: None,
-            last_read: now,
-            last_write: now,
-            inbox: VecDeque::new(),
-            consumer_tag: None,
-            consuming_since: None,
-            cancel_sent: false,
-            partial: None,
-            more_to_read: false,
-            delayed: VecDeque::new(),
-            wake_loop: false,
-        };
+        let mut s = Session::new(sock, peer, self.epoch);
         push_frame(
             &mut s,
             &AMQPFrame::ProtocolHeader(ProtocolVersion::amqp_0_9_1()),
@@ -1336,29 +1343,11 @@ mod tests {
         // A session needs a socket: a loopback connection is the cheapest.
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let sock = Stream::plain(TcpStream::connect(l.local_addr().unwrap()).unwrap());
-        let now = Instant::now();
-        let mut s = Session {
-            sock,
-            peer: "test".into(),
-            epoch: 1,
-            rbuf: Vec::new(),
-            wbuf: Vec::new(),
-            writable_interest: false,
-            established: true,
-            open: true,
-            frame_max: 4096,
-            heartbeat: None,
-            last_read: now,
-            last_write: now,
-            inbox: VecDeque::new(),
-            consumer_tag: None,
-            consuming_since: None,
-            cancel_sent: false,
-            partial: None,
-            more_to_read: false,
-            delayed: VecDeque::new(),
-            wake_loop: false,
-        };
+        let mut s = Session::new(sock, "test".into(), 1);
+        s.writable_interest = false;
+        s.established = true;
+        s.open = true;
+        s.frame_max = 4096;
         // A heartbeat and a body frame, then the start of a frame that claims 1 MiB.
         s.rbuf.extend_from_slice(&[8, 0, 0, 0, 0, 0, 0, 0xCE]);
         s.rbuf

@@ -51,3 +51,20 @@ pub fn url_for(path: &Path) -> String {
 pub fn open_db(path: &Path) -> Box<dyn Storage> {
     storage::open(&url_for(path), &StorageOptions::default()).expect("open sqlite")
 }
+
+/// count, sum, min, max, first and last timestamp of a set of samples, as the tests compute
+/// statistics independently of the drivers.
+pub type Aggregate = (u64, f64, f64, f64, i64, i64);
+
+/// The aggregate of no sample.
+pub const NO_SAMPLES: Aggregate = (0, 0.0, f64::INFINITY, f64::NEG_INFINITY, i64::MAX, i64::MIN);
+
+/// Fold one sample (volume `v` at time `ts`) into `e`.
+pub fn fold(e: &mut Aggregate, v: f64, ts: i64) {
+    e.0 += 1;
+    e.1 += v;
+    e.2 = e.2.min(v);
+    e.3 = e.3.max(v);
+    e.4 = e.4.min(ts);
+    e.5 = e.5.max(ts);
+}
