@@ -2,8 +2,9 @@
 //! `postgres` client, with TLS through rustls as libpq's `sslmode`, `sslrootcert`, `sslcert`
 //! and `sslkey` URL parameters ask (default `prefer`, as libpq).
 //!
-//! Same logical model as the SQLite driver (meter, resource, sample; `message_id` UNIQUE) with
-//! PostgreSQL's types: `timestamptz`, `jsonb` metadata behind a GIN index. On the hot path a
+//! Same logical model as the SQLite driver (meter, resource, sample; `(message_id, timestamp)`
+//! UNIQUE; samples in time partitions, see `partitions.rs`) with PostgreSQL's types:
+//! `timestamptz`, `jsonb` metadata behind a GIN index. On the hot path a
 //! batch is one statement, one round trip: `INSERT ... SELECT FROM unnest($1::bigint[], ...)`
 //! in autocommit mode. When some message_id is already stored that statement fails whole and
 //! the batch goes again with `ON CONFLICT (message_id, timestamp) DO NOTHING`, returning the positions of
