@@ -4,11 +4,11 @@
 //!
 //! Same logical model as the SQLite driver (meter, resource, sample; `(message_id, timestamp)`
 //! UNIQUE; samples in time partitions, see `partitions.rs`) with PostgreSQL's types:
-//! `timestamptz`, `jsonb` metadata behind a GIN index. On the hot path a
-//! batch is one statement, one round trip: `INSERT ... SELECT FROM unnest($1::bigint[], ...)`
-//! in autocommit mode. When some message_id is already stored that statement fails whole and
-//! the batch goes again with `ON CONFLICT (message_id, timestamp) DO NOTHING`, returning the positions of
-//! the rows it skipped, so duplicates are counted exactly.
+//! `timestamptz`, `jsonb` metadata behind a GIN index. On the hot path a batch is one
+//! statement, one round trip: `INSERT ... SELECT FROM unnest($1::bigint[], ...)` in autocommit
+//! mode. When some message_id is already stored that statement fails whole and the batch goes
+//! again with `ON CONFLICT (message_id, timestamp) DO NOTHING`, returning the positions of the
+//! rows it skipped, so duplicates are counted exactly.
 //!
 //! Many processes on many hosts write one database: ids are cached per process as in the
 //! SQLite driver, kept valid by the `cache_epoch` row: the insert locks it `FOR SHARE` and
