@@ -478,3 +478,59 @@ fn plans_prune_partitions_and_use_their_indexes() {
     );
     assert!(plan.contains("Subplans Removed: 7"), "{plan}");
 }
+
+/// `samples` for a resource names its resource row as a constant when there is one (so each
+/// partition's index is read backwards and the newest partitions first); a resource id with
+/// several rows (metadata changed) or none still answers exactly.
+#[test]
+fn samples_of_a_resource_with_one_several_or_no_rows() {
+    let t = TestDb::new(Kind::Postgres);
+    let mut db = t.open();
+    let day0 = today() - Duration::days(3);
+    let mut batch = Vec::new();
+    for i in 0..300i64 {
+        let ts = day0 + Duration::minutes(i * 13);
+        let mut smp = sample(&format!("a{i:03}"), "cpu", "vm-a", &iso(ts), i as f64);
+        if i >= 150 {
+            // The metadata changed half way: a second resource row for vm-a.
+            smp.resource_metadata =
+                meter::Value::Map(vec![(common::s("state"), common::s("resized"))]);
+        }
+        batch.push(smp);
+        batch.push(sample(
+            &format!("b{i:03}"),
+            "cpu",
+            "vm-b",
+            &iso(ts),
+            i as f64,
+        ));
+    }
+    assert_eq!(db.record_metering_data(&batch).unwrap().stored, 600);
+    assert_eq!(
+        t.scalar("SELECT COUNT(*) FROM resource WHERE resource_id = 'vm-a'"),
+        2
+    );
+    for res in ["vm-a", "vm-b"] {
+        let got = db
+            .get_samples(&SampleFilter {
+                resource_id: Some(res.into()),
+                meter: Some("cpu".into()),
+                limit: Some(200),
+                ..Default::default()
+            })
+            .unwrap();
+        let want: Vec<String> = (180..300)
+            .rev()
+            .map(|i| format!("{}{i:03}", &res[3..]))
+            .collect();
+        let got: Vec<String> = got.into_iter().map(|s| s.message_id).collect();
+        assert_eq!(got, want, "{res}");
+    }
+    let none = db
+        .get_samples(&SampleFilter {
+            resource_id: Some("vm-none".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(none.is_empty());
+}
