@@ -519,7 +519,7 @@ fn samples_of_a_resource_with_one_several_or_no_rows() {
                 ..Default::default()
             })
             .unwrap();
-        let want: Vec<String> = (180..300)
+        let want: Vec<String> = (100..300)
             .rev()
             .map(|i| format!("{}{i:03}", &res[3..]))
             .collect();
