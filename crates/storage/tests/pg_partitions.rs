@@ -534,3 +534,35 @@ fn samples_of_a_resource_with_one_several_or_no_rows() {
         .unwrap();
     assert!(none.is_empty());
 }
+
+/// A partition above the size expiry counts row by row: the rows it reports come from the
+/// statistics system's live-row count, which for a partition only inserted into is exact.
+#[test]
+fn expiry_of_a_large_partition_reports_its_rows_without_counting() {
+    let t = TestDb::new(Kind::Postgres);
+    let mut db = t.open();
+    let day = today() - Duration::days(10);
+    for b in 0..30i64 {
+        let batch: Vec<_> = (0..1000i64)
+            .map(|i| {
+                let ts = day + Duration::seconds(b * 2000 + i * 2);
+                sample(&format!("big-{b}-{i}"), "cpu", "r", &iso(ts), 1.0)
+            })
+            .collect();
+        assert_eq!(db.record_metering_data(&batch).unwrap().stored, 1000);
+    }
+    let bytes = t.scalar(&format!(
+        "SELECT pg_relation_size('{}')",
+        day_partition(day)
+    ));
+    assert!(bytes > 2 << 20, "{bytes} bytes: above the counting limit");
+    // The inserting session reports its statistics within a second or so of going idle.
+    drop(db);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let mut janitor = t.open();
+    assert_eq!(
+        janitor.clear_expired_metering_data(5 * 86_400).unwrap(),
+        30_000
+    );
+    assert!(!attached(&t).contains(&day_partition(day)));
+}

@@ -27,6 +27,10 @@ const LOCK_KEY: i64 = 0x636f_6c6c_7061_7274;
 /// `sample` exclusively for an instant; it must not queue the writers behind a long query).
 const DDL_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '5s'";
 
+/// Expiry counts the rows of a partition up to this size (a few ms); above, it takes the
+/// statistics' count.
+const COUNT_UP_TO_BYTES: i64 = 2 << 20;
+
 /// The partitions listed in the catalog.
 pub fn load(client: &mut impl GenericClient) -> Result<Partitions, ::postgres::Error> {
     let rows = client.query("SELECT lo, hi FROM sample_partition", &[])?;
@@ -126,9 +130,9 @@ pub fn is_missing_partition(e: &::postgres::Error) -> bool {
 
 /// Drop the partitions entirely older than `cutoff` (µs), one transaction each (the advisory
 /// lock, then the drop, which holds `sample`'s lock only for an instant); returns the rows
-/// they held. A partition straddling the cutoff waits for a later pass. The row count of a
-/// large partition is the planner's estimate (`pg_class.reltuples`, kept by autovacuum's
-/// `ANALYZE`); a small or never analysed one is counted exactly.
+/// they held. A partition straddling the cutoff waits for a later pass. A partition of up to
+/// [`COUNT_UP_TO_BYTES`] is counted; a larger one's rows are the statistics system's live-row
+/// count (or else the planner's estimate), so the time does not grow with the rows.
 pub fn drop_expired(client: &mut Client, cutoff: i64) -> Result<u64, Fail> {
     let mut total = 0u64;
     let known = load(client)?;
@@ -147,13 +151,19 @@ pub fn drop_expired(client: &mut Client, cutoff: i64) -> Result<u64, Fail> {
         if !listed {
             continue;
         }
-        let (pages, tuples): (i32, f32) = tx
+        // Its size on disk, the statistics system's live-row count (inserts minus deletes,
+        // exact for a partition only ever inserted into) and the planner's estimate.
+        let (bytes, live, tuples): (i64, i64, f32) = tx
             .query_opt(
-                "SELECT relpages, reltuples FROM pg_class WHERE oid = to_regclass($1)",
+                "SELECT pg_relation_size(c.oid), COALESCE(pg_stat_get_live_tuples(c.oid), 0),
+                        c.reltuples
+                   FROM pg_class c WHERE c.oid = to_regclass($1)",
                 &[&name],
             )?
-            .map_or((0, -1.0), |row| (row.get(0), row.get(1)));
-        let rows = if pages > 4096 && tuples >= 0.0 {
+            .map_or((0, 0, -1.0), |row| (row.get(0), row.get(1), row.get(2)));
+        let rows = if bytes > COUNT_UP_TO_BYTES && live > 0 {
+            live as u64
+        } else if bytes > COUNT_UP_TO_BYTES && tuples >= 0.0 {
             tuples as u64
         } else {
             let n: i64 = tx
