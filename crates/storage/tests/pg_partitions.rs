@@ -566,3 +566,37 @@ fn expiry_of_a_large_partition_reports_its_rows_without_counting() {
     );
     assert!(!attached(&t).contains(&day_partition(day)));
 }
+
+/// A role that may only read opens the store even when the partitions ahead are not made yet
+/// (it cannot make them), and reads across the partitions.
+#[test]
+fn a_read_only_role_opens_without_making_partitions() {
+    let t = TestDb::new(Kind::Postgres);
+    let mut db = t.open();
+    let ts = today() - Duration::days(2);
+    let out = db
+        .record_metering_data(&[sample("ro-1", "cpu", "r", &iso(ts), 1.0)])
+        .unwrap();
+    assert_eq!(out.stored, 1);
+    drop(db);
+    let role = format!("{}_ro", t.name);
+    let tomorrow = day_partition(today() + Duration::days(1));
+    let mut c = pg(&t);
+    c.batch_execute(&format!(
+        "DROP ROLE IF EXISTS {role};
+         CREATE ROLE {role} LOGIN;
+         GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};
+         DROP TABLE {tomorrow};
+         DELETE FROM sample_partition WHERE name = '{tomorrow}';"
+    ))
+    .unwrap();
+    let url = t.url.replacen("postgres@", &format!("{role}@"), 1);
+    assert_ne!(url, t.url);
+    let got = storage::open(&url, &StorageOptions::default())
+        .and_then(|mut ro| ro.get_samples(&SampleFilter::default()));
+    c.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
+        .unwrap();
+    let got = got.unwrap();
+    assert_eq!(got.len(), 1);
+    assert!(!attached(&t).contains(&tomorrow), "not made by the reader");
+}

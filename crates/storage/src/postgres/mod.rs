@@ -707,6 +707,14 @@ fn is_stored_message_id(e: &::postgres::Error) -> bool {
     })
 }
 
+/// Refused for lack of privilege, or in a read-only session.
+fn is_read_only(e: &::postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::INSUFFICIENT_PRIVILEGE || *c == SqlState::READ_ONLY_SQL_TRANSACTION
+    )
+}
+
 /// Deadlocks and serialization failures: nothing was stored; the same batch may be retried.
 fn is_conflict(e: &::postgres::Error) -> bool {
     matches!(
@@ -791,13 +799,17 @@ fn connect(
          ON CONFLICT (resource_key) DO NOTHING RETURNING internal_id",
     )?;
     let mut partitions = Partitions::default();
-    // The partitions of now and of the next span, made ahead so the hot path finds them.
-    partitions::ensure(&mut client, &mut partitions, &ahead(span_us), span_us).map_err(
-        |f| match f {
-            Fail::Pg(e) => connect_error(what, &e),
-            Fail::Storage(e) => e,
-        },
-    )?;
+    // The partitions of now and of the next span, made ahead so the hot path finds them. A
+    // role that may only read (collectorctl's, say) cannot make them and does not need to.
+    match partitions::ensure(&mut client, &mut partitions, &ahead(span_us), span_us) {
+        Ok(_) => {}
+        Err(Fail::Pg(e)) if is_read_only(&e) => {
+            log::warn!("{what}: cannot make the partitions ahead (read-only role?): {e}");
+            partitions = partitions::load(&mut client).map_err(|e| connect_error(what, &e))?;
+        }
+        Err(Fail::Pg(e)) => return Err(connect_error(what, &e)),
+        Err(Fail::Storage(e)) => return Err(e),
+    }
     Ok(Conn {
         client,
         insert,
