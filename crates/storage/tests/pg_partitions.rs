@@ -600,3 +600,32 @@ fn a_read_only_role_opens_without_making_partitions() {
     assert_eq!(got.len(), 1);
     assert!(!attached(&t).contains(&tomorrow), "not made by the reader");
 }
+
+/// While a long statement holds `sample` (here an open transaction that read it), expiry does
+/// not wait for it (writers would queue behind its drop): it gives up after a short lock
+/// timeout, keeps the partition, and drops it on a later pass.
+#[test]
+fn expiry_gives_up_quickly_when_sample_is_busy_and_drops_later() {
+    let t = TestDb::new(Kind::Postgres);
+    let mut db = t.open();
+    let old = today() - Duration::days(5);
+    let out = db
+        .record_metering_data(&[sample("busy-1", "cpu", "r", &iso(old), 1.0)])
+        .unwrap();
+    assert_eq!(out.stored, 1);
+    let mut reader = pg(&t);
+    let mut tx = reader.transaction().unwrap();
+    let n: i64 = tx
+        .query_one("SELECT COUNT(*) FROM sample", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    let started = std::time::Instant::now();
+    assert_eq!(db.clear_expired_metering_data(86_400).unwrap(), 0);
+    let waited = started.elapsed();
+    assert!(waited < std::time::Duration::from_secs(3), "{waited:?}");
+    assert!(attached(&t).contains(&day_partition(old)));
+    tx.commit().unwrap();
+    assert_eq!(db.clear_expired_metering_data(86_400).unwrap(), 1);
+    assert!(!attached(&t).contains(&day_partition(old)));
+}

@@ -23,8 +23,9 @@ pub const PREFIX: &str = "sample_";
 /// The advisory lock held while partitions are created or dropped ("collpart" in ASCII).
 const LOCK_KEY: i64 = 0x636f_6c6c_7061_7274;
 
-/// How long partition DDL waits for the table lock (creating or dropping a partition locks
-/// `sample` exclusively for an instant; it must not queue the writers behind a long query).
+/// How long making a partition waits for the table lock (creating a partition locks `sample`
+/// exclusively for an instant; writers queue behind it while it waits). Made ahead, a
+/// partition is rarely made on the hot path.
 const DDL_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '5s'";
 
 /// Expiry counts the rows of a partition up to this size (a few ms); above, it takes the
@@ -137,50 +138,70 @@ pub fn drop_expired(client: &mut Client, cutoff: i64) -> Result<u64, Fail> {
     let mut total = 0u64;
     let known = load(client)?;
     for r in known.expired(cutoff) {
-        let name = r.name(PREFIX);
-        let mut tx = client.transaction()?;
-        tx.batch_execute(DDL_LOCK_TIMEOUT)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])?;
-        // Listed still (another process may have dropped it meanwhile)?
-        let listed = tx
-            .query_opt(
-                "SELECT 1 FROM sample_partition WHERE lo = $1 AND hi = $2",
-                &[&r.lo, &r.hi],
-            )?
-            .is_some();
-        if !listed {
-            continue;
+        match drop_one(client, r) {
+            Ok(rows) => total += rows,
+            Err(Fail::Pg(e)) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                // A long statement holds `sample`: writers would queue behind the drop.
+                log::warn!(
+                    "postgresql: partition {} not dropped this time (sample is busy): {e}",
+                    r.name(PREFIX)
+                );
+                break;
+            }
+            Err(e) => return Err(e),
         }
-        // Its size on disk, the statistics system's live-row count (inserts minus deletes,
-        // exact for a partition only ever inserted into) and the planner's estimate.
-        let (bytes, live, tuples): (i64, i64, f32) = tx
-            .query_opt(
-                "SELECT pg_relation_size(c.oid), COALESCE(pg_stat_get_live_tuples(c.oid), 0),
-                        c.reltuples
-                   FROM pg_class c WHERE c.oid = to_regclass($1)",
-                &[&name],
-            )?
-            .map_or((0, 0, -1.0), |row| (row.get(0), row.get(1), row.get(2)));
-        let rows = if bytes > COUNT_UP_TO_BYTES && live > 0 {
-            live as u64
-        } else if bytes > COUNT_UP_TO_BYTES && tuples >= 0.0 {
-            tuples as u64
-        } else {
-            let n: i64 = tx
-                .query_one(&format!("SELECT COUNT(*) FROM {name}"), &[])?
-                .get(0);
-            n.max(0) as u64
-        };
-        tx.batch_execute(&format!("DROP TABLE IF EXISTS {name}"))?;
-        tx.execute(
-            "DELETE FROM sample_partition WHERE lo = $1 AND hi = $2",
-            &[&r.lo, &r.hi],
-        )?;
-        tx.commit()?;
-        log::info!("postgresql: dropped expired partition {name} ({rows} samples)");
-        total += rows;
     }
     Ok(total)
+}
+
+/// How long a drop waits for `sample`'s lock: writers queue behind it meanwhile, so no
+/// longer than about a batch; the partition waits for the next pass otherwise.
+const DROP_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '500ms'";
+
+/// Drop partition `r` if still listed; the rows it held.
+fn drop_one(client: &mut Client, r: Range) -> Result<u64, Fail> {
+    let name = r.name(PREFIX);
+    let mut tx = client.transaction()?;
+    tx.batch_execute(DROP_LOCK_TIMEOUT)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])?;
+    // Listed still (another process may have dropped it meanwhile)?
+    let listed = tx
+        .query_opt(
+            "SELECT 1 FROM sample_partition WHERE lo = $1 AND hi = $2",
+            &[&r.lo, &r.hi],
+        )?
+        .is_some();
+    if !listed {
+        return Ok(0);
+    }
+    // Its size on disk, the statistics system's live-row count (inserts minus deletes, exact
+    // for a partition only ever inserted into) and the planner's estimate.
+    let (bytes, live, tuples): (i64, i64, f32) = tx
+        .query_opt(
+            "SELECT pg_relation_size(c.oid), COALESCE(pg_stat_get_live_tuples(c.oid), 0),
+                    c.reltuples
+               FROM pg_class c WHERE c.oid = to_regclass($1)",
+            &[&name],
+        )?
+        .map_or((0, 0, -1.0), |row| (row.get(0), row.get(1), row.get(2)));
+    let rows = if bytes > COUNT_UP_TO_BYTES && live > 0 {
+        live as u64
+    } else if bytes > COUNT_UP_TO_BYTES && tuples >= 0.0 {
+        tuples as u64
+    } else {
+        let n: i64 = tx
+            .query_one(&format!("SELECT COUNT(*) FROM {name}"), &[])?
+            .get(0);
+        n.max(0) as u64
+    };
+    tx.batch_execute(&format!("DROP TABLE IF EXISTS {name}"))?;
+    tx.execute(
+        "DELETE FROM sample_partition WHERE lo = $1 AND hi = $2",
+        &[&r.lo, &r.hi],
+    )?;
+    tx.commit()?;
+    log::info!("postgresql: dropped expired partition {name} ({rows} samples)");
+    Ok(rows)
 }
 
 /// The advisory lock, for callers that must not run while partitions change (expiry's
