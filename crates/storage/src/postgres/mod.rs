@@ -2,12 +2,13 @@
 //! `postgres` client, with TLS through rustls as libpq's `sslmode`, `sslrootcert`, `sslcert`
 //! and `sslkey` URL parameters ask (default `prefer`, as libpq).
 //!
-//! Same logical model as the SQLite driver (meter, resource, sample; `message_id` UNIQUE) with
-//! PostgreSQL's types: `timestamptz`, `jsonb` metadata behind a GIN index. On the hot path a
-//! batch is one statement, one round trip: `INSERT ... SELECT FROM unnest($1::bigint[], ...)`
-//! in autocommit mode. When some message_id is already stored that statement fails whole and
-//! the batch goes again with `ON CONFLICT (message_id) DO NOTHING`, returning the positions of
-//! the rows it skipped, so duplicates are counted exactly.
+//! Same logical model as the SQLite driver (meter, resource, sample; `(message_id, timestamp)`
+//! UNIQUE; samples in time partitions, see `partitions.rs`) with PostgreSQL's types:
+//! `timestamptz`, `jsonb` metadata behind a GIN index. On the hot path a batch is one
+//! statement, one round trip: `INSERT ... SELECT FROM unnest($1::bigint[], ...)` in autocommit
+//! mode. When some message_id is already stored that statement fails whole and the batch goes
+//! again with `ON CONFLICT (message_id, timestamp) DO NOTHING`, returning the positions of the
+//! rows it skipped, so duplicates are counted exactly.
 //!
 //! Many processes on many hosts write one database: ids are cached per process as in the
 //! SQLite driver, kept valid by the `cache_epoch` row: the insert locks it `FOR SHARE` and
@@ -16,9 +17,11 @@
 //! fails the call with [`StorageError::Unavailable`] and the next call reconnects (at most
 //! once a second while the server stays away); a server down at open does not fail the open.
 
+mod partitions;
 mod query;
 pub mod schema;
 
+use crate::partition::Partitions;
 use crate::server::cache::{MeterCache, ResourceCache};
 use crate::server::{self, Link, Valid, CONFLICT_RETRIES};
 use crate::tls::Verify;
@@ -62,6 +65,8 @@ pub struct PostgresStorage {
     /// Rollup levels, and their granularities in seconds as the insert binds them.
     levels: Vec<crate::rollup::Granularity>,
     level_seconds: Vec<i64>,
+    /// `partition_span_seconds` in µs.
+    span_us: i64,
 }
 
 /// Where and how to connect: the client configuration and the TLS connector its `sslmode`
@@ -80,6 +85,8 @@ struct Conn {
     meter_insert: Statement,
     resource_select: Statement,
     resource_insert: Statement,
+    /// The sample partitions as this connection last read (or made) them.
+    partitions: crate::partition::Partitions,
 }
 
 /// The hot path, one statement in autocommit mode (one round trip per batch): validated rows
@@ -158,12 +165,21 @@ input AS (
                         message_signature)
     SELECT meter_id, resource_id, volume, ts, $7, message_id, message_signature
     FROM input ORDER BY ord
-    ON CONFLICT (message_id) DO NOTHING
+    ON CONFLICT (message_id, timestamp) DO NOTHING
     RETURNING message_id, meter_id, resource_id, volume, timestamp
 )ROLLUPS
 SELECT (SELECT epoch FROM e), (SELECT COUNT(*) FROM inserted),
        ARRAY(SELECT ord FROM input WHERE message_id NOT IN (SELECT message_id FROM inserted)
              ORDER BY ord)";
+
+/// A resource row no sample refers to (`r`).
+const ORPHAN_RESOURCE: &str =
+    "NOT EXISTS (SELECT 1 FROM sample s WHERE s.resource_id = r.internal_id OFFSET 0)";
+
+/// A meter row (`m`) no sample refers to; meters stay while a rollup refers to them: rollups
+/// outlive samples.
+const ORPHAN_METER: &str = "NOT EXISTS (SELECT 1 FROM sample s WHERE s.meter_id = m.id OFFSET 0)
+    AND NOT EXISTS (SELECT 1 FROM rollup_meter b WHERE b.meter_id = m.id)";
 
 /// How many times a batch is resolved again because expiry moved the epoch under it.
 const EPOCH_RETRIES: usize = 5;
@@ -179,9 +195,6 @@ impl From<::postgres::Error> for Fail {
         Fail::Pg(e)
     }
 }
-
-/// Expiry deletes in chunks of this many samples, one transaction each.
-const EXPIRY_CHUNK: i64 = 10_000;
 
 impl PostgresStorage {
     /// Parse the URL and connect. A server that does not answer is not an error here: the
@@ -200,8 +213,12 @@ impl PostgresStorage {
             ttl_seconds: opts.time_to_live_seconds,
             levels: opts.rollups.clone(),
             level_seconds: opts.rollups.iter().map(|g| g.seconds as i64).collect(),
+            span_us: i64::try_from(opts.partition_span_seconds)
+                .unwrap_or(i64::MAX / 1_000_000)
+                .max(1)
+                .saturating_mul(1_000_000),
         };
-        match connect(&st.config, &st.link.what, &st.levels) {
+        match connect(&st.config, &st.link.what, &st.levels, st.span_us) {
             Ok(conn) => {
                 st.link.get(|| Ok(conn))?;
             }
@@ -240,8 +257,13 @@ impl PostgresStorage {
         &mut self,
         f: impl FnOnce(&mut Client) -> Result<T, Fail>,
     ) -> Result<T, StorageError> {
-        let (config, what, levels) = (&self.config, self.link.what.clone(), &self.levels);
-        let conn = self.link.get(|| connect(config, &what, levels))?;
+        let (config, what, levels, span) = (
+            &self.config,
+            self.link.what.clone(),
+            &self.levels,
+            self.span_us,
+        );
+        let conn = self.link.get(|| connect(config, &what, levels, span))?;
         let result = f(&mut conn.client);
         let closed = conn.client.is_closed();
         match result {
@@ -260,6 +282,7 @@ impl PostgresStorage {
         conn: &mut Conn,
         cutoff: OffsetDateTime,
         levels: &[crate::rollup::Granularity],
+        span_us: i64,
     ) -> Result<(u64, bool), Fail> {
         let client = &mut conn.client;
         // Rollup buckets past their own retention: a range on rollup_resource's key; the
@@ -280,34 +303,49 @@ impl PostgresStorage {
                 &[&gran, &before],
             )?;
         }
-        let mut total = 0u64;
-        loop {
-            // The BRIN index finds old block ranges; each chunk commits on its own.
-            let n = client.execute(
-                "DELETE FROM sample WHERE id IN
-                   (SELECT id FROM sample WHERE timestamp < $1 LIMIT $2)",
-                &[&cutoff, &EXPIRY_CHUNK],
-            )?;
-            total += n;
-            if (n as i64) < EXPIRY_CHUNK {
-                break;
-            }
+        // Whole partitions entirely older than the cutoff: a DROP each, whatever their rows.
+        let total = partitions::drop_expired(client, crate::model::to_micros(cutoff))?;
+        // Keep the partitions of now and the next span made ahead (the daemon calls this on a
+        // timer, so a worker rarely has to make one on the hot path).
+        partitions::ensure(client, &mut conn.partitions, &ahead(span_us), span_us)?;
+        // Orphans: first the candidates, without any lock (writers go on meanwhile), then
+        // those deleted under the locks if still orphaned. `OFFSET 0` keeps each NOT EXISTS a
+        // per-row probe of the partitions' indexes, newest partition first for a live row; as
+        // an anti-join the planner hashed every sample of the store (240 ms at 264k rows, 14
+        // ms probed; EXPLAIN ANALYZE in docs/storage.md).
+        let orphan_resources: Vec<i64> = client
+            .query(
+                &format!("SELECT r.internal_id FROM resource r WHERE {ORPHAN_RESOURCE}"),
+                &[],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let orphan_meters: Vec<i64> = client
+            .query(
+                &format!("SELECT m.id FROM meter m WHERE {ORPHAN_METER}"),
+                &[],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if orphan_resources.is_empty() && orphan_meters.is_empty() {
+            return Ok((total, false));
         }
         let mut tx = client.transaction()?;
+        // Partitions are neither made nor dropped meanwhile (same lock order as theirs).
+        partitions::lock(&mut tx)?;
         // Inserts lock the epoch row FOR SHARE; this waits for running ones and queues new ones
         // behind it (a table lock, so they cannot starve it). Once the epoch moves, no insert
         // uses ids resolved before: they check it.
         tx.batch_execute("LOCK TABLE cache_epoch IN EXCLUSIVE MODE")?;
         let resources = tx.execute(
-            "DELETE FROM resource r
-              WHERE NOT EXISTS (SELECT 1 FROM sample s WHERE s.resource_id = r.internal_id)",
-            &[],
+            &format!("DELETE FROM resource r WHERE r.internal_id = ANY ($1) AND {ORPHAN_RESOURCE}"),
+            &[&orphan_resources],
         )?;
         let meters = tx.execute(
-            // Meters stay while a rollup refers to them: rollups outlive samples.
-            "DELETE FROM meter m WHERE NOT EXISTS (SELECT 1 FROM sample s WHERE s.meter_id = m.id)
-               AND NOT EXISTS (SELECT 1 FROM rollup_meter b WHERE b.meter_id = m.id)",
-            &[],
+            &format!("DELETE FROM meter m WHERE m.id = ANY ($1) AND {ORPHAN_METER}"),
+            &[&orphan_meters],
         )?;
         let bumped = resources + meters > 0;
         if bumped {
@@ -327,10 +365,16 @@ impl Storage for PostgresStorage {
             let mut attempt = 0;
             let mut dedup = false;
             let dups = loop {
-                let (config, what, levels) = (&self.config, self.link.what.clone(), &self.levels);
-                let conn = self.link.get(|| connect(config, &what, levels))?;
+                let (config, what, levels, span) = (
+                    &self.config,
+                    self.link.what.clone(),
+                    &self.levels,
+                    self.span_us,
+                );
+                let conn = self.link.get(|| connect(config, &what, levels, span))?;
                 let mut caches = Caches {
                     levels: &self.level_seconds,
+                    span_us: self.span_us,
                     meters: &mut self.meters,
                     resources: &mut self.resources,
                     epoch: &mut self.epoch,
@@ -405,9 +449,14 @@ impl Storage for PostgresStorage {
         let cutoff = OffsetDateTime::now_utc()
             .checked_sub(ttl)
             .unwrap_or(OffsetDateTime::UNIX_EPOCH - time::Duration::days(365 * 3000));
-        let (config, what, levels) = (&self.config, self.link.what.clone(), &self.levels);
-        let conn = self.link.get(|| connect(config, &what, levels))?;
-        match Self::expire(conn, cutoff, levels) {
+        let (config, what, levels, span) = (
+            &self.config,
+            self.link.what.clone(),
+            &self.levels,
+            self.span_us,
+        );
+        let conn = self.link.get(|| connect(config, &what, levels, span))?;
+        match Self::expire(conn, cutoff, levels, span) {
             Ok((n, bumped)) => {
                 if bumped {
                     self.clear_caches();
@@ -430,6 +479,8 @@ impl Storage for PostgresStorage {
 struct Caches<'a> {
     /// Rollup granularities (seconds), for the insert's `$9`.
     levels: &'a [i64],
+    /// `partition_span_seconds` in µs, for partitions made on demand.
+    span_us: i64,
     meters: &'a mut MeterCache,
     resources: &'a mut ResourceCache,
     epoch: &'a mut i64,
@@ -446,6 +497,15 @@ fn write_batch(
     dedup: bool,
 ) -> Result<Vec<usize>, Fail> {
     let client = &mut conn.client;
+    // Every row needs a partition: made here (under the advisory lock) for a late or future
+    // sample; the normal case finds them all made ahead.
+    let stamps_us: Vec<i64> = rows
+        .iter()
+        .map(|r| crate::model::to_micros(r.timestamp))
+        .collect();
+    if !partitions::covers(&conn.partitions, &stamps_us) {
+        partitions::ensure(client, &mut conn.partitions, &stamps_us, caches.span_us)?;
+    }
     if *caches.epoch == i64::MIN {
         *caches.epoch = client
             .query_one("SELECT epoch FROM cache_epoch", &[])?
@@ -484,7 +544,7 @@ fn write_batch(
         } else {
             &conn.insert
         };
-        let row = client.query_one(
+        let row = match client.query_one(
             statement,
             &[
                 &meter_ids,
@@ -497,7 +557,17 @@ fn write_batch(
                 &expected,
                 &caches.levels,
             ],
-        )?;
+        ) {
+            Ok(row) => row,
+            Err(e) if partitions::is_missing_partition(&e) => {
+                // Dropped by another process's expiry after this one read the catalog (its
+                // TTL may be shorter than ours): read it again and make what is missing.
+                log::debug!("postgresql: a partition went missing; making it again");
+                partitions::ensure(client, &mut conn.partitions, &stamps_us, caches.span_us)?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let found: i64 = row.get(0);
         if found != expected {
             log::debug!("cache epoch moved from {expected} to {found}: resolving ids again");
@@ -522,7 +592,7 @@ fn write_batch(
         return Ok(dups);
     }
     Err(Fail::Storage(StorageError::Unavailable(
-        "postgresql: expiry keeps deleting meters or resources under this batch".into(),
+        "postgresql: expiry keeps deleting meters, resources or partitions under this batch".into(),
     )))
 }
 
@@ -625,11 +695,24 @@ fn value_has_nul(v: &Value, depth: usize) -> bool {
     }
 }
 
-/// The unique violation of `sample.message_id`: some sample of the batch is stored already.
+/// The unique violation of `(message_id, timestamp)` in a sample partition (its index is named
+/// after the partition: `sample_<lo>_message_id_timestamp_key`): some sample of the batch is
+/// stored already.
 fn is_stored_message_id(e: &::postgres::Error) -> bool {
     e.as_db_error().is_some_and(|db| {
-        *db.code() == SqlState::UNIQUE_VIOLATION && db.constraint() == Some("sample_message_id_key")
+        *db.code() == SqlState::UNIQUE_VIOLATION
+            && db
+                .constraint()
+                .is_some_and(|c| c.ends_with("message_id_timestamp_key"))
     })
+}
+
+/// Refused for lack of privilege, or in a read-only session.
+fn is_read_only(e: &::postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::INSUFFICIENT_PRIVILEGE || *c == SqlState::READ_ONLY_SQL_TRANSACTION
+    )
 }
 
 /// Deadlocks and serialization failures: nothing was stored; the same batch may be retried.
@@ -689,14 +772,15 @@ fn connect(
     config: &Target,
     what: &str,
     levels: &[crate::rollup::Granularity],
+    span_us: i64,
 ) -> Result<Conn, StorageError> {
     let mut client = config
         .pg
         .connect(config.tls.clone())
         .map_err(|e| connect_error(what, &e))?;
-    match schema::migrate(&mut client, levels) {
+    match schema::migrate(&mut client, levels, span_us) {
         Ok(()) => {}
-        Err(schema::MigrateError::TooNew(e)) => return Err(e),
+        Err(schema::MigrateError::Storage(e)) => return Err(e),
         Err(schema::MigrateError::Sql(e)) => return Err(connect_error(what, &e)),
     }
     let mut prepare = |sql: &str| client.prepare(sql).map_err(|e| connect_error(what, &e));
@@ -714,6 +798,18 @@ fn connect(
          VALUES ($1, $2, $3, $4, $5, $6::TEXT::JSONB)
          ON CONFLICT (resource_key) DO NOTHING RETURNING internal_id",
     )?;
+    let mut partitions = Partitions::default();
+    // The partitions of now and of the next span, made ahead so the hot path finds them. A
+    // role that may only read (collectorctl's, say) cannot make them and does not need to.
+    match partitions::ensure(&mut client, &mut partitions, &ahead(span_us), span_us) {
+        Ok(_) => {}
+        Err(Fail::Pg(e)) if is_read_only(&e) => {
+            log::warn!("{what}: cannot make the partitions ahead (read-only role?): {e}");
+            partitions = partitions::load(&mut client).map_err(|e| connect_error(what, &e))?;
+        }
+        Err(Fail::Pg(e)) => return Err(connect_error(what, &e)),
+        Err(Fail::Storage(e)) => return Err(e),
+    }
     Ok(Conn {
         client,
         insert,
@@ -722,7 +818,14 @@ fn connect(
         meter_insert,
         resource_select,
         resource_insert,
+        partitions,
     })
+}
+
+/// Timestamps (µs) whose partitions are made ahead of the samples: now and one span on.
+fn ahead(span_us: i64) -> [i64; 2] {
+    let now = crate::model::to_micros(OffsetDateTime::now_utc());
+    [now, now.saturating_add(span_us)]
 }
 
 /// At connect, only a server that cannot be reached (or cannot take us right now) is

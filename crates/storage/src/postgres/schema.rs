@@ -63,7 +63,7 @@ INSERT INTO cache_epoch (epoch) VALUES (0);
 /// timestamps are integer microseconds so the drivers share the arithmetic
 /// (`storage::rollup`). Samples stored before a level existed are not in it: `rollup_level`
 /// says from which bucket on each level is complete.
-const V2: &str = "
+pub const V2: &str = "
 CREATE TABLE rollup_meter (
     meter_id    BIGINT NOT NULL,
     granularity BIGINT NOT NULL,
@@ -95,8 +95,72 @@ CREATE TABLE rollup_level (
 );
 ";
 
+/// Version 3: `sample` range-partitioned by `timestamp` (see `postgres::partitions`). The
+/// version 2 table is renamed and its rows moved into partitions by [`move_samples`], in the
+/// same transaction; ids keep their sequence. Unique is `(message_id, timestamp)` (a partitioned
+/// table's unique keys must contain the partition key; a retry carries the same timestamp, so
+/// idempotence holds). The indexes are made per partition; the BRIN index stays for time
+/// ranges inside a partition with no meter or resource to narrow them (it cost no measurable
+/// insert time: docs/storage.md).
+const V3: &str = "
+ALTER TABLE sample RENAME TO sample_v2;
+DROP INDEX ix_sample_meter_timestamp, ix_sample_resource_timestamp, ix_sample_timestamp;
+CREATE TABLE sample (
+    id                BIGINT NOT NULL DEFAULT nextval('sample_id_seq'),
+    meter_id          BIGINT NOT NULL,
+    resource_id       BIGINT NOT NULL,
+    volume            DOUBLE PRECISION NOT NULL,
+    timestamp         TIMESTAMPTZ NOT NULL,
+    recorded_at       TIMESTAMPTZ NOT NULL,
+    message_id        TEXT NOT NULL,
+    message_signature TEXT,
+    CONSTRAINT sample_message_id_timestamp_key UNIQUE (message_id, timestamp)
+) PARTITION BY RANGE (timestamp);
+ALTER SEQUENCE sample_id_seq OWNED BY sample.id;
+CREATE INDEX ix_sample_meter_timestamp ON sample (meter_id, timestamp);
+CREATE INDEX ix_sample_resource_timestamp ON sample (resource_id, timestamp);
+CREATE INDEX ix_sample_timestamp ON sample USING brin (timestamp);
+CREATE TABLE sample_partition (
+    lo   BIGINT PRIMARY KEY,
+    hi   BIGINT NOT NULL,
+    name TEXT NOT NULL UNIQUE
+);
+";
+
 /// Applied in order; entry `i` takes a database from version `i` to `i + 1`. Append only.
-pub const MIGRATIONS: &[&str] = &[V1, V2];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3];
+
+/// The second half of version 3: a partition for every span holding version 2 samples, the
+/// rows copied in id order, the old table dropped.
+fn move_samples(tx: &mut ::postgres::Transaction<'_>, span_us: i64) -> Result<(), MigrateError> {
+    let span = span_us.max(1);
+    let rows = tx.query(
+        "SELECT DISTINCT (us - (((us % $1) + $1) % $1))
+           FROM (SELECT (EXTRACT(EPOCH FROM timestamp) * 1000000)::BIGINT AS us
+                   FROM sample_v2) AS t",
+        &[&span],
+    )?;
+    let los: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    let known = crate::partition::Partitions::default();
+    for lo in los {
+        let r = known.new_range(lo, span);
+        super::partitions::create(tx, r).map_err(|f| match f {
+            super::Fail::Pg(e) => MigrateError::Sql(e),
+            super::Fail::Storage(e) => MigrateError::Storage(e),
+        })?;
+    }
+    let moved = tx.execute(
+        "INSERT INTO sample (id, meter_id, resource_id, volume, timestamp, recorded_at,
+                             message_id, message_signature)
+         SELECT id, meter_id, resource_id, volume, timestamp, recorded_at, message_id,
+                message_signature
+           FROM sample_v2 ORDER BY id",
+        &[],
+    )?;
+    tx.batch_execute("DROP TABLE sample_v2")?;
+    log::info!("postgresql: moved {moved} samples into time partitions");
+    Ok(())
+}
 
 /// Register the configured rollup levels missing from `rollup_level`: complete from the
 /// bucket after the newest stored sample (earlier samples were not counted at that level), or
@@ -105,7 +169,17 @@ pub fn register_levels(
     client: &mut Client,
     levels: &[crate::rollup::Granularity],
 ) -> Result<(), ::postgres::Error> {
-    for g in levels {
+    // Every connect comes here: look for missing levels first, so the newest-sample lookup
+    // (which reads every sample: no index leads with the timestamp) runs only for a new level.
+    let have: Vec<i64> = client
+        .query("SELECT granularity FROM rollup_level", &[])?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for g in levels
+        .iter()
+        .filter(|g| !have.contains(&(g.seconds as i64)))
+    {
         let g_us = g.micros();
         client.execute(
             "INSERT INTO rollup_level (granularity, complete_from)
@@ -147,7 +221,8 @@ fn read_version(
 #[derive(Debug)]
 pub enum MigrateError {
     Sql(::postgres::Error),
-    TooNew(StorageError),
+    /// A schema from a newer build, or a partition bound out of range.
+    Storage(StorageError),
 }
 
 impl From<::postgres::Error> for MigrateError {
@@ -160,6 +235,7 @@ impl From<::postgres::Error> for MigrateError {
 pub fn migrate(
     client: &mut Client,
     levels: &[crate::rollup::Granularity],
+    span_us: i64,
 ) -> Result<(), MigrateError> {
     // Common case first, without the lock: already up to date.
     if read_version(client)? == Some(current_version()) {
@@ -177,7 +253,7 @@ pub fn migrate(
         }
     };
     if found > current_version() {
-        return Err(MigrateError::TooNew(StorageError::SchemaTooNew {
+        return Err(MigrateError::Storage(StorageError::SchemaTooNew {
             found,
             supported: current_version(),
         }));
@@ -185,6 +261,9 @@ pub fn migrate(
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
         log::info!("postgresql: migrating schema to version {}", i + 1);
         tx.batch_execute(sql)?;
+        if i == 2 {
+            move_samples(&mut tx, span_us)?;
+        }
     }
     tx.execute(
         "UPDATE schema_version SET version = $1",
