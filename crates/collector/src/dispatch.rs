@@ -46,6 +46,9 @@ pub struct Batch {
     /// Per sample of the primary list (`db`, or `file` when the file dispatcher runs alone):
     /// where it came from and when it was taken, for the per-source and freshness metrics.
     pub meta: Vec<SampleMeta>,
+    /// Wire bytes of what was taken into this batch (datagrams, frames), for the intake's
+    /// bound in bytes ([`crate::source::Intake::can_accept`]).
+    pub bytes: usize,
 }
 
 /// What the metrics need to know of one batched sample.

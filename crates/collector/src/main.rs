@@ -11,6 +11,19 @@ use collector::config::Config;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
+/// Allocator options must be set before the first allocation, which the runtime makes before
+/// `main`: a constructor with a priority runs before the unprioritized ones (mimalloc's among
+/// them) and before the runtime's start-up. See `collector::memory::configure_allocator`.
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array.00200"]
+static CONFIGURE_ALLOCATOR: extern "C" fn() = {
+    extern "C" fn configure() {
+        collector::memory::configure_allocator();
+    }
+    configure
+};
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(path) = &cli.import_ceilometer_conf {

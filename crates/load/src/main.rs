@@ -64,6 +64,9 @@ enum Mode {
         /// Also write (seq, send time) pairs here, for `latency`.
         #[arg(long, value_name = "FILE")]
         sends_out: Option<PathBuf>,
+        /// Sender sockets (distinct source ports, as many publishers), used in turn per call.
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
     },
     /// Pipelined MessagePack-RPC record_metering_data calls of BATCH samples.
     Rpc {
@@ -235,9 +238,12 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
             watch_interval_ms,
             settle_ms,
             sends_out,
+            clients,
         } => {
             let p = payloads(count)?;
-            let sock = udp::connect(to)?;
+            let socks = (0..clients.max(1))
+                .map(|_| udp::connect(to))
+                .collect::<Result<Vec<_>>>()?;
             let progress = Arc::new(watch::Progress::default());
             let watcher = watch_db.as_ref().map(|db| {
                 watch::spawn(
@@ -252,7 +258,7 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
                 )
             });
             let rcvbuf_before = udp_rcvbuf_errors();
-            let sent = udp::send(&sock, &p, count, rate, &progress);
+            let sent = udp::send(&socks, &p, count, rate, &progress);
             let send_s = (sent.last_ns - sent.first_ns) as f64 / 1e9;
             let mut out = json!({
                 "mode": "udp",
@@ -262,6 +268,7 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
                 "send_s": send_s,
                 "send_per_s": round(sent.sent as f64 / send_s.max(1e-9)),
                 "rate_asked": rate,
+                "clients": socks.len(),
                 "mean_sample_bytes": p.total_bytes() / p.len().max(1),
             });
             if let Some(path) = &sends_out {

@@ -43,16 +43,18 @@ pub fn connect(to: SocketAddr) -> Result<UdpSocket> {
     Ok(sock)
 }
 
-/// Send samples `0..count` over a connected socket, flat out or paced at `rate` per second,
-/// publishing progress for a watcher.
+/// Send samples `0..count` over connected sockets, flat out or paced at `rate` per second,
+/// publishing progress for a watcher. Each `sendmmsg` call goes out on the next socket in
+/// turn, so `socks.len()` sockets look like as many publishers (distinct source ports).
 pub fn send(
-    sock: &UdpSocket,
+    socks: &[UdpSocket],
     payloads: &Payloads,
     count: usize,
     rate: Option<f64>,
     progress: &Progress,
 ) -> Sent {
-    let fd = sock.as_raw_fd();
+    let fds: Vec<_> = socks.iter().map(|s| s.as_raw_fd()).collect();
+    let mut call = 0usize;
     let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let addrs: Vec<Option<SockaddrStorage>> = vec![None; BATCH];
     let pacer = Pacer::new(rate);
@@ -73,6 +75,8 @@ pub fn send(
             .collect();
         let t = now_ns();
         let cmsgs: [ControlMessage<'_>; 0] = [];
+        let fd = fds[call % fds.len().max(1)];
+        call = call.wrapping_add(1);
         match sendmmsg(
             fd,
             &mut headers,
@@ -129,7 +133,8 @@ pub fn raw_limit(port: u16, payloads: &Payloads, count: usize, batch: usize) -> 
     let progress = Progress::default();
     let batch = batch.clamp(1, BATCH);
     std::thread::scope(|scope| {
-        let sender = scope.spawn(|| send(&tx, payloads, count, None, &progress));
+        let sender =
+            scope.spawn(|| send(std::slice::from_ref(&tx), payloads, count, None, &progress));
         let (received, bytes, last_recv_ns) = receive(&rx, count as u64, batch, &progress);
         let sent = sender.join().expect("sender thread");
         Ok(RawUdp {

@@ -232,12 +232,13 @@ impl<'a> Decoder<'a> {
                 Err(Error::Fail(kind)) => return Err(self.error(kind, &stack)),
             };
             // Hand the finished value to its container; a container it completes is itself
-            // handed up, and so on.
+            // handed up, and so on. The container is filled in place and only popped once
+            // complete (moving it out and back for every element cost more than the push).
             loop {
-                let Some(mut top) = stack.pop() else {
+                let Some(top) = stack.last_mut() else {
                     return Ok(value);
                 };
-                let done = match &mut top {
+                let done = match top {
                     Open::Array { items, remaining } => {
                         items.push(value);
                         *remaining -= 1;
@@ -260,13 +261,13 @@ impl<'a> Decoder<'a> {
                     },
                 };
                 if !done {
-                    // Popping and pushing back keeps the stack's capacity: no allocation.
-                    stack.push(top);
                     break;
                 }
-                value = match top {
-                    Open::Array { items, .. } => Value::Array(items),
-                    Open::Map { pairs, .. } => Value::Map(pairs),
+                value = match stack.pop() {
+                    Some(Open::Array { items, .. }) => Value::Array(items),
+                    Some(Open::Map { pairs, .. }) => Value::Map(pairs),
+                    // Unreachable: last_mut() just found it.
+                    None => return Err(DecodeError::Incomplete),
                 };
             }
         }

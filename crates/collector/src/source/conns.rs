@@ -604,6 +604,10 @@ impl Connections {
                 // Its values were many and are gone now (or owned by the batch).
                 self.releaser.freed();
             }
+            if result.is_ok() {
+                intake.add_bytes(end - start);
+                intake.flush_if_full();
+            }
             if let Err(e) = result {
                 self.protocol_error(i, intake, e.msgid, &e.reason);
                 return;

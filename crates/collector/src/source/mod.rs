@@ -30,6 +30,12 @@ use std::time::{Duration, Instant};
 /// the same within noise over UDP and RPC; 2 peaks at 53-57 MiB RSS under a flood, 4 at 67-71.
 const MAX_IN_FLIGHT: usize = 2;
 
+/// Wire bytes at which the pending batch goes to the writer even if it holds fewer than
+/// `batch_size` samples; reading pauses at twice this, as at twice `batch_size` samples. A
+/// decoded sample takes about five times its wire size, so this bounds a worker's memory when
+/// samples are large; ceilometer's (~1 KB) reach `batch_size` first (issue 18).
+pub const BATCH_BYTES: usize = 2 << 20;
+
 /// Rate-limited logging of a repeated problem: at most one line a second, with a count of
 /// what was suppressed.
 pub struct Throttle {
@@ -149,7 +155,23 @@ impl Intake {
     /// Room for more samples? When the writer is behind, sources stop reading and the kernel's
     /// buffers (and TCP flow control) hold the rest.
     pub fn can_accept(&self) -> bool {
-        self.batch.len() < self.max_batch * 2
+        // An empty batch always accepts: bytes are only counted for what it holds, but a
+        // bound that an empty batch could exceed would stop reading for good.
+        self.batch.is_empty()
+            || (self.batch.len() < self.max_batch * 2 && self.batch.bytes < BATCH_BYTES * 2)
+    }
+
+    /// Whether the pending batch is due for the writer by size (samples or bytes).
+    fn full(&self) -> bool {
+        self.batch.len() >= self.max_batch || self.batch.bytes >= BATCH_BYTES
+    }
+
+    /// A source took `n` wire bytes into the pending batch (a datagram or frame whose samples
+    /// were accepted; a request's rejected samples count too, erring on the safe side).
+    pub fn add_bytes(&mut self, n: usize) {
+        if !self.batch.is_empty() {
+            self.batch.bytes = self.batch.bytes.saturating_add(n);
+        }
     }
 
     /// When the pending batch must go to the writer at the latest, if it holds anything.
@@ -164,7 +186,7 @@ impl Intake {
     /// A full batch goes to the writer at once (if it has room), from inside read loops too:
     /// otherwise one readiness event could drain a flood into a single unbounded batch.
     pub fn flush_if_full(&mut self) {
-        if self.batch.len() >= self.max_batch {
+        if self.full() {
             self.maybe_flush(Instant::now());
         }
     }
@@ -296,7 +318,7 @@ impl Intake {
         if self.batch.is_empty() || self.in_flight >= MAX_IN_FLIGHT {
             return;
         }
-        let full = self.batch.len() >= self.max_batch;
+        let full = self.full();
         let old = self
             .batch
             .opened
@@ -334,5 +356,88 @@ impl Intake {
     /// No more batches: the writer thread ends once it has written what it holds.
     pub fn close_writer(&mut self) {
         self.writer_tx.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A signed sample whose metadata holds `pad` bytes of text.
+    fn sample(i: usize, pad: usize, secret: &str) -> Value {
+        let mut v = Sample {
+            source: "openstack".into(),
+            counter_name: "cpu".into(),
+            counter_type: meter::CounterType::Cumulative,
+            counter_unit: "ns".into(),
+            counter_volume: meter::Volume::Int(i as i64),
+            user_id: None,
+            project_id: None,
+            user_name: None,
+            project_name: None,
+            resource_id: "r".into(),
+            timestamp: "2026-11-30T12:00:00.000000+00:00".into(),
+            resource_metadata: Value::Map(vec![(
+                Value::Str("pad".into()),
+                Value::Str("x".repeat(pad)),
+            )]),
+            message_id: format!("m{i}"),
+            message_signature: None,
+            monotonic_time: None,
+            extra: vec![],
+        }
+        .to_value();
+        meter::sign(&mut v, secret);
+        v
+    }
+
+    /// Feed samples as the UDP source does until the intake refuses more; returns how many
+    /// it took and the batches handed to the writer meanwhile.
+    fn fill(pad: usize) -> (usize, usize, Intake) {
+        let cfg = crate::config::Config::default();
+        let (tx, rx) = mpsc::channel();
+        let mut intake = Intake::new(&cfg, tx);
+        let secret = cfg.publisher.telemetry_secret.clone();
+        let mut taken = 0;
+        while intake.can_accept() && taken < 100_000 {
+            let v = sample(taken, pad, &secret);
+            let wire = meter::encode::to_msgpack(&v).len();
+            assert!(intake.ingest(v, "udp"), "sample {taken} refused");
+            intake.add_bytes(wire);
+            intake.flush_if_full();
+            taken += 1;
+        }
+        let handed = rx.try_iter().count();
+        (taken, handed, intake)
+    }
+
+    #[test]
+    fn small_samples_are_bounded_by_count() {
+        // batch_size 1000: two batches go to the writer (its limit in flight), then the
+        // pending batch fills to twice batch_size.
+        let (taken, handed, intake) = fill(10);
+        assert_eq!(handed, MAX_IN_FLIGHT);
+        assert_eq!(intake.batch.len(), 2000);
+        assert_eq!(taken, 4000);
+    }
+
+    #[test]
+    fn large_samples_are_bounded_by_bytes() {
+        // 100 KB samples: batch_size would let 4,000 of them (400 MB) in; the byte bound
+        // hands a batch over at BATCH_BYTES and stops taking at twice that.
+        let (taken, handed, intake) = fill(100_000);
+        assert_eq!(handed, MAX_IN_FLIGHT);
+        let per_batch = BATCH_BYTES.div_ceil(100_000);
+        assert!(
+            intake.batch.bytes >= BATCH_BYTES * 2,
+            "{}",
+            intake.batch.bytes
+        );
+        assert!(intake.batch.bytes < BATCH_BYTES * 2 + 101_000);
+        assert!(
+            taken <= MAX_IN_FLIGHT * (per_batch + 1) + 2 * per_batch + 1,
+            "took {taken} samples of 100 KB"
+        );
+        assert!(!intake.can_accept());
     }
 }

@@ -60,7 +60,9 @@ impl UdpSource {
                     intake.counters.by_source.udp.bytes += n as u64;
                     match meter::decode::decode_value(&buf[..n]) {
                         Ok(v) if matches!(v, Value::Map(_)) => {
-                            intake.ingest(v, "udp");
+                            if intake.ingest(v, "udp") {
+                                intake.add_bytes(n);
+                            }
                             intake.flush_if_full();
                         }
                         Ok(_) => {

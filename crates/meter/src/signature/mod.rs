@@ -278,6 +278,17 @@ fn as_f64(v: &Value) -> f64 {
     }
 }
 
+/// The bytes a str or bin key sorts by (empty for any other key; only called on maps whose
+/// keys are all str or all bin).
+#[inline]
+fn key_bytes(k: &Value) -> &[u8] {
+    match k {
+        Value::Str(s) => s.as_bytes(),
+        Value::Bin(b) => b,
+        _ => &[],
+    }
+}
+
 fn cmp_keys(a: &Value, b: &Value) -> Ordering {
     key_rank(a).cmp(&key_rank(b)).then_with(|| match (a, b) {
         // Code point order is UTF-8 byte order.
@@ -302,8 +313,15 @@ impl<S: Sink> Walker<'_, S> {
         path: &dyn Fn() -> String,
     ) -> Result<std::ops::Range<usize>, SignatureError> {
         let base = self.scratch.len();
+        // All keys str, or all bin: the order is the keys' bytes (what cmp_keys gives them),
+        // compared without ranking each key's type first. Every map ceilometer can sign.
+        let uniform = match pairs.first() {
+            Some((Value::Str(_), _)) => pairs.iter().all(|(k, _)| matches!(k, Value::Str(_))),
+            Some((Value::Bin(_), _)) => pairs.iter().all(|(k, _)| matches!(k, Value::Bin(_))),
+            _ => false,
+        };
         if let Some((first, _)) = pairs.first() {
-            if self.strict {
+            if self.strict && !uniform {
                 let str_keys = matches!(first, Value::Str(_));
                 for (k, _) in pairs {
                     let ok = match k {
@@ -322,8 +340,14 @@ impl<S: Sink> Walker<'_, S> {
         }
         self.scratch.extend(0..pairs.len());
         // Ties (duplicates) keep wire order, so the last of each run is the last on the wire.
-        self.scratch[base..]
-            .sort_unstable_by(|&a, &b| cmp_keys(&pairs[a].0, &pairs[b].0).then(a.cmp(&b)));
+        let cmp = |a: usize, b: usize| {
+            if uniform {
+                key_bytes(&pairs[a].0).cmp(key_bytes(&pairs[b].0))
+            } else {
+                cmp_keys(&pairs[a].0, &pairs[b].0)
+            }
+        };
+        self.scratch[base..].sort_unstable_by(|&a, &b| cmp(a, b).then(a.cmp(&b)));
         // Drop all but the last entry of each run of equal keys.
         let mut write = base;
         for read in base..self.scratch.len() {
@@ -331,7 +355,7 @@ impl<S: Sink> Walker<'_, S> {
             let dup_of_next = self
                 .scratch
                 .get(read + 1)
-                .is_some_and(|&next| cmp_keys(&pairs[idx].0, &pairs[next].0) == Ordering::Equal);
+                .is_some_and(|&next| cmp(idx, next) == Ordering::Equal);
             if dup_of_next {
                 if self.strict {
                     let key = pairs[idx].0.clone();
