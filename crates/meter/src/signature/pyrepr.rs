@@ -57,43 +57,28 @@ impl fmt::Write for StackBuf {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// An integer as [`int`] takes it: sign and magnitude.
+/// An integer [`int`] can write.
 pub(crate) trait Int: Copy {
-    fn parts(self) -> (bool, u64);
+    fn write(self, buf: &mut itoa::Buffer) -> &str;
 }
 
 impl Int for &i64 {
-    fn parts(self) -> (bool, u64) {
-        (*self < 0, self.unsigned_abs())
+    fn write(self, buf: &mut itoa::Buffer) -> &str {
+        buf.format(*self)
     }
 }
 
 impl Int for &u64 {
-    fn parts(self) -> (bool, u64) {
-        (false, *self)
+    fn write(self, buf: &mut itoa::Buffer) -> &str {
+        buf.format(*self)
     }
 }
 
-/// Python `str(int)` (= `repr`): decimal, written by hand (`core::fmt` cost ~800 instructions
-/// per integer, most of a sample's integers' share of the signature).
+/// Python `str(int)` (= `repr`): decimal. `itoa` rather than `core::fmt`, whose machinery cost
+/// ~800 instructions per integer, most of a sample's integers' share of the signature.
 pub(crate) fn int(out: &mut impl Sink, v: impl Int) {
-    let (negative, mut n) = v.parts();
-    // u64::MAX has 20 digits; one more for the sign.
-    let mut buf = [0u8; 21];
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    if negative {
-        at -= 1;
-        buf[at] = b'-';
-    }
-    out.put(&buf[at..]);
+    let mut buf = itoa::Buffer::new();
+    out.put(v.write(&mut buf).as_bytes());
 }
 
 /// Python `repr(float)` (= `str(float)` since Python 3.2): the shortest digits that round-trip,
