@@ -5,7 +5,8 @@
 //! `(meta_key, value_text)` or `(meta_key, value_num)`).
 
 use super::{date, Fail, MyConn};
-use crate::model::counter_type_from_str;
+use crate::model::{counter_type_from_str, to_micros, StatsSource};
+use crate::rollup::{self, BucketRow, Granularity};
 use crate::server::metadata_value;
 use crate::{MeterInfo, ResourceInfo, SampleFilter, Statistics, StorageError, StoredSample};
 use ::mysql::prelude::Queryable;
@@ -365,4 +366,78 @@ pub(super) fn statistics(
             stats_of(&mut row, 1, Some(start), Some(end), period)
         })
         .collect()
+}
+
+/// Statistics from the coarsest rollup level exact for the query (see `storage::rollup`),
+/// among `levels` complete from the filter's start on; else from the samples.
+pub(super) fn statistics_from(
+    c: &mut MyConn,
+    filter: &SampleFilter,
+    period: Option<u64>,
+    levels: &[Granularity],
+    now: i64,
+) -> Result<(Vec<Statistics>, StatsSource), Fail> {
+    let mut usable = Vec::new();
+    if let Some(start) = filter.start.map(to_micros) {
+        let complete: Vec<(u64, i64)> =
+            c.query("SELECT granularity, complete_from FROM rollup_level")?;
+        usable.extend(
+            levels
+                .iter()
+                .filter(|g| {
+                    complete
+                        .iter()
+                        .any(|&(s, from)| s == g.seconds && from <= start)
+                })
+                .copied(),
+        );
+    }
+    let Some(g) = rollup::exact_granularity(&usable, filter, period, now) else {
+        return Ok((statistics(c, filter, period)?, StatsSource::Raw));
+    };
+    let start = filter.start.map(to_micros).unwrap_or(0);
+    let end = filter.end.map_or(i64::MAX, to_micros);
+    let meter = filter.meter.as_deref().map_or(MyValue::NULL, MyValue::from);
+    let rows: Vec<Row> = match &filter.resource_id {
+        // One range on rollup_resource's key per meter row.
+        Some(res) => c.exec(
+            "SELECT b.bucket, m.unit, b.`count`, b.`sum`, b.`min`, b.`max`, b.`first`, b.`last`
+               FROM meter m STRAIGHT_JOIN rollup_resource b
+                 ON b.meter_id = m.id AND b.resource_id = ? AND b.granularity = ?
+                AND b.bucket >= ? AND b.bucket < ?
+              WHERE (? IS NULL OR m.name = ?)",
+            (
+                MyValue::from(res.as_str()),
+                g.seconds,
+                start,
+                end,
+                meter.clone(),
+                meter,
+            ),
+        )?,
+        None => c.exec(
+            "SELECT b.bucket, m.unit, b.`count`, b.`sum`, b.`min`, b.`max`, b.`first`, b.`last`
+               FROM meter m STRAIGHT_JOIN rollup_meter b
+                 ON b.meter_id = m.id AND b.granularity = ? AND b.bucket >= ? AND b.bucket < ?
+              WHERE (? IS NULL OR m.name = ?)",
+            (g.seconds, start, end, meter.clone(), meter),
+        )?,
+    };
+    let mut buckets = Vec::with_capacity(rows.len());
+    for mut r in rows {
+        buckets.push(BucketRow {
+            bucket: int(&mut r, 0)?,
+            unit: text(&mut r, 1)?,
+            agg: rollup::Agg {
+                count: int(&mut r, 2)?.max(0) as u64,
+                sum: num(&mut r, 3)?,
+                min: num(&mut r, 4)?,
+                max: num(&mut r, 5)?,
+                first: int(&mut r, 6)?,
+                last: int(&mut r, 7)?,
+            },
+        });
+    }
+    let stats = rollup::statistics(buckets, filter, period).map_err(Fail::Storage)?;
+    Ok((stats, rollup::source(&g)))
 }
