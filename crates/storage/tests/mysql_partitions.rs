@@ -97,7 +97,9 @@ fn rows_land_in_their_day_partitions() {
     assert_eq!((out.stored, out.duplicates), (0, 10));
     // The same message_id at another time is another sample (unique (message_id, timestamp)).
     let other = sample("s0-0", "cpu", "r", &iso(day0 + Duration::minutes(1)), 2.0);
-    let out = db.record_metering_data(&[other.clone()]).unwrap();
+    let out = db
+        .record_metering_data(std::slice::from_ref(&other))
+        .unwrap();
     assert_eq!((out.stored, out.duplicates), (1, 0));
     let out = db.record_metering_data(&[other]).unwrap();
     assert_eq!((out.stored, out.duplicates), (0, 1));

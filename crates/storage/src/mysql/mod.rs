@@ -295,7 +295,7 @@ impl Storage for MysqlStorage {
                         }
                         r
                     }
-                    Err(e) => Err(e.into()),
+                    Err(e) => Err(e),
                 };
                 match result {
                     Ok(dups) => break dups,
