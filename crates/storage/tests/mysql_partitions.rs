@@ -45,7 +45,11 @@ fn partitions(t: &TestDb) -> Vec<(String, i64, i64)> {
     names
         .into_iter()
         .map(|n| {
-            let lo = n[1..].parse::<i64>().expect("p<lo>");
+            let lo = if n == "pmax" {
+                i64::MAX
+            } else {
+                n[1..].parse::<i64>().expect("p<lo>")
+            };
             let rows: i64 = c
                 .query_first(format!("SELECT COUNT(*) FROM sample PARTITION ({n})"))
                 .unwrap()
@@ -67,11 +71,11 @@ fn rows_in(t: &TestDb, day: OffsetDateTime) -> Option<i64> {
 fn rows_land_in_their_day_partitions() {
     let t = TestDb::new(Kind::Mysql);
     let mut db = t.open();
-    // A new store has today's partition and the next (ahead of time).
+    // A new store has today's partition, the next (ahead of time) and the catch-all.
     let fresh = partitions(&t);
     assert_eq!(
         fresh.iter().map(|p| p.1).collect::<Vec<_>>(),
-        [us(today()), us(today() + Duration::days(1))]
+        [us(today()), us(today() + Duration::days(1)), i64::MAX]
     );
     let day0 = today() - Duration::days(3);
     let mut batch = Vec::new();
@@ -147,7 +151,7 @@ fn late_and_future_samples_are_stored() {
     let after = partitions(&t);
     assert_eq!(after.len(), before.len());
     assert_eq!(after[0].2, 2, "{after:?}");
-    // Days ahead: partitions up to its day; years ahead: one for the gap and one for its day.
+    // Days ahead: partitions up to its day; years ahead: in the catch-all, no partition made.
     let soon = today() + Duration::days(10) + Duration::hours(5);
     let far = today() + Duration::days(3 * 365) + Duration::hours(5);
     for (id, ts) in [("soon", soon), ("far", far)] {
@@ -158,7 +162,8 @@ fn late_and_future_samples_are_stored() {
     let soon_day = soon.replace_time(time::Time::MIDNIGHT);
     let far_day = far.replace_time(time::Time::MIDNIGHT);
     assert_eq!(rows_in(&t, soon_day), Some(1));
-    assert_eq!(rows_in(&t, far_day), Some(1));
+    assert_eq!(rows_in(&t, far_day), None);
+    assert_eq!(parts.last().unwrap().2, 1, "{parts:?}");
     assert!(parts.len() < 20, "{parts:?}");
     for d in 1..=10 {
         assert!(

@@ -225,7 +225,7 @@ fn v2(conn: &mut MyConn, coll: &str, levels: &[Granularity], span_us: i64) -> Re
         // From the oldest sample's span to the one after today's (ahead of time).
         let lo = floor_to(lo, span_us);
         let hi = floor_to(hi, span_us).saturating_add(2 * span_us);
-        let defs = partitions::definitions(&partitions::pieces(lo, hi, span_us, true));
+        let defs = partitions::definitions(&partitions::history(lo, hi, span_us), true);
         conn.query_drop(format!(
             "ALTER TABLE sample DROP PRIMARY KEY, ADD PRIMARY KEY (id, timestamp),
                  DROP INDEX uq_sample_message_id,
