@@ -16,7 +16,7 @@ use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
 use crate::model::SAMPLE_FROM as FROM;
 
 /// [`FROM`] with the join order fixed: resource rows first, then their samples through
-/// `ix_sample_resource_timestamp`.
+/// `ix_sample_resource_meter_timestamp`.
 const SAMPLE_FROM_RESOURCE: &str = " FROM resource r
     STRAIGHT_JOIN sample s ON s.resource_id = r.internal_id
     JOIN meter m ON m.id = s.meter_id";
@@ -170,21 +170,27 @@ pub(super) fn samples(c: &mut MyConn, filter: &SampleFilter) -> Result<Vec<Store
     let mut w = Where::new(filter);
     w.sql.push_str(" ORDER BY s.timestamp DESC, s.id DESC");
     w.limit(filter);
-    // With a resource id, start from its resource rows whatever the table statistics say:
-    // right after a bulk fill InnoDB's statistics were stale and the plan walked every sample
-    // of the meter (2.3 s on 1 M rows, 10 ms once they were recalculated).
-    let from = if filter.resource_id.is_some() {
-        SAMPLE_FROM_RESOURCE
+    const COLUMNS: &str = "r.source_id, m.name, m.type, m.unit, s.volume, r.user_id,
+        r.project_id, r.resource_id, s.timestamp, s.recorded_at, r.resource_metadata,
+        s.message_id, s.message_signature";
+    let sql = if filter.resource_id.is_some() {
+        // With a resource id, start from its resource rows whatever the table statistics say:
+        // right after a bulk fill InnoDB's statistics were stale and the plan walked every
+        // sample of the meter (2.3 s on 1 M rows, 10 ms once they were recalculated). The
+        // rows are chosen and sorted from ix_sample_resource_meter_timestamp alone (a covering
+        // index: no row read, no metadata text in the sort), then only those are read.
+        format!(
+            "SELECT {COLUMNS}
+               FROM (SELECT s.id, s.timestamp{SAMPLE_FROM_RESOURCE}{}) k
+               STRAIGHT_JOIN sample s ON s.id = k.id AND s.timestamp = k.timestamp
+               JOIN resource r ON r.internal_id = s.resource_id
+               JOIN meter m ON m.id = s.meter_id
+              ORDER BY k.timestamp DESC, k.id DESC",
+            w.sql
+        )
     } else {
-        FROM
+        format!("SELECT {COLUMNS}{FROM}{}", w.sql)
     };
-    let sql = format!(
-        "SELECT r.source_id, m.name, m.type, m.unit, s.volume, r.user_id, r.project_id,
-                r.resource_id, s.timestamp, s.recorded_at, r.resource_metadata, s.message_id,
-                s.message_signature
-         {from}{}",
-        w.sql
-    );
     run(c, &sql, w.params)?
         .into_iter()
         .map(|mut row| {

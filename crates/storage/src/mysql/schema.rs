@@ -205,7 +205,8 @@ fn migrate_locked(conn: &mut MyConn, levels: &[Granularity], span_us: i64) -> Re
 /// Version 1 to 2, each step safe to run again after an interruption: the rollup tables; the
 /// sample table rebuilt partitioned (one `ALTER TABLE`, atomic: a table copy), unique on
 /// `(message_id, timestamp)` as MariaDB requires every unique key to hold the partitioning
-/// column; then the rollups of every configured level computed from the stored samples (the
+/// column, its resource index `(resource_id, meter_id, timestamp)` (covering the `samples`
+/// query of one resource and meter); then the rollups of every configured level computed from the stored samples (the
 /// tables emptied first, so a re-run does not count twice), so every level is complete from
 /// the beginning.
 fn v2(conn: &mut MyConn, coll: &str, levels: &[Granularity], span_us: i64) -> Result<(), Fail> {
@@ -229,7 +230,9 @@ fn v2(conn: &mut MyConn, coll: &str, levels: &[Granularity], span_us: i64) -> Re
         conn.query_drop(format!(
             "ALTER TABLE sample DROP PRIMARY KEY, ADD PRIMARY KEY (id, timestamp),
                  DROP INDEX uq_sample_message_id,
-                 ADD UNIQUE KEY uq_sample_message_id (message_id, timestamp)
+                 ADD UNIQUE KEY uq_sample_message_id (message_id, timestamp),
+                 DROP INDEX ix_sample_resource_timestamp,
+                 ADD KEY ix_sample_resource_meter_timestamp (resource_id, meter_id, timestamp)
              PARTITION BY RANGE (TO_SECONDS(timestamp)) ({defs})"
         ))?;
     }
