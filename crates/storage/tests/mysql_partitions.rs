@@ -482,3 +482,55 @@ fn version_1_database_migrates_in_place() {
         rows.len()
     );
 }
+
+/// What the rollups cost a writer: the same batches (ceilometer-shaped: 2000 resources,
+/// 8 meters, timestamps in order over 7 days) into two stores, one with the default rollups
+/// and one without, interleaved so both see the same machine. Prints the ratio; run with
+/// `--ignored --nocapture`.
+#[test]
+#[ignore]
+fn rollup_write_cost() {
+    let (a, b) = (TestDb::new(Kind::Mysql), TestDb::new(Kind::Mysql));
+    let mut with = storage::open(&a.url, &StorageOptions::default()).unwrap();
+    let none = StorageOptions {
+        rollups: Vec::new(),
+        ..Default::default()
+    };
+    let mut without = storage::open(&b.url, &none).unwrap();
+    let start = today() - Duration::days(7);
+    let (batches, per) = (60i64, 1000i64);
+    let step = 7 * 86_400_000_000 / (batches * per);
+    let (mut t_with, mut t_without) = (0f64, 0f64);
+    for n in 0..batches {
+        let batch: Vec<_> = (0..per)
+            .map(|i| {
+                let k = n * per + i;
+                let ts = start + Duration::microseconds(k * step);
+                let mut s = sample(
+                    &format!("m{k}"),
+                    &format!("meter{}", k % 8),
+                    &format!("res{}", (k / 8) % 2000),
+                    &iso(ts),
+                    k as f64,
+                );
+                s.resource_metadata = meter::Value::Map(Vec::new());
+                s
+            })
+            .collect();
+        for (db, t) in [(&mut with, &mut t_with), (&mut without, &mut t_without)] {
+            let t0 = std::time::Instant::now();
+            assert_eq!(
+                db.record_metering_data(&batch).unwrap().stored,
+                per as usize
+            );
+            *t += t0.elapsed().as_secs_f64();
+        }
+    }
+    println!(
+        "{} samples: with rollups {:.2} s, without {:.2} s, ratio {:.2}",
+        batches * per,
+        t_with,
+        t_without,
+        t_with / t_without
+    );
+}

@@ -102,8 +102,7 @@ const V2_TABLES: &[&str] = &[
         `max`       DOUBLE NOT NULL,
         `first`     BIGINT NOT NULL,
         `last`      BIGINT NOT NULL,
-        PRIMARY KEY (meter_id, resource_id, granularity, bucket),
-        KEY ix_rollup_resource_age (granularity, bucket)
+        PRIMARY KEY (meter_id, resource_id, granularity, bucket)
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE={coll}",
     "CREATE TABLE IF NOT EXISTS rollup_level (
         granularity   BIGINT NOT NULL PRIMARY KEY,
