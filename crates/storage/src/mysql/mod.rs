@@ -244,25 +244,52 @@ impl MysqlStorage {
             }
         }
         let total = partitions::drop_expired(conn, database, to_micros(cutoff))?;
+        const RES_ORPHAN: &str =
+            "NOT EXISTS (SELECT 1 FROM sample s WHERE s.resource_id = resource.internal_id)";
+        // Meters stay while a rollup refers to them: rollups outlive samples.
+        const METER_ORPHAN: &str = "NOT EXISTS (SELECT 1 FROM sample s WHERE s.meter_id = meter.id)
+            AND NOT EXISTS (SELECT 1 FROM rollup_meter b WHERE b.meter_id = meter.id)";
+        // Candidates first, by plain reads that hold nothing: the writers then wait only for
+        // the re-check of these few rows, not for a pass over every resource.
+        let res_c: Vec<i64> = conn.query(format!(
+            "SELECT internal_id FROM resource WHERE {RES_ORPHAN}"
+        ))?;
+        let met_c: Vec<i64> = conn.query(format!("SELECT id FROM meter WHERE {METER_ORPHAN}"))?;
+        if res_c.is_empty() && met_c.is_empty() {
+            return Ok((total, false));
+        }
+        let list = |ids: &[i64]| {
+            ids.iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         conn.query_drop("START TRANSACTION")?;
         let result = (|| -> Result<bool, Fail> {
             // Writers hold this row in share mode for their whole batch: this waits for them
             // and queues new ones behind it, so no batch uses an id deleted here.
             conn.query_drop("SELECT epoch FROM cache_epoch WHERE id = 1 FOR UPDATE")?;
-            const ORPHAN: &str =
-                "NOT EXISTS (SELECT 1 FROM sample s WHERE s.resource_id = resource.internal_id)";
-            conn.query_drop(format!(
-                "DELETE FROM metadata WHERE id IN (SELECT internal_id FROM resource WHERE {ORPHAN})"
-            ))?;
-            conn.query_drop(format!("DELETE FROM resource WHERE {ORPHAN}"))?;
-            let resources = conn.affected_rows();
-            // Meters stay while a rollup refers to them: rollups outlive samples.
-            conn.query_drop(
-                "DELETE FROM meter
-                  WHERE NOT EXISTS (SELECT 1 FROM sample s WHERE s.meter_id = meter.id)
-                    AND NOT EXISTS (SELECT 1 FROM rollup_meter b WHERE b.meter_id = meter.id)",
-            )?;
-            let meters = conn.affected_rows();
+            let mut resources = 0;
+            for chunk in res_c.chunks(1000) {
+                let ids = list(chunk);
+                conn.query_drop(format!(
+                    "DELETE FROM metadata WHERE id IN
+                       (SELECT internal_id FROM resource WHERE internal_id IN ({ids})
+                           AND {RES_ORPHAN})"
+                ))?;
+                conn.query_drop(format!(
+                    "DELETE FROM resource WHERE internal_id IN ({ids}) AND {RES_ORPHAN}"
+                ))?;
+                resources += conn.affected_rows();
+            }
+            let mut meters = 0;
+            if !met_c.is_empty() {
+                conn.query_drop(format!(
+                    "DELETE FROM meter WHERE id IN ({}) AND {METER_ORPHAN}",
+                    list(&met_c)
+                ))?;
+                meters = conn.affected_rows();
+            }
             let bumped = resources + meters > 0;
             if bumped {
                 conn.query_drop("UPDATE cache_epoch SET epoch = epoch + 1 WHERE id = 1")?;
