@@ -6,15 +6,18 @@
 //! so text compares exactly. The session runs at READ COMMITTED (no gap locks between
 //! concurrent writers; each statement sees what others committed).
 //!
-//! A batch is one transaction: the cache-epoch row read `LOCK IN SHARE MODE`, then the rows in
+//! `sample` is partitioned by time ([`partitions`]; partitions a batch needs are made before
+//! its transaction, as DDL commits implicitly) and unique on `(message_id, timestamp)`. A
+//! batch is one transaction: the cache-epoch row read `LOCK IN SHARE MODE`, then the rows in
 //! multi-row `INSERT`s of 512, 256, … rows (a fixed set of statement sizes stays in the
-//! prepared-statement cache). Duplicates are found exactly: repeats within the batch before
-//! any SQL; a chunk that hits an existing `message_id` fails as a whole (error 1062, nothing
-//! of it stored), so the ids of that chunk already in the table are looked up (now committed:
-//! InnoDB made our insert wait for their writer), set aside as duplicates, and the rest goes
-//! in again. Plain `INSERT` rather than `INSERT IGNORE`, which would also turn a truncated or
-//! invalid value into a warning and a silently skipped row. Nothing is looked up when there
-//! are no duplicates, the normal case.
+//! prepared-statement cache), then the rollup upserts of the rows inserted. Duplicates are
+//! found exactly: repeats within the batch before any SQL; a chunk that hits a stored
+//! `(message_id, timestamp)` fails as a whole (error 1062, nothing of it stored), so the keys
+//! of that chunk already in the table are looked up (now committed: InnoDB made our insert
+//! wait for their writer), set aside as duplicates, and the rest goes in again. Plain
+//! `INSERT` rather than `INSERT IGNORE`, which would also turn a truncated or invalid value
+//! into a warning and a silently skipped row. Nothing is looked up when there are no
+//! duplicates, the normal case.
 
 mod partitions;
 mod query;
