@@ -6,7 +6,7 @@
 //! so text compares exactly. The session runs at READ COMMITTED (no gap locks between
 //! concurrent writers; each statement sees what others committed).
 //!
-//! `sample` is partitioned by time ([`partitions`]; partitions a batch needs are made before
+//! `sample` is partitioned by time (`partitions.rs`; partitions a batch needs are made before
 //! its transaction, as DDL commits implicitly) and unique on `(message_id, timestamp)`. A
 //! batch is one transaction: the cache-epoch row read `LOCK IN SHARE MODE`, then the rows in
 //! multi-row `INSERT`s of 512, 256, … rows (a fixed set of statement sizes stays in the
