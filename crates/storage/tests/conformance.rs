@@ -384,10 +384,10 @@ fn expiry_deletes_old_samples_and_orphans_and_other_handles_keep_working(kind: K
         count("SELECT COUNT(*) FROM resource WHERE resource_id = 'gone'"),
         0
     );
-    // Rollups (SQLite, PostgreSQL) outlive the samples and keep their meter row.
+    // Rollups outlive the samples and keep their meter row.
     assert_eq!(
         count("SELECT COUNT(*) FROM meter WHERE name = 'old.meter'"),
-        i64::from(kind != Kind::Mysql)
+        1
     );
     assert_eq!(
         count("SELECT COUNT(*) FROM resource WHERE resource_id = 'kept'"),
@@ -423,10 +423,9 @@ fn expiry_deletes_old_samples_and_orphans_and_other_handles_keep_working(kind: K
     // Nothing left to expire; a huge TTL expires nothing and does not overflow.
     assert_eq!(janitor.clear_expired_metering_data(86_400).unwrap(), 0);
     assert_eq!(janitor.clear_expired_metering_data(u64::MAX).unwrap(), 0);
-    // TTL 0: row-deleting drivers take everything up to now; the SQLite and PostgreSQL
-    // partition of today straddles the cutoff and waits for a later pass.
-    let all = if kind == Kind::Mysql { 2 } else { 0 };
-    assert_eq!(janitor.clear_expired_metering_data(0).unwrap(), all);
+    // TTL 0: every driver is partitioned now, and today's partition straddles the cutoff,
+    // so it waits for a later pass.
+    assert_eq!(janitor.clear_expired_metering_data(0).unwrap(), 0);
 }
 
 fn samples_older_than_the_time_to_live_on_arrival_are_counted_not_stored(kind: Kind) {
@@ -509,12 +508,7 @@ fn rollups_answer_aligned_statistics_as_the_raw_computation(kind: Kind) {
             ..Default::default()
         };
         let (got, source) = db.get_meter_statistics_from(&f, Some(period)).unwrap();
-        let want_source = if kind == Kind::Mysql {
-            storage::StatsSource::Raw
-        } else {
-            storage::StatsSource::Rollup { granularity: gran }
-        };
-        assert_eq!(source, want_source);
+        assert_eq!(source, storage::StatsSource::Rollup { granularity: gran });
         // The raw definition, computed here.
         let p = period as i64 * 1_000_000;
         let mut want: BTreeMap<(i64, &str), Aggregate> = BTreeMap::new();
@@ -558,11 +552,10 @@ fn many_handles_opening_a_fresh_database_at_once_all_succeed(kind: Kind) {
         .collect();
     let stored: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
     assert_eq!(stored, 6);
-    let version = if kind == Kind::Mysql { 1 } else { 2 };
-    let version = if kind == Kind::Postgres {
-        storage::postgres::schema::current_version()
-    } else {
-        version
+    let version = match kind {
+        Kind::Sqlite => storage::sqlite::schema::current_version(),
+        Kind::Postgres => storage::postgres::schema::current_version(),
+        Kind::Mysql => storage::mysql::schema::current_version(),
     };
     assert_eq!(t.scalar("SELECT version FROM schema_version"), version);
     assert_eq!(t.scalar("SELECT COUNT(*) FROM schema_version"), 1);

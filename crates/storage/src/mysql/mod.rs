@@ -6,16 +6,20 @@
 //! so text compares exactly. The session runs at READ COMMITTED (no gap locks between
 //! concurrent writers; each statement sees what others committed).
 //!
-//! A batch is one transaction: the cache-epoch row read `LOCK IN SHARE MODE`, then the rows in
+//! `sample` is partitioned by time (`partitions.rs`; partitions a batch needs are made before
+//! its transaction, as DDL commits implicitly) and unique on `(message_id, timestamp)`. A
+//! batch is one transaction: the cache-epoch row read `LOCK IN SHARE MODE`, then the rows in
 //! multi-row `INSERT`s of 512, 256, … rows (a fixed set of statement sizes stays in the
-//! prepared-statement cache). Duplicates are found exactly: repeats within the batch before
-//! any SQL; a chunk that hits an existing `message_id` fails as a whole (error 1062, nothing
-//! of it stored), so the ids of that chunk already in the table are looked up (now committed:
-//! InnoDB made our insert wait for their writer), set aside as duplicates, and the rest goes
-//! in again. Plain `INSERT` rather than `INSERT IGNORE`, which would also turn a truncated or
-//! invalid value into a warning and a silently skipped row. Nothing is looked up when there
-//! are no duplicates, the normal case.
+//! prepared-statement cache), then the rollup upserts of the rows inserted. Duplicates are
+//! found exactly: repeats within the batch before any SQL; a chunk that hits a stored
+//! `(message_id, timestamp)` fails as a whole (error 1062, nothing of it stored), so the keys
+//! of that chunk already in the table are looked up (now committed: InnoDB made our insert
+//! wait for their writer), set aside as duplicates, and the rest goes in again. Plain
+//! `INSERT` rather than `INSERT IGNORE`, which would also turn a truncated or invalid value
+//! into a warning and a silently skipped row. Nothing is looked up when there are no
+//! duplicates, the normal case.
 
+mod partitions;
 mod query;
 pub mod schema;
 
@@ -26,6 +30,8 @@ use crate::server::{self, Link, Valid, CONFLICT_RETRIES};
 /// InnoDB deadlocks between workers inserting into the same index pages are routine under
 /// load (the bench saw one batch in a thousand fail after three immediate retries).
 const DEADLOCK_RETRIES: usize = CONFLICT_RETRIES * 3;
+use crate::model::to_micros;
+use crate::rollup::{BatchRollup, Granularity};
 use crate::tls::{TlsFiles, Verify};
 use crate::url::StorageUrl;
 use crate::{
@@ -66,6 +72,12 @@ pub struct MysqlStorage {
     json_buf: Vec<u8>,
     /// `metering_time_to_live`: samples older on arrival are rejected and counted.
     ttl_seconds: Option<u64>,
+    /// Rollup levels.
+    levels: Vec<Granularity>,
+    /// `partition_span_seconds` in µs.
+    span_us: i64,
+    /// The partitions this handle knows of.
+    parts: partitions::Known,
 }
 
 /// Why a write or read failed: the client's error, or one of ours.
@@ -86,8 +98,8 @@ const MAX_TEXT: usize = 255;
 /// Multi-row INSERT sizes, largest that fits first: any batch in at most ten statements.
 const CHUNK_SIZES: [usize; 10] = [512, 256, 128, 64, 32, 16, 8, 4, 2, 1];
 
-/// Expiry deletes in chunks of this many samples, each committed on its own.
-const EXPIRY_CHUNK: i64 = 10_000;
+/// Rollup retention deletes the old buckets of this many series per statement.
+const SERIES_CHUNK: usize = 256;
 
 fn insert_statement(remaining: usize) -> (usize, &'static str) {
     static SQL: OnceLock<Vec<String>> = OnceLock::new();
@@ -124,8 +136,20 @@ impl MysqlStorage {
             epoch: i64::MIN,
             json_buf: Vec::new(),
             ttl_seconds: options.time_to_live_seconds,
+            levels: options.rollups.clone(),
+            span_us: i64::try_from(options.partition_span_seconds)
+                .unwrap_or(i64::MAX)
+                .clamp(1, 100 * 365 * 86_400)
+                * 1_000_000,
+            parts: partitions::Known::default(),
         };
-        match connect(&st.opts, &st.database, &st.link.what) {
+        match connect(
+            &st.opts,
+            &st.database,
+            &st.link.what,
+            &st.levels,
+            st.span_us,
+        ) {
             Ok(conn) => {
                 st.link.get(|| Ok(conn))?;
             }
@@ -144,11 +168,13 @@ impl MysqlStorage {
         self.meters.clear();
         self.resources.clear();
         self.epoch = i64::MIN;
+        self.parts.clear();
     }
 
     fn conn(&mut self) -> Result<&mut MyConn, StorageError> {
         let (opts, db, what) = (&self.opts, &self.database, self.link.what.clone());
-        self.link.get(|| connect(opts, db, &what))
+        let (levels, span) = (&self.levels, self.span_us);
+        self.link.get(|| connect(opts, db, &what, levels, span))
     }
 
     /// Map a failure; drop the connection when it is dead.
@@ -173,40 +199,100 @@ impl MysqlStorage {
         f(conn).map_err(|e| self.fail(e))
     }
 
-    fn expire(conn: &mut MyConn, cutoff: OffsetDateTime) -> Result<(u64, bool), Fail> {
-        let mut total = 0u64;
-        // Per meter through ix_sample_meter_timestamp (there is no index on timestamp alone),
-        // each chunk committed on its own.
-        let meters: Vec<i64> = conn.query("SELECT id FROM meter")?;
-        for m in meters {
-            loop {
-                conn.exec_drop(
-                    "DELETE FROM sample WHERE meter_id = ? AND timestamp < ? LIMIT ?",
-                    (m, date(cutoff), EXPIRY_CHUNK),
-                )?;
-                let n = conn.affected_rows();
-                total += n;
-                if (n as i64) < EXPIRY_CHUNK {
-                    break;
+    /// Retention: rollup buckets past their level's retention, then the sample partitions
+    /// entirely older than `cutoff`, then the meter, resource and metadata rows nothing refers
+    /// to any more.
+    fn expire(
+        conn: &mut MyConn,
+        database: &str,
+        levels: &[Granularity],
+        cutoff: OffsetDateTime,
+    ) -> Result<(u64, bool), Fail> {
+        let now = to_micros(OffsetDateTime::now_utc());
+        let aging: Vec<&Granularity> = levels.iter().filter(|g| g.retention_seconds > 0).collect();
+        // rollup_resource has no index by age (it cost writers a third of their time): its
+        // series are listed by a loose scan of the primary key (one seek per series), then
+        // each series' old buckets are a range of that key, SERIES_CHUNK series per statement,
+        // each committed on its own.
+        let series: Vec<(i64, String)> = if aging.is_empty() {
+            Vec::new()
+        } else {
+            conn.query("SELECT DISTINCT meter_id, resource_id FROM rollup_resource")?
+        };
+        for g in aging {
+            let keep = i64::try_from(g.retention_seconds)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1_000_000);
+            let before = now.saturating_sub(keep);
+            conn.exec_drop(
+                "DELETE FROM rollup_meter WHERE granularity = ? AND bucket < ?",
+                (g.seconds, before),
+            )?;
+            for chunk in series.chunks(SERIES_CHUNK) {
+                let mut params = Vec::with_capacity(chunk.len() * 2 + 2);
+                for (m, r) in chunk {
+                    params.push(MyValue::Int(*m));
+                    params.push(MyValue::from(r.as_str()));
                 }
+                params.push(MyValue::UInt(g.seconds));
+                params.push(MyValue::Int(before));
+                conn.exec_drop(
+                    format!(
+                        "DELETE FROM rollup_resource WHERE (meter_id, resource_id) IN ({})
+                            AND granularity = ? AND bucket < ?",
+                        vec!["(?, ?)"; chunk.len()].join(", ")
+                    ),
+                    Params::Positional(params),
+                )?;
             }
         }
+        let total = partitions::drop_expired(conn, database, to_micros(cutoff))?;
+        const RES_ORPHAN: &str =
+            "NOT EXISTS (SELECT 1 FROM sample s WHERE s.resource_id = resource.internal_id)";
+        // Meters stay while a rollup refers to them: rollups outlive samples.
+        const METER_ORPHAN: &str = "NOT EXISTS (SELECT 1 FROM sample s WHERE s.meter_id = meter.id)
+            AND NOT EXISTS (SELECT 1 FROM rollup_meter b WHERE b.meter_id = meter.id)";
+        // Candidates first, by plain reads that hold nothing: the writers then wait only for
+        // the re-check of these few rows, not for a pass over every resource.
+        let res_c: Vec<i64> = conn.query(format!(
+            "SELECT internal_id FROM resource WHERE {RES_ORPHAN}"
+        ))?;
+        let met_c: Vec<i64> = conn.query(format!("SELECT id FROM meter WHERE {METER_ORPHAN}"))?;
+        if res_c.is_empty() && met_c.is_empty() {
+            return Ok((total, false));
+        }
+        let list = |ids: &[i64]| {
+            ids.iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         conn.query_drop("START TRANSACTION")?;
         let result = (|| -> Result<bool, Fail> {
             // Writers hold this row in share mode for their whole batch: this waits for them
             // and queues new ones behind it, so no batch uses an id deleted here.
             conn.query_drop("SELECT epoch FROM cache_epoch WHERE id = 1 FOR UPDATE")?;
-            const ORPHAN: &str =
-                "NOT EXISTS (SELECT 1 FROM sample s WHERE s.resource_id = resource.internal_id)";
-            conn.query_drop(format!(
-                "DELETE FROM metadata WHERE id IN (SELECT internal_id FROM resource WHERE {ORPHAN})"
-            ))?;
-            conn.query_drop(format!("DELETE FROM resource WHERE {ORPHAN}"))?;
-            let resources = conn.affected_rows();
-            conn.query_drop(
-                "DELETE FROM meter WHERE NOT EXISTS (SELECT 1 FROM sample s WHERE s.meter_id = meter.id)",
-            )?;
-            let meters = conn.affected_rows();
+            let mut resources = 0;
+            for chunk in res_c.chunks(1000) {
+                let ids = list(chunk);
+                conn.query_drop(format!(
+                    "DELETE FROM metadata WHERE id IN
+                       (SELECT internal_id FROM resource WHERE internal_id IN ({ids})
+                           AND {RES_ORPHAN})"
+                ))?;
+                conn.query_drop(format!(
+                    "DELETE FROM resource WHERE internal_id IN ({ids}) AND {RES_ORPHAN}"
+                ))?;
+                resources += conn.affected_rows();
+            }
+            let mut meters = 0;
+            if !met_c.is_empty() {
+                conn.query_drop(format!(
+                    "DELETE FROM meter WHERE id IN ({}) AND {METER_ORPHAN}",
+                    list(&met_c)
+                ))?;
+                meters = conn.affected_rows();
+            }
             let bumped = resources + meters > 0;
             if bumped {
                 conn.query_drop("UPDATE cache_epoch SET epoch = epoch + 1 WHERE id = 1")?;
@@ -229,18 +315,26 @@ impl Storage for MysqlStorage {
         let mut outcome = RecordOutcome::default();
         let rows = server::prepare(batch, &mut outcome, self.ttl_seconds, check_fits);
         if !rows.is_empty() {
-            let recorded_at = date(OffsetDateTime::now_utc());
+            let now = OffsetDateTime::now_utc();
+            let recorded_at = date(now);
+            let stamps = rows.iter().map(|r| to_micros(r.timestamp));
+            let bounds = stamps.fold((i64::MAX, i64::MIN), |(lo, hi), t| (lo.min(t), hi.max(t)));
             let mut attempt = 0;
             let dups = loop {
                 let (opts, db, what) = (&self.opts, &self.database, self.link.what.clone());
-                let conn = self.link.get(|| connect(opts, db, &what))?;
+                let (levels, span) = (&self.levels, self.span_us);
+                let conn = self.link.get(|| connect(opts, db, &what, levels, span))?;
                 let mut caches = Caches {
+                    levels,
                     meters: &mut self.meters,
                     resources: &mut self.resources,
                     epoch: &mut self.epoch,
                     json: &mut self.json_buf,
                 };
-                let result = match conn.query_drop("START TRANSACTION") {
+                // DDL commits implicitly: partitions are made before the transaction.
+                let ready =
+                    partitions::ensure(conn, db, &mut self.parts, bounds, to_micros(now), span);
+                let result = match ready.and_then(|()| Ok(conn.query_drop("START TRANSACTION")?)) {
                     Ok(()) => {
                         let r = write_batch(conn, &mut caches, &rows, &recorded_at);
                         if r.is_err() {
@@ -248,7 +342,7 @@ impl Storage for MysqlStorage {
                         }
                         r
                     }
-                    Err(e) => Err(e.into()),
+                    Err(e) => Err(e),
                 };
                 match result {
                     Ok(dups) => break dups,
@@ -298,7 +392,17 @@ impl Storage for MysqlStorage {
         filter: &SampleFilter,
         period: Option<u64>,
     ) -> Result<Vec<Statistics>, StorageError> {
-        self.read(|c| query::statistics(c, filter, period))
+        Ok(self.get_meter_statistics_from(filter, period)?.0)
+    }
+
+    fn get_meter_statistics_from(
+        &mut self,
+        filter: &SampleFilter,
+        period: Option<u64>,
+    ) -> Result<(Vec<Statistics>, crate::StatsSource), StorageError> {
+        let levels = self.levels.clone();
+        let now = to_micros(OffsetDateTime::now_utc());
+        self.read(|c| query::statistics_from(c, filter, period, &levels, now))
     }
 
     fn clear_expired_metering_data(&mut self, ttl_seconds: u64) -> Result<u64, StorageError> {
@@ -308,8 +412,9 @@ impl Storage for MysqlStorage {
         let cutoff = OffsetDateTime::now_utc()
             .checked_sub(ttl)
             .map_or(floor, |c| c.max(floor));
+        let (db, levels) = (self.database.clone(), self.levels.clone());
         let conn = self.conn()?;
-        match Self::expire(conn, cutoff) {
+        match Self::expire(conn, &db, &levels, cutoff) {
             Ok((n, bumped)) => {
                 if bumped {
                     self.clear_caches();
@@ -323,6 +428,7 @@ impl Storage for MysqlStorage {
 
 /// The driver's caches, borrowed for one batch.
 struct Caches<'a> {
+    levels: &'a [Granularity],
     meters: &'a mut MeterCache,
     resources: &'a mut ResourceCache,
     epoch: &'a mut i64,
@@ -362,8 +468,125 @@ fn write_batch(
         });
     }
     let dups = insert_rows(conn, &resolved, recorded_at)?;
+    if !caches.levels.is_empty() {
+        // Only the samples inserted count: a duplicate is in the rollups already.
+        let skipped: HashSet<usize> = dups.iter().copied().collect();
+        let mut rollup = BatchRollup::default();
+        for r in resolved
+            .iter()
+            .filter(|r| !skipped.contains(&r.valid.index))
+        {
+            let s = r.valid.sample;
+            rollup.add(
+                caches.levels,
+                r.meter_id,
+                s.resource_id.as_str(),
+                to_micros(r.valid.timestamp),
+                s.counter_volume.as_f64(),
+            );
+        }
+        upsert_rollups(conn, &rollup)?;
+    }
     conn.query_drop("COMMIT")?;
     Ok(dups)
+}
+
+/// `INSERT ... ON DUPLICATE KEY UPDATE` of rows of `width` values, in statements of the sizes
+/// [`CHUNK_SIZES`] lists (so they stay in the prepared-statement cache); rows go in key order,
+/// so concurrent writers lock shared buckets in the same order.
+fn upsert_chunks(
+    conn: &mut MyConn,
+    sql: &'static OnceLock<Vec<String>>,
+    head: &str,
+    width: usize,
+    rows: Vec<Vec<MyValue>>,
+) -> Result<(), Fail> {
+    let sql = sql.get_or_init(|| {
+        let tuple = format!("({})", vec!["?"; width].join(", "));
+        CHUNK_SIZES
+            .iter()
+            .map(|&n| {
+                format!(
+                    "{head} VALUES {} ON DUPLICATE KEY UPDATE
+                       `count` = `count` + VALUES(`count`), `sum` = `sum` + VALUES(`sum`),
+                       `min` = LEAST(`min`, VALUES(`min`)), `max` = GREATEST(`max`, VALUES(`max`)),
+                       `first` = LEAST(`first`, VALUES(`first`)),
+                       `last` = GREATEST(`last`, VALUES(`last`))",
+                    vec![tuple.as_str(); n].join(", ")
+                )
+            })
+            .collect()
+    });
+    let mut rest = &rows[..];
+    while !rest.is_empty() {
+        let i = CHUNK_SIZES
+            .iter()
+            .position(|&n| n <= rest.len())
+            .unwrap_or(CHUNK_SIZES.len() - 1);
+        let (chunk, tail) = rest.split_at(CHUNK_SIZES[i]);
+        let params: Vec<MyValue> = chunk.iter().flatten().cloned().collect();
+        conn.exec_drop(sql[i].as_str(), Params::Positional(params))?;
+        rest = tail;
+    }
+    Ok(())
+}
+
+/// Add a batch's buckets to the rollup tables (inside the batch's transaction).
+fn upsert_rollups(conn: &mut MyConn, rollup: &BatchRollup<'_>) -> Result<(), Fail> {
+    static METER: OnceLock<Vec<String>> = OnceLock::new();
+    static RESOURCE: OnceLock<Vec<String>> = OnceLock::new();
+    let agg = |a: &crate::rollup::Agg| {
+        [
+            MyValue::Int(a.count as i64),
+            MyValue::Double(a.sum),
+            MyValue::Double(a.min),
+            MyValue::Double(a.max),
+            MyValue::Int(a.first),
+            MyValue::Int(a.last),
+        ]
+    };
+    // In the tables' key order.
+    let mut meters: Vec<_> = rollup.meters.iter().collect();
+    meters.sort_by_key(|((g, m, b), _)| (*m, *g, *b));
+    let rows = meters
+        .into_iter()
+        .map(|(&(g, m, b), a)| {
+            let mut row = vec![MyValue::Int(m), MyValue::UInt(g), MyValue::Int(b)];
+            row.extend(agg(a));
+            row
+        })
+        .collect();
+    upsert_chunks(
+        conn,
+        &METER,
+        "INSERT INTO rollup_meter
+           (meter_id, granularity, bucket, `count`, `sum`, `min`, `max`, `first`, `last`)",
+        9,
+        rows,
+    )?;
+    let mut resources: Vec<_> = rollup.resources.iter().collect();
+    resources.sort_by_key(|((g, m, r, b), _)| (*m, *r, *g, *b));
+    let rows = resources
+        .into_iter()
+        .map(|(&(g, m, r, b), a)| {
+            let mut row = vec![
+                MyValue::Int(m),
+                MyValue::from(r),
+                MyValue::UInt(g),
+                MyValue::Int(b),
+            ];
+            row.extend(agg(a));
+            row
+        })
+        .collect();
+    upsert_chunks(
+        conn,
+        &RESOURCE,
+        "INSERT INTO rollup_resource (meter_id, resource_id, granularity, bucket, `count`,
+                                     `sum`, `min`, `max`, `first`, `last`)",
+        10,
+        rows,
+    )
 }
 
 /// Insert in chunks; a chunk that collides with stored message_ids is retried without them.
@@ -404,24 +627,32 @@ fn insert_rows(
                         "mysql: duplicate-key collisions do not settle".into(),
                     )));
                 }
-                let placeholders = vec!["?"; chunk.len()].join(", ");
-                let ids: Vec<MyValue> = chunk
-                    .iter()
-                    .map(|r| MyValue::from(r.valid.sample.message_id.as_str()))
-                    .collect();
-                let existing: HashSet<String> = conn
-                    .exec::<String, _, _>(
+                // A sample is its (message_id, timestamp): the same id at another time is
+                // another sample.
+                let placeholders = vec!["(?, ?)"; chunk.len()].join(", ");
+                let mut keys = Vec::with_capacity(chunk.len() * 2);
+                for r in chunk {
+                    keys.push(MyValue::from(r.valid.sample.message_id.as_str()));
+                    keys.push(date(r.valid.timestamp));
+                }
+                let existing: HashSet<(String, i64)> = conn
+                    .exec::<(String, i64), _, _>(
                         format!(
-                            "SELECT message_id FROM sample WHERE message_id IN ({placeholders})"
+                            "SELECT message_id, TIMESTAMPDIFF(MICROSECOND, '1970-01-01', timestamp)
+                               FROM sample WHERE (message_id, timestamp) IN ({placeholders})"
                         ),
-                        Params::Positional(ids),
+                        Params::Positional(keys),
                     )?
                     .into_iter()
                     .collect();
                 let mut kept = Vec::with_capacity(pending.len());
                 for (i, r) in pending.iter().enumerate() {
                     let in_chunk = i >= pos && i < pos + size;
-                    if in_chunk && existing.contains(&r.valid.sample.message_id) {
+                    let key = (
+                        r.valid.sample.message_id.clone(),
+                        to_micros(r.valid.timestamp),
+                    );
+                    if in_chunk && existing.contains(&key) {
                         dups.push(r.valid.index);
                     } else {
                         kept.push(*r);
@@ -613,9 +844,15 @@ fn classify(what: &str, e: &::mysql::Error) -> (StorageError, bool) {
 }
 
 /// Connect, set up the session and migrate.
-fn connect(opts: &Opts, database: &str, what: &str) -> Result<MyConn, StorageError> {
+fn connect(
+    opts: &Opts,
+    database: &str,
+    what: &str,
+    levels: &[Granularity],
+    span_us: i64,
+) -> Result<MyConn, StorageError> {
     let mut conn = MyConn::new(opts.clone()).map_err(|e| connect_error(what, &e))?;
-    match schema::migrate(&mut conn, database) {
+    match schema::migrate(&mut conn, database, levels, span_us) {
         Ok(()) => Ok(conn),
         Err(Fail::Storage(e)) => Err(e),
         Err(Fail::My(e)) => Err(connect_error(what, &e)),

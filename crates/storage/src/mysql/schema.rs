@@ -3,16 +3,21 @@
 //! MySQL's DDL is not transactional (each statement commits), so migrations are serialized by
 //! a named server lock (`GET_LOCK`, named after the database) rather than a transaction, and
 //! every statement is `CREATE ... IF NOT EXISTS` so a migration interrupted half-way is simply
-//! run again. `schema_version` records how many entries of [`MIGRATIONS`] are applied.
+//! run again. `schema_version` records how many versions are applied.
+//!
+//! Version 2 partitions `sample` by time (`PARTITION BY RANGE (TO_SECONDS(timestamp))`, see
+//! [`super::partitions`]) and adds the rollups, computed from the samples already stored.
 
-use super::{Fail, MyConn};
+use super::{partitions, Fail, MyConn};
+use crate::partition::floor_to;
+use crate::rollup::Granularity;
 use crate::StorageError;
 use ::mysql::prelude::Queryable;
 
 /// Version 1. `{coll}` is a binary, no-pad collation: exact, case- and trailing-space-sensitive
 /// comparison (`utf8mb4_nopad_bin` on MariaDB, `utf8mb4_0900_bin` on MySQL 8), so two
 /// message_ids differing in case or trailing spaces are different samples, as elsewhere.
-const V1: &[&str] = &[
+pub const V1: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS meter (
         id    BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
         name  VARCHAR(255) NOT NULL,
@@ -69,11 +74,45 @@ const V1: &[&str] = &[
     "INSERT IGNORE INTO cache_epoch (id, epoch) VALUES (1, 0)",
 ];
 
-/// Applied in order; entry `i` takes a database from version `i` to `i + 1`. Append only.
-pub const MIGRATIONS: &[&[&str]] = &[V1];
+/// Version 2's new tables: the rollups, as in the PostgreSQL schema (buckets and timestamps
+/// in integer microseconds, so the drivers share `storage::rollup`). `rollup_resource` is keyed
+/// for its query (one resource's buckets of one meter row over a time range) and has a second
+/// index for retention.
+const V2_TABLES: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS rollup_meter (
+        meter_id    BIGINT NOT NULL,
+        granularity BIGINT NOT NULL,
+        bucket      BIGINT NOT NULL,
+        `count`     BIGINT NOT NULL,
+        `sum`       DOUBLE NOT NULL,
+        `min`       DOUBLE NOT NULL,
+        `max`       DOUBLE NOT NULL,
+        `first`     BIGINT NOT NULL,
+        `last`      BIGINT NOT NULL,
+        PRIMARY KEY (meter_id, granularity, bucket)
+    ) ENGINE=InnoDB",
+    "CREATE TABLE IF NOT EXISTS rollup_resource (
+        meter_id    BIGINT NOT NULL,
+        resource_id VARCHAR(255) NOT NULL,
+        granularity BIGINT NOT NULL,
+        bucket      BIGINT NOT NULL,
+        `count`     BIGINT NOT NULL,
+        `sum`       DOUBLE NOT NULL,
+        `min`       DOUBLE NOT NULL,
+        `max`       DOUBLE NOT NULL,
+        `first`     BIGINT NOT NULL,
+        `last`      BIGINT NOT NULL,
+        PRIMARY KEY (meter_id, resource_id, granularity, bucket)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE={coll}",
+    "CREATE TABLE IF NOT EXISTS rollup_level (
+        granularity   BIGINT NOT NULL PRIMARY KEY,
+        complete_from BIGINT NOT NULL
+    ) ENGINE=InnoDB",
+];
 
+/// The version this build writes.
 pub fn current_version() -> i64 {
-    MIGRATIONS.len() as i64
+    2
 }
 
 fn read_version(conn: &mut MyConn) -> Result<Option<i64>, Fail> {
@@ -101,10 +140,15 @@ fn collation(conn: &mut MyConn) -> Result<String, Fail> {
         .unwrap_or_else(|| "utf8mb4_bin".to_string()))
 }
 
-/// Bring the database to [`current_version`].
-pub(crate) fn migrate(conn: &mut MyConn, database: &str) -> Result<(), Fail> {
+/// Bring the database to [`current_version`], and register the configured rollup levels.
+pub(crate) fn migrate(
+    conn: &mut MyConn,
+    database: &str,
+    levels: &[Granularity],
+    span_us: i64,
+) -> Result<(), Fail> {
     if read_version(conn)? == Some(current_version()) {
-        return Ok(());
+        return register_levels(conn, levels);
     }
     // Lock names are server-wide: name it after the database. At most 64 characters.
     let name: String = format!("collector.schema.{database}")
@@ -117,14 +161,14 @@ pub(crate) fn migrate(conn: &mut MyConn, database: &str) -> Result<(), Fail> {
             "mysql: timed out waiting for lock {name:?} held by another process migrating the schema"
         ))));
     }
-    let result = migrate_locked(conn);
+    let result = migrate_locked(conn, levels, span_us);
     let released = conn.exec_drop("SELECT RELEASE_LOCK(?)", (&name,));
     result?;
     released?;
-    Ok(())
+    register_levels(conn, levels)
 }
 
-fn migrate_locked(conn: &mut MyConn) -> Result<(), Fail> {
+fn migrate_locked(conn: &mut MyConn, levels: &[Granularity], span_us: i64) -> Result<(), Fail> {
     conn.query_drop(
         "CREATE TABLE IF NOT EXISTS schema_version (version INT NOT NULL) ENGINE=InnoDB",
     )?;
@@ -142,15 +186,113 @@ fn migrate_locked(conn: &mut MyConn) -> Result<(), Fail> {
         }));
     }
     let coll = collation(conn)?;
-    for (i, statements) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
-        log::info!(
-            "mysql: migrating schema to version {} (collation {coll})",
-            i + 1
-        );
-        for sql in *statements {
+    if found < 1 {
+        log::info!("mysql: creating schema version 1 (collation {coll})");
+        for sql in V1 {
             conn.query_drop(sql.replace("{coll}", &coll))?;
         }
-        conn.exec_drop("UPDATE schema_version SET version = ?", (i as i64 + 1,))?;
+        conn.query_drop("UPDATE schema_version SET version = 1")?;
+    }
+    if found < 2 {
+        log::info!("mysql: migrating schema to version 2: time partitions and rollups");
+        v2(conn, &coll, levels, span_us)?;
+        conn.query_drop("UPDATE schema_version SET version = 2")?;
+    }
+    Ok(())
+}
+
+/// Version 1 to 2, each step safe to run again after an interruption: the rollup tables; the
+/// sample table rebuilt partitioned (one `ALTER TABLE`, atomic: a table copy), unique on
+/// `(message_id, timestamp)` as MariaDB requires every unique key to hold the partitioning
+/// column, its resource index `(resource_id, meter_id, timestamp)` (covering the `samples`
+/// query of one resource and meter); then the rollups of every configured level computed from the stored samples (the
+/// tables emptied first, so a re-run does not count twice), so every level is complete from
+/// the beginning.
+fn v2(conn: &mut MyConn, coll: &str, levels: &[Granularity], span_us: i64) -> Result<(), Fail> {
+    for sql in V2_TABLES {
+        conn.query_drop(sql.replace("{coll}", coll))?;
+    }
+    if partitions::read(conn)?.is_empty() {
+        let bounds: Option<(Option<i64>, Option<i64>)> = conn.query_first(
+            "SELECT TIMESTAMPDIFF(MICROSECOND, '1970-01-01', MIN(timestamp)),
+                    TIMESTAMPDIFF(MICROSECOND, '1970-01-01', MAX(timestamp)) FROM sample",
+        )?;
+        let now = crate::model::to_micros(time::OffsetDateTime::now_utc());
+        let (lo, hi) = match bounds {
+            Some((Some(lo), Some(hi))) => (lo, hi.max(now)),
+            _ => (now, now),
+        };
+        // From the oldest sample's span to the one after today's (ahead of time).
+        let lo = floor_to(lo, span_us);
+        let hi = floor_to(hi, span_us).saturating_add(2 * span_us);
+        let defs = partitions::definitions(&partitions::history(lo, hi, span_us), true);
+        conn.query_drop(format!(
+            "ALTER TABLE sample DROP PRIMARY KEY, ADD PRIMARY KEY (id, timestamp),
+                 DROP INDEX uq_sample_message_id,
+                 ADD UNIQUE KEY uq_sample_message_id (message_id, timestamp),
+                 DROP INDEX ix_sample_resource_timestamp,
+                 ADD KEY ix_sample_resource_meter_timestamp (resource_id, meter_id, timestamp)
+             PARTITION BY RANGE (TO_SECONDS(timestamp)) ({defs})"
+        ))?;
+    }
+    conn.query_drop("DELETE FROM rollup_meter")?;
+    conn.query_drop("DELETE FROM rollup_resource")?;
+    conn.query_drop("DELETE FROM rollup_level")?;
+    let us = "TIMESTAMPDIFF(MICROSECOND, '1970-01-01', s.timestamp)";
+    for g in levels.iter().filter(|g| g.seconds > 0) {
+        let bucket = format!("({us} - MOD(MOD({us}, ?) + ?, ?))");
+        let aggs =
+            format!("COUNT(*), SUM(s.volume), MIN(s.volume), MAX(s.volume), MIN({us}), MAX({us})");
+        let step = g.micros();
+        conn.exec_drop(
+            format!(
+                "INSERT INTO rollup_meter
+                   (meter_id, granularity, bucket, `count`, `sum`, `min`, `max`, `first`, `last`)
+                 SELECT s.meter_id, ?, {bucket} AS b, {aggs}
+                   FROM sample s GROUP BY s.meter_id, b"
+            ),
+            (g.seconds, step, step, step),
+        )?;
+        conn.exec_drop(
+            format!(
+                "INSERT INTO rollup_resource (meter_id, resource_id, granularity, bucket, `count`,
+                                             `sum`, `min`, `max`, `first`, `last`)
+                 SELECT s.meter_id, r.resource_id, ?, {bucket} AS b, {aggs}
+                   FROM sample s JOIN resource r ON r.internal_id = s.resource_id
+                  GROUP BY s.meter_id, r.resource_id, b"
+            ),
+            (g.seconds, step, step, step),
+        )?;
+        conn.exec_drop(
+            "INSERT INTO rollup_level (granularity, complete_from) VALUES (?, ?)",
+            (g.seconds, i64::MIN),
+        )?;
+    }
+    Ok(())
+}
+
+/// Register the configured rollup levels missing from `rollup_level`: complete from the
+/// bucket after the newest rollup's last sample (samples stored before were not counted at
+/// that level), or from the beginning on an empty store.
+fn register_levels(conn: &mut MyConn, levels: &[Granularity]) -> Result<(), Fail> {
+    let known: Vec<u64> = conn.query("SELECT granularity FROM rollup_level")?;
+    let missing: Vec<&Granularity> = levels
+        .iter()
+        .filter(|g| g.seconds > 0 && !known.contains(&g.seconds))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let newest: Option<Option<i64>> = conn.query_first("SELECT MAX(`last`) FROM rollup_meter")?;
+    for g in missing {
+        let from = match newest.flatten() {
+            Some(ts) => floor_to(ts, g.micros()).saturating_add(g.micros()),
+            None => i64::MIN,
+        };
+        conn.exec_drop(
+            "INSERT IGNORE INTO rollup_level (granularity, complete_from) VALUES (?, ?)",
+            (g.seconds, from),
+        )?;
     }
     Ok(())
 }

@@ -1,0 +1,536 @@
+//! Time partitions, retention by `DROP PARTITION`, rollups and the version 1 → 2 migration of
+//! the MariaDB/MySQL driver, against the real server (see `servers/mod.rs`).
+
+mod common;
+mod servers;
+
+use common::{fold, sample, Aggregate, NO_SAMPLES};
+use mysql::prelude::Queryable;
+use servers::{Admin, Kind, TestDb};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Barrier};
+use storage::{SampleFilter, StatsSource, StorageOptions};
+use time::format_description::well_known::Rfc3339;
+use time::{Duration, OffsetDateTime};
+
+fn iso(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap()
+}
+
+fn today() -> OffsetDateTime {
+    OffsetDateTime::now_utc().replace_time(time::Time::MIDNIGHT)
+}
+
+fn us(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1000) as i64
+}
+
+fn conn(t: &TestDb) -> mysql::Conn {
+    let Admin::Mysql(c) = t.admin() else {
+        unreachable!()
+    };
+    c
+}
+
+/// (name, lo µs from the name, rows counted in it) of every partition of `sample`, oldest first.
+fn partitions(t: &TestDb) -> Vec<(String, i64, i64)> {
+    let mut c = conn(t);
+    let names: Vec<String> = c
+        .query(
+            "SELECT PARTITION_NAME FROM information_schema.PARTITIONS
+              WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'sample'
+              ORDER BY PARTITION_ORDINAL_POSITION",
+        )
+        .unwrap();
+    names
+        .into_iter()
+        .map(|n| {
+            let lo = if n == "pmax" {
+                i64::MAX
+            } else {
+                n[1..].parse::<i64>().expect("p<lo>")
+            };
+            let rows: i64 = c
+                .query_first(format!("SELECT COUNT(*) FROM sample PARTITION ({n})"))
+                .unwrap()
+                .unwrap();
+            (n, lo, rows)
+        })
+        .collect()
+}
+
+/// Rows in the partition named for `day`.
+fn rows_in(t: &TestDb, day: OffsetDateTime) -> Option<i64> {
+    partitions(t)
+        .into_iter()
+        .find(|(_, lo, _)| *lo == us(day))
+        .map(|(_, _, n)| n)
+}
+
+#[test]
+fn rows_land_in_their_day_partitions() {
+    let t = TestDb::new(Kind::Mysql);
+    let mut db = t.open();
+    // A new store has today's partition, the next (ahead of time) and the catch-all.
+    let fresh = partitions(&t);
+    assert_eq!(
+        fresh.iter().map(|p| p.1).collect::<Vec<_>>(),
+        [us(today()), us(today() + Duration::days(1)), i64::MAX]
+    );
+    let day0 = today() - Duration::days(3);
+    let mut batch = Vec::new();
+    for d in 0..4 {
+        for h in 0..=d {
+            let ts = day0 + Duration::days(d) + Duration::hours(h);
+            batch.push(sample(&format!("s{d}-{h}"), "cpu", "r", &iso(ts), 1.0));
+        }
+    }
+    let out = db.record_metering_data(&batch).unwrap();
+    assert_eq!((out.stored, out.duplicates), (10, 0));
+    // The first partition was empty: the late samples got partitions of their own.
+    for d in 0..4 {
+        assert_eq!(
+            rows_in(&t, day0 + Duration::days(d)),
+            Some(d + 1),
+            "day {d}: {:?}",
+            partitions(&t)
+        );
+    }
+    // A retry carries the same timestamp: a duplicate in its partition.
+    let out = db.record_metering_data(&batch).unwrap();
+    assert_eq!((out.stored, out.duplicates), (0, 10));
+    // The same message_id at another time is another sample (unique (message_id, timestamp)).
+    let other = sample("s0-0", "cpu", "r", &iso(day0 + Duration::minutes(1)), 2.0);
+    let out = db
+        .record_metering_data(std::slice::from_ref(&other))
+        .unwrap();
+    assert_eq!((out.stored, out.duplicates), (1, 0));
+    let out = db.record_metering_data(&[other]).unwrap();
+    assert_eq!((out.stored, out.duplicates), (0, 1));
+    // A duplicate in a chunk with new samples: the new ones are stored, in their partitions.
+    let mixed = vec![
+        sample("s1-0", "cpu", "r", &iso(day0 + Duration::days(1)), 1.0),
+        sample("n1", "cpu", "r", &iso(day0 + Duration::days(1)), 1.0),
+    ];
+    let out = db.record_metering_data(&mixed).unwrap();
+    assert_eq!(
+        (out.stored, out.duplicates, out.duplicate_indices),
+        (1, 1, vec![0])
+    );
+    assert_eq!(rows_in(&t, day0), Some(2));
+    assert_eq!(rows_in(&t, day0 + Duration::days(1)), Some(3));
+    // Queries span the partitions, newest first.
+    let all = db.get_samples(&SampleFilter::default()).unwrap();
+    assert_eq!(all.len(), 12);
+    assert!(all.windows(2).all(|w| w[0].timestamp >= w[1].timestamp));
+    // EXPLAIN PARTITIONS: a time range reads only its partitions.
+    let mut c = conn(&t);
+    let row: mysql::Row = c
+        .query_first(format!(
+            "EXPLAIN PARTITIONS SELECT * FROM sample WHERE timestamp >= '{}' AND timestamp < '{}'",
+            (day0 + Duration::days(1)).date(),
+            (day0 + Duration::days(2)).date()
+        ))
+        .unwrap()
+        .unwrap();
+    let parts: String = row.get("partitions").unwrap();
+    assert_eq!(parts, format!("p{}", us(day0 + Duration::days(1))));
+}
+
+#[test]
+fn late_and_future_samples_are_stored() {
+    let t = TestDb::new(Kind::Mysql);
+    let mut db = t.open();
+    let now = OffsetDateTime::now_utc();
+    let first = sample("today", "cpu", "r", &iso(now - Duration::seconds(1)), 1.0);
+    assert_eq!(db.record_metering_data(&[first]).unwrap().stored, 1);
+    // Older than the first partition, which holds samples now: stored in it, no DDL.
+    let before = partitions(&t);
+    let late = sample("late", "cpu", "r", &iso(now - Duration::days(40)), 2.0);
+    assert_eq!(db.record_metering_data(&[late]).unwrap().stored, 1);
+    let after = partitions(&t);
+    assert_eq!(after.len(), before.len());
+    assert_eq!(after[0].2, 2, "{after:?}");
+    // Days ahead: partitions up to its day; years ahead: in the catch-all, no partition made.
+    let soon = today() + Duration::days(10) + Duration::hours(5);
+    let far = today() + Duration::days(3 * 365) + Duration::hours(5);
+    for (id, ts) in [("soon", soon), ("far", far)] {
+        let out = db.record_metering_data(&[sample(id, "cpu", "r", &iso(ts), 3.0)]);
+        assert_eq!(out.unwrap().stored, 1);
+    }
+    let parts = partitions(&t);
+    let soon_day = soon.replace_time(time::Time::MIDNIGHT);
+    let far_day = far.replace_time(time::Time::MIDNIGHT);
+    assert_eq!(rows_in(&t, soon_day), Some(1));
+    assert_eq!(rows_in(&t, far_day), None);
+    assert_eq!(parts.last().unwrap().2, 1, "{parts:?}");
+    assert!(parts.len() < 20, "{parts:?}");
+    for d in 1..=10 {
+        assert!(
+            rows_in(&t, today() + Duration::days(d)).is_some(),
+            "day +{d}"
+        );
+    }
+    let mut ids: Vec<String> = db
+        .get_samples(&SampleFilter::default())
+        .unwrap()
+        .into_iter()
+        .map(|s| s.message_id)
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["far", "late", "soon", "today"]);
+}
+
+#[test]
+fn retention_drops_exactly_the_partitions_entirely_older_than_the_cutoff() {
+    let t = TestDb::new(Kind::Mysql);
+    let mut db = t.open();
+    let day0 = today() - Duration::days(5);
+    let mut batch = Vec::new();
+    let mut per_day = Vec::new();
+    for d in 0..6i64 {
+        let n = d + 2;
+        per_day.push(n);
+        for i in 0..n {
+            let ts = day0 + Duration::days(d) + Duration::minutes(i);
+            let ts = ts.min(OffsetDateTime::now_utc() - Duration::seconds(1));
+            batch.push(sample(&format!("d{d}-{i}"), "cpu", "r", &iso(ts), 1.0));
+        }
+    }
+    assert_eq!(db.record_metering_data(&batch).unwrap().stored, 27);
+    // Cutoff at noon of day 3: days 0, 1 and 2 end before it; day 3 straddles it and waits.
+    let cutoff = day0 + Duration::days(3) + Duration::hours(12);
+    let ttl = (OffsetDateTime::now_utc() - cutoff).whole_seconds() as u64;
+    let dropped = db.clear_expired_metering_data(ttl).unwrap();
+    assert_eq!(dropped as i64, per_day[..3].iter().sum::<i64>());
+    let left = partitions(&t);
+    assert_eq!(left[0].1, us(day0 + Duration::days(3)), "{left:?}");
+    assert_eq!(left[0].2, per_day[3]);
+    assert_eq!(
+        t.scalar("SELECT COUNT(*) FROM sample"),
+        per_day[3..].iter().sum::<i64>()
+    );
+    // Rollups outlive the samples: day 1 is still answered, from them.
+    let f = SampleFilter {
+        meter: Some("cpu".into()),
+        start: Some(day0 + Duration::days(1)),
+        end: Some(day0 + Duration::days(2)),
+        ..Default::default()
+    };
+    let (stats, source) = db.get_meter_statistics_from(&f, None).unwrap();
+    assert_eq!(
+        source,
+        StatsSource::Rollup {
+            granularity: 86_400
+        }
+    );
+    assert_eq!(stats[0].count, per_day[1] as u64);
+    // Nothing more is old enough.
+    assert_eq!(db.clear_expired_metering_data(ttl).unwrap(), 0);
+}
+
+#[test]
+fn concurrent_writers_needing_the_same_new_partitions_all_succeed() {
+    let t = TestDb::new(Kind::Mysql);
+    drop(t.open()); // migrated beforehand: the writers race for partitions only
+    const WRITERS: usize = 3;
+    for round in 0..4i64 {
+        let barrier = Arc::new(Barrier::new(WRITERS));
+        // Each round needs partitions nobody has made yet, in the future and in the past.
+        let future = today() + Duration::days(5 + 7 * round) + Duration::hours(1);
+        let handles: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let (url, barrier) = (t.url.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let mut db = storage::open(&url, &StorageOptions::default()).unwrap();
+                    let batch: Vec<_> = (0..50)
+                        .map(|i| {
+                            let ts = future + Duration::seconds(i);
+                            sample(&format!("r{round}-w{w}-{i}"), "cpu", "r", &iso(ts), 1.0)
+                        })
+                        .collect();
+                    barrier.wait();
+                    db.record_metering_data(&batch).map(|o| o.stored)
+                })
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap().unwrap(), 50);
+        }
+        let day = future.replace_time(time::Time::MIDNIGHT);
+        assert_eq!(rows_in(&t, day), Some(50 * WRITERS as i64), "round {round}");
+    }
+    assert_eq!(
+        t.scalar("SELECT COUNT(*) FROM sample"),
+        4 * 50 * WRITERS as i64
+    );
+}
+
+#[test]
+fn rollups_count_only_inserted_samples_and_expire_with_their_retention() {
+    let t = TestDb::new(Kind::Mysql);
+    let opts = StorageOptions {
+        rollups: vec![
+            storage::rollup::Granularity {
+                seconds: 3600,
+                retention_seconds: 2 * 86_400,
+            },
+            storage::rollup::Granularity {
+                seconds: 86_400,
+                retention_seconds: 0,
+            },
+        ],
+        ..Default::default()
+    };
+    let mut db = storage::open(&t.url, &opts).unwrap();
+    let day0 = today() - Duration::days(4);
+    let batch: Vec<_> = (0..6)
+        .map(|i| {
+            let ts = day0 + Duration::hours(i);
+            sample(
+                &format!("m{i}"),
+                "cpu",
+                &format!("r{}", i % 2),
+                &iso(ts),
+                i as f64,
+            )
+        })
+        .collect();
+    assert_eq!(db.record_metering_data(&batch).unwrap().stored, 6);
+    // A retry with other volumes: duplicates, not counted.
+    let mut retry = batch.clone();
+    for s in &mut retry {
+        s.counter_volume = meter::Volume::Float(1e6);
+    }
+    assert_eq!(db.record_metering_data(&retry).unwrap().duplicates, 6);
+    let count = |sql: &str| t.scalar(sql);
+    assert_eq!(
+        count("SELECT SUM(`count`) FROM rollup_meter WHERE granularity = 3600"),
+        6
+    );
+    assert_eq!(
+        count("SELECT CAST(SUM(`sum`) AS SIGNED) FROM rollup_resource WHERE granularity = 86400 AND resource_id = 'r1'"),
+        1 + 3 + 5
+    );
+    // Hourly buckets 4 days old are past their 2 days; daily ones are kept forever.
+    db.clear_expired_metering_data(u64::MAX).unwrap();
+    assert_eq!(
+        count("SELECT COUNT(*) FROM rollup_meter WHERE granularity = 3600"),
+        0
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM rollup_resource WHERE granularity = 3600"),
+        0
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM rollup_resource WHERE granularity = 86400"),
+        2
+    );
+    // Hourly statistics for that day now come from the samples, daily ones from the rollup.
+    let f = SampleFilter {
+        meter: Some("cpu".into()),
+        start: Some(day0),
+        end: Some(day0 + Duration::days(1)),
+        ..Default::default()
+    };
+    let (hourly, source) = db.get_meter_statistics_from(&f, Some(3600)).unwrap();
+    assert_eq!((hourly.len(), source), (6, StatsSource::Raw));
+    let (daily, source) = db.get_meter_statistics_from(&f, Some(86_400)).unwrap();
+    assert_eq!(
+        source,
+        StatsSource::Rollup {
+            granularity: 86_400
+        }
+    );
+    assert_eq!((daily[0].count, daily[0].sum), (6, 15.0));
+}
+
+/// A database made by version 1 (its DDL run as the old driver ran it, rows inserted) is
+/// brought to version 2 in place at open: every row is still there and readable, in the
+/// partition of its day, and the rollups are computed from them.
+#[test]
+fn version_1_database_migrates_in_place() {
+    let t = TestDb::new(Kind::Mysql);
+    let day0 = today() - Duration::days(3);
+    // (message_id, meter, unit, resource, µs, volume)
+    let mut rows = Vec::new();
+    {
+        let mut c = conn(&t);
+        for sql in storage::mysql::schema::V1 {
+            c.query_drop(sql.replace("{coll}", "utf8mb4_nopad_bin"))
+                .unwrap();
+        }
+        c.query_drop(
+            "CREATE TABLE schema_version (version INT NOT NULL) ENGINE=InnoDB;
+             INSERT INTO schema_version VALUES (1);
+             INSERT INTO meter (id, name, type, unit) VALUES
+                 (1, 'cpu', 'gauge', 'ns'), (2, 'memory', 'gauge', 'MB');
+             INSERT INTO resource (internal_id, resource_key, resource_id, user_id, project_id,
+                                   source_id, resource_metadata)
+                 VALUES (1, REPEAT('a', 64), 'vm-1', 'u', 'p', 'openstack', '{}'),
+                        (2, REPEAT('b', 64), 'vm-2', 'u', 'p', 'openstack', '{\"k\": 1}')",
+        )
+        .unwrap();
+        for i in 0..60i64 {
+            let ts = day0 + Duration::minutes(97 * i);
+            let (meter, unit) = if i % 3 == 0 { (2, "MB") } else { (1, "ns") };
+            let (res, rname) = if i % 2 == 0 { (1, "vm-1") } else { (2, "vm-2") };
+            let v = (i * 7 % 23) as f64 - 5.5;
+            let id = format!("old-{i}");
+            c.exec_drop(
+                "INSERT INTO sample (meter_id, resource_id, volume, timestamp, recorded_at,
+                                     message_id, message_signature)
+                 VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                (
+                    meter,
+                    res,
+                    v,
+                    ts.format(time::macros::format_description!(
+                        "[year]-[month]-[day] [hour]:[minute]:[second]"
+                    ))
+                    .unwrap(),
+                    "2026-01-01 00:00:00",
+                    &id,
+                ),
+            )
+            .unwrap();
+            rows.push((id, meter, unit, rname, us(ts), v));
+        }
+    }
+    let mut db = t.open();
+    assert_eq!(t.scalar("SELECT version FROM schema_version"), 2);
+    // Every row, in the partition of its day.
+    let got = db.get_samples(&SampleFilter::default()).unwrap();
+    assert_eq!(got.len(), rows.len());
+    let by_id: BTreeMap<&str, &storage::StoredSample> =
+        got.iter().map(|s| (s.message_id.as_str(), s)).collect();
+    let mut per_day: BTreeMap<i64, i64> = BTreeMap::new();
+    for (id, _, unit, rname, ts, v) in &rows {
+        let s = by_id[id.as_str()];
+        assert_eq!(
+            (
+                s.counter_unit.as_str(),
+                s.resource_id.as_str(),
+                us(s.timestamp),
+                s.counter_volume
+            ),
+            (*unit, *rname, *ts, *v)
+        );
+        *per_day
+            .entry(ts - ts.rem_euclid(86_400_000_000))
+            .or_default() += 1;
+    }
+    for (day, n) in &per_day {
+        let p = partitions(&t);
+        assert_eq!(
+            p.iter().find(|x| x.1 == *day).map(|x| x.2),
+            Some(*n),
+            "{p:?}"
+        );
+    }
+    // The rollups computed from them answer as the raw definition.
+    for (resource, period) in [(None, 3600u64), (None, 86_400), (Some("vm-2"), 7200)] {
+        let f = SampleFilter {
+            meter: Some("cpu".into()),
+            resource_id: resource.map(String::from),
+            start: Some(day0),
+            end: Some(day0 + Duration::days(5)),
+            ..Default::default()
+        };
+        let (stats, source) = db.get_meter_statistics_from(&f, Some(period)).unwrap();
+        assert!(matches!(source, StatsSource::Rollup { .. }), "{source:?}");
+        let p = period as i64 * 1_000_000;
+        let mut want: BTreeMap<i64, Aggregate> = BTreeMap::new();
+        for (_, meter, _, rname, ts, v) in &rows {
+            if *meter != 1 || resource.is_some_and(|r| r != *rname) {
+                continue;
+            }
+            fold(
+                want.entry((ts - us(day0)) / p).or_insert(NO_SAMPLES),
+                *v,
+                *ts,
+            );
+        }
+        assert_eq!(stats.len(), want.len(), "{resource:?} {period}");
+        for (st, (k, w)) in stats.iter().zip(&want) {
+            assert_eq!(us(st.period_start), us(day0) + k * p);
+            assert_eq!(
+                (
+                    st.count,
+                    st.min,
+                    st.max,
+                    us(st.duration_start),
+                    us(st.duration_end)
+                ),
+                (w.0, w.2, w.3, w.4, w.5)
+            );
+            assert!((st.sum - w.1).abs() < 1e-9);
+        }
+    }
+    // A retry of an old sample is a duplicate; a new one is stored and counted.
+    let (_, _, _, _, ts0, _) = &rows[1];
+    let when = OffsetDateTime::from_unix_timestamp_nanos(i128::from(*ts0) * 1000).unwrap();
+    let mut retry = sample("old-1", "cpu", "vm-2", &iso(when), 0.0);
+    retry.counter_unit = "ns".into();
+    let out = db.record_metering_data(&[retry]).unwrap();
+    assert_eq!((out.stored, out.duplicates), (0, 1));
+    // Opening again is a no-op.
+    drop(db);
+    let mut db = t.open();
+    assert_eq!(
+        db.get_samples(&SampleFilter::default()).unwrap().len(),
+        rows.len()
+    );
+}
+
+/// What the rollups cost a writer: the same batches (ceilometer-shaped: 2000 resources,
+/// 8 meters, timestamps in order over 7 days) into two stores, one with the default rollups
+/// and one without, interleaved so both see the same machine. Prints the ratio; run with
+/// `--ignored --nocapture`.
+#[test]
+#[ignore]
+fn rollup_write_cost() {
+    let (a, b) = (TestDb::new(Kind::Mysql), TestDb::new(Kind::Mysql));
+    let mut with = storage::open(&a.url, &StorageOptions::default()).unwrap();
+    let none = StorageOptions {
+        rollups: Vec::new(),
+        ..Default::default()
+    };
+    let mut without = storage::open(&b.url, &none).unwrap();
+    let start = today() - Duration::days(7);
+    let (batches, per) = (60i64, 1000i64);
+    let step = 7 * 86_400_000_000 / (batches * per);
+    let (mut t_with, mut t_without) = (0f64, 0f64);
+    for n in 0..batches {
+        let batch: Vec<_> = (0..per)
+            .map(|i| {
+                let k = n * per + i;
+                let ts = start + Duration::microseconds(k * step);
+                let mut s = sample(
+                    &format!("m{k}"),
+                    &format!("meter{}", k % 8),
+                    &format!("res{}", (k / 8) % 2000),
+                    &iso(ts),
+                    k as f64,
+                );
+                s.resource_metadata = meter::Value::Map(Vec::new());
+                s
+            })
+            .collect();
+        for (db, t) in [(&mut with, &mut t_with), (&mut without, &mut t_without)] {
+            let t0 = std::time::Instant::now();
+            assert_eq!(
+                db.record_metering_data(&batch).unwrap().stored,
+                per as usize
+            );
+            *t += t0.elapsed().as_secs_f64();
+        }
+    }
+    println!(
+        "{} samples: with rollups {:.2} s, without {:.2} s, ratio {:.2}",
+        batches * per,
+        t_with,
+        t_without,
+        t_with / t_without
+    );
+}
