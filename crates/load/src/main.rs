@@ -138,10 +138,14 @@ enum Mode {
     /// The growth run: COUNT ceilometer-shaped samples (uuid1 message_ids, INSTANCES instances
     /// with 8 meters on 2 x INSTANCES resources, timestamps over DAYS days ending at today's
     /// 00:00 UTC) as calls of BATCH samples over one connection; stored/s per window.
+    /// With --direct URL, no daemon: batches of BATCH go straight through the storage crate.
     Grow {
         /// The collector's RPC address.
-        #[arg(long)]
-        to: SocketAddr,
+        #[arg(long, required_unless_present = "direct", conflicts_with = "direct")]
+        to: Option<SocketAddr>,
+        /// Write to this storage URL in-process (`storage::open` + `record_metering_data`).
+        #[arg(long, value_name = "URL")]
+        direct: Option<String>,
         #[arg(long)]
         count: u64,
         #[arg(long, default_value_t = 1000)]
@@ -397,6 +401,7 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
         }
         Mode::Grow {
             to,
+            direct,
             count,
             instances,
             days,
@@ -408,15 +413,26 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
             let today = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64;
             let start = (today - today.rem_euclid(day)) - (days * day as f64) as i64;
             let fleet = samples::Fleet::spanning(count, instances, days, start);
-            grow::grow(&grow::GrowOptions {
-                to,
-                fleet,
-                count,
-                batch,
-                depth,
-                windows,
-                secret: cli.secret.clone(),
-            })?
+            match (direct, to) {
+                (Some(url), _) => grow::grow_direct(&grow::DirectOptions {
+                    url,
+                    fleet,
+                    count,
+                    batch,
+                    windows,
+                    secret: cli.secret.clone(),
+                })?,
+                (None, Some(to)) => grow::grow(&grow::GrowOptions {
+                    to,
+                    fleet,
+                    count,
+                    batch,
+                    depth,
+                    windows,
+                    secret: cli.secret.clone(),
+                })?,
+                (None, None) => anyhow::bail!("grow needs --to or --direct"),
+            }
         }
         Mode::Query {
             db,
