@@ -239,6 +239,7 @@ pub fn expire(
     fleet: Fleet,
     batch: u64,
     secret: &str,
+    max_reclaim_steps: Option<u64>,
 ) -> Result<Json> {
     let opts = storage::StorageOptions::default();
     let mut sqlite = match storage::url::StorageUrl::parse(url) {
@@ -291,7 +292,7 @@ pub fn expire(
         let mut reclaim = None;
         if let (Some(sq), Ok(_)) = (sqlite.as_mut(), &result) {
             let (t1, mut steps, mut rows, mut longest) = (Instant::now(), 0u64, 0u64, 0f64);
-            loop {
+            while max_reclaim_steps.is_none_or(|m| steps < m) {
                 let t = Instant::now();
                 let Some(step) = sq.reclaim_step()? else {
                     break;

@@ -185,6 +185,9 @@ enum Mode {
         probe: Option<SocketAddr>,
         #[arg(long, default_value_t = 1000)]
         batch: u64,
+        /// SQLite: stop reclaiming the expired chunk's pages after this many steps.
+        #[arg(long)]
+        max_reclaim_steps: Option<u64>,
     },
     /// Write COUNT samples as oslo.messaging v2 notification bodies (JSON, PER_MESSAGE samples
     /// each), one body per line, for a publisher to put on an AMQP queue.
@@ -445,13 +448,22 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
             ttl,
             probe,
             batch,
+            max_reclaim_steps,
         } => {
             let fleet = samples::Fleet {
                 instances: 1000,
                 start_micros: 0,
                 interval_micros: 60_000_000,
             };
-            grow::expire(&db, ttl, probe, fleet, batch, &cli.secret)?
+            grow::expire(
+                &db,
+                ttl,
+                probe,
+                fleet,
+                batch,
+                &cli.secret,
+                max_reclaim_steps,
+            )?
         }
         Mode::AmqpBodies {
             count,
