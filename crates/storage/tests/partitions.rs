@@ -611,3 +611,30 @@ fn batches_reclaim_an_expired_chunk_one_step_each_and_a_late_sample_starts_a_fre
         1 + 1 + 5 + 5 + 5
     );
 }
+
+#[test]
+fn a_version_2_file_gets_the_graveyard_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let opts = StorageOptions::default();
+    {
+        let mut db = storage::open(&url_for(&path), &opts).unwrap();
+        db.record_metering_data(&day_batch(3, "old", 5)).unwrap();
+        db.record_metering_data(&day_batch(0, "new", 5)).unwrap();
+    }
+    // What a version 2 file looks like: no graveyard.
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch("DROP TABLE sample_graveyard; UPDATE schema_version SET version = 2")
+        .unwrap();
+    let mut db = storage::open(&url_for(&path), &opts).unwrap();
+    assert_eq!(count(&path, "SELECT version FROM schema_version"), 3);
+    let ttl = (OffsetDateTime::now_utc() - (today() - Duration::days(1))).whole_seconds() as u64;
+    assert_eq!(db.clear_expired_metering_data(ttl).unwrap(), 5);
+    assert_eq!(
+        chunk_tables(&path).len(),
+        1,
+        "a small chunk goes in expiry's own step"
+    );
+    assert_eq!(db.get_samples(&SampleFilter::default()).unwrap().len(), 5);
+}
