@@ -505,11 +505,7 @@ impl SqliteStorage {
             // The row count comes from the rowid range (the table's own B-tree), not a scan:
             // rows are never deleted from a chunk, so max(id) - min(id) + 1 is exact unless two
             // processes raced for ids, which the write lock excludes.
-            let n: i64 = tx.query_row(
-                &format!("SELECT COALESCE(MAX(id) - MIN(id) + 1, 0) FROM \"{name}\""),
-                [],
-                |row| row.get(0),
-            )?;
+            let n: i64 = tx.query_row(&rowid_span(&name), [], |row| row.get(0))?;
             tx.execute("DELETE FROM sample_partition WHERE lo = ?1", [r.lo])?;
             tx.execute(
                 "INSERT OR IGNORE INTO sample_graveyard (name) VALUES (?1)",
@@ -706,6 +702,14 @@ impl Storage for SqliteStorage {
     }
 }
 
+/// The rows of chunk `table` from its rowid range: two B-tree descents. (One `SELECT
+/// MAX(id) - MIN(id)` would scan the table: SQLite's min/max shortcut takes a lone aggregate.)
+fn rowid_span(table: &str) -> String {
+    format!(
+        "SELECT COALESCE((SELECT MAX(id) FROM \"{table}\") - (SELECT MIN(id) FROM \"{table}\") + 1, 0)"
+    )
+}
+
 /// Whether `sample_graveyard` lists a table.
 fn graveyard_pending(conn: &Connection) -> rusqlite::Result<bool> {
     conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM sample_graveyard)")?
@@ -731,7 +735,10 @@ fn reclaim(conn: &mut Connection) -> rusqlite::Result<(Option<Reclaimed>, bool)>
         .query_row([&table], |r| r.get(0))?;
     let (top, left) = if exists {
         tx.query_row(
-            &format!("SELECT MAX(id), COALESCE(MAX(id) - MIN(id) + 1, 0) FROM \"{table}\""),
+            &format!(
+                "SELECT (SELECT MAX(id) FROM \"{table}\"), ({})",
+                rowid_span(&table)
+            ),
             [],
             |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, i64>(1)?)),
         )?
