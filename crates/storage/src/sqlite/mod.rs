@@ -567,14 +567,19 @@ impl SqliteStorage {
             expire_rollups(conn, &self.opts.rollups, now)?;
         }
         if self.graveyard {
-            self.graveyard = reclaim(conn)?.1;
+            // What expiry did is committed: a failed step is retried after the next batch.
+            match reclaim(conn) {
+                Ok((_, more)) => self.graveyard = more,
+                Err(e) => log::warn!("sqlite: reclaiming an expired chunk: {e}"),
+            }
         }
         Ok(total)
     }
 
-    /// One bounded step of reclaiming the pages of expired chunks (one short transaction):
-    /// the [`RECLAIM_ROWS`] highest rows of the first table in `sample_graveyard`, or, once at
-    /// most [`RECLAIM_DROP_ROWS`] are left, the table itself. `None` when nothing is left to
+    /// One bounded step of reclaiming the pages of expired chunks (one short transaction) on
+    /// the first table in `sample_graveyard`: the [`RECLAIM_ROWS`] highest rows; or, once at
+    /// most [`RECLAIM_INDEX_ROWS`] are left, one of its secondary indexes; or, once at most
+    /// [`RECLAIM_DROP_ROWS`] are left, the table itself. `None` when nothing is left to
     /// reclaim. Batches run one step each while there is work; this is for tests and tools.
     pub fn reclaim_step(&mut self) -> Result<Option<Reclaimed>, StorageError> {
         self.connection()?;
