@@ -19,6 +19,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use storage::Storage as _;
 
 /// One connection to the daemon's RPC port: send requests, read answers in order.
 struct Rpc {
@@ -227,7 +228,10 @@ pub fn query(url: &str, start_us: i64, end_us: i64, runs: usize) -> Result<Json>
 }
 
 /// Time `clear_expired_metering_data(ttl)` on `url`; meanwhile, with `probe`, keep sending
-/// calls of `batch` fresh samples to the daemon there and report how long each waited.
+/// calls of `batch` fresh samples to the daemon there and report how long each waited. On
+/// SQLite, expiry hides a chunk at once and its pages are reclaimed in steps after batches:
+/// then the reclaim is also run to the end here, timing each step (the longest hold of the
+/// write lock), while the probe keeps going.
 pub fn expire(
     url: &str,
     ttl: u64,
@@ -235,8 +239,20 @@ pub fn expire(
     fleet: Fleet,
     batch: u64,
     secret: &str,
+    max_reclaim_steps: Option<u64>,
 ) -> Result<Json> {
-    let mut st = storage::open(url, &storage::StorageOptions::default())?;
+    let opts = storage::StorageOptions::default();
+    let mut sqlite = match storage::url::StorageUrl::parse(url) {
+        Ok(u) if u.scheme == "sqlite" => Some(storage::sqlite::SqliteStorage::open(
+            storage::sqlite::Target::from_url(&u)?,
+            &opts,
+        )?),
+        _ => None,
+    };
+    let mut other = match sqlite {
+        Some(_) => None,
+        None => Some(storage::open(url, &opts)?),
+    };
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| -> Result<Json> {
         let prober = probe.map(|to| {
@@ -267,14 +283,38 @@ pub fn expire(
             std::thread::sleep(Duration::from_millis(500));
         }
         let t0 = Instant::now();
-        let result = st.clear_expired_metering_data(ttl);
+        let result = match (sqlite.as_mut(), other.as_mut()) {
+            (Some(s), _) => s.clear_expired_metering_data(ttl),
+            (None, Some(o)) => o.clear_expired_metering_data(ttl),
+            (None, None) => bail!("no storage for {url}"),
+        };
         let secs = t0.elapsed().as_secs_f64();
+        let mut reclaim = None;
+        if let (Some(sq), Ok(_)) = (sqlite.as_mut(), &result) {
+            let (t1, mut steps, mut rows, mut longest) = (Instant::now(), 0u64, 0u64, 0f64);
+            while max_reclaim_steps.is_none_or(|m| steps < m) {
+                let t = Instant::now();
+                let Some(step) = sq.reclaim_step()? else {
+                    break;
+                };
+                longest = longest.max(t.elapsed().as_secs_f64() * 1e3);
+                steps += 1;
+                rows += step.rows;
+            }
+            reclaim = Some(json!({
+                "steps": steps, "rows": rows, "max_step_ms": longest,
+                "seconds": t1.elapsed().as_secs_f64(),
+            }));
+        }
         if prober.is_some() {
             std::thread::sleep(Duration::from_millis(500));
         }
         stop.store(true, Ordering::Relaxed);
         let expired = result?;
         let mut out = json!({"mode": "expire", "ttl": ttl, "expired": expired, "seconds": secs});
+        if let Some(r) = reclaim {
+            out["reclaim"] = r;
+        }
         if let Some(p) = prober {
             match p.join() {
                 Ok(Ok((stored, waits))) => {
@@ -288,4 +328,104 @@ pub fn expire(
         }
         Ok(out)
     })
+}
+
+/// Options of the direct fill (`collector-load grow --direct URL`).
+pub struct DirectOptions {
+    pub url: String,
+    pub fleet: Fleet,
+    pub count: u64,
+    pub batch: u64,
+    pub windows: u64,
+    pub secret: String,
+}
+
+/// The fleet's samples `range` as typed batches of `batch`, built on a thread of their own.
+fn sample_batches(
+    fleet: Fleet,
+    secret: String,
+    range: std::ops::Range<u64>,
+    batch: u64,
+) -> mpsc::Receiver<Vec<meter::Sample>> {
+    let (tx, rx) = mpsc::sync_channel(8);
+    std::thread::spawn(move || {
+        let mut i = range.start;
+        while i < range.end {
+            let end = (i + batch).min(range.end);
+            let mut v = Vec::with_capacity((end - i) as usize);
+            for k in i..end {
+                match meter::Sample::from_value(fleet.sample(k, &secret)) {
+                    Ok(s) => v.push(s),
+                    Err(e) => {
+                        eprintln!("grow --direct: sample {k}: {e}");
+                        return;
+                    }
+                }
+            }
+            if tx.send(v).is_err() {
+                return;
+            }
+            i = end;
+        }
+    });
+    rx
+}
+
+/// The growth run without a daemon: the same samples in batches of `batch` straight through
+/// `storage::open` + `record_metering_data` (one transaction each, as a worker writes them),
+/// stored/s per window; for filling a big store quickly and for insert-rate experiments.
+pub fn grow_direct(o: &DirectOptions) -> Result<Json> {
+    let mut st = storage::open(&o.url, &storage::StorageOptions::default())?;
+    let rx = sample_batches(o.fleet, o.secret.clone(), 0..o.count, o.batch.max(1));
+    let window = (o.count / o.windows.max(1)).max(1);
+    let (mut done, mut stored, mut dups) = (0u64, 0u64, 0u64);
+    let (mut max_call, mut window_start, mut window_stored) = (Duration::ZERO, Instant::now(), 0);
+    let mut windows = Vec::new();
+    let started = Instant::now();
+    let mut gen_wait = Duration::ZERO;
+    loop {
+        let t = Instant::now();
+        let Ok(batch) = rx.recv() else { break };
+        gen_wait += t.elapsed();
+        let t0 = Instant::now();
+        let out = st.record_metering_data(&batch)?;
+        max_call = max_call.max(t0.elapsed());
+        let n = batch.len() as u64;
+        done += n;
+        stored += out.stored as u64;
+        dups += out.duplicates as u64;
+        window_stored += out.stored as u64;
+        if done / window > (done - n) / window || done == o.count {
+            let secs = window_start.elapsed().as_secs_f64();
+            windows.push(json!({
+                "rows": stored,
+                "stored_per_s": (window_stored as f64 / secs.max(1e-9)).round(),
+            }));
+            eprintln!(
+                "grow --direct: {stored} rows, {:.0} stored/s",
+                window_stored as f64 / secs.max(1e-9)
+            );
+            window_start = Instant::now();
+            window_stored = 0;
+        }
+    }
+    if done < o.count {
+        bail!(
+            "the sample generator stopped after {done} of {} samples",
+            o.count
+        );
+    }
+    Ok(json!({
+        "mode": "grow_direct",
+        "samples": o.count,
+        "stored": stored,
+        "duplicates": dups,
+        "error_answers": 0,
+        "seconds": started.elapsed().as_secs_f64(),
+        "generator_wait_s": gen_wait.as_secs_f64(),
+        "max_call_wait_ms": max_call.as_secs_f64() * 1e3,
+        "windows": windows,
+        "start_micros": o.fleet.start_micros,
+        "end_micros": o.fleet.timestamp(o.count.saturating_sub(1)),
+    }))
 }

@@ -141,10 +141,14 @@ enum Mode {
     /// The growth run: COUNT ceilometer-shaped samples (uuid1 message_ids, INSTANCES instances
     /// with 8 meters on 2 x INSTANCES resources, timestamps over DAYS days ending at today's
     /// 00:00 UTC) as calls of BATCH samples over one connection; stored/s per window.
+    /// With --direct URL, no daemon: batches of BATCH go straight through the storage crate.
     Grow {
         /// The collector's RPC address.
-        #[arg(long)]
-        to: SocketAddr,
+        #[arg(long, required_unless_present = "direct", conflicts_with = "direct")]
+        to: Option<SocketAddr>,
+        /// Write to this storage URL in-process (`storage::open` + `record_metering_data`).
+        #[arg(long, value_name = "URL")]
+        direct: Option<String>,
         #[arg(long)]
         count: u64,
         #[arg(long, default_value_t = 1000)]
@@ -184,6 +188,9 @@ enum Mode {
         probe: Option<SocketAddr>,
         #[arg(long, default_value_t = 1000)]
         batch: u64,
+        /// SQLite: stop reclaiming the expired chunk's pages after this many steps.
+        #[arg(long)]
+        max_reclaim_steps: Option<u64>,
     },
     /// Write COUNT samples as oslo.messaging v2 notification bodies (JSON, PER_MESSAGE samples
     /// each), one body per line, for a publisher to put on an AMQP queue.
@@ -404,6 +411,7 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
         }
         Mode::Grow {
             to,
+            direct,
             count,
             instances,
             days,
@@ -415,15 +423,26 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
             let today = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64;
             let start = (today - today.rem_euclid(day)) - (days * day as f64) as i64;
             let fleet = samples::Fleet::spanning(count, instances, days, start);
-            grow::grow(&grow::GrowOptions {
-                to,
-                fleet,
-                count,
-                batch,
-                depth,
-                windows,
-                secret: cli.secret.clone(),
-            })?
+            match (direct, to) {
+                (Some(url), _) => grow::grow_direct(&grow::DirectOptions {
+                    url,
+                    fleet,
+                    count,
+                    batch,
+                    windows,
+                    secret: cli.secret.clone(),
+                })?,
+                (None, Some(to)) => grow::grow(&grow::GrowOptions {
+                    to,
+                    fleet,
+                    count,
+                    batch,
+                    depth,
+                    windows,
+                    secret: cli.secret.clone(),
+                })?,
+                (None, None) => anyhow::bail!("grow needs --to or --direct"),
+            }
         }
         Mode::Query {
             db,
@@ -436,13 +455,22 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
             ttl,
             probe,
             batch,
+            max_reclaim_steps,
         } => {
             let fleet = samples::Fleet {
                 instances: 1000,
                 start_micros: 0,
                 interval_micros: 60_000_000,
             };
-            grow::expire(&db, ttl, probe, fleet, batch, &cli.secret)?
+            grow::expire(
+                &db,
+                ttl,
+                probe,
+                fleet,
+                batch,
+                &cli.secret,
+                max_reclaim_steps,
+            )?
         }
         Mode::AmqpBodies {
             count,

@@ -1,5 +1,6 @@
 //! Time partitions, retention, rollups and the version 1 → 2 migration of the SQLite driver,
-//! against real files. (The server drivers are not partitioned yet: see docs/storage.md.)
+//! against real files. (The server drivers' partitions are tested in pg_partitions.rs and
+//! mysql_partitions.rs.)
 
 mod common;
 
@@ -7,7 +8,7 @@ use common::{fold, sample, url_for, Aggregate, NO_SAMPLES};
 use rusqlite::Connection;
 use std::collections::{BTreeMap, HashMap};
 use storage::rollup::Granularity;
-use storage::{SampleFilter, Statistics, StatsSource, StorageOptions};
+use storage::{SampleFilter, Statistics, StatsSource, Storage as _, StorageOptions};
 use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime};
 
@@ -22,7 +23,7 @@ fn today() -> OffsetDateTime {
 fn chunk_tables(path: &std::path::Path) -> Vec<String> {
     let c = Connection::open(path).unwrap();
     let mut stmt = c
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'sample_%' AND name != 'sample_partition' ORDER BY name")
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'sample_%' AND name NOT IN ('sample_partition', 'sample_graveyard') ORDER BY name")
         .unwrap();
     let names = stmt
         .query_map([], |r| r.get::<_, String>(0))
@@ -356,7 +357,7 @@ fn a_version_1_file_is_migrated_in_place() {
     let v: i64 = c
         .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(v, 2);
+    assert_eq!(v, 3);
     assert_eq!(chunk_tables(&path).len(), 2, "two days, two chunks");
     assert_eq!(db.get_samples(&SampleFilter::default()).unwrap().len(), 48);
     // Rollups were computed from the migrated samples.
@@ -413,4 +414,228 @@ fn a_granularity_added_later_is_used_only_where_complete() {
     let (stats, source) = db.get_meter_statistics_from(&f, Some(86_400)).unwrap();
     assert_eq!(source, StatsSource::Rollup { granularity: 3600 });
     assert_eq!(stats[0].count, 1);
+}
+
+fn count(path: &std::path::Path, sql: &str) -> i64 {
+    Connection::open(path)
+        .unwrap()
+        .query_row(sql, [], |r| r.get(0))
+        .unwrap()
+}
+
+/// `n` samples on day `-days`, ids `{tag}{i}`, spread over 20 resources.
+fn day_batch(days: i64, tag: &str, n: usize) -> Vec<meter::Sample> {
+    (0..n)
+        .map(|i| {
+            let t = today() - Duration::days(days) + Duration::milliseconds(i as i64 * 7);
+            sample(
+                &format!("{tag}{i}"),
+                "cpu",
+                &format!("r{}", i % 20),
+                &iso(t),
+                i as f64,
+            )
+        })
+        .collect()
+}
+
+fn sqlite_at(path: &std::path::Path, opts: &StorageOptions) -> storage::sqlite::SqliteStorage {
+    let target = storage::sqlite::Target::File(path.to_path_buf());
+    storage::sqlite::SqliteStorage::open(target, opts).unwrap()
+}
+
+/// Check one reclaim step against the bounds; returns rows deleted.
+fn check_step(step: &storage::sqlite::Reclaimed, rows_before: i64) {
+    use storage::sqlite::{RECLAIM_DROP_ROWS, RECLAIM_INDEX_ROWS, RECLAIM_ROWS};
+    match (&step.index, step.dropped) {
+        (Some(_), false) => {
+            assert_eq!(step.rows, 0, "{step:?}");
+            assert!(rows_before <= RECLAIM_INDEX_ROWS, "{step:?}");
+        }
+        (None, false) => assert!(step.rows as i64 <= RECLAIM_ROWS, "{step:?}"),
+        (None, true) => {
+            assert!(rows_before <= RECLAIM_DROP_ROWS, "{step:?}");
+            assert_eq!(step.rows as i64, rows_before, "{step:?}");
+        }
+        (Some(_), true) => panic!("{step:?}"),
+    }
+}
+
+#[test]
+fn expiry_hides_a_chunk_at_once_and_reclaims_it_in_bounded_steps_across_a_restart() {
+    use storage::sqlite::{RECLAIM_DROP_ROWS, RECLAIM_ROWS};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let opts = StorageOptions::default();
+    let big = (RECLAIM_DROP_ROWS + 3 * RECLAIM_ROWS + 123) as usize;
+    {
+        let mut db = storage::open(&url_for(&path), &opts).unwrap();
+        for part in day_batch(3, "old", big).chunks(1000) {
+            assert_eq!(db.record_metering_data(part).unwrap().stored, part.len());
+        }
+        let keep = day_batch(0, "new", 10);
+        assert_eq!(db.record_metering_data(&keep).unwrap().stored, 10);
+    }
+    let old_table = {
+        let lo = (today() - Duration::days(3)).unix_timestamp() * 1_000_000;
+        format!("sample_{lo}")
+    };
+    let pages_before = count(&path, "PRAGMA page_count");
+    let objects = |path: &std::path::Path| {
+        count(
+            path,
+            &format!("SELECT COUNT(*) FROM sqlite_master WHERE tbl_name = '{old_table}'"),
+        )
+    };
+    // The table, its message_id index and its two secondary indexes.
+    assert_eq!(objects(&path), 4);
+
+    let mut janitor = sqlite_at(&path, &opts);
+    let ttl = (OffsetDateTime::now_utc() - (today() - Duration::days(1))).whole_seconds() as u64;
+    assert_eq!(
+        janitor.clear_expired_metering_data(ttl).unwrap(),
+        big as u64
+    );
+    // Gone from every query and the view at once ...
+    let all = janitor.get_samples(&SampleFilter::default()).unwrap();
+    assert_eq!(all.len(), 10);
+    assert!(all.iter().all(|s| s.message_id.starts_with("new")));
+    assert_eq!(count(&path, "SELECT COUNT(*) FROM sample"), 10);
+    assert_eq!(count(&path, "SELECT COUNT(*) FROM sample_partition"), 1);
+    // ... while its pages are reclaimed later: expiry itself took one bounded step (a small
+    // chunk: it dropped a secondary index).
+    assert_eq!(count(&path, "SELECT COUNT(*) FROM sample_graveyard"), 1);
+    assert_eq!(objects(&path), 3);
+    let rows_left =
+        |path: &std::path::Path| count(path, &format!("SELECT COUNT(*) FROM \"{old_table}\""));
+    assert_eq!(rows_left(&path), big as i64);
+    drop(janitor);
+
+    // A restart in the middle: the graveyard is in the schema, a new handle carries on.
+    let mut db = sqlite_at(&path, &opts);
+    let mut steps = Vec::new();
+    let mut before = rows_left(&path);
+    while let Some(step) = db.reclaim_step().unwrap() {
+        assert_eq!(step.table, old_table);
+        check_step(&step, before);
+        if step.dropped {
+            assert_eq!(objects(&path), 0);
+        } else {
+            before = rows_left(&path);
+        }
+        steps.push(step);
+        assert!(steps.len() < 100, "reclaim does not end");
+    }
+    let rows: u64 = steps.iter().map(|s| s.rows).sum();
+    assert_eq!(rows as usize, big, "every row reclaimed once");
+    assert!(steps.last().unwrap().dropped);
+    // The other index, deletes of RECLAIM_ROWS down to RECLAIM_DROP_ROWS, then the drop.
+    let deletes = (big as i64 - RECLAIM_DROP_ROWS + RECLAIM_ROWS - 1) / RECLAIM_ROWS;
+    assert_eq!(steps.len() as i64, 1 + deletes + 1, "{steps:?}");
+    assert!(steps[0].index.is_some());
+    assert_eq!(count(&path, "SELECT COUNT(*) FROM sample_graveyard"), 0);
+    assert_eq!(chunk_tables(&path).len(), 1);
+    // The pages are free for new chunks: the file did not grow, nothing leaked.
+    assert_eq!(count(&path, "PRAGMA page_count"), pages_before);
+    assert!(count(&path, "PRAGMA freelist_count") > 0);
+    let ok: String = Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ok, "ok");
+    assert_eq!(db.get_samples(&SampleFilter::default()).unwrap().len(), 10);
+}
+
+#[test]
+fn batches_reclaim_an_expired_chunk_one_step_each_and_a_late_sample_starts_a_fresh_chunk() {
+    use storage::sqlite::{RECLAIM_DROP_ROWS, RECLAIM_ROWS};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let opts = StorageOptions::default();
+    let big = (RECLAIM_DROP_ROWS + 2 * RECLAIM_ROWS) as usize;
+    let mut writer = storage::open(&url_for(&path), &opts).unwrap();
+    for part in day_batch(3, "old", big).chunks(1000) {
+        writer.record_metering_data(part).unwrap();
+    }
+    writer.record_metering_data(&day_batch(0, "w", 1)).unwrap();
+    let old_table = format!(
+        "sample_{}",
+        (today() - Duration::days(3)).unix_timestamp() * 1_000_000
+    );
+    let rows_left = || count(&path, &format!("SELECT COUNT(*) FROM \"{old_table}\""));
+    let indexes = || {
+        count(
+            &path,
+            &format!("SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = '{old_table}'"),
+        )
+    };
+
+    // Another process expires the day (and takes one step: a secondary index).
+    let mut janitor = storage::open(&url_for(&path), &opts).unwrap();
+    let ttl = (OffsetDateTime::now_utc() - (today() - Duration::days(1))).whole_seconds() as u64;
+    assert_eq!(
+        janitor.clear_expired_metering_data(ttl).unwrap(),
+        big as u64
+    );
+    assert_eq!((rows_left(), indexes()), (big as i64, 2));
+
+    // The writer learns of it through the epoch; each batch is followed by one step.
+    let out = writer.record_metering_data(&day_batch(0, "a", 5)).unwrap();
+    assert_eq!(out.stored, 5);
+    assert_eq!((rows_left(), indexes()), (big as i64, 1));
+    let out = writer.record_metering_data(&day_batch(0, "b", 5)).unwrap();
+    assert_eq!(out.stored, 5);
+    assert_eq!(rows_left(), big as i64 - RECLAIM_ROWS);
+
+    // A late sample for the expired day (no time to live configured, so accepted): the
+    // buried table is finished off first and the day's new chunk holds only the new sample.
+    let out = writer
+        .record_metering_data(&day_batch(3, "late", 1))
+        .unwrap();
+    assert_eq!(out.stored, 1);
+    assert_eq!((rows_left(), indexes()), (1, 3));
+    assert_eq!(count(&path, "SELECT COUNT(*) FROM sample_graveyard"), 0);
+    let got: Vec<_> = writer
+        .get_samples(&SampleFilter {
+            end: Some(today() - Duration::days(2)),
+            ..Default::default()
+        })
+        .unwrap()
+        .into_iter()
+        .map(|s| s.message_id)
+        .collect();
+    assert_eq!(got, ["late0"]);
+    let out = writer.record_metering_data(&day_batch(0, "c", 5)).unwrap();
+    assert_eq!(out.stored, 5);
+    assert_eq!(
+        count(&path, "SELECT COUNT(*) FROM sample"),
+        1 + 1 + 5 + 5 + 5
+    );
+}
+
+#[test]
+fn a_version_2_file_gets_the_graveyard_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let opts = StorageOptions::default();
+    {
+        let mut db = storage::open(&url_for(&path), &opts).unwrap();
+        db.record_metering_data(&day_batch(3, "old", 5)).unwrap();
+        db.record_metering_data(&day_batch(0, "new", 5)).unwrap();
+    }
+    // What a version 2 file looks like: no graveyard.
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch("DROP TABLE sample_graveyard; UPDATE schema_version SET version = 2")
+        .unwrap();
+    let mut db = storage::open(&url_for(&path), &opts).unwrap();
+    assert_eq!(count(&path, "SELECT version FROM schema_version"), 3);
+    let ttl = (OffsetDateTime::now_utc() - (today() - Duration::days(1))).whole_seconds() as u64;
+    assert_eq!(db.clear_expired_metering_data(ttl).unwrap(), 5);
+    assert_eq!(
+        chunk_tables(&path).len(),
+        1,
+        "a small chunk goes in expiry's own step"
+    );
+    assert_eq!(db.get_samples(&SampleFilter::default()).unwrap().len(), 5);
 }

@@ -8,8 +8,9 @@
 //! The hot path is one multi-row `INSERT ... ON CONFLICT (message_id) DO NOTHING` per chunk of
 //! samples: meter and resource ids come from in-process caches, valid across processes because
 //! ids never change while a row lives; rows are only deleted by expiry, which bumps
-//! `cache_epoch` so every process drops its caches at its next batch. Schema and reasoning:
-//! docs/storage.md.
+//! `cache_epoch` so every process drops its caches at its next batch. Expiry takes a chunk
+//! out of the live set in one short transaction and batches then reclaim its pages a bounded
+//! step at a time ([`SqliteStorage::reclaim_step`]). Schema and reasoning: docs/storage.md.
 
 pub(crate) mod cache;
 mod query;
@@ -91,7 +92,40 @@ pub struct SqliteStorage {
     partitions: Partitions,
     /// When rollup retention last ran (it walks every series, so not on every pass).
     rollup_retention_at: Option<Instant>,
+    /// Whether `sample_graveyard` may list expired chunks whose pages are still to be
+    /// reclaimed: checked when the epoch changes (expiry bumps it), cleared when a reclaim step
+    /// finds nothing. While set, every batch is followed by one [`SqliteStorage::reclaim_step`].
+    graveyard: bool,
 }
+
+/// What one [`SqliteStorage::reclaim_step`] did to an expired chunk's table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// The chunk table (`sample_<lo>`, no longer in `sample_partition`).
+    pub table: String,
+    /// Rows deleted: at most [`RECLAIM_ROWS`], or at most [`RECLAIM_DROP_ROWS`] with `dropped`.
+    pub rows: u64,
+    /// The step dropped this secondary index instead (the table had at most
+    /// [`RECLAIM_INDEX_ROWS`] rows left).
+    pub index: Option<String>,
+    /// The table (and its indexes) were dropped: the chunk is gone.
+    pub dropped: bool,
+}
+
+/// Rows one reclaim step deletes from an expired chunk (by rowid, from the top: the table's
+/// B-tree is walked in order, each index left gets one delete per row, at random places).
+/// Chosen so a step costs well under a 1000-sample batch (docs/storage.md, *Measured*).
+pub const RECLAIM_ROWS: i64 = 500;
+
+/// Once an expired chunk has at most this many rows, its two secondary indexes are dropped,
+/// one per step (`DROP INDEX` visits each of the index's pages — about 1,500 at this size —
+/// but writes next to none, while deleting rows dirties a page of every index per row): the
+/// rows left are then deleted with only the table and its `message_id` index to update.
+pub const RECLAIM_INDEX_ROWS: i64 = 250_000;
+
+/// An expired chunk with at most this many rows left is dropped whole in one step: `DROP
+/// TABLE` visits every page of the table and its indexes, so this bounds the pages it reads.
+pub const RECLAIM_DROP_ROWS: i64 = 4000;
 
 /// A validated sample with its ids resolved, ready to insert.
 struct Row<'a> {
@@ -305,6 +339,7 @@ impl SqliteStorage {
             json_buf: Vec::new(),
             partitions: Partitions::default(),
             rollup_retention_at: None,
+            graveyard: true,
         };
         storage.connection()?;
         Ok(storage)
@@ -384,6 +419,7 @@ impl SqliteStorage {
             self.resources.clear();
             self.partitions.clear();
             self.epoch = epoch;
+            self.graveyard = graveyard_pending(&tx)?;
         }
         let mut rows = Vec::with_capacity(valid.len());
         for &(index, timestamp) in valid {
@@ -448,10 +484,11 @@ impl SqliteStorage {
         tx.commit()
     }
 
-    /// Retention: drop the chunk tables entirely older than `cutoff`, one per transaction (a
-    /// `DROP TABLE` frees pages without visiting rows, so each holds the write lock for a
-    /// moment whatever its row count); then the resources and meters nothing refers to any
-    /// more, and rollup buckets past their own retention. Returns the samples dropped.
+    /// Retention: hide the chunk tables entirely older than `cutoff`, one per transaction of
+    /// a few row writes whatever the chunk's size (out of `sample_partition` and the view, into
+    /// `sample_graveyard`; the epoch bump makes every process forget it); then the resources
+    /// and meters nothing live refers to any more, rollup buckets past their own retention, and
+    /// one bounded reclaim step (later batches do the rest). Returns the samples expired.
     fn expire(&mut self, cutoff: i64, now: i64) -> rusqlite::Result<u64> {
         let conn = match self.conn.as_mut() {
             Some(c) => c,
@@ -468,19 +505,19 @@ impl SqliteStorage {
             // The row count comes from the rowid range (the table's own B-tree), not a scan:
             // rows are never deleted from a chunk, so max(id) - min(id) + 1 is exact unless two
             // processes raced for ids, which the write lock excludes.
-            let n: i64 = tx.query_row(
-                &format!("SELECT COALESCE(MAX(id) - MIN(id) + 1, 0) FROM \"{name}\""),
-                [],
-                |row| row.get(0),
-            )?;
-            tx.execute_batch(&format!("DROP TABLE IF EXISTS \"{name}\""))?;
+            let n: i64 = tx.query_row(&rowid_span(&name), [], |row| row.get(0))?;
             tx.execute("DELETE FROM sample_partition WHERE lo = ?1", [r.lo])?;
+            tx.execute(
+                "INSERT OR IGNORE INTO sample_graveyard (name) VALUES (?1)",
+                [&name],
+            )?;
             schema::refresh_view(&tx)?;
             // Other processes must forget the chunk (and, below, the rows that go with it).
             tx.execute("UPDATE cache_epoch SET epoch = epoch + 1", [])?;
             tx.commit()?;
             total += n.max(0) as u64;
             dropped = true;
+            self.graveyard = true;
         }
         if dropped {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -529,7 +566,34 @@ impl SqliteStorage {
             self.rollup_retention_at = Some(Instant::now());
             expire_rollups(conn, &self.opts.rollups, now)?;
         }
+        if self.graveyard {
+            // What expiry did is committed: a failed step is retried after the next batch.
+            match reclaim(conn) {
+                Ok((_, more)) => self.graveyard = more,
+                Err(e) => log::warn!("sqlite: reclaiming an expired chunk: {e}"),
+            }
+        }
         Ok(total)
+    }
+
+    /// One bounded step of reclaiming the pages of expired chunks (one short transaction) on
+    /// the first table in `sample_graveyard`: the [`RECLAIM_ROWS`] highest rows; or, once at
+    /// most [`RECLAIM_INDEX_ROWS`] are left, one of its secondary indexes; or, once at most
+    /// [`RECLAIM_DROP_ROWS`] are left, the table itself. `None` when nothing is left to
+    /// reclaim. Batches run one step each while there is work; this is for tests and tools.
+    pub fn reclaim_step(&mut self) -> Result<Option<Reclaimed>, StorageError> {
+        self.connection()?;
+        let conn = match self.conn.as_mut() {
+            Some(c) => c,
+            None => return Err(StorageError::Database("connection vanished".into())),
+        };
+        match reclaim(conn) {
+            Ok((r, more)) => {
+                self.graveyard = more;
+                Ok(r)
+            }
+            Err(e) => Err(self.fail(e)),
+        }
     }
 
     /// Run a read-only query with the connection, mapping errors.
@@ -589,6 +653,12 @@ impl Storage for SqliteStorage {
             return Err(self.fail(e));
         }
         outcome.duplicates = outcome.duplicate_indices.len();
+        if self.graveyard {
+            // The batch is committed: a failed step must not fail it (the next one retries).
+            if let Err(e) = self.reclaim_step() {
+                log::warn!("sqlite: reclaiming an expired chunk: {e}");
+            }
+        }
         Ok(outcome)
     }
 
@@ -635,6 +705,98 @@ impl Storage for SqliteStorage {
             Err(e) => Err(self.fail(e)),
         }
     }
+}
+
+/// The rows of chunk `table` from its rowid range: two B-tree descents. (One `SELECT
+/// MAX(id) - MIN(id)` would scan the table: SQLite's min/max shortcut takes a lone aggregate.)
+fn rowid_span(table: &str) -> String {
+    format!(
+        "SELECT COALESCE((SELECT MAX(id) FROM \"{table}\") - (SELECT MIN(id) FROM \"{table}\") + 1, 0)"
+    )
+}
+
+/// Whether `sample_graveyard` lists a table.
+fn graveyard_pending(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM sample_graveyard)")?
+        .query_row([], |r| r.get(0))
+}
+
+/// See [`SqliteStorage::reclaim_step`]. Rows of a chunk have consecutive rowids (only this
+/// deletes them, from the top), so the count left is the rowid range.
+/// Also returns whether more is left to reclaim.
+fn reclaim(conn: &mut Connection) -> rusqlite::Result<(Option<Reclaimed>, bool)> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let name: Option<String> = tx
+        .prepare_cached("SELECT name FROM sample_graveyard ORDER BY name LIMIT 1")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    let Some(table) = name else {
+        return Ok((None, false));
+    };
+    let exists: bool = tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+        )?
+        .query_row([&table], |r| r.get(0))?;
+    let (top, left) = if exists {
+        tx.query_row(
+            &format!(
+                "SELECT (SELECT MAX(id) FROM \"{table}\"), ({})",
+                rowid_span(&table)
+            ),
+            [],
+            |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, i64>(1)?)),
+        )?
+    } else {
+        (None, 0)
+    };
+    let index: Option<String> = if top.is_some() && left <= RECLAIM_INDEX_ROWS {
+        tx.prepare_cached(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?1
+               AND sql IS NOT NULL ORDER BY name LIMIT 1",
+        )?
+        .query_row([&table], |r| r.get(0))
+        .optional()?
+    } else {
+        None
+    };
+    let step = match (top, index) {
+        (Some(_), Some(ix)) if left > RECLAIM_DROP_ROWS => {
+            tx.execute_batch(&format!("DROP INDEX IF EXISTS \"{ix}\""))?;
+            Reclaimed {
+                table,
+                rows: 0,
+                index: Some(ix),
+                dropped: false,
+            }
+        }
+        (Some(top), _) if left > RECLAIM_DROP_ROWS => {
+            let rows = tx.execute(
+                &format!("DELETE FROM \"{table}\" WHERE id > ?1"),
+                [top - RECLAIM_ROWS],
+            )?;
+            Reclaimed {
+                table,
+                rows: rows as u64,
+                index: None,
+                dropped: false,
+            }
+        }
+        _ => {
+            tx.execute_batch(&format!("DROP TABLE IF EXISTS \"{table}\""))?;
+            tx.prepare_cached("DELETE FROM sample_graveyard WHERE name = ?1")?
+                .execute([&table])?;
+            Reclaimed {
+                table,
+                rows: left.max(0) as u64,
+                index: None,
+                dropped: true,
+            }
+        }
+    };
+    let more = !step.dropped || graveyard_pending(&tx)?;
+    tx.commit()?;
+    Ok((Some(step), more))
 }
 
 /// The chunk tables listed in `sample_partition`.

@@ -8,6 +8,7 @@
 //! Version 2 partitions samples by time: the `sample` table of version 1 gives way to chunk
 //! tables (`sample_<lo>`, listed in `sample_partition`), and rollups are added; a version 1 file
 //! is converted in place (its samples moved into chunks, its rollups computed from them).
+//! Version 3 adds `sample_graveyard`: expired chunks whose pages are still being reclaimed.
 
 use crate::partition::{floor_to, Range};
 use crate::rollup::Granularity;
@@ -119,6 +120,16 @@ CREATE TABLE rollup_level (
 );
 ";
 
+/// Version 3: retention hides a chunk in O(1) and reclaims its pages later, in bounded steps.
+/// A chunk table listed here is no longer in `sample_partition` (no query sees it); its rows
+/// are deleted a few hundred per transaction between batches and the small remainder dropped
+/// (see `reclaim_step` in the driver). Being in the schema, the work resumes after a restart.
+const V3: &str = "
+CREATE TABLE sample_graveyard (
+    name TEXT PRIMARY KEY
+);
+";
+
 /// What a migration needs to know beyond the SQL: the partition span and rollup levels.
 pub struct Layout<'a> {
     pub span_us: i64,
@@ -147,7 +158,7 @@ fn v2(tx: &Transaction<'_>, layout: &Layout<'_>) -> rusqlite::Result<()> {
     };
     for lo in los {
         let r = Range { lo, hi: lo + span };
-        let name = create_partition(tx, r)?;
+        let name = create_chunk(tx, r)?;
         tx.execute(
             &format!(
                 "INSERT INTO \"{name}\" SELECT * FROM sample
@@ -168,6 +179,10 @@ fn v2(tx: &Transaction<'_>, layout: &Layout<'_>) -> rusqlite::Result<()> {
     }
     tx.execute_batch("DROP TABLE sample")?;
     refresh_view(tx)
+}
+
+fn v3(tx: &Transaction<'_>, _: &Layout<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(V3)
 }
 
 /// The view `sample`: every chunk table as one, for readers outside the driver (the
@@ -243,6 +258,21 @@ fn rollup_from_partition(
 /// Create the chunk table for `r` (if missing) and register it; returns its name.
 pub fn create_partition(tx: &Connection, r: Range) -> rusqlite::Result<String> {
     let name = r.name("sample_");
+    // A chunk for this range was expired and its table still awaits reclaiming: finish that
+    // first, so the new chunk starts empty. Only a sample for an expired day gets here (the
+    // daemon normally refuses those on arrival), so the one long drop is acceptable.
+    let buried = tx
+        .prepare_cached("DELETE FROM sample_graveyard WHERE name = ?1")?
+        .execute([&name])?;
+    if buried > 0 {
+        tx.execute_batch(&format!("DROP TABLE IF EXISTS \"{name}\""))?;
+    }
+    create_chunk(tx, r)
+}
+
+/// [`create_partition`] without the graveyard (which versions before 3 do not have).
+fn create_chunk(tx: &Connection, r: Range) -> rusqlite::Result<String> {
+    let name = r.name("sample_");
     tx.execute_batch(&format!(
         "CREATE TABLE IF NOT EXISTS \"{name}\" (
              id                INTEGER PRIMARY KEY,
@@ -268,7 +298,7 @@ pub fn create_partition(tx: &Connection, r: Range) -> rusqlite::Result<String> {
 }
 
 /// Applied in order; entry `i` takes a file from version `i` to `i + 1`. Append only.
-pub const MIGRATIONS: &[Step] = &[v1, v2];
+pub const MIGRATIONS: &[Step] = &[v1, v2, v3];
 
 /// The rollup levels of `layout` missing from `rollup_level` are added, complete from the
 /// bucket after the newest sample's (samples stored before were not counted at that level).
