@@ -209,7 +209,26 @@ impl MysqlStorage {
         cutoff: OffsetDateTime,
     ) -> Result<(u64, bool), Fail> {
         let now = to_micros(OffsetDateTime::now_utc());
-        let aging: Vec<&Granularity> = levels.iter().filter(|g| g.retention_seconds > 0).collect();
+        // Levels with buckets past their retention. rollup_meter is written with
+        // rollup_resource, from the same inserted samples, and its old buckets are deleted
+        // only after rollup_resource's (below), so "nothing old in rollup_meter" means nothing
+        // old in rollup_resource either: the walk over every series is skipped on the passes
+        // that have nothing to delete (nearly all of them: buckets age out once an hour).
+        let mut aging: Vec<(u64, i64)> = Vec::new();
+        for g in levels.iter().filter(|g| g.retention_seconds > 0) {
+            let keep = i64::try_from(g.retention_seconds)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1_000_000);
+            let before = now.saturating_sub(keep);
+            // rollup_meter is small (meters x buckets kept): this reads it, not the samples.
+            let old: Option<i64> = conn.exec_first(
+                "SELECT 1 FROM rollup_meter WHERE granularity = ? AND bucket < ? LIMIT 1",
+                (g.seconds, before),
+            )?;
+            if old.is_some() {
+                aging.push((g.seconds, before));
+            }
+        }
         // rollup_resource has no index by age (it cost writers a third of their time): its
         // series are listed by a loose scan of the primary key (one seek per series), then
         // each series' old buckets are a range of that key, SERIES_CHUNK series per statement,
@@ -219,22 +238,14 @@ impl MysqlStorage {
         } else {
             conn.query("SELECT DISTINCT meter_id, resource_id FROM rollup_resource")?
         };
-        for g in aging {
-            let keep = i64::try_from(g.retention_seconds)
-                .unwrap_or(i64::MAX)
-                .saturating_mul(1_000_000);
-            let before = now.saturating_sub(keep);
-            conn.exec_drop(
-                "DELETE FROM rollup_meter WHERE granularity = ? AND bucket < ?",
-                (g.seconds, before),
-            )?;
+        for &(granularity, before) in &aging {
             for chunk in series.chunks(SERIES_CHUNK) {
                 let mut params = Vec::with_capacity(chunk.len() * 2 + 2);
                 for (m, r) in chunk {
                     params.push(MyValue::Int(*m));
                     params.push(MyValue::from(r.as_str()));
                 }
-                params.push(MyValue::UInt(g.seconds));
+                params.push(MyValue::UInt(granularity));
                 params.push(MyValue::Int(before));
                 conn.exec_drop(
                     format!(
@@ -245,6 +256,12 @@ impl MysqlStorage {
                     Params::Positional(params),
                 )?;
             }
+            // Last, so an interrupted pass leaves old rollup_meter buckets and the next
+            // pass walks the series again.
+            conn.exec_drop(
+                "DELETE FROM rollup_meter WHERE granularity = ? AND bucket < ?",
+                (granularity, before),
+            )?;
         }
         let total = partitions::drop_expired(conn, database, to_micros(cutoff))?;
         const RES_ORPHAN: &str =
