@@ -98,8 +98,8 @@ const MAX_TEXT: usize = 255;
 /// Multi-row INSERT sizes, largest that fits first: any batch in at most ten statements.
 const CHUNK_SIZES: [usize; 10] = [512, 256, 128, 64, 32, 16, 8, 4, 2, 1];
 
-/// Rollup retention deletes the old buckets of this many series per statement.
-const SERIES_CHUNK: usize = 256;
+/// Rollup retention deletes at most this many old buckets per statement (and transaction).
+const RETENTION_CHUNK: u64 = 10_000;
 
 fn insert_statement(remaining: usize) -> (usize, &'static str) {
     static SQL: OnceLock<Vec<String>> = OnceLock::new();
@@ -209,58 +209,31 @@ impl MysqlStorage {
         cutoff: OffsetDateTime,
     ) -> Result<(u64, bool), Fail> {
         let now = to_micros(OffsetDateTime::now_utc());
-        // Levels with buckets past their retention. rollup_meter is written with
-        // rollup_resource, from the same inserted samples, and its old buckets are deleted
-        // only after rollup_resource's (below), so "nothing old in rollup_meter" means nothing
-        // old in rollup_resource either: the walk over every series is skipped on the passes
-        // that have nothing to delete (nearly all of them: buckets age out once an hour).
-        let mut aging: Vec<(u64, i64)> = Vec::new();
+        // rollup_resource's primary key begins with (granularity, bucket), so a level's old
+        // buckets are one range of it, deleted RETENTION_CHUNK rows per statement, each
+        // committed on its own (a writer never waits for more than one chunk); buckets age out
+        // at most once an hour, so nearly every pass finds the range empty at once.
+        // rollup_meter is small (meters x buckets kept): one statement.
         for g in levels.iter().filter(|g| g.retention_seconds > 0) {
             let keep = i64::try_from(g.retention_seconds)
                 .unwrap_or(i64::MAX)
                 .saturating_mul(1_000_000);
             let before = now.saturating_sub(keep);
-            // rollup_meter is small (meters x buckets kept): this reads it, not the samples.
-            let old: Option<i64> = conn.exec_first(
-                "SELECT 1 FROM rollup_meter WHERE granularity = ? AND bucket < ? LIMIT 1",
-                (g.seconds, before),
-            )?;
-            if old.is_some() {
-                aging.push((g.seconds, before));
-            }
-        }
-        // rollup_resource has no index by age (it cost writers a third of their time): its
-        // series are listed by a loose scan of the primary key (one seek per series), then
-        // each series' old buckets are a range of that key, SERIES_CHUNK series per statement,
-        // each committed on its own.
-        let series: Vec<(i64, String)> = if aging.is_empty() {
-            Vec::new()
-        } else {
-            conn.query("SELECT DISTINCT meter_id, resource_id FROM rollup_resource")?
-        };
-        for &(granularity, before) in &aging {
-            for chunk in series.chunks(SERIES_CHUNK) {
-                let mut params = Vec::with_capacity(chunk.len() * 2 + 2);
-                for (m, r) in chunk {
-                    params.push(MyValue::Int(*m));
-                    params.push(MyValue::from(r.as_str()));
-                }
-                params.push(MyValue::UInt(granularity));
-                params.push(MyValue::Int(before));
+            loop {
                 conn.exec_drop(
                     format!(
-                        "DELETE FROM rollup_resource WHERE (meter_id, resource_id) IN ({})
-                            AND granularity = ? AND bucket < ?",
-                        vec!["(?, ?)"; chunk.len()].join(", ")
+                        "DELETE FROM rollup_resource WHERE granularity = ? AND bucket < ?
+                            LIMIT {RETENTION_CHUNK}"
                     ),
-                    Params::Positional(params),
+                    (g.seconds, before),
                 )?;
+                if conn.affected_rows() < RETENTION_CHUNK {
+                    break;
+                }
             }
-            // Last, so an interrupted pass leaves old rollup_meter buckets and the next
-            // pass walks the series again.
             conn.exec_drop(
                 "DELETE FROM rollup_meter WHERE granularity = ? AND bucket < ?",
-                (granularity, before),
+                (g.seconds, before),
             )?;
         }
         let total = partitions::drop_expired(conn, database, to_micros(cutoff))?;
@@ -582,7 +555,8 @@ fn upsert_rollups(conn: &mut MyConn, rollup: &BatchRollup<'_>) -> Result<(), Fai
         rows,
     )?;
     let mut resources: Vec<_> = rollup.resources.iter().collect();
-    resources.sort_by_key(|((g, m, r, b), _)| (*m, *r, *g, *b));
+    // Time first: a batch's rows land next to each other at the end of the table.
+    resources.sort_by_key(|((g, m, r, b), _)| (*g, *b, *m, *r));
     let rows = resources
         .into_iter()
         .map(|(&(g, m, r, b), a)| {

@@ -76,8 +76,10 @@ pub const V1: &[&str] = &[
 
 /// Version 2's new tables: the rollups, as in the PostgreSQL schema (buckets and timestamps
 /// in integer microseconds, so the drivers share `storage::rollup`). `rollup_resource` is keyed
-/// for its query (one resource's buckets of one meter row over a time range) and has a second
-/// index for retention.
+/// by time first, so a batch's upserts (in-order samples) land together and the pages InnoDB
+/// must hold stay few (keyed by series first, a 1 M-row store's writes fell to a fifth once the
+/// table outgrew the buffer pool); its series index serves the query (one resource's buckets of
+/// one meter row over a time range).
 const V2_TABLES: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS rollup_meter (
         meter_id    BIGINT NOT NULL,
@@ -102,7 +104,8 @@ const V2_TABLES: &[&str] = &[
         `max`       DOUBLE NOT NULL,
         `first`     BIGINT NOT NULL,
         `last`      BIGINT NOT NULL,
-        PRIMARY KEY (meter_id, resource_id, granularity, bucket)
+        PRIMARY KEY (granularity, bucket, meter_id, resource_id),
+        KEY ix_rollup_resource_series (meter_id, resource_id, granularity, bucket)
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE={coll}",
     "CREATE TABLE IF NOT EXISTS rollup_level (
         granularity   BIGINT NOT NULL PRIMARY KEY,
