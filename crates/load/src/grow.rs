@@ -107,16 +107,55 @@ pub struct GrowOptions {
     pub secret: String,
 }
 
+/// Stored/s per window of `count / windows` samples done, as a growth run fills a store.
+struct Windows {
+    count: u64,
+    size: u64,
+    label: &'static str,
+    stored: u64,
+    start: Instant,
+    window_stored: u64,
+    list: Vec<Json>,
+}
+
+impl Windows {
+    fn new(count: u64, windows: u64, label: &'static str) -> Self {
+        Windows {
+            count,
+            size: (count / windows.max(1)).max(1),
+            label,
+            stored: 0,
+            start: Instant::now(),
+            window_stored: 0,
+            list: Vec::new(),
+        }
+    }
+
+    /// `n` more samples done (`done` in all), `stored` of them stored; closes a window when
+    /// `done` crosses its end or reaches `count`.
+    fn add(&mut self, done: u64, n: u64, stored: u64) {
+        self.stored += stored;
+        self.window_stored += stored;
+        if done / self.size > (done - n) / self.size || done == self.count {
+            let per_s = self.window_stored as f64 / self.start.elapsed().as_secs_f64().max(1e-9);
+            self.list
+                .push(json!({ "rows": self.stored, "stored_per_s": per_s.round() }));
+            eprintln!("{}: {} rows, {per_s:.0} stored/s", self.label, self.stored);
+            self.start = Instant::now();
+            self.window_stored = 0;
+        }
+    }
+}
+
 /// Send the fleet's first `count` samples; stored/s per window of `count / windows` acked
 /// samples.
 pub fn grow(o: &GrowOptions) -> Result<Json> {
     let rx = requests(o.fleet, o.secret.clone(), 0..o.count, o.batch.max(1));
     let mut rpc = Rpc::connect(o.to)?;
-    let window = (o.count / o.windows.max(1)).max(1);
+    let mut windows = Windows::new(o.count, o.windows, "grow");
     let mut in_flight = std::collections::VecDeque::new();
-    let (mut acked, mut stored, mut dups, mut errors) = (0u64, 0u64, 0u64, 0u64);
-    let (mut max_wait, mut window_start, mut window_stored) = (Duration::ZERO, Instant::now(), 0);
-    let mut windows = Vec::new();
+    let (mut acked, mut dups, mut errors) = (0u64, 0u64, 0u64);
+    let mut max_wait = Duration::ZERO;
     let started = Instant::now();
     let mut gen_wait = Duration::ZERO;
     loop {
@@ -136,33 +175,19 @@ pub fn grow(o: &GrowOptions) -> Result<Json> {
             errors += 1;
         }
         acked += n as u64;
-        stored += ack.stored;
         dups += ack.duplicates;
-        window_stored += ack.stored;
-        if acked / window > (acked - n as u64) / window || acked == o.count {
-            let secs = window_start.elapsed().as_secs_f64();
-            windows.push(json!({
-                "rows": stored,
-                "stored_per_s": (window_stored as f64 / secs.max(1e-9)).round(),
-            }));
-            eprintln!(
-                "grow: {stored} rows, {:.0} stored/s",
-                window_stored as f64 / secs.max(1e-9)
-            );
-            window_start = Instant::now();
-            window_stored = 0;
-        }
+        windows.add(acked, n as u64, ack.stored);
     }
     Ok(json!({
         "mode": "grow",
         "samples": o.count,
-        "stored": stored,
+        "stored": windows.stored,
         "duplicates": dups,
         "error_answers": errors,
         "seconds": started.elapsed().as_secs_f64(),
         "generator_wait_s": gen_wait.as_secs_f64(),
         "max_call_wait_ms": max_wait.as_secs_f64() * 1e3,
-        "windows": windows,
+        "windows": windows.list,
         "start_micros": o.fleet.start_micros,
         "end_micros": o.fleet.timestamp(o.count.saturating_sub(1)),
     }))
@@ -377,10 +402,9 @@ fn sample_batches(
 pub fn grow_direct(o: &DirectOptions) -> Result<Json> {
     let mut st = storage::open(&o.url, &storage::StorageOptions::default())?;
     let rx = sample_batches(o.fleet, o.secret.clone(), 0..o.count, o.batch.max(1));
-    let window = (o.count / o.windows.max(1)).max(1);
-    let (mut done, mut stored, mut dups) = (0u64, 0u64, 0u64);
-    let (mut max_call, mut window_start, mut window_stored) = (Duration::ZERO, Instant::now(), 0);
-    let mut windows = Vec::new();
+    let mut windows = Windows::new(o.count, o.windows, "grow --direct");
+    let (mut done, mut dups) = (0u64, 0u64);
+    let mut max_call = Duration::ZERO;
     let started = Instant::now();
     let mut gen_wait = Duration::ZERO;
     loop {
@@ -392,22 +416,8 @@ pub fn grow_direct(o: &DirectOptions) -> Result<Json> {
         max_call = max_call.max(t0.elapsed());
         let n = batch.len() as u64;
         done += n;
-        stored += out.stored as u64;
         dups += out.duplicates as u64;
-        window_stored += out.stored as u64;
-        if done / window > (done - n) / window || done == o.count {
-            let secs = window_start.elapsed().as_secs_f64();
-            windows.push(json!({
-                "rows": stored,
-                "stored_per_s": (window_stored as f64 / secs.max(1e-9)).round(),
-            }));
-            eprintln!(
-                "grow --direct: {stored} rows, {:.0} stored/s",
-                window_stored as f64 / secs.max(1e-9)
-            );
-            window_start = Instant::now();
-            window_stored = 0;
-        }
+        windows.add(done, n, out.stored as u64);
     }
     if done < o.count {
         bail!(
@@ -418,13 +428,13 @@ pub fn grow_direct(o: &DirectOptions) -> Result<Json> {
     Ok(json!({
         "mode": "grow_direct",
         "samples": o.count,
-        "stored": stored,
+        "stored": windows.stored,
         "duplicates": dups,
         "error_answers": 0,
         "seconds": started.elapsed().as_secs_f64(),
         "generator_wait_s": gen_wait.as_secs_f64(),
         "max_call_wait_ms": max_call.as_secs_f64() * 1e3,
-        "windows": windows,
+        "windows": windows.list,
         "start_micros": o.fleet.start_micros,
         "end_micros": o.fleet.timestamp(o.count.saturating_sub(1)),
     }))

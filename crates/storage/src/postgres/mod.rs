@@ -257,13 +257,7 @@ impl PostgresStorage {
         &mut self,
         f: impl FnOnce(&mut Client) -> Result<T, Fail>,
     ) -> Result<T, StorageError> {
-        let (config, what, levels, span) = (
-            &self.config,
-            self.link.what.clone(),
-            &self.levels,
-            self.span_us,
-        );
-        let conn = self.link.get(|| connect(config, &what, levels, span))?;
+        let conn = link_conn(&mut self.link, &self.config, &self.levels, self.span_us)?;
         let result = f(&mut conn.client);
         let closed = conn.client.is_closed();
         match result {
@@ -365,13 +359,7 @@ impl Storage for PostgresStorage {
             let mut attempt = 0;
             let mut dedup = false;
             let dups = loop {
-                let (config, what, levels, span) = (
-                    &self.config,
-                    self.link.what.clone(),
-                    &self.levels,
-                    self.span_us,
-                );
-                let conn = self.link.get(|| connect(config, &what, levels, span))?;
+                let conn = link_conn(&mut self.link, &self.config, &self.levels, self.span_us)?;
                 let mut caches = Caches {
                     levels: &self.level_seconds,
                     span_us: self.span_us,
@@ -449,14 +437,8 @@ impl Storage for PostgresStorage {
         let cutoff = OffsetDateTime::now_utc()
             .checked_sub(ttl)
             .unwrap_or(OffsetDateTime::UNIX_EPOCH - time::Duration::days(365 * 3000));
-        let (config, what, levels, span) = (
-            &self.config,
-            self.link.what.clone(),
-            &self.levels,
-            self.span_us,
-        );
-        let conn = self.link.get(|| connect(config, &what, levels, span))?;
-        match Self::expire(conn, cutoff, levels, span) {
+        let conn = link_conn(&mut self.link, &self.config, &self.levels, self.span_us)?;
+        match Self::expire(conn, cutoff, &self.levels, self.span_us) {
             Ok((n, bumped)) => {
                 if bumped {
                     self.clear_caches();
@@ -765,6 +747,17 @@ fn classify(what: &str, e: &::postgres::Error) -> (StorageError, bool) {
     } else {
         (StorageError::Database(text), false)
     }
+}
+
+/// The link's open connection, or a new one from [`connect`].
+fn link_conn<'a>(
+    link: &'a mut Link<Conn>,
+    config: &Target,
+    levels: &[crate::rollup::Granularity],
+    span_us: i64,
+) -> Result<&'a mut Conn, StorageError> {
+    let what = link.what.clone();
+    link.get(|| connect(config, &what, levels, span_us))
 }
 
 /// Connect, set up the session, migrate and prepare the hot-path statements.
