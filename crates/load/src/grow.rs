@@ -363,6 +363,8 @@ pub struct DirectOptions {
     pub batch: u64,
     pub windows: u64,
     pub secret: String,
+    /// The store's partition span in seconds; the driver's default when `None`.
+    pub partition_span: Option<u64>,
 }
 
 /// The fleet's samples `range` as typed batches of `batch`, built on a thread of their own.
@@ -400,7 +402,11 @@ fn sample_batches(
 /// `storage::open` + `record_metering_data` (one transaction each, as a worker writes them),
 /// stored/s per window; for filling a big store quickly and for insert-rate experiments.
 pub fn grow_direct(o: &DirectOptions) -> Result<Json> {
-    let mut st = storage::open(&o.url, &storage::StorageOptions::default())?;
+    let mut opts = storage::StorageOptions::default();
+    if let Some(span) = o.partition_span {
+        opts.partition_span_seconds = span;
+    }
+    let mut st = storage::open(&o.url, &opts)?;
     let rx = sample_batches(o.fleet, o.secret.clone(), 0..o.count, o.batch.max(1));
     let mut windows = Windows::new(o.count, o.windows, "grow --direct");
     let (mut done, mut dups) = (0u64, 0u64);

@@ -163,6 +163,9 @@ enum Mode {
         /// Report stored/s over this many windows of COUNT / WINDOWS samples.
         #[arg(long, default_value_t = 12)]
         windows: u64,
+        /// With --direct: the store's time partition span in seconds (`partition_span`).
+        #[arg(long, value_name = "SECONDS", requires = "direct")]
+        partition_span: Option<u64>,
     },
     /// Time statistics (cpu, hourly, over [START, END) µs; all and one resource) and the latest
     /// 100 cpu samples of one resource on a grown store, through the storage crate.
@@ -418,6 +421,7 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
             batch,
             depth,
             windows,
+            partition_span,
         } => {
             let day = 86_400_000_000i64;
             let today = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64;
@@ -431,6 +435,7 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
                     batch,
                     windows,
                     secret: cli.secret.clone(),
+                    partition_span,
                 })?,
                 (None, Some(to)) => grow::grow(&grow::GrowOptions {
                     to,
