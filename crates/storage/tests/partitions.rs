@@ -639,3 +639,62 @@ fn a_version_2_file_gets_the_graveyard_at_open() {
     );
     assert_eq!(db.get_samples(&SampleFilter::default()).unwrap().len(), 5);
 }
+
+/// SQLite refuses a compound SELECT of more than 500 terms: a store of day chunks kept without
+/// a TTL passes that after 500 days. Hourly chunks make it 600 here: chunk creation (which
+/// remakes the `sample` view) and the raw queries across all of them must still work.
+#[test]
+fn more_chunks_than_sqlite_allows_in_one_compound_select() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let opts = StorageOptions {
+        partition_span_seconds: 3600,
+        ..StorageOptions::default()
+    };
+    let mut db = storage::open(&url_for(&path), &opts).unwrap();
+    let t0 = today() - Duration::hours(600);
+    let n = 600;
+    for first in (0..n).step_by(100) {
+        let batch: Vec<_> = (first..first + 100)
+            .map(|h| {
+                let t = t0 + Duration::hours(h) + Duration::minutes(30);
+                sample(&format!("m{h}"), "cpu", "r", &iso(t), h as f64)
+            })
+            .collect();
+        let out = db.record_metering_data(&batch).unwrap();
+        assert_eq!(out.stored, 100);
+    }
+    assert_eq!(chunk_tables(&path).len(), n as usize);
+    // The view, as the sqlite3 shell sees it, holds every chunk.
+    assert_eq!(count(&path, "SELECT COUNT(*) FROM sample"), n);
+    assert_eq!(
+        count(&path, "SELECT CAST(SUM(volume) AS INTEGER) FROM sample"),
+        n * (n - 1) / 2
+    );
+    // A raw statistics query across all chunks (no start time: no rollup answers it).
+    let stats = db
+        .get_meter_statistics(
+            &SampleFilter {
+                meter: Some("cpu".into()),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+    assert_eq!(stats.len(), 1);
+    assert_eq!(stats[0].count, n as u64);
+    assert_eq!(stats[0].sum, (n * (n - 1) / 2) as f64);
+    // samples walks the chunks newest first; meters and resources read the union.
+    let all = db.get_samples(&SampleFilter::default()).unwrap();
+    assert_eq!(all.len(), n as usize);
+    assert_eq!(all[0].message_id, format!("m{}", n - 1));
+    assert_eq!(all[n as usize - 1].message_id, "m0");
+    let meters = db.get_meters(&SampleFilter::default()).unwrap();
+    assert_eq!(meters.len(), 1);
+    let resources = db.get_resources(&SampleFilter::default()).unwrap();
+    assert_eq!(resources.len(), 1);
+    // Retention of the oldest 100 hours through the nested view.
+    let ttl = (OffsetDateTime::now_utc() - (t0 + Duration::hours(100))).whole_seconds() as u64;
+    assert_eq!(db.clear_expired_metering_data(ttl).unwrap(), 100);
+    assert_eq!(count(&path, "SELECT COUNT(*) FROM sample"), n - 100);
+}

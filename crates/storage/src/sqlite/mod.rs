@@ -526,16 +526,13 @@ impl SqliteStorage {
                 .iter()
                 .map(|r| r.name("sample_"))
                 .collect();
-            // One index probe per resource (or meter) row and chunk.
+            // One index probe per resource (or meter) row and chunk; the conjunction nested
+            // in groups, as SQLite limits an expression's depth to 1000 (a flat AND chain of
+            // one term per chunk failed past ~500 chunks).
             let orphan = |col: &str, outer: &str| -> String {
-                let mut w = String::from("1 = 1");
-                for n in &names {
-                    let _ = write!(
-                        w,
-                        " AND NOT EXISTS (SELECT 1 FROM \"{n}\" s WHERE s.{col} = {outer})"
-                    );
-                }
-                w
+                schema::and_all(names.iter().map(|n| {
+                    format!("NOT EXISTS (SELECT 1 FROM \"{n}\" s WHERE s.{col} = {outer})")
+                }))
             };
             let resource_orphan = orphan("resource_id", "resource.internal_id");
             tx.execute(

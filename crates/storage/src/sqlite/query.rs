@@ -54,11 +54,11 @@ fn from(parts: &[Range]) -> String {
     let union = if parts.is_empty() {
         NO_SAMPLES.to_string()
     } else {
-        parts
-            .iter()
-            .map(|p| format!("SELECT * FROM \"{}\"", p.name("sample_")))
-            .collect::<Vec<_>>()
-            .join(" UNION ALL ")
+        super::schema::union_all(
+            parts
+                .iter()
+                .map(|p| format!("SELECT * FROM \"{}\"", p.name("sample_"))),
+        )
     };
     format!(
         " FROM ({union}) s

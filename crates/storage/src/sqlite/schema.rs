@@ -206,15 +206,50 @@ pub fn refresh_view(conn: &Connection) -> rusqlite::Result<()> {
     let body = if names.is_empty() {
         NO_SAMPLES.to_string()
     } else {
-        names
-            .iter()
-            .map(|n| format!("SELECT * FROM \"{n}\""))
-            .collect::<Vec<_>>()
-            .join(" UNION ALL ")
+        union_all(names.iter().map(|n| format!("SELECT * FROM \"{n}\"")))
     };
     conn.execute_batch(&format!(
         "DROP VIEW IF EXISTS sample; CREATE VIEW sample AS {body};"
     ))
+}
+
+/// Terms per compound SELECT in [`union_all`]: SQLite refuses a compound of more than
+/// `SQLITE_MAX_COMPOUND_SELECT` (500 in its default build, a compile-time maximum that
+/// `sqlite3_limit` can only lower).
+const UNION_TERMS: usize = 400;
+
+/// `a UNION ALL b UNION ALL ...` of the given SELECTs (at least one), nested in groups of
+/// [`UNION_TERMS`] when there are more, so that no compound exceeds SQLite's limit: a store of
+/// day chunks kept without a TTL passes 500 chunks after 500 days, and a single compound of
+/// them made every chunk creation (the view) and every raw query across them fail.
+pub fn union_all(terms: impl Iterator<Item = String>) -> String {
+    let terms: Vec<String> = terms.collect();
+    if terms.len() <= UNION_TERMS {
+        return terms.join(" UNION ALL ");
+    }
+    let groups: Vec<String> = terms
+        .chunks(UNION_TERMS)
+        .map(|g| format!("SELECT * FROM ({})", g.join(" UNION ALL ")))
+        .collect();
+    union_all(groups.into_iter())
+}
+
+/// `(a AND b AND ...)` of the given conditions (`1 = 1` for none), nested in groups of 100:
+/// SQLite parses a chain of ANDs as a tree as deep as the chain is long and refuses one deeper
+/// than 1000 (`SQLITE_MAX_EXPR_DEPTH`).
+pub fn and_all(terms: impl Iterator<Item = String>) -> String {
+    const GROUP: usize = 100;
+    let mut terms: Vec<String> = terms.collect();
+    if terms.is_empty() {
+        return "1 = 1".to_string();
+    }
+    while terms.len() > 1 {
+        terms = terms
+            .chunks(GROUP)
+            .map(|g| format!("({})", g.join(" AND ")))
+            .collect();
+    }
+    terms.remove(0)
 }
 
 /// The columns of every chunk table, for an empty stand-in when there is no chunk.
