@@ -25,15 +25,23 @@ use std::time::{Duration, Instant};
 /// while the loop fills the next; the writer commits the ones that queued up behind a slow
 /// commit together (group commit), so under load transactions grow and the per-commit cost
 /// of SQLite's indexes is shared. With the pending batch's cap this bounds a worker's memory
-/// to about (MAX_IN_FLIGHT + 2) × batch_size samples when storage is slower than the input.
+/// to about (MAX_IN_FLIGHT + 1) × batch_size samples when storage is slower than the input.
 /// Measured (collector-load, one worker, alternating builds twice): 2 and 4 in flight store
 /// the same within noise over UDP and RPC; 2 peaks at 53-57 MiB RSS under a flood, 4 at 67-71.
 const MAX_IN_FLIGHT: usize = 2;
 
 /// Wire bytes at which the pending batch goes to the writer even if it holds fewer than
-/// `batch_size` samples; reading pauses at twice this, as at twice `batch_size` samples. A
-/// decoded sample takes about five times its wire size, so this bounds a worker's memory when
-/// samples are large; ceilometer's (~1 KB) reach `batch_size` first (issue 18).
+/// `batch_size` samples. A decoded sample takes about five times its wire size, so this bounds
+/// a worker's memory when samples are large; ceilometer's (~1 KB) reach `batch_size` first
+/// (issue 18).
+///
+/// Reading pauses once the pending batch is full (at `batch_size` samples or these bytes) and
+/// the writer already has MAX_IN_FLIGHT batches. It used to go on to twice either, so that the
+/// writer's next transaction was bigger; measured with one worker under a UDP flood and paced
+/// just below the maximum (collector-load, 150,000 samples, alternating builds, load average
+/// 4-6), that held 31.2-34.8 MiB at peak against 25.0-25.5 MiB now, for stored/s 0.93× under
+/// the flood (pairs 0.86-0.99, noise of the same size) and the same at the paced rate and over
+/// RPC; issue 18 caps a worker at 30 MiB.
 pub const BATCH_BYTES: usize = 2 << 20;
 
 /// Rate-limited logging of a repeated problem: at most one line a second, with a count of
@@ -158,7 +166,7 @@ impl Intake {
         // An empty batch always accepts: bytes are only counted for what it holds, but a
         // bound that an empty batch could exceed would stop reading for good.
         self.batch.is_empty()
-            || (self.batch.len() < self.max_batch * 2 && self.batch.bytes < BATCH_BYTES * 2)
+            || (self.batch.len() < self.max_batch && self.batch.bytes < BATCH_BYTES)
     }
 
     /// Whether the pending batch is due for the writer by size (samples or bytes).
@@ -414,28 +422,24 @@ mod tests {
     #[test]
     fn small_samples_are_bounded_by_count() {
         // batch_size 1000: two batches go to the writer (its limit in flight), then the
-        // pending batch fills to twice batch_size.
+        // pending batch fills to batch_size and reading stops.
         let (taken, handed, intake) = fill(10);
         assert_eq!(handed, MAX_IN_FLIGHT);
-        assert_eq!(intake.batch.len(), 2000);
-        assert_eq!(taken, 4000);
+        assert_eq!(intake.batch.len(), 1000);
+        assert_eq!(taken, 3000);
     }
 
     #[test]
     fn large_samples_are_bounded_by_bytes() {
         // 100 KB samples: batch_size would let 4,000 of them (400 MB) in; the byte bound
-        // hands a batch over at BATCH_BYTES and stops taking at twice that.
+        // hands a batch over at BATCH_BYTES and, the writer full, stops taking there.
         let (taken, handed, intake) = fill(100_000);
         assert_eq!(handed, MAX_IN_FLIGHT);
         let per_batch = BATCH_BYTES.div_ceil(100_000);
+        assert!(intake.batch.bytes >= BATCH_BYTES, "{}", intake.batch.bytes);
+        assert!(intake.batch.bytes < BATCH_BYTES + 101_000);
         assert!(
-            intake.batch.bytes >= BATCH_BYTES * 2,
-            "{}",
-            intake.batch.bytes
-        );
-        assert!(intake.batch.bytes < BATCH_BYTES * 2 + 101_000);
-        assert!(
-            taken <= MAX_IN_FLIGHT * (per_batch + 1) + 2 * per_batch + 1,
+            taken <= MAX_IN_FLIGHT * (per_batch + 1) + per_batch + 1,
             "took {taken} samples of 100 KB"
         );
         assert!(!intake.can_accept());
