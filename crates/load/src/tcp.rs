@@ -11,6 +11,15 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
 
+/// What one client's thread did: samples sent, samples not sent (the connection broke), the
+/// send time of each sample it sent, and its connection.
+struct ClientRun {
+    sent: u64,
+    failed: u64,
+    times: Vec<(usize, i64)>,
+    stream: TcpStream,
+}
+
 /// Frames per `write` call (as a publisher that buffers a polling cycle's samples would).
 pub const BATCH: usize = 64;
 
@@ -37,7 +46,7 @@ pub fn send(
         .collect::<Result<Vec<_>>>()?;
     let first_ns = now_ns();
     let per_client = rate.map(|r| r / clients as f64);
-    let results: Vec<(u64, u64, Vec<(usize, i64)>, TcpStream)> = std::thread::scope(|scope| {
+    let results: Vec<ClientRun> = std::thread::scope(|scope| {
         let handles: Vec<_> = streams
             .into_iter()
             .enumerate()
@@ -70,7 +79,12 @@ pub fn send(
                         progress.sent.fetch_add(n as u64, Ordering::Release);
                         j += n;
                     }
-                    (sent, failed, times, s)
+                    ClientRun {
+                        sent,
+                        failed,
+                        times,
+                        stream: s,
+                    }
                 })
             })
             .collect();
@@ -88,13 +102,13 @@ pub fn send(
         last_ns: now_ns(),
     };
     let mut open = Vec::with_capacity(results.len());
-    for (sent, failed, times, s) in results {
-        out.sent += sent;
-        out.failed += failed;
-        for (i, t) in times {
+    for r in results {
+        out.sent += r.sent;
+        out.failed += r.failed;
+        for (i, t) in r.times {
             out.send_ns[i] = t;
         }
-        open.push(s);
+        open.push(r.stream);
     }
     Ok((out, open))
 }
