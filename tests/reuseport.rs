@@ -199,3 +199,49 @@ fn reload_and_worker_count_changes_keep_serving_and_resize_the_group() {
     send_many(udp, "two", 600, 64, 4000);
     assert_eq!(d.wait_samples(5200, WAIT), 5200, "{}", d.log());
 }
+
+#[test]
+fn a_reload_to_another_port_moves_the_group_and_a_mode_switch_waits_for_a_restart() {
+    let d = Daemon::start(reuseport(2));
+    let old = d.wait_workers(2, &[], WAIT);
+    let first = d.udp.unwrap();
+    // A port that was free a moment ago.
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = std::fs::read_to_string(&d.config_path).unwrap();
+    std::fs::write(
+        &d.config_path,
+        cfg.replace("udp_port = 0", &format!("udp_port = {port}")),
+    )
+    .unwrap();
+    let (code, out, err) = d.ctl(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let new = d.wait_workers(2, &old, WAIT);
+    let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let moved = wait_for(WAIT, || {
+        (udp_inodes(port).len() == 2 && udp_inodes(first.port()).is_empty()).then_some(())
+    });
+    assert!(moved.is_some(), "group not moved; log:\n{}", d.log());
+    let held = holders(&new, &udp_inodes(port));
+    assert!(held.values().all(|s| s.len() == 1), "{held:?}");
+    send_many(to, "moved", 300, 64, 4000);
+    assert_eq!(d.wait_samples(300, WAIT), 300, "{}", d.log());
+
+    // Switching the mode by reload is refused with a warning; the group keeps serving.
+    let cfg = std::fs::read_to_string(&d.config_path).unwrap();
+    std::fs::write(
+        &d.config_path,
+        cfg.replace("udp_reuseport = true", "udp_reuseport = false"),
+    )
+    .unwrap();
+    let (code, out, err) = d.ctl(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    d.wait_workers(2, &new, WAIT);
+    assert_eq!(d.log_count("udp_reuseport changed"), 1, "{}", d.log());
+    assert_eq!(udp_inodes(port).len(), 2);
+    send_many(to, "kept", 300, 64, 4000);
+    assert_eq!(d.wait_samples(600, WAIT), 600, "{}", d.log());
+}
