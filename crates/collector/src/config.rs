@@ -69,6 +69,8 @@ impl Default for ServiceConfig {
 pub struct CollectorConfig {
     pub udp_address: String,
     pub udp_port: u16,
+    /// One `SO_REUSEPORT` UDP socket per worker instead of one socket all workers share.
+    pub udp_reuseport: bool,
     pub tcp_address: String,
     pub tcp_port: u16,
     pub rpc_address: String,
@@ -94,6 +96,7 @@ impl Default for CollectorConfig {
         CollectorConfig {
             udp_address: "127.0.0.1".into(),
             udp_port: 4952,
+            udp_reuseport: false,
             tcp_address: "127.0.0.1".into(),
             tcp_port: 4952,
             rpc_address: "127.0.0.1".into(),

@@ -14,9 +14,10 @@ use crate::control::{ControlServer, Request};
 use crate::counters::Counters;
 use crate::http::{HttpServer, Response};
 use crate::metrics::{Restarts, Snapshot, WorkerProc};
-use crate::sockets::{Addresses, Listeners};
+use crate::sockets::{Addresses, Listeners, UdpGroup};
 use crate::worker::{Custom, Worker};
 use serde_json::{json, Value as Json};
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -47,13 +48,32 @@ pub struct Options {
 struct CollectorWorker {
     cfg: Config,
     listeners: Rc<Listeners>,
+    /// The launcher's one UDP group (`udp_reuseport`; empty otherwise), shared by every
+    /// generation: the launcher only ever holds the sockets of the current one.
+    udp_group: Rc<RefCell<UdpGroup>>,
+}
+
+impl CollectorWorker {
+    /// This worker's own descriptors for the inherited sockets: the launcher keeps its copies.
+    /// With a UDP group, the worker takes its slot's socket and closes the copies fork gave
+    /// it of the other slots' sockets: a socket the launcher lets go of (fewer workers) must
+    /// leave the group when its own worker exits, not live on unread in another worker.
+    fn take_sockets(&self, slot: usize) -> std::io::Result<Listeners> {
+        let mut listeners = self.listeners.try_clone()?;
+        let mut group = self.udp_group.borrow_mut();
+        if !group.is_empty() {
+            listeners.udp = group.socket_for(slot).map(|s| s.try_clone()).transpose()?;
+            // Fork made this process a copy of the launcher: these are copies too.
+            group.clear();
+        }
+        Ok(listeners)
+    }
 }
 
 impl supervisor::Worker for CollectorWorker {
     fn run(&self, link: ChildLink, ctx: WorkerContext) -> i32 {
         crate::logging::set_worker(ctx.slot);
-        // Our own descriptors for the inherited sockets: the launcher keeps its copies.
-        let listeners = match self.listeners.try_clone() {
+        let listeners = match self.take_sockets(ctx.slot) {
             Ok(l) => l,
             Err(e) => {
                 log::error!("worker cannot take its sockets: {e}");
@@ -183,10 +203,17 @@ pub fn run(mut cfg: Config, mut opts: Options) -> u8 {
     }
     raise_fd_limit();
     // 4. Sockets, bound once for every worker and generation.
-    let addrs = Addresses::of(&cfg);
+    let (addrs, group_addr) = split_addresses(&cfg);
     let listeners = match Listeners::bind(&addrs, None) {
         Ok(l) => l,
         Err(e) => return fail(&mut daemonized, crate::EXIT_BOOT_ERROR, e.to_string()),
+    };
+    let udp_group = match &group_addr {
+        Some(a) => match UdpGroup::bind(a, cfg.worker_count()) {
+            Ok(g) => g,
+            Err(e) => return fail(&mut daemonized, crate::EXIT_BOOT_ERROR, e.to_string()),
+        },
+        None => UdpGroup::default(),
     };
     let control = match ControlServer::bind(&cfg.service.control_socket) {
         Ok(c) => c,
@@ -205,7 +232,13 @@ pub fn run(mut cfg: Config, mut opts: Options) -> u8 {
         },
         None => None,
     };
-    log::info!("listening: {}", listeners.describe().join(", "));
+    log::info!("listening: {}", describe(&listeners, &udp_group));
+    if !udp_group.is_empty() {
+        log::info!(
+            "udp: {} SO_REUSEPORT sockets, one per worker",
+            udp_group.len()
+        );
+    }
     log::info!("control socket {}", cfg.service.control_socket);
     if let Some(h) = &http {
         log::info!(
@@ -233,19 +266,23 @@ pub fn run(mut cfg: Config, mut opts: Options) -> u8 {
     }
     // 6. Workers.
     let listeners = Rc::new(listeners);
+    let udp_group = Rc::new(RefCell::new(udp_group));
     let worker = CollectorWorker {
         cfg: cfg.clone(),
         listeners: listeners.clone(),
+        udp_group: udp_group.clone(),
     };
     let mut sup = match Supervisor::new(settings_of(&cfg), Box::new(worker)) {
         Ok(s) => s,
         Err(e) => return fail(&mut daemonized, 1, e.to_string()),
     };
     let mut launcher = Launcher {
+        udp_reuseport: cfg.collector.udp_reuseport,
         cfg,
         opts,
         addrs,
         listeners,
+        udp_group,
         control,
         daemonized,
         pidfile_fd: pidfile.as_ref().map(Pidfile::raw_fd),
@@ -340,8 +377,15 @@ const INTROSPECT_TIMEOUT: Duration = Duration::from_secs(5);
 struct Launcher {
     cfg: Config,
     opts: Options,
+    /// Addresses of `listeners` (UDP only in shared mode; the group keeps its own).
     addrs: Addresses,
     listeners: Rc<Listeners>,
+    /// `udp_reuseport` as started: a reload cannot switch it (the two kinds of socket cannot
+    /// share a port while the old one is open).
+    udp_reuseport: bool,
+    /// One SO_REUSEPORT socket per worker slot (`udp_reuseport`), shared with the workers'
+    /// entry points of every generation.
+    udp_group: Rc<RefCell<UdpGroup>>,
     control: ControlServer,
     daemonized: Daemonized,
     pidfile_fd: Option<i32>,
@@ -441,7 +485,14 @@ impl Launcher {
             total.add(&hb.counters);
         }
         total.respawns = self.respawns;
-        total.udp_kernel_drops = self.listeners.udp.as_ref().and_then(udp_drops).unwrap_or(0);
+        total.udp_kernel_drops = self.listeners.udp.as_ref().and_then(udp_drops).unwrap_or(0)
+            + self
+                .udp_group
+                .borrow()
+                .sockets()
+                .iter()
+                .filter_map(udp_drops)
+                .sum::<u64>();
         total
     }
 
@@ -748,11 +799,29 @@ impl Hooks for Launcher {
     ) -> Result<Box<dyn supervisor::Worker>, String> {
         let _ = daemon::sd_notify("RELOADING=1");
         let result = (|| {
-            let cfg = self.load_config()?;
-            let addrs = Addresses::of(&cfg);
+            let mut cfg = self.load_config()?;
+            if cfg.collector.udp_reuseport != self.udp_reuseport {
+                log::warn!(
+                    "udp_reuseport changed: it takes effect at the next restart (a UDP socket of the other kind cannot share the port while this one is open)"
+                );
+                cfg.collector.udp_reuseport = self.udp_reuseport;
+            }
+            let (addrs, group_addr) = split_addresses(&cfg);
             let old = self.listeners.try_clone().map_err(|e| e.to_string())?;
             let listeners =
                 Listeners::bind(&addrs, Some((&self.addrs, old))).map_err(|e| e.to_string())?;
+            // The group keeps its sockets when its address did not change (its size follows
+            // the new worker count through `workers_changed`). A new address gets a new group;
+            // the launcher's copies of the old one close here, and the old generation's
+            // workers read theirs until they retire.
+            let group_changed = self.udp_group.borrow().addr() != group_addr.as_deref();
+            if group_changed {
+                let group = match &group_addr {
+                    Some(a) => UdpGroup::bind(a, cfg.worker_count()).map_err(|e| e.to_string())?,
+                    None => UdpGroup::default(),
+                };
+                *self.udp_group.borrow_mut() = group;
+            }
             if cfg.service.control_socket != self.cfg.service.control_socket {
                 log::warn!("control_socket changed: the new path takes effect at the next restart");
             }
@@ -769,15 +838,22 @@ impl Hooks for Launcher {
             if cfg.service.log_format != self.cfg.service.log_format {
                 crate::logging::set_format(&cfg.service.log_format);
             }
-            if addrs != self.addrs {
-                log::info!("listening: {}", listeners.describe().join(", "));
+            if addrs != self.addrs || group_changed {
+                log::info!(
+                    "listening: {}",
+                    describe(&listeners, &self.udp_group.borrow())
+                );
             }
             sup.set_settings(settings_of(&cfg));
             let listeners = Rc::new(listeners);
             self.listeners = listeners.clone();
             self.addrs = addrs;
             self.cfg = cfg.clone();
-            Ok(Box::new(CollectorWorker { cfg, listeners }) as Box<dyn supervisor::Worker>)
+            Ok(Box::new(CollectorWorker {
+                cfg,
+                listeners,
+                udp_group: self.udp_group.clone(),
+            }) as Box<dyn supervisor::Worker>)
         })();
         match &result {
             Ok(_) => log::info!("configuration reloaded; starting a new generation"),
@@ -787,6 +863,29 @@ impl Hooks for Launcher {
             }
         }
         result
+    }
+
+    fn workers_changed(&mut self, _sup: &mut SupervisorHandle<'_>, old: usize, new: usize) {
+        let mut group = self.udp_group.borrow_mut();
+        if group.is_empty() {
+            return;
+        }
+        let had = group.len();
+        match group.resize(new) {
+            Ok(()) => log::info!(
+                "udp: {} SO_REUSEPORT sockets for {new} workers (were {had} for {old})",
+                group.len()
+            ),
+            Err(e) => log::error!(
+                "udp: {e}; workers from slot {} on share the group's sockets",
+                group.len()
+            ),
+        }
+        if new < had {
+            log::info!(
+                "udp: sockets {new}..{had} leave the group when their workers exit; datagrams they queued are read first, what arrives in between is lost"
+            );
+        }
     }
 
     fn reopen_logs(&mut self) {
@@ -1000,6 +1099,29 @@ impl Hooks for Launcher {
             self.handle_request(sup, conn, req);
         }
     }
+}
+
+/// The listeners' addresses, and the UDP address taken out of them when it is served by a
+/// group of SO_REUSEPORT sockets instead of one shared socket.
+fn split_addresses(cfg: &Config) -> (Addresses, Option<String>) {
+    let mut addrs = Addresses::of(cfg);
+    let group = if cfg.collector.udp_reuseport {
+        addrs.udp.take()
+    } else {
+        None
+    };
+    (addrs, group)
+}
+
+/// The `listening:` log line (tests and scripts/bench read the addresses from it).
+fn describe(listeners: &Listeners, group: &UdpGroup) -> String {
+    let mut v: Vec<String> = group
+        .local_addr()
+        .map(|a| format!("udp {a}"))
+        .into_iter()
+        .collect();
+    v.extend(listeners.describe());
+    v.join(", ")
 }
 
 /// Raise the soft open-file limit to the hard one: every worker may hold `max_connections`

@@ -92,6 +92,8 @@ pub const OPTIONS: &[OptionDoc] = &[
         "Address of the ceilometer udp:// listener; \"\" disables it."),
     row("collector", "udp_port", "4952", "[collector] udp_port",
         "Port of the ceilometer udp:// listener."),
+    row("collector", "udp_reuseport", "false", "",
+        "One SO_REUSEPORT UDP socket per worker (the kernel spreads publishers by source address and port) instead of one socket all workers share. Changed by a restart, not a reload."),
     row("collector", "tcp_address", "\"127.0.0.1\"", "",
         "Address of the ceilometer tcp:// listener (length-prefixed frames); \"\" disables it."),
     row("collector", "tcp_port", "4952", "",

@@ -1,5 +1,10 @@
 //! The listening sockets, bound once by the launcher before any worker exists and inherited by
 //! every worker across fork (DESIGN §1). Workers never bind.
+//!
+//! UDP comes in two shapes (`[collector] udp_reuseport`): one socket shared by every worker
+//! ([`Listeners::udp`]), or a [`UdpGroup`] of one `SO_REUSEPORT` socket per worker slot, all on
+//! the same address, among which the kernel spreads datagrams by a hash of their source and
+//! destination (so one publisher's datagrams always reach the same socket).
 
 use crate::config::Config;
 use std::io;
@@ -167,30 +172,156 @@ fn bind_udp(a: &str) -> Result<UdpSocket, BindError> {
         addr: a.to_string(),
         source,
     })?;
-    s.set_nonblocking(true).map_err(|source| BindError {
+    udp_options(&s).map_err(|source| BindError {
         what: "UDP",
         addr: a.to_string(),
         source,
     })?;
+    Ok(s)
+}
+
+/// Non-blocking, and the receive buffer we want.
+fn udp_options(s: &UdpSocket) -> io::Result<()> {
+    s.set_nonblocking(true)?;
     // Best effort: the kernel caps it at net.core.rmem_max unless we are privileged.
-    let fd = s.as_raw_fd();
     let size = UDP_RCVBUF as libc::c_int;
     for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
-        // SAFETY: fd is a valid socket we own; the option value points at a live c_int.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                &size as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
+        if setsockopt_int(s, opt, size).is_ok() {
             break;
         }
     }
+    Ok(())
+}
+
+fn setsockopt_int(s: &impl AsRawFd, opt: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: the fd is a valid socket borrowed for the call; the option value points at a
+    // live c_int of the length given.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            &value as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A UDP socket with `SO_REUSEPORT` set before `bind`, so more sockets can join its address.
+/// Close-on-exec like every socket std makes: workers do not exec, they inherit it by fork.
+fn bind_udp_reuseport(addr: std::net::SocketAddr) -> io::Result<UdpSocket> {
+    let domain = if addr.is_ipv4() {
+        nix::sys::socket::AddressFamily::Inet
+    } else {
+        nix::sys::socket::AddressFamily::Inet6
+    };
+    let fd = nix::sys::socket::socket(
+        domain,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC | nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReusePort, &true)?;
+    let sa = nix::sys::socket::SockaddrStorage::from(addr);
+    nix::sys::socket::bind(fd.as_raw_fd(), &sa)?;
+    let s = UdpSocket::from(fd);
+    udp_options(&s)?;
     Ok(s)
+}
+
+/// One `SO_REUSEPORT` UDP socket per worker slot, all bound to one address.
+///
+/// The launcher holds every socket for its whole life, so a worker that dies and is respawned
+/// gets the same socket back (what the kernel queued for it meanwhile is read by its successor)
+/// and the group's size, and with it the kernel's source-to-socket hash, does not change when
+/// workers come and go. It changes only with the number of workers: [`UdpGroup::resize`] binds
+/// sockets for new slots and lets go of the launcher's copies of surplus ones (a surplus socket
+/// leaves the group when the worker that still holds it has drained it and exited).
+#[derive(Debug, Default)]
+pub struct UdpGroup {
+    /// The configured address (`host:port`), to compare on reload.
+    addr: Option<String>,
+    /// Socket `i` serves worker slot `i`.
+    sockets: Vec<UdpSocket>,
+}
+
+impl UdpGroup {
+    /// Bind `n` sockets (at least one) to `a`. With port 0, the first socket's port (chosen by
+    /// the kernel) is where the others go.
+    pub fn bind(a: &str, n: usize) -> Result<UdpGroup, BindError> {
+        let mut g = UdpGroup {
+            addr: Some(a.to_string()),
+            sockets: Vec::new(),
+        };
+        let first = resolve(a, "UDP")?;
+        let s = bind_udp_reuseport(first).map_err(|source| BindError {
+            what: "UDP (SO_REUSEPORT)",
+            addr: a.to_string(),
+            source,
+        })?;
+        g.sockets.push(s);
+        g.resize(n)?;
+        Ok(g)
+    }
+
+    /// The configured address, if bound.
+    pub fn addr(&self) -> Option<&str> {
+        self.addr.as_deref()
+    }
+
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    /// The address the sockets are bound to (port 0 resolved).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.sockets.first().and_then(|s| s.local_addr().ok())
+    }
+
+    /// Bind or let go of sockets so there is one per slot `0..n` (at least one). On a bind
+    /// error the group keeps the sockets it has (the slots beyond share, see
+    /// [`socket_for`](Self::socket_for)).
+    pub fn resize(&mut self, n: usize) -> Result<(), BindError> {
+        let n = n.max(1);
+        self.sockets.truncate(n);
+        let Some(local) = self.local_addr() else {
+            return Ok(());
+        };
+        while self.sockets.len() < n {
+            let s = bind_udp_reuseport(local).map_err(|source| BindError {
+                what: "UDP (SO_REUSEPORT)",
+                addr: local.to_string(),
+                source,
+            })?;
+            self.sockets.push(s);
+        }
+        Ok(())
+    }
+
+    /// The socket of worker slot `slot`; a slot without one of its own (a bind failed when
+    /// the group grew) shares socket `slot % len` rather than leave datagrams unread.
+    pub fn socket_for(&self, slot: usize) -> Option<&UdpSocket> {
+        (!self.sockets.is_empty()).then(|| &self.sockets[slot % self.sockets.len()])
+    }
+
+    pub fn sockets(&self) -> &[UdpSocket] {
+        &self.sockets
+    }
+
+    /// Close every socket (the launcher's copies; in a worker, the copies fork gave it).
+    pub fn clear(&mut self) {
+        self.sockets.clear();
+        self.addr = None;
+    }
 }
 
 fn bind_tcp(a: &str, what: &'static str) -> Result<TcpListener, BindError> {
@@ -231,4 +362,106 @@ fn bind_unix(p: &str) -> Result<UnixListener, BindError> {
     let s = UnixListener::bind(p).map_err(err)?;
     s.set_nonblocking(true).map_err(err)?;
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::time::{Duration, Instant};
+
+    /// Send one datagram from each of `n` fresh source ports; return which sockets of the
+    /// group got one (by index), read until every datagram arrived or a second passed.
+    fn spread(group: &UdpGroup, n: usize) -> Vec<usize> {
+        let to = group.local_addr().unwrap();
+        let senders: Vec<UdpSocket> = (0..n)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        for s in &senders {
+            s.send_to(b"x", to).unwrap();
+        }
+        let mut got = vec![0; group.len()];
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut buf = [0u8; 16];
+        while got.iter().sum::<usize>() < n && Instant::now() < deadline {
+            for (i, s) in group.sockets().iter().enumerate() {
+                while s.recv(&mut buf).is_ok() {
+                    got[i] += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        got
+    }
+
+    #[test]
+    fn a_group_on_port_0_binds_every_socket_to_the_first_ones_port() {
+        let g = UdpGroup::bind("127.0.0.1:0", 3).unwrap();
+        assert_eq!(g.len(), 3);
+        let port = g.local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        let ports: BTreeSet<u16> = g
+            .sockets()
+            .iter()
+            .map(|s| s.local_addr().unwrap().port())
+            .collect();
+        assert_eq!(ports, BTreeSet::from([port]));
+        assert_eq!(g.addr(), Some("127.0.0.1:0"));
+    }
+
+    #[test]
+    fn the_kernel_spreads_many_publishers_over_the_group() {
+        let g = UdpGroup::bind("127.0.0.1:0", 2).unwrap();
+        let got = spread(&g, 64);
+        assert_eq!(got.iter().sum::<usize>(), 64);
+        // 64 source ports over 2 sockets: each gets some (all on one: p = 2^-63).
+        assert!(got.iter().all(|n| *n > 0), "{got:?}");
+    }
+
+    #[test]
+    fn resizing_keeps_the_port_and_a_released_socket_leaves_the_group() {
+        let mut g = UdpGroup::bind("127.0.0.1:0", 3).unwrap();
+        let port = g.local_addr().unwrap().port();
+        g.resize(1).unwrap();
+        assert_eq!(g.len(), 1);
+        // Sockets 1 and 2 are closed: every datagram reaches the one left.
+        assert_eq!(spread(&g, 32), vec![32]);
+        g.resize(4).unwrap();
+        assert_eq!(g.len(), 4);
+        assert!(g
+            .sockets()
+            .iter()
+            .all(|s| s.local_addr().unwrap().port() == port));
+        assert_eq!(spread(&g, 64).iter().sum::<usize>(), 64);
+        // A zero count still keeps one socket: a group is never left without a reader.
+        g.resize(0).unwrap();
+        assert_eq!(g.len(), 1);
+    }
+
+    #[test]
+    fn a_slot_beyond_the_group_shares_a_socket_instead_of_none() {
+        let g = UdpGroup::bind("127.0.0.1:0", 2).unwrap();
+        let fd = |s: Option<&UdpSocket>| s.map(|s| s.as_raw_fd());
+        assert_eq!(fd(g.socket_for(3)), fd(g.socket_for(1)));
+        assert_eq!(fd(g.socket_for(2)), fd(g.socket_for(0)));
+        assert!(UdpGroup::default().socket_for(0).is_none());
+    }
+
+    #[test]
+    fn group_sockets_are_close_on_exec() {
+        let g = UdpGroup::bind("127.0.0.1:0", 2).unwrap();
+        for s in g.sockets() {
+            // SAFETY: fcntl(F_GETFD) on a descriptor we own.
+            let flags = unsafe { libc::fcntl(s.as_raw_fd(), libc::F_GETFD) };
+            assert!(flags & libc::FD_CLOEXEC != 0);
+        }
+    }
+
+    #[test]
+    fn a_shared_socket_and_a_group_cannot_share_a_port() {
+        // Why `udp_reuseport` needs a restart: the old kind of socket holds the port.
+        let shared = bind_udp("127.0.0.1:0").unwrap();
+        let a = shared.local_addr().unwrap().to_string();
+        assert!(UdpGroup::bind(&a, 2).is_err());
+    }
 }

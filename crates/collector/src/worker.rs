@@ -313,6 +313,10 @@ impl Worker {
             }
             self.drain_completions();
             self.resume_paused();
+            if self.udp.drained() {
+                self.udp.close(self.poll.registry());
+                self.intake.flush_batch();
+            }
             self.amqp.drain(&mut self.intake);
             if let Some(l) = self.link.as_mut() {
                 if l.has_pending_output() {
@@ -431,14 +435,23 @@ impl Worker {
         self.stopping = Some(Instant::now());
         self.intake.stopping = true;
         self.amqp.stop_consuming();
-        self.udp.close(self.poll.registry());
+        if self.cfg.collector.udp_reuseport {
+            // Our own socket of the group: what it holds is ours to store (the launcher's copy
+            // keeps it for our successor, unless the launcher let go of it).
+            self.udp.drain();
+        } else {
+            self.udp.close(self.poll.registry());
+        }
         // Frames already buffered are still processed; then reading ends.
         self.conns.stop(&mut self.intake);
         self.intake.flush_batch();
     }
 
     fn stop_complete(&self) -> bool {
-        self.intake.batch.is_empty() && self.intake.in_flight == 0 && self.conns.all_answered()
+        self.udp.is_closed()
+            && self.intake.batch.is_empty()
+            && self.intake.in_flight == 0
+            && self.conns.all_answered()
     }
 
     fn shutdown(&mut self) {

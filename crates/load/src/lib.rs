@@ -1,8 +1,9 @@
 //! `collector-load`: the benchmark's load generator and raw-limit probes.
 //!
 //! It produces realistic, signed, ceilometer-shaped samples whose `message_id` carries a
-//! sequence number ([`samples`]); sends them over UDP with `sendmmsg` ([`udp`]) or as pipelined
-//! MessagePack-RPC calls ([`rpc`]); watches the database for their commits to measure
+//! sequence number ([`samples`]); sends them over UDP with `sendmmsg` ([`udp`]), as ceilometer
+//! `tcp://` frames over many connections ([`tcp`]) or as pipelined MessagePack-RPC calls
+//! ([`rpc`]); watches the database for their commits to measure
 //! send→committed latency ([`watch`]); and measures what the machine can do without the
 //! collector: a `recvmmsg` loop into nothing ([`udp::raw_limit`]) and bare rusqlite inserts
 //! ([`raw_sqlite`]), and the servers' bulk paths ([`raw_server`]: PostgreSQL binary COPY,
@@ -19,5 +20,6 @@ pub mod raw_sqlite;
 pub mod rpc;
 pub mod samples;
 pub mod stats;
+pub mod tcp;
 pub mod udp;
 pub mod watch;

@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use collector_load::samples::{self, Payloads};
 use collector_load::stats::{latency_summary, udp_rcvbuf_errors};
-use collector_load::{grow, json as sample_json, raw_server, raw_sqlite, rpc, udp, watch};
+use collector_load::{grow, json as sample_json, raw_server, raw_sqlite, rpc, tcp, udp, watch};
 use serde_json::json;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -67,6 +67,31 @@ enum Mode {
         /// Sender sockets (distinct source ports, as many publishers), used in turn per call.
         #[arg(long, default_value_t = 1)]
         clients: usize,
+    },
+    /// Send COUNT samples as ceilometer tcp:// frames (8-byte LE length + msgpack) over
+    /// CLIENTS connections, flat out or paced at RATE/s in all.
+    Tcp {
+        /// The collector's ceilometer tcp:// address (tcp_address:tcp_port).
+        #[arg(long)]
+        to: SocketAddr,
+        /// Samples to send (sequence numbers 0..COUNT).
+        #[arg(long)]
+        count: usize,
+        /// Samples per second over all connections; flat out when absent.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Connections (one thread each), as many publishers.
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
+        /// Watch this SQLite file for the samples' commits: stored count, throughput, latency.
+        #[arg(long, value_name = "PATH")]
+        watch_db: Option<PathBuf>,
+        /// Poll interval of the watcher (latency resolution).
+        #[arg(long, default_value_t = 5)]
+        watch_interval_ms: u64,
+        /// After sending, stop watching once no new sample was committed for this long.
+        #[arg(long, default_value_t = 1500)]
+        settle_ms: u64,
     },
     /// Pipelined MessagePack-RPC record_metering_data calls of BATCH samples.
     Rpc {
@@ -214,6 +239,40 @@ fn round(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
+/// Add what the watcher saw (stored, lost, stored/s, latencies) to a sender's JSON line.
+fn watched(
+    out: &mut serde_json::Value,
+    w: std::thread::JoinHandle<Result<watch::Observed>>,
+    db: &std::path::Path,
+    sent: &udp::Sent,
+    watch_interval_ms: u64,
+) -> Result<()> {
+    let obs = match w.join() {
+        Ok(r) => r?,
+        Err(_) => bail!("watcher thread panicked"),
+    };
+    let committed: Vec<i64> = obs
+        .seen_at
+        .iter()
+        .zip(&sent.send_ns)
+        .filter(|(seen, sent)| **seen > 0 && **sent > 0)
+        .map(|(seen, sent)| seen - sent)
+        .collect();
+    let duration = (obs.last_new_ns - sent.first_ns) as f64 / 1e9;
+    let recorded = watch::recorded_latencies(db, &sent.send_ns)?;
+    out["stored"] = json!(obs.stored);
+    out["lost"] = json!(sent.sent.saturating_sub(obs.stored));
+    out["foreign_rows"] = json!(obs.foreign);
+    out["duration_s"] = json!(duration);
+    out["stored_per_s"] = json!(round(obs.stored as f64 / duration.max(1e-9)));
+    out["latency_ms"] = latency_summary(committed);
+    out["latency_basis"] = json!(format!(
+        "send to first poll that saw the row committed (poll every {watch_interval_ms} ms)"
+    ));
+    out["recorded_at_latency_ms"] = latency_summary(recorded);
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     match run(cli) {
@@ -285,35 +344,55 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
                 watch::save_sends(path, &sent.send_ns)?;
             }
             if let (Some(w), Some(db)) = (watcher, watch_db.as_ref()) {
-                let obs = match w.join() {
-                    Ok(r) => r?,
-                    Err(_) => bail!("watcher thread panicked"),
-                };
+                watched(&mut out, w, db, &sent, watch_interval_ms)?;
                 let rcvbuf_after = udp_rcvbuf_errors();
-                let committed: Vec<i64> = obs
-                    .seen_at
-                    .iter()
-                    .zip(&sent.send_ns)
-                    .filter(|(seen, sent)| **seen > 0 && **sent > 0)
-                    .map(|(seen, sent)| seen - sent)
-                    .collect();
-                let duration = (obs.last_new_ns - sent.first_ns) as f64 / 1e9;
-                let recorded = watch::recorded_latencies(db, &sent.send_ns)?;
-                out["stored"] = json!(obs.stored);
-                out["lost"] = json!(sent.sent.saturating_sub(obs.stored));
-                out["foreign_rows"] = json!(obs.foreign);
-                out["duration_s"] = json!(duration);
-                out["stored_per_s"] = json!(round(obs.stored as f64 / duration.max(1e-9)));
                 out["rcvbuf_errors"] = json!(match (rcvbuf_before, rcvbuf_after) {
                     (Some(a), Some(b)) => Some(b.saturating_sub(a)),
                     _ => None,
                 });
-                out["latency_ms"] = latency_summary(committed);
-                out["latency_basis"] = json!(format!(
-                    "send to first poll that saw the row committed (poll every {watch_interval_ms} ms)"
-                ));
-                out["recorded_at_latency_ms"] = latency_summary(recorded);
             }
+            out
+        }
+        Mode::Tcp {
+            to,
+            count,
+            rate,
+            clients,
+            watch_db,
+            watch_interval_ms,
+            settle_ms,
+        } => {
+            let p = payloads(count)?;
+            let progress = Arc::new(watch::Progress::default());
+            let watcher = watch_db.as_ref().map(|db| {
+                watch::spawn(
+                    watch::WatchOptions {
+                        db: db.clone(),
+                        interval: Duration::from_millis(watch_interval_ms),
+                        settle: Duration::from_millis(settle_ms),
+                        limit: Duration::from_secs(60),
+                    },
+                    count,
+                    progress.clone(),
+                )
+            });
+            let (sent, open) = tcp::send(to, clients, &p, count, rate, &progress)?;
+            let send_s = (sent.last_ns - sent.first_ns) as f64 / 1e9;
+            let mut out = json!({
+                "mode": "tcp",
+                "to": to.to_string(),
+                "sent": sent.sent,
+                "send_failed": sent.failed,
+                "send_s": send_s,
+                "send_per_s": round(sent.sent as f64 / send_s.max(1e-9)),
+                "rate_asked": rate,
+                "clients": open.len(),
+                "mean_sample_bytes": p.total_bytes() / p.len().max(1),
+            });
+            if let (Some(w), Some(db)) = (watcher, watch_db.as_ref()) {
+                watched(&mut out, w, db, &sent, watch_interval_ms)?;
+            }
+            drop(open);
             out
         }
         Mode::Rpc {

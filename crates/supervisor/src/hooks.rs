@@ -127,6 +127,15 @@ pub trait Hooks {
         Err("reload is not supported".to_string())
     }
 
+    /// The number of workers per generation goes from `old` to `new` (TTIN/TTOU,
+    /// [`SupervisorHandle::set_workers`], or settings a reload set). Called in the launcher
+    /// before any worker for a new slot is forked and before a surplus slot's worker is
+    /// retired, so per-slot resources (one listening socket per worker, say) can be bound
+    /// first and are inherited by the slot's worker. Slots are `0..new` in every generation.
+    fn workers_changed(&mut self, sup: &mut SupervisorHandle<'_>, old: usize, new: usize) {
+        let _ = (sup, old, new);
+    }
+
     /// SIGUSR1: reopen the launcher's log files. Workers get [`crate::Command::ReopenLogs`] next.
     fn reopen_logs(&mut self) {}
 

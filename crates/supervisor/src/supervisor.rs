@@ -171,6 +171,9 @@ struct Core {
     events: VecDeque<SupervisorEvent>,
     /// Something was requested through a handle: do not block in the next poll.
     wake_now: bool,
+    /// The worker count [`Hooks::workers_changed`] last announced (the caller prepared its
+    /// per-slot resources for this many).
+    announced_workers: usize,
 }
 
 impl Supervisor {
@@ -197,6 +200,7 @@ impl Supervisor {
             })?;
         let mut settings = settings;
         settings.workers = settings.workers.max(1);
+        let announced_workers = settings.workers;
         Ok(Supervisor {
             core: Core {
                 settings,
@@ -223,6 +227,7 @@ impl Supervisor {
                 boot_error: None,
                 events: VecDeque::new(),
                 wake_now: false,
+                announced_workers,
             },
         })
     }
@@ -255,6 +260,7 @@ impl Supervisor {
             self.core.reap(now);
             self.process_requests(hooks, now);
             self.core.check_timers(now);
+            self.announce_workers(hooks);
             self.core.reconcile(now);
             self.dispatch(hooks);
             hooks.on_tick(&mut SupervisorHandle {
@@ -298,6 +304,22 @@ impl Supervisor {
                     );
                 }
             }
+        }
+    }
+
+    /// Tells the hooks about a new worker count (TTIN/TTOU, `set_workers`, a reload's
+    /// settings) before `reconcile` forks or retires a worker for it.
+    fn announce_workers(&mut self, hooks: &mut dyn Hooks) {
+        let n = self.core.settings.workers.max(1);
+        if n != self.core.announced_workers {
+            let old = std::mem::replace(&mut self.core.announced_workers, n);
+            hooks.workers_changed(
+                &mut SupervisorHandle {
+                    core: &mut self.core,
+                },
+                old,
+                n,
+            );
         }
     }
 

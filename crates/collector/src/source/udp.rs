@@ -11,12 +11,17 @@ use std::io;
 /// the UDP socket cannot keep the loop from its connections, link and heartbeat.
 const READ_BUDGET: usize = 256;
 
-/// The worker's UDP socket (a clone of the launcher's, shared by all workers).
+/// The worker's UDP socket: a clone of the launcher's, shared by all workers, or (with
+/// `udp_reuseport`) this worker's own socket of the launcher's group.
 pub struct UdpSource {
     sock: Option<UdpSocket>,
     /// Datagrams were left unread: because the batch was full (read again when there is
     /// room) or the turn's budget ran out (read again next turn).
     backlog: bool,
+    /// Stopping, reading what is queued until the socket is empty (see [`UdpSource::drain`]).
+    draining: bool,
+    /// The socket was found empty while draining: close it.
+    drained: bool,
     log: Throttle,
 }
 
@@ -33,6 +38,8 @@ impl UdpSource {
         Ok(UdpSource {
             sock,
             backlog: false,
+            draining: false,
+            drained: false,
             log: Throttle::new(),
         })
     }
@@ -84,6 +91,7 @@ impl UdpSource {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.backlog = false;
+                    self.drained = self.draining;
                     return;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -97,6 +105,28 @@ impl UdpSource {
         self.backlog = true;
     }
 
+    /// The worker is stopping and this socket may be its own (a SO_REUSEPORT socket the
+    /// launcher let go of leaves the group when this process closes it): read what the kernel
+    /// queued until the socket is empty, then [`close`](Self::close). What arrives between
+    /// that read and the close is lost, a window of one system call instead of a receive
+    /// buffer's worth.
+    pub fn drain(&mut self) {
+        if self.sock.is_some() {
+            self.draining = true;
+            self.backlog = true;
+        }
+    }
+
+    /// Draining found the socket empty: time to close it.
+    pub fn drained(&self) -> bool {
+        self.drained && self.sock.is_some()
+    }
+
+    /// Whether the socket is closed (or there never was one).
+    pub fn is_closed(&self) -> bool {
+        self.sock.is_none()
+    }
+
     /// Stop reading (the worker is stopping): the socket is deregistered and closed here;
     /// the other workers and the launcher keep their copies.
     pub fn close(&mut self, registry: &Registry) {
@@ -104,5 +134,7 @@ impl UdpSource {
             let _ = registry.deregister(&mut s);
         }
         self.backlog = false;
+        self.draining = false;
+        self.drained = false;
     }
 }
