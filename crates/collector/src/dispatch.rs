@@ -176,6 +176,12 @@ const MERGE_MAX: usize = 8;
 /// How often a writer whose database write failed checks whether storage answers again.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
+/// With retention work left (an expired chunk's pages to reclaim, a detached partition to
+/// drop), the writer takes a step after this long without a batch: drivers step after each
+/// batch, and an idle daemon would otherwise leave the work for the next pass, one step per
+/// `expiry_interval` (a 431k-row SQLite chunk is ~860 steps: six days at the default 600 s).
+const IDLE_STEP: Duration = Duration::from_millis(20);
+
 /// What the storage probe asks: one sample of a meter nobody sends (a cheap indexed read).
 fn probe_filter() -> SampleFilter {
     SampleFilter {
@@ -203,9 +209,13 @@ impl Writer {
         if !self.probe(&tx, &waker, &mut down) {
             return;
         }
+        // Whether retention may have left steps to take; set by each pass (and at start: a
+        // restart resumes an interrupted reclaim), cleared when a step finds nothing.
+        let expiring = self.ttl_seconds.is_some() && self.storage.is_some();
+        let mut steps_left = expiring;
         loop {
-            // Wait for a batch, or until the next probe (storage down) or retention pass.
-            let expiring = self.ttl_seconds.is_some() && self.storage.is_some();
+            // Wait for a batch, or until the next probe (storage down), retention pass or
+            // idle retention step.
             let mut wait = None;
             if down {
                 wait = Some(PROBE_EVERY);
@@ -213,6 +223,9 @@ impl Writer {
             if expiring {
                 let until = next_expiry.saturating_duration_since(Instant::now());
                 wait = Some(wait.map_or(until, |w: Duration| w.min(until)));
+            }
+            if steps_left && !down {
+                wait = Some(wait.map_or(IDLE_STEP, |w: Duration| w.min(IDLE_STEP)));
             }
             let msg = match wait {
                 None => match rx.recv() {
@@ -228,7 +241,19 @@ impl Writer {
             let loop_alive = match msg {
                 Some(msg) => self.handle(msg, &rx, &tx, &waker, &mut down),
                 None if down => self.probe(&tx, &waker, &mut down),
-                None => true,
+                None => {
+                    if let (true, Some(st)) = (steps_left, self.storage.as_mut()) {
+                        match st.retention_step() {
+                            Ok(more) => steps_left = more,
+                            Err(e) => {
+                                // Left for the next pass (or the next batch's own step).
+                                log::warn!("retention step: {e}");
+                                steps_left = false;
+                            }
+                        }
+                    }
+                    true
+                }
             };
             if !loop_alive {
                 return;
@@ -245,6 +270,7 @@ impl Writer {
                         Ok(_) => {}
                         Err(e) => log::warn!("cannot expire old samples: {e}"),
                     }
+                    steps_left = true;
                 }
             }
         }
