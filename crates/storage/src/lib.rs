@@ -85,6 +85,14 @@ pub trait Storage: Send {
     /// Delete samples whose timestamp is older than now − `ttl_seconds`, then the resources
     /// and meters no sample refers to any more. Returns the number of samples deleted.
     fn clear_expired_metering_data(&mut self, ttl_seconds: u64) -> Result<u64, StorageError>;
+
+    /// One step of the work expiry leaves for later, if any is waiting: SQLite reclaims the
+    /// pages of an expired chunk, the server drivers drop a table an expired partition was
+    /// moved into. `Ok(false)` when there was nothing to do. Drivers take these steps
+    /// themselves after batches; this is for tools and tests.
+    fn retention_step(&mut self) -> Result<bool, StorageError> {
+        Ok(false)
+    }
 }
 
 /// The rejection reason of a sample already older than the time to live when it arrived.

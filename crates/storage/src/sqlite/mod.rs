@@ -692,6 +692,10 @@ impl Storage for SqliteStorage {
         self.read(|c| query::statistics_from(c, filter, period, &levels, now))
     }
 
+    fn retention_step(&mut self) -> Result<bool, StorageError> {
+        Ok(self.reclaim_step()?.is_some())
+    }
+
     fn clear_expired_metering_data(&mut self, ttl_seconds: u64) -> Result<u64, StorageError> {
         let ttl_us = i64::try_from(ttl_seconds)
             .ok()
