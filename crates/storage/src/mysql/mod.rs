@@ -232,8 +232,9 @@ impl MysqlStorage {
         graves: &mut bool,
     ) -> Result<(u64, bool), Fail> {
         let mut laps = server::Laps::start("mysql: expiry");
-        // Graves no batch has reaped since an earlier pass (the daemon was idle): nobody is
-        // waiting on this connection, so they go now.
+        // Graves no batch has reaped since an earlier pass (the daemon was idle, or another
+        // process expired): nobody is waiting on this connection, so they go now.
+        *graves = true;
         while *graves {
             let (dropped, more) = partitions::reap_one(conn, database)?;
             *graves = more;

@@ -301,8 +301,9 @@ impl PostgresStorage {
         span_us: i64,
     ) -> Result<(u64, bool), Fail> {
         let mut laps = server::Laps::start("postgresql: expiry");
-        // Graves no batch has reaped since an earlier pass (the daemon was idle): nobody is
-        // waiting on this connection, so they go now.
+        // Graves no batch has reaped since an earlier pass (the daemon was idle, or another
+        // process expired): nobody is waiting on this connection, so they go now.
+        conn.graves = conn.graves || partitions::graves_pending(&mut conn.client)?;
         while conn.graves {
             conn.graves = partitions::reap_one(&mut conn.client)?.1;
         }

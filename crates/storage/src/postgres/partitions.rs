@@ -207,6 +207,7 @@ fn bury_one(client: &mut Client, r: Range, levels: &[Granularity]) -> Result<Opt
         "DELETE FROM sample_partition WHERE lo = $1 AND hi = $2",
         &[&r.lo, &r.hi],
     )?;
+    tx.execute("UPDATE expired_before SET us = GREATEST(us, $1)", &[&r.hi])?;
     let counted = std::time::Instant::now();
     tx.commit()?;
     let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
@@ -223,7 +224,8 @@ fn bury_one(client: &mut Client, r: Range, levels: &[Granularity]) -> Result<Opt
 
 /// The rows of the partition `r`, detached as `table`, and where the number came from: from
 /// `rollup_meter` when a level counts its range exactly (`crate::rollup::counting_granularity`;
-/// a partition holds exactly its range), one index range per meter; else an exact `COUNT(*)`
+/// a partition holds exactly its range) and no earlier expiry reached into the range
+/// (`expired_before`), one index range per meter; else an exact `COUNT(*)`
 /// for a partition of up to [`COUNT_UP_TO_BYTES`] and above that the statistics system's
 /// live-row count (inserts minus deletes, exact for a partition only inserted into until
 /// `ANALYZE` replaces it by its estimate), or else the planner's estimate.
@@ -239,7 +241,13 @@ fn rows_of(
         .iter()
         .map(|row| (row.get::<_, i64>(0).max(0) as u64, row.get(1)))
         .collect();
-    if let Some(g) = crate::rollup::counting_granularity(levels, &complete, r.lo, r.hi, now) {
+    // A partition made again for a span expired before: its rollups count those samples too.
+    let expired_before: Option<i64> = tx
+        .query_opt("SELECT MAX(us) FROM expired_before", &[])?
+        .and_then(|row| row.get(0));
+    let fresh = expired_before.is_none_or(|us| r.lo >= us);
+    let level = crate::rollup::counting_granularity(levels, &complete, r.lo, r.hi, now);
+    if let Some(g) = level.filter(|_| fresh) {
         let n: i64 = tx
             .query_one(
                 "SELECT COALESCE(SUM(x.n), 0)::BIGINT FROM meter m CROSS JOIN LATERAL
