@@ -453,7 +453,7 @@ fn rows_of(
     // A partition made again for a span expired before: its rollups count those samples too.
     let expired_before: Option<Option<i64>> =
         conn.query_first("SELECT MAX(us) FROM expired_before")?;
-    let fresh = expired_before.flatten().is_none_or(|us| lo >= us);
+    let fresh = expired_before.flatten().map_or(true, |us| lo >= us);
     let exact =
         crate::rollup::counting_granularity(levels, &complete, lo, hi, now).filter(|_| fresh);
     if let Some(g) = exact {

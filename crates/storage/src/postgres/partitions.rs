@@ -245,7 +245,7 @@ fn rows_of(
     let expired_before: Option<i64> = tx
         .query_opt("SELECT MAX(us) FROM expired_before", &[])?
         .and_then(|row| row.get(0));
-    let fresh = expired_before.is_none_or(|us| r.lo >= us);
+    let fresh = expired_before.map_or(true, |us| r.lo >= us);
     let level = crate::rollup::counting_granularity(levels, &complete, r.lo, r.hi, now);
     if let Some(g) = level.filter(|_| fresh) {
         let n: i64 = tx
