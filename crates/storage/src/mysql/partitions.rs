@@ -382,17 +382,24 @@ fn bury_one(conn: &mut MyConn, p: &Part, levels: &[Granularity], shape: &str) ->
     let grave = format!("{GRAVE_PREFIX}{}_{now}", p.name);
     conn.query_drop(format!("CREATE TABLE `{grave}` {shape}"))?;
     let t2 = std::time::Instant::now();
-    conn.query_drop(format!(
-        "ALTER TABLE sample EXCHANGE PARTITION {} WITH TABLE `{grave}`",
-        p.name
-    ))?;
+    // Both statements under one table lock: the writers' batch in flight is waited for once
+    // (each `ALTER TABLE` alone waited for one, and a batch takes ~0.2 s on a 1 M-row store).
+    conn.query_drop(format!("LOCK TABLES sample WRITE, `{grave}` WRITE"))?;
     let t3 = std::time::Instant::now();
-    conn.query_drop(format!("ALTER TABLE sample DROP PARTITION {}", p.name))?;
+    let swapped = conn
+        .query_drop(format!(
+            "ALTER TABLE sample EXCHANGE PARTITION {} WITH TABLE `{grave}`",
+            p.name
+        ))
+        .and_then(|()| conn.query_drop(format!("ALTER TABLE sample DROP PARTITION {}", p.name)));
+    let unlocked = conn.query_drop("UNLOCK TABLES");
+    swapped?;
+    unlocked?;
     expired_below(conn, p.range.hi)?;
     let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
     log::info!(
         "mysql: expired sample partition {} ({rows} samples, from {source}) into {grave}; \
-         count {:.1} ms, grave made {:.1} ms, exchange {:.1} ms, drop partition {:.1} ms",
+         count {:.1} ms, grave made {:.1} ms, lock {:.1} ms, exchange and drop partition {:.1} ms",
         p.name,
         ms(t0, t1),
         ms(t1, t2),
