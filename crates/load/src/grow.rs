@@ -256,7 +256,8 @@ pub fn query(url: &str, start_us: i64, end_us: i64, runs: usize) -> Result<Json>
 /// calls of `batch` fresh samples to the daemon there and report how long each waited. On
 /// SQLite, expiry hides a chunk at once and its pages are reclaimed in steps after batches:
 /// then the reclaim is also run to the end here, timing each step (the longest hold of the
-/// write lock), while the probe keeps going.
+/// write lock), while the probe keeps going. On the server drivers, the tables expired
+/// partitions were moved into are dropped the same way, one per step.
 pub fn expire(
     url: &str,
     ttl: u64,
@@ -315,6 +316,23 @@ pub fn expire(
         };
         let secs = t0.elapsed().as_secs_f64();
         let mut reclaim = None;
+        if let (Some(st), Ok(_)) = (other.as_mut(), &result) {
+            // Server drivers: the tables expired partitions were moved into, dropped one per
+            // step (the daemon's workers do it after their next batches).
+            let (t1, mut steps, mut longest) = (Instant::now(), 0u64, 0f64);
+            loop {
+                let t = Instant::now();
+                if !st.retention_step()? {
+                    break;
+                }
+                longest = longest.max(t.elapsed().as_secs_f64() * 1e3);
+                steps += 1;
+            }
+            reclaim = Some(json!({
+                "steps": steps, "rows": 0, "max_step_ms": longest,
+                "seconds": t1.elapsed().as_secs_f64(),
+            }));
+        }
         if let (Some(sq), Ok(_)) = (sqlite.as_mut(), &result) {
             let (t1, mut steps, mut rows, mut longest) = (Instant::now(), 0u64, 0u64, 0f64);
             while max_reclaim_steps.is_none_or(|m| steps < m) {

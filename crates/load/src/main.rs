@@ -274,6 +274,9 @@ fn watched(
 }
 
 fn main() {
+    // The drivers' own log lines (e.g. RUST_LOG=storage=debug: where expiry's time went), on
+    // stderr; nothing by default, so stdout stays one JSON object.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off")).init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(v) => println!("{v}"),

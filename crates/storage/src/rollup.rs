@@ -154,6 +154,42 @@ pub fn exact_granularity(
         .copied()
 }
 
+/// The coarsest configured granularity whose `rollup_meter` buckets count the samples of the
+/// time range `[lo, hi)` (µs) exactly, for expiry to report a partition's rows without reading
+/// them: every inserted sample is counted once at every level, in its batch's transaction, so
+/// the buckets of a level that tile the range sum to its samples, provided none of them is past
+/// the level's retention at `now_us` and the level has been complete since `lo` (`complete`:
+/// `rollup_level`'s (granularity, complete_from) rows). The caller makes sure that no sample
+/// outside the range is stored with the range's samples.
+pub fn counting_granularity(
+    grans: &[Granularity],
+    complete: &[(u64, i64)],
+    lo: i64,
+    hi: i64,
+    now_us: i64,
+) -> Option<Granularity> {
+    grans
+        .iter()
+        .filter(|g| g.seconds > 0 && lo < hi)
+        .filter(|g| lo.rem_euclid(g.micros()) == 0 && hi.rem_euclid(g.micros()) == 0)
+        .filter(|g| {
+            g.retention_seconds == 0
+                || lo
+                    >= now_us.saturating_sub(
+                        i64::try_from(g.retention_seconds)
+                            .unwrap_or(i64::MAX)
+                            .saturating_mul(1_000_000),
+                    )
+        })
+        .filter(|g| {
+            complete
+                .iter()
+                .any(|&(s, from)| s == g.seconds && from <= lo)
+        })
+        .max_by_key(|g| g.seconds)
+        .copied()
+}
+
 /// One bucket row read back from a rollup: its start (µs), the meter row's unit, the aggregate.
 pub struct BucketRow {
     pub bucket: i64,
@@ -282,6 +318,38 @@ mod tests {
         let old = Some(datetime!(2026-01-01 00:00 UTC));
         assert_eq!(pick(&filter(old, end), Some(3600)), None);
         assert_eq!(pick(&filter(old, end), Some(86_400)), Some(86_400));
+    }
+
+    #[test]
+    fn a_partition_is_counted_by_the_coarsest_level_tiling_it_within_retention() {
+        let hour = Granularity {
+            seconds: 3600,
+            retention_seconds: 90 * 86_400,
+        };
+        let day = Granularity {
+            seconds: 86_400,
+            retention_seconds: 0,
+        };
+        let grans = [hour, day];
+        let d = 86_400_000_000i64;
+        let now = 100 * d;
+        let all = [(3600, i64::MIN), (86_400, i64::MIN)];
+        let count = |complete: &[(u64, i64)], lo, hi, now| {
+            counting_granularity(&grans, complete, lo, hi, now).map(|g| g.seconds)
+        };
+        assert_eq!(count(&all, 95 * d, 96 * d, now), Some(86_400));
+        // An hourly partition: the daily buckets do not tile it.
+        assert_eq!(count(&all, 95 * d, 95 * d + d / 24, now), Some(3600));
+        // Unaligned: neither.
+        assert_eq!(count(&all, 95 * d + 1, 96 * d, now), None);
+        // The daily level registered later than the partition's start: the hourly one.
+        assert_eq!(
+            count(&[(3600, i64::MIN), (86_400, 96 * d)], 95 * d, 96 * d, now),
+            Some(3600)
+        );
+        // The hourly buckets past their 90 days are gone; a daily level never registered.
+        assert_eq!(count(&[(3600, i64::MIN)], 5 * d, 6 * d, now), None);
+        assert_eq!(count(&[], 95 * d, 96 * d, now), None);
     }
 
     #[test]

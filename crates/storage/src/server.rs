@@ -540,6 +540,50 @@ impl<C> Link<C> {
 /// the failed attempt, so retrying is safe.
 pub const CONFLICT_RETRIES: usize = 3;
 
+/// Wall-clock time of the phases of a maintenance call (expiry), logged at debug level in
+/// one line, so an operator (or the bench, with `RUST_LOG=storage=debug`) sees where the time
+/// went without a profiler.
+pub struct Laps {
+    what: &'static str,
+    started: Instant,
+    last: Instant,
+    laps: Vec<(&'static str, Duration)>,
+}
+
+impl Laps {
+    pub fn start(what: &'static str) -> Self {
+        let now = Instant::now();
+        Laps {
+            what,
+            started: now,
+            last: now,
+            laps: Vec::new(),
+        }
+    }
+
+    /// The phase `name` ended now.
+    pub fn lap(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.laps.push((name, now - self.last));
+        self.last = now;
+    }
+
+    /// Log the phases (debug level).
+    pub fn log(&self) {
+        if log::log_enabled!(log::Level::Debug) {
+            let mut line = String::new();
+            for (name, d) in &self.laps {
+                let _ = write!(line, ", {name} {:.1}", d.as_secs_f64() * 1e3);
+            }
+            log::debug!(
+                "{}: {:.1} ms{line} (ms)",
+                self.what,
+                self.started.elapsed().as_secs_f64() * 1e3
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

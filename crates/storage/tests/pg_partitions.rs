@@ -377,6 +377,12 @@ fn version_2_database_migrates_to_partitions_keeping_rows_and_rollups() {
         t.scalar("SELECT COUNT(*) FROM pg_class WHERE relname = 'sample_v2'"),
         0
     );
+    // Version 2 expired by deleting rows, whose rollups stay: expiry counts from the rollups
+    // only from the oldest partition on.
+    assert_eq!(
+        t.scalar("SELECT us FROM expired_before"),
+        t.scalar("SELECT MIN(lo) FROM sample_partition")
+    );
     let mut c = pg(&t);
     let ids_after: Vec<(i64, String)> = c
         .query("SELECT id, message_id FROM sample ORDER BY id", &[])
@@ -628,4 +634,134 @@ fn expiry_gives_up_quickly_when_sample_is_busy_and_drops_later() {
     tx.commit().unwrap();
     assert_eq!(db.clear_expired_metering_data(86_400).unwrap(), 1);
     assert!(!attached(&t).contains(&day_partition(old)));
+}
+
+/// The graves (expired partitions, detached and renamed) waiting to be dropped.
+fn graves(t: &TestDb) -> Vec<String> {
+    pg(t)
+        .query(
+            "SELECT relname::TEXT FROM pg_class
+              WHERE relkind = 'r' AND relname LIKE 'sample\\_expired\\_%' ORDER BY relname",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Expiry detaches a partition into a grave table, out of every query at once, and leaves
+/// deleting its files to a later step: meanwhile a late sample makes a partition of the same
+/// name; a handle opened afterwards (a restart) finds the grave and drops it after its first
+/// batch; an expiry with no batch since the last one drops the graves left; and
+/// `retention_step` drops one when asked.
+#[test]
+fn expired_partitions_wait_in_graves_that_later_steps_drop() {
+    let t = TestDb::new(Kind::Postgres);
+    let mut db = t.open();
+    let old = today() - Duration::days(5);
+    let batch: Vec<_> = (0..3)
+        .map(|i| {
+            let ts = old + Duration::hours(i);
+            sample(&format!("old-{i}"), "cpu", "r", &iso(ts), 1.0)
+        })
+        .collect();
+    assert_eq!(db.record_metering_data(&batch).unwrap().stored, 3);
+    let mut janitor = t.open();
+    assert_eq!(janitor.clear_expired_metering_data(3 * 86_400).unwrap(), 3);
+    let first = graves(&t);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(first[0].starts_with(&format!("sample_expired_{}_", us(old))));
+    assert!(!attached(&t).contains(&day_partition(old)));
+    assert_eq!(t.scalar("SELECT COUNT(*) FROM sample"), 0);
+    assert_eq!(t.scalar(&format!("SELECT COUNT(*) FROM {}", first[0])), 3);
+    // A late sample for that day: a partition of the same name, beside the grave (`db` was
+    // opened before the burial and does not look for graves).
+    let late = old + Duration::hours(20);
+    let out = db
+        .record_metering_data(&[sample("late", "cpu", "r", &iso(late), 1.0)])
+        .unwrap();
+    assert_eq!(out.stored, 1);
+    assert!(attached(&t).contains(&day_partition(old)));
+    assert_eq!(graves(&t), first);
+    // A restart: the new handle finds the grave; its first batch is stored, then drops it.
+    drop(janitor);
+    let mut restarted = t.open();
+    let now = OffsetDateTime::now_utc() - Duration::seconds(1);
+    let out = restarted
+        .record_metering_data(&[sample("new", "cpu", "r", &iso(now), 1.0)])
+        .unwrap();
+    assert_eq!(out.stored, 1);
+    assert!(graves(&t).is_empty());
+    assert_eq!(t.scalar("SELECT COUNT(*) FROM sample"), 2);
+    // The day again (its late sample): another grave, which the next expiry drops when no
+    // batch came between (an idle daemon).
+    assert_eq!(
+        restarted.clear_expired_metering_data(3 * 86_400).unwrap(),
+        1
+    );
+    let second = graves(&t);
+    assert_eq!(second.len(), 1);
+    assert_ne!(second, first);
+    assert_eq!(
+        restarted.clear_expired_metering_data(3 * 86_400).unwrap(),
+        0
+    );
+    assert!(graves(&t).is_empty());
+    assert!(!restarted.retention_step().unwrap());
+    let ids: Vec<_> = restarted
+        .get_samples(&SampleFilter::default())
+        .unwrap()
+        .into_iter()
+        .map(|s| s.message_id)
+        .collect();
+    assert_eq!(ids, ["new"]);
+}
+
+/// The rows expiry reports come from the rollups when a level counts the partition exactly,
+/// and else from the partition: without rollup levels, or with an hourly span the daily level
+/// does not tile (the hourly one does), the number is the same.
+#[test]
+fn expiry_reports_exact_rows_with_and_without_rollups() {
+    for (rollups, span) in [
+        (Vec::new(), 86_400),
+        (storage::rollup::default_granularities(), 86_400),
+        (storage::rollup::default_granularities(), 3600),
+        (
+            vec![storage::rollup::Granularity {
+                seconds: 86_400,
+                retention_seconds: 0,
+            }],
+            3600,
+        ),
+    ] {
+        let t = TestDb::new(Kind::Postgres);
+        let opts = StorageOptions {
+            rollups: rollups.clone(),
+            partition_span_seconds: span,
+            ..Default::default()
+        };
+        let mut db = storage::open(&t.url, &opts).unwrap();
+        let old = today() - Duration::days(5);
+        let batch: Vec<_> = (0..7)
+            .map(|i| {
+                let ts = old + Duration::minutes(7 * i);
+                sample(
+                    &format!("c-{i}"),
+                    "cpu",
+                    &format!("r{}", i % 3),
+                    &iso(ts),
+                    1.0,
+                )
+            })
+            .collect();
+        assert_eq!(db.record_metering_data(&batch).unwrap().stored, 7);
+        // A retry counts nowhere.
+        assert_eq!(db.record_metering_data(&batch).unwrap().duplicates, 7);
+        assert_eq!(
+            db.clear_expired_metering_data(3 * 86_400).unwrap(),
+            7,
+            "rollups {rollups:?}, span {span}"
+        );
+    }
 }

@@ -78,6 +78,10 @@ pub struct MysqlStorage {
     span_us: i64,
     /// The partitions this handle knows of.
     parts: partitions::Known,
+    /// Whether graves (tables holding expired partitions' rows) may be waiting to be dropped:
+    /// true at open (a restart resumes), set by expiry, cleared by the step that finds none.
+    /// While set, every batch is followed by one [`partitions::reap_one`].
+    graves: bool,
 }
 
 /// Why a write or read failed: the client's error, or one of ours.
@@ -97,6 +101,10 @@ const MAX_TEXT: usize = 255;
 
 /// Multi-row INSERT sizes, largest that fits first: any batch in at most ten statements.
 const CHUNK_SIZES: [usize; 10] = [512, 256, 128, 64, 32, 16, 8, 4, 2, 1];
+
+/// Expiry deletes at most this many orphaned resources (with their metadata rows) per
+/// transaction holding the cache epoch, which writers wait for.
+const ORPHAN_CHUNK: usize = 100;
 
 /// Rollup retention deletes at most this many old buckets per statement (and transaction).
 const RETENTION_CHUNK: u64 = 10_000;
@@ -142,6 +150,7 @@ impl MysqlStorage {
                 .clamp(1, 100 * 365 * 86_400)
                 * 1_000_000,
             parts: partitions::Known::default(),
+            graves: true,
         };
         match connect(
             &st.opts,
@@ -199,6 +208,23 @@ impl MysqlStorage {
         f(conn).map_err(|e| self.fail(e))
     }
 
+    /// After a committed batch, one grave dropped while any are waiting. A failure is logged
+    /// and the step taken again after the next batch; it never fails the batch.
+    fn reap_after_batch(&mut self) {
+        if !self.graves {
+            return;
+        }
+        let db = self.database.clone();
+        let Ok(conn) = self.conn() else { return };
+        match partitions::reap_one(conn, &db) {
+            Ok((_, more)) => self.graves = more,
+            Err(e) => {
+                let err = self.fail(e);
+                log::warn!("{}: dropping an expired partition: {err}", self.link.what);
+            }
+        }
+    }
+
     /// Retention: rollup buckets past their level's retention, then the sample partitions
     /// entirely older than `cutoff`, then the meter, resource and metadata rows nothing refers
     /// to any more.
@@ -207,7 +233,20 @@ impl MysqlStorage {
         database: &str,
         levels: &[Granularity],
         cutoff: OffsetDateTime,
+        graves: &mut bool,
     ) -> Result<(u64, bool), Fail> {
+        let mut laps = server::Laps::start("mysql: expiry");
+        // Graves no batch has reaped since an earlier pass (the daemon was idle, or another
+        // process expired): nobody is waiting on this connection, so they go now.
+        *graves = true;
+        while *graves {
+            let (dropped, more) = partitions::reap_one(conn, database)?;
+            *graves = more;
+            if dropped.is_none() {
+                break;
+            }
+        }
+        laps.lap("earlier graves");
         let now = to_micros(OffsetDateTime::now_utc());
         // rollup_resource's primary key begins with (granularity, bucket), so a level's old
         // buckets are one range of it, deleted RETENTION_CHUNK rows per statement, each
@@ -236,67 +275,106 @@ impl MysqlStorage {
                 (g.seconds, before),
             )?;
         }
-        let total = partitions::drop_expired(conn, database, to_micros(cutoff))?;
+        laps.lap("rollup retention");
+        // Meters stay while a rollup refers to them: rollups outlive samples.
+        const METER_KEPT: &str =
+            "NOT EXISTS (SELECT 1 FROM rollup_meter b WHERE b.meter_id = t.id)";
+        let (total, buried, (res_c, met_c)) =
+            partitions::bury_expired(conn, database, to_micros(cutoff), levels, |conn, left| {
+                laps.lap("partitions");
+                // Candidates first, by plain reads that hold nothing: the writers then wait
+                // only for the re-check of these few rows, not for a pass over every resource.
+                // The fullest partitions first (InnoDB's estimate), newest first among equals:
+                // nearly every live row is found in the first.
+                let sizes: Vec<(String, u64)> = conn.query(
+                    "SELECT PARTITION_NAME, TABLE_ROWS FROM information_schema.PARTITIONS
+                      WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'sample'",
+                )?;
+                let size = |p: &partitions::Part| {
+                    sizes
+                        .iter()
+                        .find(|(n, _)| *n == p.name)
+                        .map_or(0, |(_, r)| *r)
+                };
+                let mut order: Vec<&partitions::Part> = left.iter().collect();
+                order.sort_by_key(|p| std::cmp::Reverse(size(p)));
+                let res_c =
+                    unreferenced(conn, &order, "resource", "internal_id", "resource_id", None)?;
+                laps.lap("orphan resources");
+                let met_c =
+                    unreferenced(conn, &order, "meter", "id", "meter_id", Some(METER_KEPT))?;
+                laps.lap("orphan meters");
+                Ok((res_c, met_c))
+            })?;
+        if buried > 0 {
+            *graves = true;
+        }
         const RES_ORPHAN: &str =
             "NOT EXISTS (SELECT 1 FROM sample s WHERE s.resource_id = resource.internal_id)";
-        // Meters stay while a rollup refers to them: rollups outlive samples.
         const METER_ORPHAN: &str = "NOT EXISTS (SELECT 1 FROM sample s WHERE s.meter_id = meter.id)
             AND NOT EXISTS (SELECT 1 FROM rollup_meter b WHERE b.meter_id = meter.id)";
-        // Candidates first, by plain reads that hold nothing: the writers then wait only for
-        // the re-check of these few rows, not for a pass over every resource.
-        let res_c: Vec<i64> = conn.query(format!(
-            "SELECT internal_id FROM resource WHERE {RES_ORPHAN}"
-        ))?;
-        let met_c: Vec<i64> = conn.query(format!("SELECT id FROM meter WHERE {METER_ORPHAN}"))?;
         if res_c.is_empty() && met_c.is_empty() {
+            laps.log();
             return Ok((total, false));
         }
-        let list = |ids: &[i64]| {
-            ids.iter()
-                .map(i64::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        conn.query_drop("START TRANSACTION")?;
-        let result = (|| -> Result<bool, Fail> {
-            // Writers hold this row in share mode for their whole batch: this waits for them
-            // and queues new ones behind it, so no batch uses an id deleted here.
-            conn.query_drop("SELECT epoch FROM cache_epoch WHERE id = 1 FOR UPDATE")?;
-            let mut resources = 0;
-            for chunk in res_c.chunks(1000) {
-                let ids = list(chunk);
-                conn.query_drop(format!(
-                    "DELETE FROM metadata WHERE id IN
-                       (SELECT internal_id FROM resource WHERE internal_id IN ({ids})
-                           AND {RES_ORPHAN})"
-                ))?;
-                conn.query_drop(format!(
-                    "DELETE FROM resource WHERE internal_id IN ({ids}) AND {RES_ORPHAN}"
-                ))?;
-                resources += conn.affected_rows();
-            }
-            let mut meters = 0;
-            if !met_c.is_empty() {
-                conn.query_drop(format!(
-                    "DELETE FROM meter WHERE id IN ({}) AND {METER_ORPHAN}",
-                    list(&met_c)
-                ))?;
-                meters = conn.affected_rows();
-            }
-            let bumped = resources + meters > 0;
-            if bumped {
-                conn.query_drop("UPDATE cache_epoch SET epoch = epoch + 1 WHERE id = 1")?;
-            }
-            conn.query_drop("COMMIT")?;
-            Ok(bumped)
-        })();
-        match result {
-            Ok(bumped) => Ok((total, bumped)),
-            Err(e) => {
-                let _ = conn.query_drop("ROLLBACK");
-                Err(e)
+        let list = id_list;
+        // A few resources per transaction: the writers wait for one chunk at a time (2,000
+        // orphaned resources with their metadata rows in one transaction held them 0.82 s).
+        let mut bumped = false;
+        let res_chunks: Vec<&[i64]> = res_c.chunks(ORPHAN_CHUNK).collect();
+        let last = res_chunks.len().saturating_sub(1);
+        for (i, chunk) in res_chunks
+            .iter()
+            .copied()
+            .chain(
+                // Meters go with the last chunk (or alone when no resource is orphaned).
+                res_chunks.is_empty().then_some(&[][..]),
+            )
+            .enumerate()
+        {
+            let meters = if i == last { &met_c[..] } else { &[][..] };
+            conn.query_drop("START TRANSACTION")?;
+            let result = (|| -> Result<bool, Fail> {
+                // Writers hold this row in share mode for their whole batch: this waits for
+                // them and queues new ones behind it, so no batch uses an id deleted here.
+                conn.query_drop("SELECT epoch FROM cache_epoch WHERE id = 1 FOR UPDATE")?;
+                let mut deleted = 0;
+                if !chunk.is_empty() {
+                    let ids = list(chunk);
+                    conn.query_drop(format!(
+                        "DELETE FROM metadata WHERE id IN
+                           (SELECT internal_id FROM resource WHERE internal_id IN ({ids})
+                               AND {RES_ORPHAN})"
+                    ))?;
+                    conn.query_drop(format!(
+                        "DELETE FROM resource WHERE internal_id IN ({ids}) AND {RES_ORPHAN}"
+                    ))?;
+                    deleted += conn.affected_rows();
+                }
+                if !meters.is_empty() {
+                    conn.query_drop(format!(
+                        "DELETE FROM meter WHERE id IN ({}) AND {METER_ORPHAN}",
+                        list(meters)
+                    ))?;
+                    deleted += conn.affected_rows();
+                }
+                if deleted > 0 {
+                    conn.query_drop("UPDATE cache_epoch SET epoch = epoch + 1 WHERE id = 1")?;
+                }
+                conn.query_drop("COMMIT")?;
+                Ok(deleted > 0)
+            })();
+            match result {
+                Ok(b) => bumped |= b,
+                Err(e) => {
+                    let _ = conn.query_drop("ROLLBACK");
+                    return Err(e);
+                }
             }
         }
+        laps.lap("orphan deletion");
+        laps.log();
+        Ok((total, bumped))
     }
 }
 
@@ -360,6 +438,7 @@ impl Storage for MysqlStorage {
             outcome.stored = rows.len() - dups.len();
             outcome.duplicate_indices.extend(dups);
             outcome.duplicate_indices.sort_unstable();
+            self.reap_after_batch();
         }
         outcome.duplicates = outcome.duplicate_indices.len();
         Ok(outcome)
@@ -395,6 +474,11 @@ impl Storage for MysqlStorage {
         self.read(|c| query::statistics_from(c, filter, period, &levels, now))
     }
 
+    fn retention_step(&mut self) -> Result<bool, StorageError> {
+        let db = self.database.clone();
+        self.read(|c| Ok(partitions::reap_one(c, &db)?.0.is_some()))
+    }
+
     fn clear_expired_metering_data(&mut self, ttl_seconds: u64) -> Result<u64, StorageError> {
         let ttl = time::Duration::seconds(i64::try_from(ttl_seconds).unwrap_or(i64::MAX / 2));
         // DATETIME starts at year 1000: nothing is older than that.
@@ -403,8 +487,11 @@ impl Storage for MysqlStorage {
             .checked_sub(ttl)
             .map_or(floor, |c| c.max(floor));
         let (db, levels) = (self.database.clone(), self.levels.clone());
+        let mut graves = self.graves;
         let conn = self.conn()?;
-        match Self::expire(conn, &db, &levels, cutoff) {
+        let result = Self::expire(conn, &db, &levels, cutoff, &mut graves);
+        self.graves = graves;
+        match result {
             Ok((n, bumped)) => {
                 if bumped {
                     self.clear_caches();
@@ -789,6 +876,62 @@ fn check_fits(s: &Sample, ts: OffsetDateTime) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `ids` as an SQL list.
+fn id_list(ids: &[i64]) -> String {
+    ids.iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Rows of `table` (`t`, key `id`) no sample refers to by `col`, and for which `kept` (over
+/// `t`) does not hold: candidates for deletion, re-checked under the epoch lock. Found one
+/// partition at a time, in `order`: an index probe per row still a candidate into that one
+/// partition, and nearly every live row is found in the first. A probe of the partitioned
+/// table goes to every partition: 385 ms (warm) to 925 ms for 2,000 resources at 1 M samples
+/// over 9 partitions, against 20 ms for one partition.
+fn unreferenced(
+    conn: &mut MyConn,
+    order: &[&partitions::Part],
+    table: &str,
+    id: &str,
+    col: &str,
+    kept: Option<&str>,
+) -> Result<Vec<i64>, Fail> {
+    let kept = kept.map_or(String::new(), |k| format!("{k} AND "));
+    if order.is_empty() {
+        return Ok(conn.query(format!(
+            "SELECT t.{id} FROM {table} t WHERE {kept}
+               NOT EXISTS (SELECT 1 FROM sample s WHERE s.{col} = t.{id})"
+        ))?);
+    }
+    let mut candidates: Option<Vec<i64>> = None;
+    for p in order {
+        let probe = format!(
+            "NOT EXISTS (SELECT 1 FROM sample PARTITION ({}) s WHERE s.{col} = t.{id})",
+            p.name
+        );
+        let next: Vec<i64> = match &candidates {
+            None => conn.query(format!("SELECT t.{id} FROM {table} t WHERE {kept}{probe}"))?,
+            Some(c) => {
+                let mut out = Vec::new();
+                for chunk in c.chunks(1000) {
+                    out.extend(conn.query::<i64, _>(format!(
+                        "SELECT t.{id} FROM {table} t WHERE t.{id} IN ({}) AND {probe}",
+                        id_list(chunk)
+                    ))?);
+                }
+                out
+            }
+        };
+        if next.is_empty() {
+            return Ok(next);
+        }
+        candidates = Some(next);
+    }
+    Ok(candidates.unwrap_or_default())
 }
 
 /// An instant as a MySQL `DATETIME(6)` value (UTC).

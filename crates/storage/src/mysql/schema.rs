@@ -115,7 +115,7 @@ const V2_TABLES: &[&str] = &[
 
 /// The version this build writes.
 pub fn current_version() -> i64 {
-    2
+    3
 }
 
 fn read_version(conn: &mut MyConn) -> Result<Option<i64>, Fail> {
@@ -200,6 +200,28 @@ fn migrate_locked(conn: &mut MyConn, levels: &[Granularity], span_us: i64) -> Re
         log::info!("mysql: migrating schema to version 2: time partitions and rollups");
         v2(conn, &coll, levels, span_us)?;
         conn.query_drop("UPDATE schema_version SET version = 2")?;
+    }
+    if found < 3 {
+        // Samples before this instant (µs) may have been expired, so rollup buckets there
+        // may count samples no partition holds: expiry counts a partition's rows from the
+        // rollups only above it. Every expiry drops the oldest partition, which holds every
+        // sample below its bound, so it moves up to that bound. A version 2 store starts at
+        // its oldest partition; a new or version 1 store (rollups just computed from every
+        // stored sample) at the beginning.
+        log::info!("mysql: migrating schema to version 3: expired_before");
+        conn.query_drop(
+            "CREATE TABLE IF NOT EXISTS expired_before (us BIGINT NOT NULL) ENGINE=InnoDB",
+        )?;
+        let from = match partitions::read(conn)?.first() {
+            Some(p) if found == 2 && p.name != partitions::CATCH_ALL => p.range.lo,
+            _ => i64::MIN,
+        };
+        conn.exec_drop(
+            "INSERT INTO expired_before (us) SELECT ? FROM DUAL
+              WHERE NOT EXISTS (SELECT 1 FROM expired_before)",
+            (from,),
+        )?;
+        conn.query_drop("UPDATE schema_version SET version = 3")?;
     }
     Ok(())
 }

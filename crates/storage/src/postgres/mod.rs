@@ -87,6 +87,10 @@ struct Conn {
     resource_insert: Statement,
     /// The sample partitions as this connection last read (or made) them.
     partitions: crate::partition::Partitions,
+    /// Whether graves (expired partitions, detached) may be waiting to be dropped: found at
+    /// connect (a restart resumes), set by expiry, cleared by the step that finds none. While
+    /// set, every batch is followed by one [`partitions::reap_one`].
+    graves: bool,
 }
 
 /// The hot path, one statement in autocommit mode (one round trip per batch): validated rows
@@ -272,12 +276,38 @@ impl PostgresStorage {
         }
     }
 
+    /// After a committed batch, one grave dropped while any are waiting. A failure is logged
+    /// and the step taken again after the next batch; it never fails the batch.
+    fn reap_after_batch(&mut self) {
+        let Ok(conn) = link_conn(&mut self.link, &self.config, &self.levels, self.span_us) else {
+            return;
+        };
+        if !conn.graves {
+            return;
+        }
+        match partitions::reap_one(&mut conn.client) {
+            Ok((_, more)) => conn.graves = more,
+            Err(e) => {
+                let err = self.fail(Fail::Pg(e));
+                log::warn!("{}: dropping an expired partition: {err}", self.link.what);
+            }
+        }
+    }
+
     fn expire(
         conn: &mut Conn,
         cutoff: OffsetDateTime,
         levels: &[crate::rollup::Granularity],
         span_us: i64,
     ) -> Result<(u64, bool), Fail> {
+        let mut laps = server::Laps::start("postgresql: expiry");
+        // Graves no batch has reaped since an earlier pass (the daemon was idle, or another
+        // process expired): nobody is waiting on this connection, so they go now.
+        conn.graves = conn.graves || partitions::graves_pending(&mut conn.client)?;
+        while conn.graves {
+            conn.graves = partitions::reap_one(&mut conn.client)?.1;
+        }
+        laps.lap("earlier graves");
         let client = &mut conn.client;
         // Rollup buckets past their own retention: a range on rollup_resource's key; the
         // per-meter table holds a few rows per meter and bucket.
@@ -297,17 +327,32 @@ impl PostgresStorage {
                 &[&gran, &before],
             )?;
         }
-        // Whole partitions entirely older than the cutoff: a DROP each, whatever their rows.
-        let total = partitions::drop_expired(client, crate::model::to_micros(cutoff))?;
+        laps.lap("rollup retention");
+        // Whole partitions entirely older than the cutoff: detached into graves, whatever their
+        // rows; the graves' files are deleted after the next batches (`reap`).
+        let (total, buried) =
+            partitions::bury_expired(client, crate::model::to_micros(cutoff), levels)?;
+        if buried > 0 {
+            conn.graves = true;
+        }
+        laps.lap("partitions");
+        let client = &mut conn.client;
         // Keep the partitions of now and the next span made ahead (the daemon calls this on a
         // timer, so a worker rarely has to make one on the hot path).
         partitions::ensure(client, &mut conn.partitions, &ahead(span_us), span_us)?;
+        laps.lap("partitions ahead");
         // Orphans: first the candidates, without any lock (writers go on meanwhile), then
         // those deleted under the locks if still orphaned. `OFFSET 0` keeps each NOT EXISTS a
         // per-row probe of the partitions' indexes, newest partition first for a live row; as
         // an anti-join the planner hashed every sample of the store (240 ms at 264k rows, 14
         // ms probed; EXPLAIN ANALYZE in docs/storage.md).
-        let orphan_resources: Vec<i64> = client
+        // Plain index scans, which stop at the first row, and no JIT: the planner, costing a
+        // probe by its estimate of a resource's rows, chose bitmap scans (which read every
+        // entry of the resource first) and compiled the query (60 ms on its own): 210 ms for
+        // 2,000 resources at 1 M samples, 12 ms as set here (EXPLAIN ANALYZE, docs/storage.md).
+        let mut tx = client.transaction()?;
+        tx.batch_execute("SET LOCAL jit = off; SET LOCAL enable_bitmapscan = off")?;
+        let orphan_resources: Vec<i64> = tx
             .query(
                 &format!("SELECT r.internal_id FROM resource r WHERE {ORPHAN_RESOURCE}"),
                 &[],
@@ -315,7 +360,8 @@ impl PostgresStorage {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let orphan_meters: Vec<i64> = client
+        laps.lap("orphan resources");
+        let orphan_meters: Vec<i64> = tx
             .query(
                 &format!("SELECT m.id FROM meter m WHERE {ORPHAN_METER}"),
                 &[],
@@ -323,7 +369,10 @@ impl PostgresStorage {
             .iter()
             .map(|r| r.get(0))
             .collect();
+        tx.commit()?;
+        laps.lap("orphan meters");
         if orphan_resources.is_empty() && orphan_meters.is_empty() {
+            laps.log();
             return Ok((total, false));
         }
         let mut tx = client.transaction()?;
@@ -346,6 +395,8 @@ impl PostgresStorage {
             tx.execute("UPDATE cache_epoch SET epoch = epoch + 1", &[])?;
         }
         tx.commit()?;
+        laps.lap("orphan deletion");
+        laps.log();
         Ok((total, bumped))
     }
 }
@@ -397,6 +448,7 @@ impl Storage for PostgresStorage {
             outcome.stored = rows.len() - dups.len();
             outcome.duplicate_indices.extend(dups);
             outcome.duplicate_indices.sort_unstable();
+            self.reap_after_batch();
         }
         outcome.duplicates = outcome.duplicate_indices.len();
         Ok(outcome)
@@ -430,6 +482,10 @@ impl Storage for PostgresStorage {
         let levels = self.levels.clone();
         let now = crate::model::to_micros(OffsetDateTime::now_utc());
         self.read(|c| query::statistics_from(c, filter, period, &levels, now))
+    }
+
+    fn retention_step(&mut self) -> Result<bool, StorageError> {
+        self.read(|c| Ok(partitions::reap_one(c)?.0.is_some()))
     }
 
     fn clear_expired_metering_data(&mut self, ttl_seconds: u64) -> Result<u64, StorageError> {
@@ -803,7 +859,9 @@ fn connect(
         Err(Fail::Pg(e)) => return Err(connect_error(what, &e)),
         Err(Fail::Storage(e)) => return Err(e),
     }
+    let graves = partitions::graves_pending(&mut client).map_err(|e| connect_error(what, &e))?;
     Ok(Conn {
+        graves,
         client,
         insert,
         insert_dedup,

@@ -127,8 +127,18 @@ CREATE TABLE sample_partition (
 );
 ";
 
+/// Version 4: `expired_before`, one row: samples before this instant (µs) may have been
+/// expired, so rollup buckets there may count samples no partition holds any more; expiry
+/// counts a partition's rows from the rollups only above it (`partitions::rows_of`). A store
+/// from version 3 starts at its oldest partition (earlier ones may have been dropped).
+const V4: &str = "
+CREATE TABLE expired_before (us BIGINT NOT NULL);
+INSERT INTO expired_before (us)
+    SELECT COALESCE(MIN(lo), (-9223372036854775807)::BIGINT - 1) FROM sample_partition;
+";
+
 /// Applied in order; entry `i` takes a database from version `i` to `i + 1`. Append only.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 /// The second half of version 3: a partition for every span holding version 2 samples, the
 /// rows copied in id order, the old table dropped.
