@@ -136,7 +136,7 @@ pub(super) fn samples(c: &mut Client, filter: &SampleFilter) -> Result<Vec<Store
     let mut w = Where::new(filter);
     if let Some(res) = &filter.resource_id {
         // A resource id usually has one resource row. Named as a constant, it lets the planner
-        // read each time partition's (resource_id, timestamp) index backwards, partitions
+        // read each time partition's (resource_id, meter_id, timestamp) index backwards, partitions
         // newest first, and stop at the limit; joined, it sorted all the resource's samples.
         let rows = c.query(
             "SELECT internal_id FROM resource WHERE resource_id = $1 LIMIT 2",
@@ -150,6 +150,20 @@ pub(super) fn samples(c: &mut Client, filter: &SampleFilter) -> Result<Vec<Store
                 Box::new(one.try_get::<_, i64>(0)?),
             ),
             _ => {}
+        }
+        // The meter row too, so each partition's (resource_id, meter_id, timestamp) index is
+        // read with both as constants, newest first, up to the limit.
+        if let Some(name) = &filter.meter {
+            let rows = c.query("SELECT id FROM meter WHERE name = $1 LIMIT 2", &[name])?;
+            match rows.as_slice() {
+                [] => return Ok(Vec::new()),
+                [one] => w.push(
+                    " AND s.meter_id = ",
+                    "",
+                    Box::new(one.try_get::<_, i64>(0)?),
+                ),
+                _ => {}
+            }
         }
     }
     let lim = w.placeholder(Box::new(limit(filter)));
