@@ -239,6 +239,52 @@ fn round(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
+/// Watch the SQLite file at `db` (if any) for the `count` samples a sender reports through
+/// `progress`.
+fn spawn_watcher(
+    db: Option<&std::path::Path>,
+    interval_ms: u64,
+    settle_ms: u64,
+    count: usize,
+    progress: &Arc<watch::Progress>,
+) -> Option<std::thread::JoinHandle<Result<watch::Observed>>> {
+    db.map(|db| {
+        watch::spawn(
+            watch::WatchOptions {
+                db: db.to_path_buf(),
+                interval: Duration::from_millis(interval_ms),
+                settle: Duration::from_millis(settle_ms),
+                limit: Duration::from_secs(60),
+            },
+            count,
+            progress.clone(),
+        )
+    })
+}
+
+/// The JSON line of a datagram or stream sender (`udp`, `tcp`): what it sent, how fast.
+fn sent_summary(
+    mode: &str,
+    to: SocketAddr,
+    sent: &udp::Sent,
+    rate: Option<f64>,
+    clients: usize,
+    p: &Payloads,
+) -> serde_json::Value {
+    let send_s = (sent.last_ns - sent.first_ns) as f64 / 1e9;
+    json!({
+        "mode": mode,
+        "to": to.to_string(),
+        "sent": sent.sent,
+        "send_failed": sent.failed,
+        "send_s": send_s,
+        "send_per_s": round(sent.sent as f64 / send_s.max(1e-9)),
+        "rate_asked": rate,
+        "clients": clients,
+        "mean_sample_bytes": p.total_bytes() / p.len().max(1),
+    })
+}
+
 /// Add what the watcher saw (stored, lost, stored/s, latencies) to a sender's JSON line.
 fn watched(
     out: &mut serde_json::Value,
@@ -317,32 +363,16 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
                 .map(|_| udp::connect(to))
                 .collect::<Result<Vec<_>>>()?;
             let progress = Arc::new(watch::Progress::default());
-            let watcher = watch_db.as_ref().map(|db| {
-                watch::spawn(
-                    watch::WatchOptions {
-                        db: db.clone(),
-                        interval: Duration::from_millis(watch_interval_ms),
-                        settle: Duration::from_millis(settle_ms),
-                        limit: Duration::from_secs(60),
-                    },
-                    count,
-                    progress.clone(),
-                )
-            });
+            let watcher = spawn_watcher(
+                watch_db.as_deref(),
+                watch_interval_ms,
+                settle_ms,
+                count,
+                &progress,
+            );
             let rcvbuf_before = udp_rcvbuf_errors();
             let sent = udp::send(&socks, &p, count, rate, &progress);
-            let send_s = (sent.last_ns - sent.first_ns) as f64 / 1e9;
-            let mut out = json!({
-                "mode": "udp",
-                "to": to.to_string(),
-                "sent": sent.sent,
-                "send_failed": sent.failed,
-                "send_s": send_s,
-                "send_per_s": round(sent.sent as f64 / send_s.max(1e-9)),
-                "rate_asked": rate,
-                "clients": socks.len(),
-                "mean_sample_bytes": p.total_bytes() / p.len().max(1),
-            });
+            let mut out = sent_summary("udp", to, &sent, rate, socks.len(), &p);
             if let Some(path) = &sends_out {
                 watch::save_sends(path, &sent.send_ns)?;
             }
@@ -367,31 +397,15 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
         } => {
             let p = payloads(count)?;
             let progress = Arc::new(watch::Progress::default());
-            let watcher = watch_db.as_ref().map(|db| {
-                watch::spawn(
-                    watch::WatchOptions {
-                        db: db.clone(),
-                        interval: Duration::from_millis(watch_interval_ms),
-                        settle: Duration::from_millis(settle_ms),
-                        limit: Duration::from_secs(60),
-                    },
-                    count,
-                    progress.clone(),
-                )
-            });
+            let watcher = spawn_watcher(
+                watch_db.as_deref(),
+                watch_interval_ms,
+                settle_ms,
+                count,
+                &progress,
+            );
             let (sent, open) = tcp::send(to, clients, &p, count, rate, &progress)?;
-            let send_s = (sent.last_ns - sent.first_ns) as f64 / 1e9;
-            let mut out = json!({
-                "mode": "tcp",
-                "to": to.to_string(),
-                "sent": sent.sent,
-                "send_failed": sent.failed,
-                "send_s": send_s,
-                "send_per_s": round(sent.sent as f64 / send_s.max(1e-9)),
-                "rate_asked": rate,
-                "clients": open.len(),
-                "mean_sample_bytes": p.total_bytes() / p.len().max(1),
-            });
+            let mut out = sent_summary("tcp", to, &sent, rate, open.len(), &p);
             if let (Some(w), Some(db)) = (watcher, watch_db.as_ref()) {
                 watched(&mut out, w, db, &sent, watch_interval_ms)?;
             }

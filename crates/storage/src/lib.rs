@@ -89,7 +89,8 @@ pub trait Storage: Send {
     /// One step of the work expiry leaves for later, if any is waiting: SQLite reclaims the
     /// pages of an expired chunk, the server drivers drop a table an expired partition was
     /// moved into. `Ok(false)` when there was nothing to do. Drivers take these steps
-    /// themselves after batches; this is for tools and tests.
+    /// themselves after batches; the daemon's writer takes them when it has no batch, and tools
+    /// and tests call it directly.
     fn retention_step(&mut self) -> Result<bool, StorageError> {
         Ok(false)
     }
