@@ -18,6 +18,7 @@ pub mod error;
 pub mod file;
 pub mod json;
 pub mod model;
+pub mod msgkey;
 pub mod mysql;
 pub mod partition;
 pub mod postgres;

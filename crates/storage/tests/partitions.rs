@@ -357,7 +357,7 @@ fn a_version_1_file_is_migrated_in_place() {
     let v: i64 = c
         .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(v, 3);
+    assert_eq!(v, storage::sqlite::schema::current_version());
     assert_eq!(chunk_tables(&path).len(), 2, "two days, two chunks");
     assert_eq!(db.get_samples(&SampleFilter::default()).unwrap().len(), 48);
     // Rollups were computed from the migrated samples.
@@ -487,7 +487,7 @@ fn expiry_hides_a_chunk_at_once_and_reclaims_it_in_bounded_steps_across_a_restar
             &format!("SELECT COUNT(*) FROM sqlite_master WHERE tbl_name = '{old_table}'"),
         )
     };
-    // The table, its message_id index and its two secondary indexes.
+    // The table, its message key's index and its two secondary indexes.
     assert_eq!(objects(&path), 4);
 
     let mut janitor = sqlite_at(&path, &opts);
@@ -503,7 +503,7 @@ fn expiry_hides_a_chunk_at_once_and_reclaims_it_in_bounded_steps_across_a_restar
     assert_eq!(count(&path, "SELECT COUNT(*) FROM sample"), 10);
     assert_eq!(count(&path, "SELECT COUNT(*) FROM sample_partition"), 1);
     // ... while its pages are reclaimed later: expiry itself took one bounded step (a small
-    // chunk: it dropped a secondary index).
+    // chunk: it dropped an index).
     assert_eq!(count(&path, "SELECT COUNT(*) FROM sample_graveyard"), 1);
     assert_eq!(objects(&path), 3);
     let rows_left =
@@ -529,9 +529,9 @@ fn expiry_hides_a_chunk_at_once_and_reclaims_it_in_bounded_steps_across_a_restar
     let rows: u64 = steps.iter().map(|s| s.rows).sum();
     assert_eq!(rows as usize, big, "every row reclaimed once");
     assert!(steps.last().unwrap().dropped);
-    // The other index, deletes of RECLAIM_ROWS down to RECLAIM_DROP_ROWS, then the drop.
+    // The other two indexes, deletes of RECLAIM_ROWS down to RECLAIM_DROP_ROWS, then the drop.
     let deletes = (big as i64 - RECLAIM_DROP_ROWS + RECLAIM_ROWS - 1) / RECLAIM_ROWS;
-    assert_eq!(steps.len() as i64, 1 + deletes + 1, "{steps:?}");
+    assert_eq!(steps.len() as i64, 2 + deletes + 1, "{steps:?}");
     assert!(steps[0].index.is_some());
     assert_eq!(count(&path, "SELECT COUNT(*) FROM sample_graveyard"), 0);
     assert_eq!(chunk_tables(&path).len(), 1);
@@ -570,7 +570,7 @@ fn batches_reclaim_an_expired_chunk_one_step_each_and_a_late_sample_starts_a_fre
         )
     };
 
-    // Another process expires the day (and takes one step: a secondary index).
+    // Another process expires the day (and takes one step: the message key's index).
     let mut janitor = storage::open(&url_for(&path), &opts).unwrap();
     let ttl = (OffsetDateTime::now_utc() - (today() - Duration::days(1))).whole_seconds() as u64;
     assert_eq!(
@@ -583,6 +583,9 @@ fn batches_reclaim_an_expired_chunk_one_step_each_and_a_late_sample_starts_a_fre
     let out = writer.record_metering_data(&day_batch(0, "a", 5)).unwrap();
     assert_eq!(out.stored, 5);
     assert_eq!((rows_left(), indexes()), (big as i64, 1));
+    let out = writer.record_metering_data(&day_batch(0, "a2", 5)).unwrap();
+    assert_eq!(out.stored, 5);
+    assert_eq!((rows_left(), indexes()), (big as i64, 0));
     let out = writer.record_metering_data(&day_batch(0, "b", 5)).unwrap();
     assert_eq!(out.stored, 5);
     assert_eq!(rows_left(), big as i64 - RECLAIM_ROWS);
@@ -609,7 +612,7 @@ fn batches_reclaim_an_expired_chunk_one_step_each_and_a_late_sample_starts_a_fre
     assert_eq!(out.stored, 5);
     assert_eq!(
         count(&path, "SELECT COUNT(*) FROM sample"),
-        1 + 1 + 5 + 5 + 5
+        1 + 1 + 5 + 5 + 5 + 5
     );
 }
 
@@ -629,7 +632,10 @@ fn a_version_2_file_gets_the_graveyard_at_open() {
         .execute_batch("DROP TABLE sample_graveyard; UPDATE schema_version SET version = 2")
         .unwrap();
     let mut db = storage::open(&url_for(&path), &opts).unwrap();
-    assert_eq!(count(&path, "SELECT version FROM schema_version"), 3);
+    assert_eq!(
+        count(&path, "SELECT version FROM schema_version"),
+        storage::sqlite::schema::current_version()
+    );
     let ttl = (OffsetDateTime::now_utc() - (today() - Duration::days(1))).whole_seconds() as u64;
     assert_eq!(db.clear_expired_metering_data(ttl).unwrap(), 5);
     assert_eq!(
@@ -638,6 +644,128 @@ fn a_version_2_file_gets_the_graveyard_at_open() {
         "a small chunk goes in expiry's own step"
     );
     assert_eq!(db.get_samples(&SampleFilter::default()).unwrap().len(), 5);
+}
+
+/// uuid1 `message_id`s of the same minute, their low clock bits wrapped at random (as
+/// `str(uuid.uuid1())` from many hosts), plus each one's key form as another id.
+fn uuid1_batch(days: i64, n: usize) -> Vec<meter::Sample> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let t = today() - Duration::days(days) + Duration::seconds(i as i64);
+        let low = (mix(i as u64) as u32) as u64;
+        let id = format!(
+            "{low:08x}-9e41-11ef-8a3c-{:012x}",
+            0x0242_ac12_0000 + i as u64
+        );
+        let key = storage::msgkey::message_key(&id).into_owned();
+        assert_ne!(key, id);
+        out.push(sample(&id, "cpu", "r", &iso(t), i as f64));
+        out.push(sample(&key, "cpu", "r", &iso(t), i as f64));
+    }
+    out
+}
+
+/// Version 4 indexes a new chunk's `message_id`s by their time-ordered key; a chunk made
+/// before keeps its `UNIQUE` column. Both must admit exactly the distinct ids: a retry is a
+/// duplicate in either, and an id and its key form are two samples.
+#[test]
+fn a_version_3_file_keeps_its_chunks_and_new_chunks_index_the_message_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let opts = StorageOptions::default();
+    let old = uuid1_batch(2, 50);
+    {
+        let mut db = storage::open(&url_for(&path), &opts).unwrap();
+        assert_eq!(db.record_metering_data(&old).unwrap().stored, 100);
+    }
+    // Turn that chunk into one made by version 3: a UNIQUE message_id column, no key index.
+    let c = Connection::open(&path).unwrap();
+    let chunk = chunk_tables(&path).remove(0);
+    let view: String = c
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE name = 'sample'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    c.execute_batch(&format!(
+        "DROP VIEW sample;
+         CREATE TABLE old_rows AS SELECT * FROM \"{chunk}\";
+         DROP TABLE \"{chunk}\";
+         CREATE TABLE \"{chunk}\" (id INTEGER PRIMARY KEY, meter_id INTEGER NOT NULL,
+           resource_id INTEGER NOT NULL, volume REAL NOT NULL, timestamp INTEGER NOT NULL,
+           recorded_at INTEGER NOT NULL, message_id TEXT NOT NULL UNIQUE, message_signature TEXT);
+         {view};
+         CREATE INDEX \"ix_{chunk}_meter_timestamp\" ON \"{chunk}\" (meter_id, timestamp);
+         CREATE INDEX \"ix_{chunk}_resource_timestamp\" ON \"{chunk}\" (resource_id, timestamp);
+         INSERT INTO \"{chunk}\" SELECT * FROM old_rows; DROP TABLE old_rows;
+         UPDATE schema_version SET version = 3;"
+    ))
+    .unwrap();
+    let mut db = storage::open(&url_for(&path), &opts).unwrap();
+    assert_eq!(
+        count(&path, "SELECT version FROM schema_version"),
+        storage::sqlite::schema::current_version()
+    );
+    let out = db.record_metering_data(&old).unwrap();
+    assert_eq!(
+        (out.stored, out.duplicates),
+        (0, 100),
+        "retry into the v3 chunk"
+    );
+
+    let new = uuid1_batch(0, 200);
+    let out = db.record_metering_data(&new).unwrap();
+    assert_eq!((out.stored, out.duplicates), (200 * 2, 0));
+    let out = db.record_metering_data(&new[..30]).unwrap();
+    assert_eq!(
+        (out.stored, out.duplicates),
+        (0, 30),
+        "retry into the v4 chunk"
+    );
+    // Duplicates inside one batch, too.
+    let mut twice = uuid1_batch(1, 3);
+    twice.extend(twice.clone());
+    let out = db.record_metering_data(&twice).unwrap();
+    assert_eq!((out.stored, out.duplicates), (6, 6));
+
+    let key_index = |table: &str| {
+        count(
+            &path,
+            &format!(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = '{table}'
+                   AND name LIKE '%message_key' AND sql LIKE '%GLOB%'"
+            ),
+        )
+    };
+    let tables = chunk_tables(&path);
+    assert_eq!(tables.len(), 3);
+    assert_eq!(key_index(&tables[0]), 0);
+    assert_eq!(key_index(&tables[1]), 1);
+    assert_eq!(key_index(&tables[2]), 1);
+    // The column keeps each id as sent.
+    let got = db.get_samples(&SampleFilter::default()).unwrap();
+    let mut ids: Vec<String> = got.into_iter().map(|s| s.message_id).collect();
+    ids.sort();
+    let mut want: Vec<String> = old
+        .iter()
+        .chain(&new)
+        .chain(&twice[..6])
+        .map(|s| s.message_id.clone())
+        .collect();
+    want.sort();
+    assert_eq!(ids, want);
+    // A client outside the daemon (the sqlite3 shell) can write the keyed chunk, and the
+    // key still refuses a duplicate.
+    let c = Connection::open(&path).unwrap();
+    let insert = format!(
+        "INSERT INTO \"{}\" (meter_id, resource_id, volume, timestamp, recorded_at, message_id)
+           SELECT meter_id, resource_id, volume, timestamp, recorded_at, message_id
+             FROM \"{}\" LIMIT 1",
+        tables[2], tables[2]
+    );
+    let err = c.execute(&insert, []).unwrap_err().to_string();
+    assert!(err.contains("UNIQUE"), "{err}");
 }
 
 /// SQLite refuses a compound SELECT of more than 500 terms: a store of day chunks kept without

@@ -3,9 +3,10 @@
 //! Several worker processes write one file: WAL mode lets readers proceed beside the single
 //! writer, every batch is one `BEGIN IMMEDIATE` transaction (the write lock is taken up front,
 //! so a busy database fails at `BEGIN` after `busy_timeout` instead of deadlocking mid-batch),
-//! and `message_id` is `UNIQUE`, so retried or redelivered batches store nothing twice.
+//! and `message_id` is unique (by its time-ordered key, [`crate::msgkey`]), so retried or
+//! redelivered batches store nothing twice.
 //!
-//! The hot path is one multi-row `INSERT ... ON CONFLICT (message_id) DO NOTHING` per chunk of
+//! The hot path is one multi-row `INSERT ... ON CONFLICT DO NOTHING` per chunk of
 //! samples: meter and resource ids come from in-process caches, valid across processes because
 //! ids never change while a row lives; rows are only deleted by expiry, which bumps
 //! `cache_epoch` so every process drops its caches at its next batch. Expiry takes a chunk
@@ -117,10 +118,12 @@ pub struct Reclaimed {
 /// Chosen so a step costs well under a 1000-sample batch (docs/storage.md, *Measured*).
 pub const RECLAIM_ROWS: i64 = 500;
 
-/// Once an expired chunk has at most this many rows, its two secondary indexes are dropped,
-/// one per step (`DROP INDEX` visits each of the index's pages — about 1,500 at this size —
+/// Once an expired chunk has at most this many rows, its indexes are dropped (the two
+/// secondary ones, and the `message_id` key's of a chunk made by version 4 or later), one per
+/// step (`DROP INDEX` visits each of the index's pages — about 1,500 at this size —
 /// but writes next to none, while deleting rows dirties a page of every index per row): the
-/// rows left are then deleted with only the table and its `message_id` index to update.
+/// rows left are then deleted with only the table (and, in a chunk made before version 4, its
+/// `message_id` index, which is part of the table) to update.
 pub const RECLAIM_INDEX_ROWS: i64 = 250_000;
 
 /// An expired chunk with at most this many rows left is dropped whole in one step: `DROP
@@ -154,7 +157,7 @@ fn insert_statement(table: &str, remaining: usize) -> (usize, String) {
         format!(
             "INSERT INTO \"{table}\" (meter_id, resource_id, volume, timestamp, recorded_at,
                message_id, message_signature) VALUES {values}
-             ON CONFLICT (message_id) DO NOTHING"
+             ON CONFLICT DO NOTHING"
         ),
     )
 }

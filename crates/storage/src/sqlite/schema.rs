@@ -9,11 +9,14 @@
 //! tables (`sample_<lo>`, listed in `sample_partition`), and rollups are added; a version 1 file
 //! is converted in place (its samples moved into chunks, its rollups computed from them).
 //! Version 3 adds `sample_graveyard`: expired chunks whose pages are still being reclaimed.
+//! Version 4 indexes new chunks' `message_id`s by their time-ordered key ([`crate::msgkey`]).
 
+use crate::msgkey::{message_key_sql, Dialect};
 use crate::partition::{floor_to, Range};
 use crate::rollup::Granularity;
 use crate::StorageError;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use std::sync::OnceLock;
 
 /// Version 1: ceilometer's normalized model (meter, resource, sample) plus typed, flattened
 /// resource metadata and the cache epoch. See docs/storage.md for the reasoning per column.
@@ -316,11 +319,13 @@ fn create_chunk(tx: &Connection, r: Range) -> rusqlite::Result<String> {
              volume            REAL NOT NULL,
              timestamp         INTEGER NOT NULL,
              recorded_at       INTEGER NOT NULL,
-             message_id        TEXT NOT NULL UNIQUE,
+             message_id        TEXT NOT NULL,
              message_signature TEXT
          );
+         CREATE UNIQUE INDEX IF NOT EXISTS \"ix_{name}_message_key\" ON \"{name}\" {key};
          CREATE INDEX IF NOT EXISTS \"ix_{name}_meter_timestamp\" ON \"{name}\" (meter_id, timestamp);
-         CREATE INDEX IF NOT EXISTS \"ix_{name}_resource_timestamp\" ON \"{name}\" (resource_id, timestamp);"
+         CREATE INDEX IF NOT EXISTS \"ix_{name}_resource_timestamp\" ON \"{name}\" (resource_id, timestamp);",
+        key = message_key_index()
     ))?;
     let added = tx.execute(
         "INSERT OR IGNORE INTO sample_partition (lo, hi, name) VALUES (?1, ?2, ?3)",
@@ -332,8 +337,24 @@ fn create_chunk(tx: &Connection, r: Range) -> rusqlite::Result<String> {
     Ok(name)
 }
 
+/// The unique index expression of a chunk made by version 4: [`crate::msgkey`]'s key of
+/// `message_id`, so that uuid1 ids are inserted in time order instead of at random pages.
+fn message_key_index() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| format!("({})", message_key_sql("message_id", Dialect::Sqlite)))
+}
+
+/// Version 4: chunks made from now on enforce `message_id`'s uniqueness by a unique index on
+/// its [`crate::msgkey`] key (time-ordered for uuid1 ids) instead of a `UNIQUE` column. Older
+/// chunks keep their index (both admit the same rows) and nothing is rewritten; the version
+/// changes so that an older build, whose `ON CONFLICT (message_id)` names a constraint the new
+/// chunks lack, refuses the file instead of failing every batch.
+fn v4(_: &Transaction<'_>, _: &Layout<'_>) -> rusqlite::Result<()> {
+    Ok(())
+}
+
 /// Applied in order; entry `i` takes a file from version `i` to `i + 1`. Append only.
-pub const MIGRATIONS: &[Step] = &[v1, v2, v3];
+pub const MIGRATIONS: &[Step] = &[v1, v2, v3, v4];
 
 /// The rollup levels of `layout` missing from `rollup_level` are added, complete from the
 /// bucket after the newest sample's (samples stored before were not counted at that level).

@@ -1,0 +1,183 @@
+//! The key `message_id` uniqueness is enforced on: uuid1 text with its time fields first.
+//!
+//! Ceilometer's `message_id` is `str(uuid.uuid1())`: `llllllll-mmmm-1hhh-cccc-nnnnnnnnnnnn`,
+//! the low 32 bits of a 60-bit clock first. Those wrap every 429 s, so in text order the ids
+//! are random and every insert into a `message_id` index lands on a random page: the index of a
+//! day's chunk (431k rows in the cloud) is written all over, and on SQLite that one
+//! index was half of a growing store's write time (docs/storage.md, *The message key*).
+//! Reordered as `1hhh-mmmm-llllllll-cccc-nnnnnnnnnnnn` (what MySQL's `UUID_TO_BIN(u, 1)` does
+//! in binary), the text sorts by the time the sample was made, so inserts land at the end of
+//! the index, a few hot pages.
+//!
+//! [`message_key`] is an involution: it swaps the set `A` of lowercase uuid1 texts with the set
+//! `B` of their reordered forms (the two are disjoint: character 5 is a hex digit in `A` and
+//! `-` in `B`) and leaves every other string alone. Being a bijection, a unique index on the key
+//! admits exactly what a unique index on `message_id` admits: idempotence is unchanged, for
+//! every id a publisher may send. The column keeps the id as sent; only the index holds the
+//! key, as SQL (`message_key_sql`) the database evaluates, so a plain `INSERT` from any client
+//! keeps the index right.
+
+use std::borrow::Cow;
+
+const HEX: &str = "[0-9a-f]";
+
+/// Pattern shape of uuid1 text: (field length, fixed first character) per dash-separated field.
+const UUID1: [(usize, Option<char>); 5] =
+    [(8, None), (4, None), (4, Some('1')), (4, None), (12, None)];
+const KEYED: [(usize, Option<char>); 5] =
+    [(4, Some('1')), (4, None), (8, None), (4, None), (12, None)];
+
+fn shaped(s: &[u8], shape: &[(usize, Option<char>); 5]) -> bool {
+    if s.len() != 36 {
+        return false;
+    }
+    let mut at = 0;
+    for (i, (len, first)) in shape.iter().enumerate() {
+        if i > 0 {
+            if s[at] != b'-' {
+                return false;
+            }
+            at += 1;
+        }
+        for (j, &c) in s[at..at + len].iter().enumerate() {
+            let ok = match first {
+                Some(f) if j == 0 => c == *f as u8,
+                _ => c.is_ascii_digit() || (b'a'..=b'f').contains(&c),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        at += len;
+    }
+    true
+}
+
+/// The index key of `message_id` (see the module doc); `message_key(message_key(x)) == x`.
+pub fn message_key(id: &str) -> Cow<'_, str> {
+    let b = id.as_bytes();
+    if shaped(b, &UUID1) {
+        Cow::Owned(format!(
+            "{}-{}-{}{}",
+            &id[14..18],
+            &id[9..13],
+            &id[..8],
+            &id[18..]
+        ))
+    } else if shaped(b, &KEYED) {
+        Cow::Owned(format!(
+            "{}-{}-{}{}",
+            &id[10..18],
+            &id[5..9],
+            &id[..4],
+            &id[18..]
+        ))
+    } else {
+        Cow::Borrowed(id)
+    }
+}
+
+fn glob(shape: &[(usize, Option<char>); 5]) -> String {
+    let fields: Vec<String> = shape
+        .iter()
+        .map(|(len, first)| match first {
+            Some(f) => format!("{f}{}", HEX.repeat(len - 1)),
+            None => HEX.repeat(*len),
+        })
+        .collect();
+    fields.join("-")
+}
+
+/// [`message_key`] of column `col` in SQL, for an index expression (SQLite: `GLOB` is
+/// case-sensitive, like the Rust side, and only built-in deterministic functions are used, so
+/// the `sqlite3` shell or any other client can write the table).
+pub fn message_key_sql(col: &str, dialect: Dialect) -> String {
+    let (a, b) = match dialect {
+        Dialect::Sqlite => (
+            format!("{col} GLOB '{}'", glob(&UUID1)),
+            format!("{col} GLOB '{}'", glob(&KEYED)),
+        ),
+    };
+    let cat = |parts: &[String]| parts.join(" || ");
+    let sub = |from: usize, len: Option<usize>| match len {
+        Some(l) => format!("substr({col}, {from}, {l})"),
+        None => format!("substr({col}, {from})"),
+    };
+    let dash = "'-'".to_string();
+    let swap = cat(&[
+        sub(15, Some(4)),
+        dash.clone(),
+        sub(10, Some(4)),
+        dash.clone(),
+        sub(1, Some(8)),
+        sub(19, None),
+    ]);
+    let unswap = cat(&[
+        sub(11, Some(8)),
+        dash.clone(),
+        sub(6, Some(4)),
+        dash,
+        sub(1, Some(4)),
+        sub(19, None),
+    ]);
+    format!("(CASE WHEN {a} THEN {swap} WHEN {b} THEN {unswap} ELSE {col} END)")
+}
+
+/// Which SQL [`message_key_sql`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const U: &str = "5f2b1c3a-9e41-11ef-8a3c-0242ac120002";
+
+    #[test]
+    fn uuid1_text_is_keyed_time_first_and_back() {
+        let k = message_key(U);
+        assert_eq!(k, "11ef-9e41-5f2b1c3a-8a3c-0242ac120002");
+        assert_eq!(message_key(&k), U);
+    }
+
+    #[test]
+    fn other_strings_are_their_own_key() {
+        for s in [
+            "",
+            "id-1",
+            "5F2B1C3A-9E41-11EF-8A3C-0242AC120002", // upper case: not what Python writes
+            "5f2b1c3a-9e41-41ef-8a3c-0242ac120002", // uuid4
+            "5f2b1c3a-9e41-11ef-8a3c-0242ac12000",  // short
+            "11ef-9e41-5f2b1c3a-8a3c-0242ac12000x",
+        ] {
+            assert_eq!(message_key(s), s);
+        }
+    }
+
+    #[test]
+    fn keys_sort_by_the_uuid_clock() {
+        // Two ids 429.5 s apart: the later one's low clock bits wrapped, so its text sorts first.
+        let early = "ffffff00-9e41-11ef-8a3c-0242ac120002";
+        let late = "00000100-9e42-11ef-8a3c-0242ac120002";
+        assert!(late < early);
+        assert!(message_key(early) < message_key(late));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_key_is_an_involution(s in "[0-9a-f1-]{30,40}|[0-9a-f]{8}-[0-9a-f]{4}-1[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}|1[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{12}|\\PC{0,40}") {
+            let k = message_key(&s);
+            proptest::prop_assert_eq!(message_key(&k), s.as_str());
+        }
+
+        #[test]
+        fn sqlite_computes_the_same_key(s in "[0-9a-f]{8}-[0-9a-f]{4}-1[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}|1[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f1-]{34,38}|\\PC{0,40}") {
+            let conn = rusqlite::Connection::open_in_memory().unwrap();
+            let sql = format!("SELECT {}", message_key_sql("?1", Dialect::Sqlite));
+            let k: String = conn.query_row(&sql, [&s], |r| r.get(0)).unwrap();
+            proptest::prop_assert_eq!(k, message_key(&s).into_owned());
+        }
+    }
+}
