@@ -77,6 +77,7 @@ pub fn message_key(id: &str) -> Cow<'_, str> {
     }
 }
 
+/// The shape as a SQLite `GLOB` pattern.
 fn glob(shape: &[(usize, Option<char>); 5]) -> String {
     let fields: Vec<String> = shape
         .iter()
@@ -88,17 +89,37 @@ fn glob(shape: &[(usize, Option<char>); 5]) -> String {
     fields.join("-")
 }
 
-/// [`message_key`] of column `col` in SQL, for an index expression (SQLite: `GLOB` is
-/// case-sensitive, like the Rust side, and only built-in deterministic functions are used, so
-/// the `sqlite3` shell or any other client can write the table).
+/// The shape as an anchored regular expression (MariaDB's PCRE, MySQL's ICU).
+fn regexp(shape: &[(usize, Option<char>); 5]) -> String {
+    let fields: Vec<String> = shape
+        .iter()
+        .map(|(len, first)| match first {
+            Some(f) => format!("{f}{HEX}{{{}}}", len - 1),
+            None => format!("{HEX}{{{len}}}"),
+        })
+        .collect();
+    format!("^{}$", fields.join("-"))
+}
+
+/// [`message_key`] of column `col` in SQL, for an index expression or a generated column.
+/// Only built-in deterministic functions are used, so any client can write the table; the
+/// pattern tests are case-sensitive like the Rust side (SQLite's `GLOB`; MariaDB's `REGEXP` on
+/// a column of binary collation, which `sample`'s text columns have).
 pub fn message_key_sql(col: &str, dialect: Dialect) -> String {
     let (a, b) = match dialect {
         Dialect::Sqlite => (
             format!("{col} GLOB '{}'", glob(&UUID1)),
             format!("{col} GLOB '{}'", glob(&KEYED)),
         ),
+        Dialect::Mysql => (
+            format!("{col} REGEXP '{}'", regexp(&UUID1)),
+            format!("{col} REGEXP '{}'", regexp(&KEYED)),
+        ),
     };
-    let cat = |parts: &[String]| parts.join(" || ");
+    let cat = |parts: &[String]| match dialect {
+        Dialect::Sqlite => parts.join(" || "),
+        Dialect::Mysql => format!("CONCAT({})", parts.join(", ")),
+    };
     let sub = |from: usize, len: Option<usize>| match len {
         Some(l) => format!("substr({col}, {from}, {l})"),
         None => format!("substr({col}, {from})"),
@@ -127,6 +148,7 @@ pub fn message_key_sql(col: &str, dialect: Dialect) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
     Sqlite,
+    Mysql,
 }
 
 #[cfg(test)]
@@ -163,6 +185,18 @@ mod tests {
         let late = "00000100-9e42-11ef-8a3c-0242ac120002";
         assert!(late < early);
         assert!(message_key(early) < message_key(late));
+    }
+
+    #[test]
+    fn the_mysql_patterns_are_the_shapes() {
+        let sql = message_key_sql("m", Dialect::Mysql);
+        assert!(sql.contains(
+            "m REGEXP '^[0-9a-f]{8}-[0-9a-f]{4}-1[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}$'"
+        ));
+        assert!(sql.contains(
+            "m REGEXP '^1[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{12}$'"
+        ));
+        assert!(sql.contains("CONCAT(substr(m, 15, 4), '-', substr(m, 10, 4)"));
     }
 
     proptest::proptest! {

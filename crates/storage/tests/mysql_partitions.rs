@@ -672,3 +672,70 @@ fn expiry_reports_exact_rows_with_and_without_rollups() {
         );
     }
 }
+
+/// Schema 4: `sample` is unique on `(message_key, timestamp)`, the time-ordered key of the id
+/// (a virtual column). Exactly the distinct ids are stored: a uuid1 id and its key form are two
+/// samples, and a batch mixing retries with new ids stores the new ones and names the retries
+/// (the look-up after error 1062 goes by the key).
+#[test]
+fn the_message_key_admits_exactly_the_distinct_ids() {
+    let t = TestDb::new(Kind::Mysql);
+    let mut db = t.open();
+    let ddl: (String, String) = conn(&t)
+        .query_first("SHOW CREATE TABLE sample")
+        .unwrap()
+        .unwrap();
+    assert!(
+        ddl.1
+            .contains("UNIQUE KEY `uq_sample_message_key` (`message_key`,`timestamp`)"),
+        "{}",
+        ddl.1
+    );
+    assert!(!ddl.1.contains("uq_sample_message_id"), "{}", ddl.1);
+    let when = today() - Duration::hours(5);
+    let mut batch = Vec::new();
+    for i in 0..40u32 {
+        let id = format!(
+            "{:08x}-9e41-11ef-8a3c-0242ac12{:04x}",
+            i.wrapping_mul(0x9e37_79b9),
+            i
+        );
+        let key = storage::msgkey::message_key(&id).into_owned();
+        assert_ne!(key, id);
+        let ts = iso(when + Duration::seconds(i as i64));
+        batch.push(sample(&id, "cpu", "vm-1", &ts, i as f64));
+        batch.push(sample(&key, "cpu", "vm-1", &ts, i as f64));
+    }
+    batch.push(sample("Not-A-UUID", "cpu", "vm-1", &iso(when), 1.0));
+    let out = db.record_metering_data(&batch).unwrap();
+    assert_eq!((out.stored, out.duplicates), (81, 0));
+    assert_eq!(
+        t.scalar("SELECT COUNT(*) FROM sample WHERE message_key LIKE '11ef-9e41-%'"),
+        40,
+        "the uuid1 ids are keyed time first"
+    );
+    // Retries (every other one) mixed with new ids in one batch.
+    let mut mixed: Vec<_> = batch.iter().step_by(2).cloned().collect();
+    for i in 0..10 {
+        mixed.push(sample(
+            &format!("new-{i}"),
+            "cpu",
+            "vm-1",
+            &iso(when + Duration::minutes(i)),
+            0.5,
+        ));
+    }
+    let out = db.record_metering_data(&mixed).unwrap();
+    assert_eq!((out.stored, out.duplicates), (10, 41));
+    let mut dups = out.duplicate_indices.clone();
+    dups.sort();
+    assert_eq!(dups, (0..41).collect::<Vec<_>>());
+    let ids: Vec<String> = db
+        .get_samples(&SampleFilter::default())
+        .unwrap()
+        .into_iter()
+        .map(|s| s.message_id)
+        .collect();
+    assert_eq!(ids.len(), 91);
+    assert!(ids.iter().any(|i| i == "Not-A-UUID"));
+}

@@ -7,7 +7,9 @@
 //! concurrent writers; each statement sees what others committed).
 //!
 //! `sample` is partitioned by time (`partitions.rs`; partitions a batch needs are made before
-//! its transaction, as DDL commits implicitly) and unique on `(message_id, timestamp)`. A
+//! its transaction, as DDL commits implicitly) and unique on `(message_key, timestamp)`, the
+//! key a virtual column derives from `message_id` ([`crate::msgkey`]: time-ordered for uuid1
+//! ids, one-to-one, so exactly as unique as `(message_id, timestamp)`). A
 //! batch is one transaction: the cache-epoch row read `LOCK IN SHARE MODE`, then the rows in
 //! multi-row `INSERT`s of 512, 256, … rows (a fixed set of statement sizes stays in the
 //! prepared-statement cache), then the rollup upserts of the rows inserted. Duplicates are
@@ -24,6 +26,7 @@ mod query;
 pub mod schema;
 
 use crate::json::{flatten, FlatValue};
+use crate::msgkey::message_key;
 use crate::server::cache::{MeterCache, ResourceCache};
 use crate::server::{self, Link, Valid, CONFLICT_RETRIES};
 
@@ -707,17 +710,19 @@ fn insert_rows(
                 }
                 // A sample is its (message_id, timestamp): the same id at another time is
                 // another sample.
+                // Looked up by the unique index's own key (schema 4).
                 let placeholders = vec!["(?, ?)"; chunk.len()].join(", ");
                 let mut keys = Vec::with_capacity(chunk.len() * 2);
                 for r in chunk {
-                    keys.push(MyValue::from(r.valid.sample.message_id.as_str()));
+                    let key = message_key(&r.valid.sample.message_id);
+                    keys.push(MyValue::from(key.as_ref()));
                     keys.push(date(r.valid.timestamp));
                 }
                 let existing: HashSet<(String, i64)> = conn
                     .exec::<(String, i64), _, _>(
                         format!(
                             "SELECT message_id, TIMESTAMPDIFF(MICROSECOND, '1970-01-01', timestamp)
-                               FROM sample WHERE (message_id, timestamp) IN ({placeholders})"
+                               FROM sample WHERE (message_key, timestamp) IN ({placeholders})"
                         ),
                         Params::Positional(keys),
                     )?
