@@ -835,3 +835,74 @@ fn samples_of_a_resource_and_meter_read_one_index_range_per_partition() {
         .all(|s| s.resource_id == "vm-4" && s.counter_name == "cpu"));
     assert_eq!(got[0].message_id, "2-364");
 }
+
+/// Schema 6: each partition is unique on `(message key, timestamp)`, the time-ordered key of
+/// the id. The server computes the same key as `storage::msgkey`; exactly the distinct ids
+/// are stored (a uuid1 id and its key form are two samples), and a batch mixing retries with
+/// new ids stores the new ones and names the retries.
+#[test]
+fn the_message_key_admits_exactly_the_distinct_ids() {
+    let t = TestDb::new(Kind::Postgres);
+    let mut db = t.open();
+    let mut c = pg(&t);
+    for s in [
+        "5f2b1c3a-9e41-11ef-8a3c-0242ac120002",
+        "11ef-9e41-5f2b1c3a-8a3c-0242ac120002",
+        "5F2B1C3A-9E41-11EF-8A3C-0242AC120002",
+        "5f2b1c3a-9e41-41ef-8a3c-0242ac120002",
+        "",
+        "x",
+        "é5f2b1c3a-9e41-11ef-8a3c-0242ac1200",
+    ] {
+        let sql = storage::postgres::schema::MESSAGE_KEY.replace("message_id", "$1::TEXT");
+        let k: String = c.query_one(&format!("SELECT {sql}"), &[&s]).unwrap().get(0);
+        assert_eq!(k, storage::msgkey::message_key(s), "{s:?}");
+    }
+    let when = today() - Duration::hours(5);
+    let mut batch = Vec::new();
+    for i in 0..40u32 {
+        let id = format!(
+            "{:08x}-9e41-11ef-8a3c-0242ac12{:04x}",
+            i.wrapping_mul(0x9e37_79b9),
+            i
+        );
+        let key = storage::msgkey::message_key(&id).into_owned();
+        assert_ne!(key, id);
+        let ts = iso(when + Duration::seconds(i as i64));
+        batch.push(sample(&id, "cpu", "vm-1", &ts, i as f64));
+        batch.push(sample(&key, "cpu", "vm-1", &ts, i as f64));
+    }
+    let out = db.record_metering_data(&batch).unwrap();
+    assert_eq!((out.stored, out.duplicates), (80, 0));
+    let mut mixed: Vec<_> = batch.iter().step_by(2).cloned().collect();
+    for i in 0..10 {
+        mixed.push(sample(
+            &format!("new-{i}"),
+            "cpu",
+            "vm-1",
+            &iso(when + Duration::minutes(i)),
+            0.5,
+        ));
+    }
+    let out = db.record_metering_data(&mixed).unwrap();
+    assert_eq!((out.stored, out.duplicates), (10, 40));
+    let mut dups = out.duplicate_indices.clone();
+    dups.sort();
+    assert_eq!(dups, (0..40).collect::<Vec<_>>());
+    assert_eq!(db.get_samples(&SampleFilter::default()).unwrap().len(), 90);
+    // The partition's unique index is the key's; the old constraint is gone.
+    let defs: Vec<String> = c
+        .query(
+            "SELECT indexdef FROM pg_indexes WHERE tablename = $1 AND indexdef LIKE 'CREATE UNIQUE%'",
+            &[&day_partition(when)],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(defs.len(), 1, "{defs:?}");
+    assert!(
+        defs[0].contains("WHEN (message_id ~") && defs[0].contains("message_id_timestamp_idx"),
+        "{defs:?}"
+    );
+}
