@@ -104,7 +104,7 @@ fn regexp(shape: &[(usize, Option<char>); 5]) -> String {
 /// [`message_key`] of column `col` in SQL, for an index expression or a generated column.
 /// Only built-in deterministic functions are used, so any client can write the table; the
 /// pattern tests are case-sensitive like the Rust side (SQLite's `GLOB`; MariaDB's `REGEXP` on
-/// a column of binary collation, which `sample`'s text columns have; PostgreSQL's `~`).
+/// a column of binary collation, which `sample`'s text columns have).
 pub fn message_key_sql(col: &str, dialect: Dialect) -> String {
     let (a, b) = match dialect {
         Dialect::Sqlite => (
@@ -115,13 +115,9 @@ pub fn message_key_sql(col: &str, dialect: Dialect) -> String {
             format!("{col} REGEXP '{}'", regexp(&UUID1)),
             format!("{col} REGEXP '{}'", regexp(&KEYED)),
         ),
-        Dialect::Postgres => (
-            format!("{col} ~ '{}'", regexp(&UUID1)),
-            format!("{col} ~ '{}'", regexp(&KEYED)),
-        ),
     };
     let cat = |parts: &[String]| match dialect {
-        Dialect::Sqlite | Dialect::Postgres => parts.join(" || "),
+        Dialect::Sqlite => parts.join(" || "),
         Dialect::Mysql => format!("CONCAT({})", parts.join(", ")),
     };
     let sub = |from: usize, len: Option<usize>| match len {
@@ -153,7 +149,6 @@ pub fn message_key_sql(col: &str, dialect: Dialect) -> String {
 pub enum Dialect {
     Sqlite,
     Mysql,
-    Postgres,
 }
 
 #[cfg(test)]

@@ -169,7 +169,7 @@ input AS (
                         message_signature)
     SELECT meter_id, resource_id, volume, ts, $7, message_id, message_signature
     FROM input ORDER BY ord
-    ON CONFLICT (MESSAGE_KEY, timestamp) DO NOTHING
+    ON CONFLICT (message_id, timestamp) DO NOTHING
     RETURNING message_id, meter_id, resource_id, volume, timestamp
 )ROLLUPS
 SELECT (SELECT epoch FROM e), (SELECT COUNT(*) FROM inserted),
@@ -733,15 +733,15 @@ fn value_has_nul(v: &Value, depth: usize) -> bool {
     }
 }
 
-/// The unique violation of the message key in a sample partition (its index is named after the
-/// partition: `sample_<lo>_message_id_timestamp_idx`; `..._key` was the constraint before
-/// schema 6): some sample of the batch is stored already.
+/// The unique violation of `(message_id, timestamp)` in a sample partition (its index is named
+/// after the partition: `sample_<lo>_message_id_timestamp_key`): some sample of the batch is
+/// stored already.
 fn is_stored_message_id(e: &::postgres::Error) -> bool {
     e.as_db_error().is_some_and(|db| {
         *db.code() == SqlState::UNIQUE_VIOLATION
-            && db.constraint().is_some_and(|c| {
-                c.ends_with("message_id_timestamp_idx") || c.ends_with("message_id_timestamp_key")
-            })
+            && db
+                .constraint()
+                .is_some_and(|c| c.ends_with("message_id_timestamp_key"))
     })
 }
 
@@ -834,11 +834,7 @@ fn connect(
     }
     let mut prepare = |sql: &str| client.prepare(sql).map_err(|e| connect_error(what, &e));
     let insert = prepare(&INSERT_SAMPLES.replace("ROLLUPS", ROLLUPS))?;
-    let insert_dedup = prepare(
-        &INSERT_SAMPLES_DEDUP
-            .replace("ROLLUPS", ROLLUPS)
-            .replace("MESSAGE_KEY", schema::MESSAGE_KEY),
-    )?;
+    let insert_dedup = prepare(&INSERT_SAMPLES_DEDUP.replace("ROLLUPS", ROLLUPS))?;
     let meter_select = prepare("SELECT id FROM meter WHERE name = $1 AND type = $2 AND unit = $3")?;
     let meter_insert = prepare(
         "INSERT INTO meter (name, type, unit) VALUES ($1, $2, $3)

@@ -148,29 +148,8 @@ DROP INDEX ix_sample_resource_timestamp;
 CREATE INDEX ix_sample_resource_meter_timestamp ON sample (resource_id, meter_id, timestamp);
 ";
 
-/// Version 6: `message_id`'s uniqueness (with the timestamp, as a partitioned table needs)
-/// moves to its time-ordered key ([`crate::msgkey`], `message_key_sql(.., Postgres)`: a unit
-/// test checks this text is it), so uuid1 ids go in at the end of each partition's unique
-/// index instead of at random pages (fewer pages dirtied and written in full to the WAL after
-/// each checkpoint: a 1.5 M fill 1.21x faster). The key is one-to-one, so the index admits
-/// exactly what the constraint did. Each partition gets its index as
-/// `sample_<lo>_message_id_timestamp_idx`.
-pub const V6: &str = "
-CREATE UNIQUE INDEX sample_message_key_timestamp_key ON sample (MESSAGE_KEY, timestamp);
-ALTER TABLE sample DROP CONSTRAINT sample_message_id_timestamp_key;
-";
-
-/// The expression of version 6's unique index, as [`V6`] and the inserts' `ON CONFLICT` name
-/// it (which must repeat it for PostgreSQL to infer the index).
-pub const MESSAGE_KEY: &str = "(CASE WHEN message_id ~ '^[0-9a-f]{8}-[0-9a-f]{4}-1[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}$' \
-THEN substr(message_id, 15, 4) || '-' || substr(message_id, 10, 4) || '-' || substr(message_id, 1, 8) || substr(message_id, 19) \
-WHEN message_id ~ '^1[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{12}$' \
-THEN substr(message_id, 11, 8) || '-' || substr(message_id, 6, 4) || '-' || substr(message_id, 1, 4) || substr(message_id, 19) \
-ELSE message_id END)";
-
 /// Applied in order; entry `i` takes a database from version `i` to `i + 1`. Append only.
-/// `MESSAGE_KEY` in an entry stands for [`MESSAGE_KEY`].
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// The second half of version 3: a partition for every span holding version 2 samples, the
 /// rows copied in id order, the old table dropped.
@@ -302,7 +281,7 @@ pub fn migrate(
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
         log::info!("postgresql: migrating schema to version {}", i + 1);
-        tx.batch_execute(&sql.replace("MESSAGE_KEY", MESSAGE_KEY))?;
+        tx.batch_execute(sql)?;
         if i == 2 {
             move_samples(&mut tx, span_us)?;
         }
@@ -314,18 +293,4 @@ pub fn migrate(
     tx.commit()?;
     register_levels(client, levels)?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::msgkey::{message_key_sql, Dialect};
-
-    #[test]
-    fn the_message_key_expression_is_msgkeys() {
-        assert_eq!(
-            MESSAGE_KEY,
-            message_key_sql("message_id", Dialect::Postgres)
-        );
-    }
 }
