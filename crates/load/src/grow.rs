@@ -335,17 +335,28 @@ pub fn expire(
         }
         if let (Some(sq), Ok(_)) = (sqlite.as_mut(), &result) {
             let (t1, mut steps, mut rows, mut longest) = (Instant::now(), 0u64, 0u64, 0f64);
+            // The longest step of each kind: row deletes, each index drop, the table drop.
+            let mut kinds = serde_json::Map::new();
             while max_reclaim_steps.is_none_or(|m| steps < m) {
                 let t = Instant::now();
                 let Some(step) = sq.reclaim_step()? else {
                     break;
                 };
-                longest = longest.max(t.elapsed().as_secs_f64() * 1e3);
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                longest = longest.max(ms);
+                let kind = match (&step.index, step.dropped) {
+                    (Some(ix), _) => format!("drop index {ix}"),
+                    (None, true) => "drop table".to_string(),
+                    (None, false) => "delete rows".to_string(),
+                };
+                let was = kinds.get(&kind).and_then(|v| v.as_f64()).unwrap_or(0.0);
+                kinds.insert(kind, json!(was.max(ms)));
                 steps += 1;
                 rows += step.rows;
             }
             reclaim = Some(json!({
                 "steps": steps, "rows": rows, "max_step_ms": longest,
+                "max_step_ms_by_kind": kinds,
                 "seconds": t1.elapsed().as_secs_f64(),
             }));
         }
