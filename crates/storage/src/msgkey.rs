@@ -53,25 +53,24 @@ fn shaped(s: &[u8], shape: &[(usize, Option<char>); 5]) -> bool {
     true
 }
 
+/// The three leading fields of a shape in the order the other shape has them, as (0-based
+/// start, length): uuid1 text to its key, and back. The rest (from byte 18: `-cccc-nnnn...`)
+/// stays in place.
+const TO_KEY: [(usize, usize); 3] = [(14, 4), (9, 4), (0, 8)];
+const FROM_KEY: [(usize, usize); 3] = [(10, 8), (5, 4), (0, 4)];
+
+fn reorder(id: &str, fields: &[(usize, usize); 3]) -> String {
+    let f = |i: usize| &id[fields[i].0..fields[i].0 + fields[i].1];
+    format!("{}-{}-{}{}", f(0), f(1), f(2), &id[18..])
+}
+
 /// The index key of `message_id` (see the module doc); `message_key(message_key(x)) == x`.
 pub fn message_key(id: &str) -> Cow<'_, str> {
     let b = id.as_bytes();
     if shaped(b, &UUID1) {
-        Cow::Owned(format!(
-            "{}-{}-{}{}",
-            &id[14..18],
-            &id[9..13],
-            &id[..8],
-            &id[18..]
-        ))
+        Cow::Owned(reorder(id, &TO_KEY))
     } else if shaped(b, &KEYED) {
-        Cow::Owned(format!(
-            "{}-{}-{}{}",
-            &id[10..18],
-            &id[5..9],
-            &id[..4],
-            &id[18..]
-        ))
+        Cow::Owned(reorder(id, &FROM_KEY))
     } else {
         Cow::Borrowed(id)
     }
@@ -120,27 +119,19 @@ pub fn message_key_sql(col: &str, dialect: Dialect) -> String {
         Dialect::Sqlite => parts.join(" || "),
         Dialect::Mysql => format!("CONCAT({})", parts.join(", ")),
     };
-    let sub = |from: usize, len: Option<usize>| match len {
-        Some(l) => format!("substr({col}, {from}, {l})"),
-        None => format!("substr({col}, {from})"),
+    // `reorder` in SQL (substr counts from 1).
+    let reorder = |fields: &[(usize, usize); 3]| {
+        let sub = |i: usize| format!("substr({col}, {}, {})", fields[i].0 + 1, fields[i].1);
+        cat(&[
+            sub(0),
+            "'-'".to_string(),
+            sub(1),
+            "'-'".to_string(),
+            sub(2),
+            format!("substr({col}, 19)"),
+        ])
     };
-    let dash = "'-'".to_string();
-    let swap = cat(&[
-        sub(15, Some(4)),
-        dash.clone(),
-        sub(10, Some(4)),
-        dash.clone(),
-        sub(1, Some(8)),
-        sub(19, None),
-    ]);
-    let unswap = cat(&[
-        sub(11, Some(8)),
-        dash.clone(),
-        sub(6, Some(4)),
-        dash,
-        sub(1, Some(4)),
-        sub(19, None),
-    ]);
+    let (swap, unswap) = (reorder(&TO_KEY), reorder(&FROM_KEY));
     format!("(CASE WHEN {a} THEN {swap} WHEN {b} THEN {unswap} ELSE {col} END)")
 }
 
