@@ -653,8 +653,8 @@ fn graves(t: &TestDb) -> Vec<String> {
 /// Expiry detaches a partition into a grave table, out of every query at once, and leaves
 /// deleting its files to a later step: meanwhile a late sample makes a partition of the same
 /// name; a handle opened afterwards (a restart) finds the grave and drops it after its first
-/// batch; an expiry with no batch since the last one drops the graves left; and
-/// `retention_step` drops one when asked.
+/// batch, one bounded part per step; an expiry with no batch since the last one drops the
+/// graves left; and `retention_step` works on one when asked.
 #[test]
 fn expired_partitions_wait_in_graves_that_later_steps_drop() {
     let t = TestDb::new(Kind::Postgres);
@@ -684,14 +684,30 @@ fn expired_partitions_wait_in_graves_that_later_steps_drop() {
     assert_eq!(out.stored, 1);
     assert!(attached(&t).contains(&day_partition(old)));
     assert_eq!(graves(&t), first);
-    // A restart: the new handle finds the grave; its first batch is stored, then drops it.
+    // A restart: the new handle finds the grave; its first batch is stored, then takes the
+    // first bounded step (the unique constraint), and the steps that follow drop each index
+    // and then the table: five in all (constraint, three indexes, table).
     drop(janitor);
     let mut restarted = t.open();
+    let parts = |g: &str| {
+        t.scalar(&format!(
+            "SELECT COUNT(*) FROM pg_index WHERE indrelid = to_regclass('{g}')"
+        ))
+    };
+    assert_eq!(parts(&first[0]), 4);
     let now = OffsetDateTime::now_utc() - Duration::seconds(1);
     let out = restarted
         .record_metering_data(&[sample("new", "cpu", "r", &iso(now), 1.0)])
         .unwrap();
     assert_eq!(out.stored, 1);
+    assert_eq!(graves(&t), first);
+    assert_eq!(parts(&first[0]), 3);
+    let mut steps = 1;
+    while restarted.retention_step().unwrap() {
+        steps += 1;
+        assert!(steps <= 5, "the grave is gone in five steps");
+    }
+    assert_eq!(steps, 5);
     assert!(graves(&t).is_empty());
     assert_eq!(t.scalar("SELECT COUNT(*) FROM sample"), 2);
     // The day again (its late sample): another grave, which the next expiry drops when no
