@@ -241,14 +241,18 @@ fn round(x: f64) -> f64 {
 
 /// Watch the SQLite file at `db` (if any) for the `count` samples a sender reports through
 /// `progress`.
+#[allow(clippy::type_complexity)]
 fn spawn_watcher(
     db: Option<&std::path::Path>,
     interval_ms: u64,
     settle_ms: u64,
     count: usize,
-    progress: &Arc<watch::Progress>,
-) -> Option<std::thread::JoinHandle<Result<watch::Observed>>> {
-    db.map(|db| {
+) -> (
+    Arc<watch::Progress>,
+    Option<std::thread::JoinHandle<Result<watch::Observed>>>,
+) {
+    let progress = Arc::new(watch::Progress::default());
+    let watcher = db.map(|db| {
         watch::spawn(
             watch::WatchOptions {
                 db: db.to_path_buf(),
@@ -259,7 +263,8 @@ fn spawn_watcher(
             count,
             progress.clone(),
         )
-    })
+    });
+    (progress, watcher)
 }
 
 /// The JSON line of a datagram or stream sender (`udp`, `tcp`): what it sent, how fast.
@@ -362,14 +367,8 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
             let socks = (0..clients.max(1))
                 .map(|_| udp::connect(to))
                 .collect::<Result<Vec<_>>>()?;
-            let progress = Arc::new(watch::Progress::default());
-            let watcher = spawn_watcher(
-                watch_db.as_deref(),
-                watch_interval_ms,
-                settle_ms,
-                count,
-                &progress,
-            );
+            let (progress, watcher) =
+                spawn_watcher(watch_db.as_deref(), watch_interval_ms, settle_ms, count);
             let rcvbuf_before = udp_rcvbuf_errors();
             let sent = udp::send(&socks, &p, count, rate, &progress);
             let mut out = sent_summary("udp", to, &sent, rate, socks.len(), &p);
@@ -396,14 +395,8 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
             settle_ms,
         } => {
             let p = payloads(count)?;
-            let progress = Arc::new(watch::Progress::default());
-            let watcher = spawn_watcher(
-                watch_db.as_deref(),
-                watch_interval_ms,
-                settle_ms,
-                count,
-                &progress,
-            );
+            let (progress, watcher) =
+                spawn_watcher(watch_db.as_deref(), watch_interval_ms, settle_ms, count);
             let (sent, open) = tcp::send(to, clients, &p, count, rate, &progress)?;
             let mut out = sent_summary("tcp", to, &sent, rate, open.len(), &p);
             if let (Some(w), Some(db)) = (watcher, watch_db.as_ref()) {

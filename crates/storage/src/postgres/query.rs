@@ -132,37 +132,37 @@ fn counter_type_at(text: &str) -> Result<meter::CounterType, Fail> {
         .ok_or_else(|| corrupt(format!("unknown stored counter type {text:?}")))
 }
 
+/// The id `sql` (at most two rows of one id column) finds for `key`: `None` when there is no
+/// row, `Some(None)` when there are several (no single constant to name).
+fn only_id(c: &mut Client, sql: &str, key: &String) -> Result<Option<Option<i64>>, Fail> {
+    let rows = c.query(sql, &[key])?;
+    Ok(match rows.as_slice() {
+        [] => None,
+        [one] => Some(Some(one.try_get::<_, i64>(0)?)),
+        _ => Some(None),
+    })
+}
+
 pub(super) fn samples(c: &mut Client, filter: &SampleFilter) -> Result<Vec<StoredSample>, Fail> {
     let mut w = Where::new(filter);
     if let Some(res) = &filter.resource_id {
         // A resource id usually has one resource row. Named as a constant, it lets the planner
         // read each time partition's (resource_id, meter_id, timestamp) index backwards, partitions
         // newest first, and stop at the limit; joined, it sorted all the resource's samples.
-        let rows = c.query(
-            "SELECT internal_id FROM resource WHERE resource_id = $1 LIMIT 2",
-            &[res],
-        )?;
-        match rows.as_slice() {
-            [] => return Ok(Vec::new()),
-            [one] => w.push(
-                " AND s.resource_id = ",
-                "",
-                Box::new(one.try_get::<_, i64>(0)?),
-            ),
-            _ => {}
+        let sql = "SELECT internal_id FROM resource WHERE resource_id = $1 LIMIT 2";
+        match only_id(c, sql, res)? {
+            Some(Some(id)) => w.push(" AND s.resource_id = ", "", Box::new(id)),
+            Some(None) => {}
+            None => return Ok(Vec::new()),
         }
         // The meter row too, so each partition's (resource_id, meter_id, timestamp) index is
         // read with both as constants, newest first, up to the limit.
         if let Some(name) = &filter.meter {
-            let rows = c.query("SELECT id FROM meter WHERE name = $1 LIMIT 2", &[name])?;
-            match rows.as_slice() {
-                [] => return Ok(Vec::new()),
-                [one] => w.push(
-                    " AND s.meter_id = ",
-                    "",
-                    Box::new(one.try_get::<_, i64>(0)?),
-                ),
-                _ => {}
+            let sql = "SELECT id FROM meter WHERE name = $1 LIMIT 2";
+            match only_id(c, sql, name)? {
+                Some(Some(id)) => w.push(" AND s.meter_id = ", "", Box::new(id)),
+                Some(None) => {}
+                None => return Ok(Vec::new()),
             }
         }
     }
