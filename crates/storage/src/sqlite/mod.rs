@@ -29,7 +29,9 @@ use crate::{
 use cache::{MeterCache, ResourceCache};
 use meter::{Sample, Volume};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, ToSql, TransactionBehavior};
+use std::cell::Cell;
 use std::collections::HashSet;
+use std::ffi::{c_int, c_void};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -1001,7 +1003,7 @@ fn connect(
     .map_err(|e| map_error(target, &e))?;
     let mut conn = conn;
     let setup = |conn: &mut Connection| -> Result<(), schema::MigrateError> {
-        conn.busy_timeout(Duration::from_millis(opts.busy_timeout_ms))?;
+        set_busy_handler(conn, opts.busy_timeout_ms);
         set_wal(conn, Duration::from_millis(opts.busy_timeout_ms))?;
         conn.pragma_update(None, "synchronous", synchronous)?;
         // The REFERENCES clauses document the model but are not enforced: checking two parent
@@ -1026,6 +1028,44 @@ fn connect(
         Ok(()) => Ok(conn),
         Err(schema::MigrateError::Sql(e)) => Err(map_error(target, &e)),
         Err(schema::MigrateError::TooNew(e)) => Err(e),
+    }
+}
+
+/// Wait for another connection's lock by polling every millisecond, up to `timeout_ms`.
+///
+/// SQLite's own busy timeout sleeps 1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50 then 100 ms between
+/// tries, so a writer that met a lock held for 130 ms got it up to 50 ms after its release, and
+/// one that another process kept re-taking (a worker's next batch, a reclaim step) could lose
+/// every race. A try costs a few microseconds; waiting is rare and short, so a fixed 1 ms poll
+/// hands the lock over within a millisecond of its release.
+fn set_busy_handler(conn: &Connection, timeout_ms: u64) {
+    thread_local! {
+        /// When the current wait on this thread began (the handler is called with count 0 at
+        /// its first retry, on the thread running the statement).
+        static WAIT_START: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+    extern "C" fn poll(arg: *mut c_void, count: c_int) -> c_int {
+        let timeout = Duration::from_millis(arg as usize as u64);
+        let now = Instant::now();
+        let start = WAIT_START.with(|w| {
+            if count == 0 {
+                w.set(Some(now));
+            }
+            w.get().unwrap_or(now)
+        });
+        if now.duration_since(start) >= timeout {
+            return 0;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+        1
+    }
+    // The timeout travels in the handler's argument pointer itself (nothing to own or free).
+    let arg = usize::try_from(timeout_ms.min(u32::MAX as u64)).unwrap_or(usize::MAX) as *mut c_void;
+    // SAFETY: `conn.handle()` is this open connection's handle; `poll` is a plain function that
+    // never unwinds and reads `arg` as an integer only, so it stays valid as long as SQLite
+    // keeps it (the connection's life, or until another handler replaces it).
+    unsafe {
+        rusqlite::ffi::sqlite3_busy_handler(conn.handle(), Some(poll), arg);
     }
 }
 
@@ -1160,6 +1200,50 @@ mod tests {
             st.get_samples(&SampleFilter::default()).unwrap().len(),
             2000
         );
+    }
+
+    /// The busy handler waits for a lock another connection holds and takes it once released;
+    /// while the lock stays held it gives up with "database is locked" after the timeout.
+    #[test]
+    fn a_writer_waits_for_anothers_lock_then_gives_up_at_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("busy.db");
+        let opts = StorageOptions {
+            busy_timeout_ms: 400,
+            ..StorageOptions::default()
+        };
+        let mut st = SqliteStorage::open(Target::File(path.clone()), &opts).unwrap();
+        assert_eq!(st.record_metering_data(&[sample(0)]).unwrap().stored, 1);
+
+        let holder = Connection::open(&path).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(150));
+            holder.execute_batch("COMMIT").unwrap();
+            tx.send(Instant::now()).unwrap();
+            holder
+        });
+        let out = st.record_metering_data(&[sample(1)]).unwrap();
+        let done = Instant::now();
+        assert_eq!(out.stored, 1, "stored once the lock was released");
+        let released = rx.recv().unwrap();
+        assert!(done >= released, "the write waited for the release");
+        let holder = t.join().unwrap();
+
+        // Held past the timeout: the write fails, as transient, no sooner than the timeout.
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let t0 = Instant::now();
+        let err = st.record_metering_data(&[sample(2)]).unwrap_err();
+        assert!(err.is_transient(), "{err:?}");
+        assert!(err.to_string().contains("locked"), "{err}");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            t0.elapsed()
+        );
+        holder.execute_batch("COMMIT").unwrap();
+        assert_eq!(st.record_metering_data(&[sample(2)]).unwrap().stored, 1);
     }
 
     #[test]
