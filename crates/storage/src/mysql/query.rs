@@ -374,6 +374,93 @@ pub(super) fn statistics(
         .collect()
 }
 
+/// A `rollup_resource` row as read: bucket, meter_id, count, sum, min, max, first, last.
+type SeriesRow = (i64, i64, i64, f64, f64, f64, i64, i64);
+
+/// Slices in one statement's `IN` list (each is one range of the series index per meter row).
+const SLICES_PER_QUERY: usize = 128;
+
+/// One resource's rollup rows of level `granularity` in [`start`, `end`) µs, for the meter rows
+/// named `meter` (all when NULL).
+///
+/// `ix_rollup_resource_slice` begins `(granularity, slice)`: the series' rows are one range per
+/// slice and meter row, so the slices of the time range are listed, the range first clamped
+/// to the level's stored buckets (an open-ended query reads only what exists), and the meter
+/// rows looked up first, so that every key part before `bucket` is a constant the range
+/// optimizer can combine.
+fn resource_buckets(
+    c: &mut MyConn,
+    resource: &str,
+    meter: &MyValue,
+    granularity: u64,
+    start: i64,
+    end: i64,
+) -> Result<Vec<BucketRow>, Fail> {
+    let meters: Vec<(i64, String)> = c.exec(
+        "SELECT id, unit FROM meter WHERE (? IS NULL OR name = ?)",
+        (meter.clone(), meter.clone()),
+    )?;
+    let stored: Option<(Option<i64>, Option<i64>)> = c.exec_first(
+        "SELECT MIN(bucket), MAX(bucket) FROM rollup_resource WHERE granularity = ?",
+        (granularity,),
+    )?;
+    let (Some((Some(lo), Some(hi))), false) = (stored, meters.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let (lo, hi) = (start.max(lo), end.saturating_sub(1).min(hi));
+    if lo > hi {
+        return Ok(Vec::new());
+    }
+    let (first, last) = (
+        super::schema::slice_of(lo, granularity),
+        super::schema::slice_of(hi, granularity),
+    );
+    let ids = vec!["?"; meters.len()].join(", ");
+    let mut out = Vec::new();
+    let mut from = first;
+    while from <= last {
+        let to = last.min(from.saturating_add(SLICES_PER_QUERY as i64 - 1));
+        let slices = (from..=to)
+            .map(|k| k.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut params: Vec<MyValue> = vec![MyValue::UInt(granularity)];
+        params.extend(meters.iter().map(|(id, _)| MyValue::Int(*id)));
+        params.extend([MyValue::from(resource), MyValue::Int(lo), MyValue::Int(hi)]);
+        let rows: Vec<SeriesRow> = c.exec(
+            format!(
+                "SELECT b.bucket, b.meter_id, b.`count`, b.`sum`, b.`min`, b.`max`, b.`first`,
+                        b.`last`
+                   FROM rollup_resource b FORCE INDEX (ix_rollup_resource_slice)
+                  WHERE b.granularity = ? AND b.slice IN ({slices}) AND b.meter_id IN ({ids})
+                    AND b.resource_id = ? AND b.bucket >= ? AND b.bucket <= ?"
+            ),
+            Params::Positional(params),
+        )?;
+        for (bucket, meter_id, count, sum, min, max, first, last) in rows {
+            let unit = meters
+                .iter()
+                .find(|(id, _)| *id == meter_id)
+                .map(|(_, u)| u.clone())
+                .unwrap_or_default();
+            out.push(BucketRow {
+                bucket,
+                unit,
+                agg: rollup::Agg {
+                    count: count.max(0) as u64,
+                    sum,
+                    min,
+                    max,
+                    first,
+                    last,
+                },
+            });
+        }
+        from = to.saturating_add(1);
+    }
+    Ok(out)
+}
+
 /// Statistics from the coarsest rollup level exact for the query (see `storage::rollup`),
 /// among `levels` complete from the filter's start on; else from the samples.
 pub(super) fn statistics_from(
@@ -404,46 +491,36 @@ pub(super) fn statistics_from(
     let start = filter.start.map(to_micros).unwrap_or(0);
     let end = filter.end.map_or(i64::MAX, to_micros);
     let meter = filter.meter.as_deref().map_or(MyValue::NULL, MyValue::from);
-    let rows: Vec<Row> = match &filter.resource_id {
-        // One range on rollup_resource's key per meter row.
-        Some(res) => c.exec(
-            "SELECT b.bucket, m.unit, b.`count`, b.`sum`, b.`min`, b.`max`, b.`first`, b.`last`
-               FROM meter m STRAIGHT_JOIN rollup_resource b
-                 ON b.meter_id = m.id AND b.resource_id = ? AND b.granularity = ?
-                AND b.bucket >= ? AND b.bucket < ?
-              WHERE (? IS NULL OR m.name = ?)",
-            (
-                MyValue::from(res.as_str()),
-                g.seconds,
-                start,
-                end,
-                meter.clone(),
-                meter,
-            ),
-        )?,
-        None => c.exec(
-            "SELECT b.bucket, m.unit, b.`count`, b.`sum`, b.`min`, b.`max`, b.`first`, b.`last`
-               FROM meter m STRAIGHT_JOIN rollup_meter b
-                 ON b.meter_id = m.id AND b.granularity = ? AND b.bucket >= ? AND b.bucket < ?
-              WHERE (? IS NULL OR m.name = ?)",
-            (g.seconds, start, end, meter.clone(), meter),
-        )?,
+    let buckets = match &filter.resource_id {
+        Some(res) => resource_buckets(c, res, &meter, g.seconds, start, end)?,
+        None => {
+            let rows: Vec<Row> = c.exec(
+                "SELECT b.bucket, m.unit, b.`count`, b.`sum`, b.`min`, b.`max`, b.`first`,
+                        b.`last`
+                   FROM meter m STRAIGHT_JOIN rollup_meter b
+                     ON b.meter_id = m.id AND b.granularity = ? AND b.bucket >= ?
+                    AND b.bucket < ?
+                  WHERE (? IS NULL OR m.name = ?)",
+                (g.seconds, start, end, meter.clone(), meter),
+            )?;
+            let mut buckets = Vec::with_capacity(rows.len());
+            for mut r in rows {
+                buckets.push(BucketRow {
+                    bucket: int(&mut r, 0)?,
+                    unit: text(&mut r, 1)?,
+                    agg: rollup::Agg {
+                        count: int(&mut r, 2)?.max(0) as u64,
+                        sum: num(&mut r, 3)?,
+                        min: num(&mut r, 4)?,
+                        max: num(&mut r, 5)?,
+                        first: int(&mut r, 6)?,
+                        last: int(&mut r, 7)?,
+                    },
+                });
+            }
+            buckets
+        }
     };
-    let mut buckets = Vec::with_capacity(rows.len());
-    for mut r in rows {
-        buckets.push(BucketRow {
-            bucket: int(&mut r, 0)?,
-            unit: text(&mut r, 1)?,
-            agg: rollup::Agg {
-                count: int(&mut r, 2)?.max(0) as u64,
-                sum: num(&mut r, 3)?,
-                min: num(&mut r, 4)?,
-                max: num(&mut r, 5)?,
-                first: int(&mut r, 6)?,
-                last: int(&mut r, 7)?,
-            },
-        });
-    }
     let stats = rollup::statistics(buckets, filter, period).map_err(Fail::Storage)?;
     Ok((stats, rollup::source(&g)))
 }

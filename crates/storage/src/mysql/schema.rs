@@ -80,7 +80,7 @@ pub const V1: &[&str] = &[
 /// by time first, so a batch's upserts (in-order samples) land together and the pages InnoDB
 /// must hold stay few (keyed by series first, a 1 M-row store's writes fell to a fifth once the
 /// table outgrew the buffer pool); its series index serves the query (one resource's buckets of
-/// one meter row over a time range).
+/// one meter row over a time range), keyed by time slice first since version 5 ([`v5`]).
 const V2_TABLES: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS rollup_meter (
         meter_id    BIGINT NOT NULL,
@@ -116,7 +116,7 @@ const V2_TABLES: &[&str] = &[
 
 /// The version this build writes.
 pub fn current_version() -> i64 {
-    4
+    5
 }
 
 fn read_version(conn: &mut MyConn) -> Result<Option<i64>, Fail> {
@@ -229,6 +229,52 @@ fn migrate_locked(conn: &mut MyConn, levels: &[Granularity], span_us: i64) -> Re
         v4(conn)?;
         conn.query_drop("UPDATE schema_version SET version = 4")?;
     }
+    if found < 5 {
+        log::info!("mysql: migrating schema to version 5: rollup series index by slice");
+        v5(conn)?;
+        conn.query_drop("UPDATE schema_version SET version = 5")?;
+    }
+    Ok(())
+}
+
+/// Buckets per slice of a rollup level: `rollup_resource`'s series index begins with the
+/// slice, `bucket DIV (granularity * SLICE_BUCKETS * 10^6)` (a day of hourly buckets, 24
+/// days of daily ones), so new rows go into the current slice's part of the index.
+pub const SLICE_BUCKETS: i64 = 24;
+
+/// The slice of a bucket (µs) of a level of `granularity` seconds, as the generated column
+/// computes it (`DIV` truncates toward zero, as Rust's `/` does).
+pub fn slice_of(bucket: i64, granularity: u64) -> i64 {
+    let width = i64::try_from(granularity)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(SLICE_BUCKETS * 1_000_000)
+        .max(1);
+    bucket / width
+}
+
+/// Version 4 to 5: `rollup_resource`'s series index `(meter_id, resource_id, granularity,
+/// bucket)` took every new row (a series' first sample in a bucket: nearly one per sample for
+/// hourly buckets) to a random page of an index that grows with the store: past ~1.5 M samples
+/// it outgrew InnoDB's buffer pool and each batch read index pages from disk. Keyed
+/// `(granularity, slice, meter_id, resource_id, bucket)`, new rows go into the current slice's
+/// part; a query for one series reads one range per slice in its time range. One `ALTER
+/// TABLE` (atomic), skipped when an interrupted run got that far.
+fn v5(conn: &mut MyConn) -> Result<(), Fail> {
+    let done: Option<i64> = conn.query_first(
+        "SELECT COUNT(*) FROM information_schema.COLUMNS
+          WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'rollup_resource'
+            AND COLUMN_NAME = 'slice'",
+    )?;
+    if done.unwrap_or(0) > 0 {
+        return Ok(());
+    }
+    conn.query_drop(format!(
+        "ALTER TABLE rollup_resource
+             ADD COLUMN slice BIGINT AS (bucket DIV (granularity * {})) VIRTUAL,
+             ADD KEY ix_rollup_resource_slice (granularity, slice, meter_id, resource_id, bucket),
+             DROP INDEX ix_rollup_resource_series",
+        SLICE_BUCKETS * 1_000_000
+    ))?;
     Ok(())
 }
 
