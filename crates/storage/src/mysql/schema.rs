@@ -252,6 +252,16 @@ pub fn slice_of(bucket: i64, granularity: u64) -> i64 {
     bucket / width
 }
 
+/// Whether `table` in the current database has `column` (a migration that adds one is done).
+fn has_column(conn: &mut MyConn, table: &str, column: &str) -> Result<bool, Fail> {
+    let n: Option<i64> = conn.exec_first(
+        "SELECT COUNT(*) FROM information_schema.COLUMNS
+          WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = ?",
+        (table, column),
+    )?;
+    Ok(n.unwrap_or(0) > 0)
+}
+
 /// Version 4 to 5: `rollup_resource`'s series index `(meter_id, resource_id, granularity,
 /// bucket)` took every new row (a series' first sample in a bucket: nearly one per sample for
 /// hourly buckets) to a random page of an index that grows with the store: past ~1.5 M samples
@@ -260,12 +270,7 @@ pub fn slice_of(bucket: i64, granularity: u64) -> i64 {
 /// part; a query for one series reads one range per slice in its time range. One `ALTER
 /// TABLE` (atomic), skipped when an interrupted run got that far.
 fn v5(conn: &mut MyConn) -> Result<(), Fail> {
-    let done: Option<i64> = conn.query_first(
-        "SELECT COUNT(*) FROM information_schema.COLUMNS
-          WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'rollup_resource'
-            AND COLUMN_NAME = 'slice'",
-    )?;
-    if done.unwrap_or(0) > 0 {
+    if has_column(conn, "rollup_resource", "slice")? {
         return Ok(());
     }
     conn.query_drop(format!(
@@ -284,12 +289,7 @@ fn v5(conn: &mut MyConn) -> Result<(), Fail> {
 /// which kept a store past a million rows reading index pages from disk on every batch. One
 /// `ALTER TABLE` (atomic), skipped when an interrupted run got that far.
 fn v4(conn: &mut MyConn) -> Result<(), Fail> {
-    let done: Option<i64> = conn.query_first(
-        "SELECT COUNT(*) FROM information_schema.COLUMNS
-          WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'sample'
-            AND COLUMN_NAME = 'message_key'",
-    )?;
-    if done.unwrap_or(0) > 0 {
+    if has_column(conn, "sample", "message_key")? {
         return Ok(());
     }
     conn.query_drop(format!(
