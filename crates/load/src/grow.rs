@@ -328,8 +328,9 @@ pub fn expire(
                 if !st.retention_step()? {
                     break;
                 }
-                longest = longest.max(t.elapsed().as_secs_f64() * 1e3);
-                held += t.elapsed().as_secs_f64();
+                let took = t.elapsed().as_secs_f64();
+                longest = longest.max(took * 1e3);
+                held += took;
                 steps += 1;
                 if prober.is_some() {
                     std::thread::sleep(RECLAIM_PAUSE);

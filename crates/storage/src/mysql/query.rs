@@ -374,8 +374,21 @@ pub(super) fn statistics(
         .collect()
 }
 
-/// A `rollup_resource` row as read: bucket, meter_id, count, sum, min, max, first, last.
-type SeriesRow = (i64, i64, i64, f64, f64, f64, i64, i64);
+/// A rollup row's bucket (column 0) and aggregate (columns 2 to 7: count, sum, min, max,
+/// first, last); column 1 is the meter's unit or id, which the caller reads.
+fn bucket_agg(r: &mut Row) -> Result<(i64, rollup::Agg), Fail> {
+    Ok((
+        int(r, 0)?,
+        rollup::Agg {
+            count: int(r, 2)?.max(0) as u64,
+            sum: num(r, 3)?,
+            min: num(r, 4)?,
+            max: num(r, 5)?,
+            first: int(r, 6)?,
+            last: int(r, 7)?,
+        },
+    ))
+}
 
 /// Slices in one statement's `IN` list (each is one range of the series index per meter row).
 const SLICES_PER_QUERY: usize = 128;
@@ -427,7 +440,7 @@ fn resource_buckets(
         let mut params: Vec<MyValue> = vec![MyValue::UInt(granularity)];
         params.extend(meters.iter().map(|(id, _)| MyValue::Int(*id)));
         params.extend([MyValue::from(resource), MyValue::Int(lo), MyValue::Int(hi)]);
-        let rows: Vec<SeriesRow> = c.exec(
+        let rows: Vec<Row> = c.exec(
             format!(
                 "SELECT b.bucket, b.meter_id, b.`count`, b.`sum`, b.`min`, b.`max`, b.`first`,
                         b.`last`
@@ -437,24 +450,15 @@ fn resource_buckets(
             ),
             Params::Positional(params),
         )?;
-        for (bucket, meter_id, count, sum, min, max, first, last) in rows {
+        for mut r in rows {
+            let meter_id = int(&mut r, 1)?;
             let unit = meters
                 .iter()
                 .find(|(id, _)| *id == meter_id)
                 .map(|(_, u)| u.clone())
                 .unwrap_or_default();
-            out.push(BucketRow {
-                bucket,
-                unit,
-                agg: rollup::Agg {
-                    count: count.max(0) as u64,
-                    sum,
-                    min,
-                    max,
-                    first,
-                    last,
-                },
-            });
+            let (bucket, agg) = bucket_agg(&mut r)?;
+            out.push(BucketRow { bucket, unit, agg });
         }
         from = to.saturating_add(1);
     }
@@ -505,18 +509,9 @@ pub(super) fn statistics_from(
             )?;
             let mut buckets = Vec::with_capacity(rows.len());
             for mut r in rows {
-                buckets.push(BucketRow {
-                    bucket: int(&mut r, 0)?,
-                    unit: text(&mut r, 1)?,
-                    agg: rollup::Agg {
-                        count: int(&mut r, 2)?.max(0) as u64,
-                        sum: num(&mut r, 3)?,
-                        min: num(&mut r, 4)?,
-                        max: num(&mut r, 5)?,
-                        first: int(&mut r, 6)?,
-                        last: int(&mut r, 7)?,
-                    },
-                });
+                let unit = text(&mut r, 1)?;
+                let (bucket, agg) = bucket_agg(&mut r)?;
+                buckets.push(BucketRow { bucket, unit, agg });
             }
             buckets
         }

@@ -1070,7 +1070,7 @@ fn set_busy_handler(conn: &Connection, timeout_ms: u64) {
         1
     }
     // The timeout travels in the handler's argument pointer itself (nothing to own or free).
-    let arg = usize::try_from(timeout_ms.min(u32::MAX as u64)).unwrap_or(usize::MAX) as *mut c_void;
+    let arg = timeout_ms.min(u64::from(u32::MAX)) as usize as *mut c_void;
     // SAFETY: `conn.handle()` is this open connection's handle; `poll` is a plain function that
     // never unwinds and reads `arg` as an integer only, so it stays valid as long as SQLite
     // keeps it (the connection's life, or until another handler replaces it).
