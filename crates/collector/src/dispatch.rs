@@ -109,6 +109,11 @@ pub struct Completion {
     /// Not a batch: the writer's storage probe after a failure answered (`result` Ok) or
     /// not. Counted nowhere; it only tells the loop storage is back.
     pub probe: bool,
+    /// The batch's samples (`db` and `file`), handed back so that they are freed by the loop
+    /// thread that allocated them: the allocator frees its own thread's blocks without
+    /// atomics, and a sample is some 60 blocks (the writer freeing them cost ~6 % of a worker's
+    /// CPU under load).
+    pub spent: [Vec<Sample>; 2],
 }
 
 impl Completion {
@@ -127,6 +132,7 @@ impl Completion {
             committed_unix_ms: 0,
             error_kind: None,
             probe: true,
+            spent: Default::default(),
         }
     }
 }
@@ -461,6 +467,7 @@ impl Writer {
             committed_unix_ms: now_ms,
             error_kind,
             probe: false,
+            spent: [batch.db, batch.file],
         }
     }
 }
@@ -685,6 +692,47 @@ mod tests {
             assert!(Instant::now() < deadline, "old sample never expired");
             std::thread::sleep(Duration::from_millis(20));
         }
+        drop(wtx);
+        thread.join().unwrap();
+    }
+
+    /// The writer stores a batch and hands its samples back in the completion, so the loop
+    /// thread that decoded them frees them.
+    #[test]
+    fn a_written_batch_comes_back_with_its_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:///{}", dir.path().join("c.db").display());
+        let opts = storage::StorageOptions::default();
+        let writer = Writer {
+            storage: Some(storage::open(&url, &opts).unwrap()),
+            file: None,
+            ttl_seconds: None,
+            expiry_interval: Duration::from_secs(3600),
+        };
+        let (wtx, wrx) = std::sync::mpsc::channel();
+        let (ctx, crx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || writer.run(wrx, ctx, Arc::new(NoWake)));
+        let samples = vec![old_sample("a", 0), old_sample("b", 0)];
+        let meta = vec![
+            SampleMeta {
+                source: 0,
+                time_ms: None
+            };
+            samples.len()
+        ];
+        wtx.send(WriterMsg::Batch(Batch {
+            id: 7,
+            db: samples.clone(),
+            tickets: vec![ticket(0..2)],
+            meta,
+            ..Default::default()
+        }))
+        .unwrap();
+        let c = crx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(c.id, 7);
+        assert_eq!(c.counts.stored, 2);
+        assert_eq!(c.spent[0], samples);
+        assert!(c.spent[1].is_empty());
         drop(wtx);
         thread.join().unwrap();
     }
