@@ -81,10 +81,10 @@ pub struct MysqlStorage {
     span_us: i64,
     /// The partitions this handle knows of.
     parts: partitions::Known,
-    /// Whether graves (tables holding expired partitions' rows) may be waiting to be dropped:
-    /// true at open (a restart resumes), set by expiry, cleared by the step that finds none.
-    /// While set, every batch is followed by one [`partitions::reap_one`].
-    graves: bool,
+    /// Drops graves (tables holding expired partitions' rows) on its own thread and
+    /// connection: nudged after each batch while any may be waiting (found at open: a restart
+    /// resumes; or made by an expiry pass), woken by the idle retention step.
+    reaper: server::Reaper,
 }
 
 /// Why a write or read failed: the client's error, or one of ours.
@@ -138,6 +138,11 @@ impl MysqlStorage {
     /// here (the driver starts disconnected), refused credentials or an unknown database are.
     pub fn open(url: &StorageUrl<'_>, options: &StorageOptions) -> Result<Self, StorageError> {
         let (opts, database, what) = opts_from_url(url)?;
+        let span_us = i64::try_from(options.partition_span_seconds)
+            .unwrap_or(i64::MAX)
+            .clamp(1, 100 * 365 * 86_400)
+            * 1_000_000;
+        let reaper = reaper(&opts, &database, &what, &options.rollups, span_us);
         let mut st = MysqlStorage {
             opts,
             database,
@@ -148,12 +153,9 @@ impl MysqlStorage {
             json_buf: Vec::new(),
             ttl_seconds: options.time_to_live_seconds,
             levels: options.rollups.clone(),
-            span_us: i64::try_from(options.partition_span_seconds)
-                .unwrap_or(i64::MAX)
-                .clamp(1, 100 * 365 * 86_400)
-                * 1_000_000,
+            span_us,
             parts: partitions::Known::default(),
-            graves: true,
+            reaper,
         };
         match connect(
             &st.opts,
@@ -162,7 +164,9 @@ impl MysqlStorage {
             &st.levels,
             st.span_us,
         ) {
-            Ok(conn) => {
+            Ok(mut conn) => {
+                let pending = partitions::graves_pending(&mut conn).map_err(|e| st.fail(e))?;
+                st.reaper.set_pending(pending);
                 st.link.get(|| Ok(conn))?;
             }
             Err(e) if e.is_transient() => st.link.start_down(&e),
@@ -211,23 +215,6 @@ impl MysqlStorage {
         f(conn).map_err(|e| self.fail(e))
     }
 
-    /// After a committed batch, one grave dropped while any are waiting. A failure is logged
-    /// and the step taken again after the next batch; it never fails the batch.
-    fn reap_after_batch(&mut self) {
-        if !self.graves {
-            return;
-        }
-        let db = self.database.clone();
-        let Ok(conn) = self.conn() else { return };
-        match partitions::reap_one(conn, &db) {
-            Ok((_, more)) => self.graves = more,
-            Err(e) => {
-                let err = self.fail(e);
-                log::warn!("{}: dropping an expired partition: {err}", self.link.what);
-            }
-        }
-    }
-
     /// Retention: rollup buckets past their level's retention, then the sample partitions
     /// entirely older than `cutoff`, then the meter, resource and metadata rows nothing refers
     /// to any more.
@@ -236,20 +223,9 @@ impl MysqlStorage {
         database: &str,
         levels: &[Granularity],
         cutoff: OffsetDateTime,
-        graves: &mut bool,
+        reaper: &server::Reaper,
     ) -> Result<(u64, bool), Fail> {
         let mut laps = server::Laps::start("mysql: expiry");
-        // Graves no batch has reaped since an earlier pass (the daemon was idle, or another
-        // process expired): nobody is waiting on this connection, so they go now.
-        *graves = true;
-        while *graves {
-            let (dropped, more) = partitions::reap_one(conn, database)?;
-            *graves = more;
-            if dropped.is_none() {
-                break;
-            }
-        }
-        laps.lap("earlier graves");
         let now = to_micros(OffsetDateTime::now_utc());
         // rollup_resource's primary key begins with (granularity, bucket), so a level's old
         // buckets are one range of it, deleted RETENTION_CHUNK rows per statement, each
@@ -310,7 +286,8 @@ impl MysqlStorage {
                 Ok((res_c, met_c))
             })?;
         if buried > 0 {
-            *graves = true;
+            // Dropped by the reaper after the next batch or idle step, not in this call.
+            reaper.set_pending(true);
         }
         const RES_ORPHAN: &str =
             "NOT EXISTS (SELECT 1 FROM sample s WHERE s.resource_id = resource.internal_id)";
@@ -441,7 +418,7 @@ impl Storage for MysqlStorage {
             outcome.stored = rows.len() - dups.len();
             outcome.duplicate_indices.extend(dups);
             outcome.duplicate_indices.sort_unstable();
-            self.reap_after_batch();
+            self.reaper.nudge();
         }
         outcome.duplicates = outcome.duplicate_indices.len();
         Ok(outcome)
@@ -477,9 +454,10 @@ impl Storage for MysqlStorage {
         self.read(|c| query::statistics_from(c, filter, period, &levels, now))
     }
 
+    /// Graves are the reaper's: woken here, nothing left for the caller to step on.
     fn retention_step(&mut self) -> Result<bool, StorageError> {
-        let db = self.database.clone();
-        self.read(|c| Ok(partitions::reap_one(c, &db)?.0.is_some()))
+        self.reaper.wake();
+        Ok(false)
     }
 
     fn clear_expired_metering_data(&mut self, ttl_seconds: u64) -> Result<u64, StorageError> {
@@ -490,10 +468,15 @@ impl Storage for MysqlStorage {
             .checked_sub(ttl)
             .map_or(floor, |c| c.max(floor));
         let (db, levels) = (self.database.clone(), self.levels.clone());
-        let mut graves = self.graves;
-        let conn = self.conn()?;
-        let result = Self::expire(conn, &db, &levels, cutoff, &mut graves);
-        self.graves = graves;
+        // Graves an earlier pass or another process left: the next batch or idle step has
+        // the reaper look.
+        self.reaper.set_pending(true);
+        let what = self.link.what.clone();
+        let (opts, database, span) = (&self.opts, &self.database, self.span_us);
+        let conn = self
+            .link
+            .get(|| connect(opts, database, &what, &levels, span))?;
+        let result = Self::expire(conn, &db, &levels, cutoff, &self.reaper);
         match result {
             Ok((n, bumped)) => {
                 if bumped {
@@ -980,6 +963,42 @@ fn classify(what: &str, e: &::mysql::Error) -> (StorageError, bool) {
         },
         _ => (StorageError::Database(text), false),
     }
+}
+
+/// A handle's reaper: [`partitions::reap_one`] on a connection of its own, opened at its first
+/// step and again after a failure.
+fn reaper(
+    opts: &Opts,
+    database: &str,
+    what: &str,
+    levels: &[Granularity],
+    span_us: i64,
+) -> server::Reaper {
+    let (opts, database, name) = (opts.clone(), database.to_string(), what.to_string());
+    let levels = levels.to_vec();
+    let mut conn: Option<MyConn> = None;
+    server::Reaper::new(what, move || {
+        if conn.is_none() {
+            let c =
+                connect(&opts, &database, &name, &levels, span_us).map_err(|e| e.to_string())?;
+            conn = Some(c);
+        }
+        let Some(c) = conn.as_mut() else {
+            return Ok(server::ReapStep::Done);
+        };
+        match partitions::reap_one(c, &database) {
+            Ok((Some(_), true)) => Ok(server::ReapStep::More),
+            Ok((None, true)) => Ok(server::ReapStep::Busy),
+            Ok((_, false)) => Ok(server::ReapStep::Done),
+            Err(e) => {
+                conn = None;
+                Err(match e {
+                    Fail::My(e) => e.to_string(),
+                    Fail::Storage(e) => e.to_string(),
+                })
+            }
+        }
+    })
 }
 
 /// Connect, set up the session and migrate.

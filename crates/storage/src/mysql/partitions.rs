@@ -494,6 +494,11 @@ fn rows_of(
     Ok((n.unwrap_or(0), "COUNT(*)"))
 }
 
+/// Whether any grave is waiting to be dropped.
+pub fn graves_pending(conn: &mut MyConn) -> Result<bool, Fail> {
+    Ok(!graves(conn, 1)?.is_empty())
+}
+
 /// Up to `limit` graves, by name.
 fn graves(conn: &mut MyConn, limit: u32) -> Result<Vec<String>, Fail> {
     Ok(conn.exec(

@@ -67,6 +67,10 @@ pub struct PostgresStorage {
     level_seconds: Vec<i64>,
     /// `partition_span_seconds` in µs.
     span_us: i64,
+    /// Drops graves (expired partitions, detached) on its own thread and connection: nudged
+    /// after each batch while any may be waiting (found at open: a restart resumes; or made by
+    /// an expiry pass), woken by the idle retention step.
+    reaper: server::Reaper,
 }
 
 /// Where and how to connect: the client configuration and the TLS connector its `sslmode`
@@ -87,10 +91,6 @@ struct Conn {
     resource_insert: Statement,
     /// The sample partitions as this connection last read (or made) them.
     partitions: crate::partition::Partitions,
-    /// Whether graves (expired partitions, detached) may be waiting to be dropped: found at
-    /// connect (a restart resumes), set by expiry, cleared by the step that finds none. While
-    /// set, every batch is followed by one [`partitions::reap_one`].
-    graves: bool,
 }
 
 /// The hot path, one statement in autocommit mode (one round trip per batch): validated rows
@@ -207,6 +207,7 @@ impl PostgresStorage {
     /// from a newer build and malformed URLs are errors.
     pub fn open(url: &StorageUrl<'_>, opts: &StorageOptions) -> Result<Self, StorageError> {
         let (config, what) = config_from_url(url)?;
+        let reaper = reaper(&config, &what);
         let mut st = PostgresStorage {
             config,
             link: Link::new(what),
@@ -221,9 +222,13 @@ impl PostgresStorage {
                 .unwrap_or(i64::MAX / 1_000_000)
                 .max(1)
                 .saturating_mul(1_000_000),
+            reaper,
         };
         match connect(&st.config, &st.link.what, &st.levels, st.span_us) {
-            Ok(conn) => {
+            Ok(mut conn) => {
+                let pending = partitions::graves_pending(&mut conn.client)
+                    .map_err(|e| connect_error(&st.link.what, &e))?;
+                st.reaper.set_pending(pending);
                 st.link.get(|| Ok(conn))?;
             }
             Err(e) if e.is_transient() => st.link.start_down(&e),
@@ -276,38 +281,14 @@ impl PostgresStorage {
         }
     }
 
-    /// After a committed batch, one grave dropped while any are waiting. A failure is logged
-    /// and the step taken again after the next batch; it never fails the batch.
-    fn reap_after_batch(&mut self) {
-        let Ok(conn) = link_conn(&mut self.link, &self.config, &self.levels, self.span_us) else {
-            return;
-        };
-        if !conn.graves {
-            return;
-        }
-        match partitions::reap_one(&mut conn.client) {
-            Ok((_, more)) => conn.graves = more,
-            Err(e) => {
-                let err = self.fail(Fail::Pg(e));
-                log::warn!("{}: dropping an expired partition: {err}", self.link.what);
-            }
-        }
-    }
-
     fn expire(
         conn: &mut Conn,
         cutoff: OffsetDateTime,
         levels: &[crate::rollup::Granularity],
         span_us: i64,
+        reaper: &server::Reaper,
     ) -> Result<(u64, bool), Fail> {
         let mut laps = server::Laps::start("postgresql: expiry");
-        // Graves no batch has reaped since an earlier pass (the daemon was idle, or another
-        // process expired): nobody is waiting on this connection, so they go now.
-        conn.graves = conn.graves || partitions::graves_pending(&mut conn.client)?;
-        while conn.graves {
-            conn.graves = partitions::reap_one(&mut conn.client)?.1;
-        }
-        laps.lap("earlier graves");
         let client = &mut conn.client;
         // Rollup buckets past their own retention: a range on rollup_resource's key; the
         // per-meter table holds a few rows per meter and bucket.
@@ -329,11 +310,11 @@ impl PostgresStorage {
         }
         laps.lap("rollup retention");
         // Whole partitions entirely older than the cutoff: detached into graves, whatever their
-        // rows; the graves' files are deleted after the next batches (`reap`).
+        // rows; the graves' files are deleted by the reaper, after the next batch or pass.
         let (total, buried) =
             partitions::bury_expired(client, crate::model::to_micros(cutoff), levels)?;
         if buried > 0 {
-            conn.graves = true;
+            reaper.set_pending(true);
         }
         laps.lap("partitions");
         let client = &mut conn.client;
@@ -448,7 +429,7 @@ impl Storage for PostgresStorage {
             outcome.stored = rows.len() - dups.len();
             outcome.duplicate_indices.extend(dups);
             outcome.duplicate_indices.sort_unstable();
-            self.reap_after_batch();
+            self.reaper.nudge();
         }
         outcome.duplicates = outcome.duplicate_indices.len();
         Ok(outcome)
@@ -484,8 +465,10 @@ impl Storage for PostgresStorage {
         self.read(|c| query::statistics_from(c, filter, period, &levels, now))
     }
 
+    /// Graves are the reaper's: woken here, nothing left for the caller to step on.
     fn retention_step(&mut self) -> Result<bool, StorageError> {
-        self.read(|c| Ok(partitions::reap_one(c)?.0.is_some()))
+        self.reaper.wake();
+        Ok(false)
     }
 
     fn clear_expired_metering_data(&mut self, ttl_seconds: u64) -> Result<u64, StorageError> {
@@ -493,8 +476,11 @@ impl Storage for PostgresStorage {
         let cutoff = OffsetDateTime::now_utc()
             .checked_sub(ttl)
             .unwrap_or(OffsetDateTime::UNIX_EPOCH - time::Duration::days(365 * 3000));
+        // Graves an earlier pass or another process left: the next batch or idle step has
+        // the reaper look.
+        self.reaper.set_pending(true);
         let conn = link_conn(&mut self.link, &self.config, &self.levels, self.span_us)?;
-        match Self::expire(conn, cutoff, &self.levels, self.span_us) {
+        match Self::expire(conn, cutoff, &self.levels, self.span_us, &self.reaper) {
             Ok((n, bumped)) => {
                 if bumped {
                     self.clear_caches();
@@ -816,6 +802,39 @@ fn link_conn<'a>(
     link.get(|| connect(config, &what, levels, span_us))
 }
 
+/// A handle's reaper: [`partitions::reap_one`] on a plain connection of its own, opened at its
+/// first step and again after a failure; a grave whose lock is held (an expiry detaching) waits
+/// for the next nudge.
+fn reaper(config: &Target, what: &str) -> server::Reaper {
+    let (pg, tls, name) = (config.pg.clone(), config.tls.clone(), what.to_string());
+    let mut client: Option<Client> = None;
+    server::Reaper::new(what, move || {
+        if client.is_none() {
+            client = Some(
+                pg.connect(tls.clone())
+                    .map_err(|e| classify(&name, &e).0.to_string())?,
+            );
+        }
+        let Some(c) = client.as_mut() else {
+            return Ok(server::ReapStep::Done);
+        };
+        match partitions::reap_one(c) {
+            Ok((Some(_), true)) => Ok(server::ReapStep::More),
+            Ok((_, false)) => Ok(server::ReapStep::Done),
+            Ok((None, true)) => Ok(server::ReapStep::Busy),
+            Err(e) if e.code() == Some(&::postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                Ok(server::ReapStep::Busy)
+            }
+            Err(e) => {
+                if c.is_closed() {
+                    client = None;
+                }
+                Err(classify(&name, &e).0.to_string())
+            }
+        }
+    })
+}
+
 /// Connect, set up the session, migrate and prepare the hot-path statements.
 fn connect(
     config: &Target,
@@ -859,9 +878,7 @@ fn connect(
         Err(Fail::Pg(e)) => return Err(connect_error(what, &e)),
         Err(Fail::Storage(e)) => return Err(e),
     }
-    let graves = partitions::graves_pending(&mut client).map_err(|e| connect_error(what, &e))?;
     Ok(Conn {
-        graves,
         client,
         insert,
         insert_dedup,
