@@ -320,26 +320,14 @@ pub fn expire(
         let secs = t0.elapsed().as_secs_f64();
         let mut reclaim = None;
         if let (Some(st), Ok(_)) = (other.as_mut(), &result) {
-            // Server drivers: the tables expired partitions were moved into, dropped one per
-            // step (the daemon's workers do it after their next batches).
-            let (t1, mut steps, mut longest, mut held) = (Instant::now(), 0u64, 0f64, 0f64);
-            loop {
-                let t = Instant::now();
-                if !st.retention_step()? {
-                    break;
-                }
-                let took = t.elapsed().as_secs_f64();
-                longest = longest.max(took * 1e3);
-                held += took;
-                steps += 1;
-                if prober.is_some() {
-                    std::thread::sleep(RECLAIM_PAUSE);
-                }
-            }
-            reclaim = Some(json!({
-                "steps": steps, "rows": 0, "max_step_ms": longest,
-                "seconds": t1.elapsed().as_secs_f64(), "steps_seconds": held,
-            }));
+            // Server drivers: the tables expired partitions were moved into (graves) are
+            // dropped by the handle's reaper thread on a connection of its own (the daemon's
+            // is nudged after its next batch): woken here, then waited for by closing the
+            // handle, while the probe goes on.
+            let t1 = Instant::now();
+            st.retention_step()?;
+            drop(other.take());
+            reclaim = Some(json!({"reaper": true, "seconds": t1.elapsed().as_secs_f64()}));
         }
         if let (Some(sq), Ok(_)) = (sqlite.as_mut(), &result) {
             let (t1, mut steps, mut rows, mut longest) = (Instant::now(), 0u64, 0u64, 0f64);
