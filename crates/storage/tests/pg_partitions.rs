@@ -654,7 +654,11 @@ fn graves(t: &TestDb) -> Vec<String> {
 fn wait_for_no_graves(t: &TestDb) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !graves(t).is_empty() {
-        assert!(std::time::Instant::now() < deadline, "graves left: {:?}", graves(t));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "graves left: {:?}",
+            graves(t)
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
