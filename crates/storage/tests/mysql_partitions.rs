@@ -556,17 +556,9 @@ fn graves(t: &TestDb) -> Vec<String> {
         .unwrap()
 }
 
-/// Until `graves` is empty (the reaper works on its own thread), at most 20 s.
+/// Until no grave is left (the reaper works on its own thread), at most 20 s.
 fn wait_for_no_graves(t: &TestDb) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !graves(t).is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "graves left: {:?}",
-            graves(t)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    common::wait_until("the reaper drops every grave", || graves(t).is_empty());
 }
 
 /// Expiry swaps a partition's rows into a grave table (`EXCHANGE PARTITION`) and drops the

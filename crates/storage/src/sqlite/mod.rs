@@ -1156,30 +1156,20 @@ mod tests {
     }
 
     /// Every connection checkpoints the WAL only past `WAL_AUTOCHECKPOINT_PAGES`, not SQLite's
-    /// 1,000 pages, which a single batch exceeded.
+    /// 1,000 pages, which a single batch exceeded, and keeps statement journals in memory, not
+    /// in a temporary file written page by page.
     #[test]
-    fn connections_let_the_wal_grow_past_a_batch_before_checkpointing() {
+    fn connections_let_the_wal_grow_past_a_batch_and_journal_in_memory() {
         let dir = tempfile::tempdir().unwrap();
         let target = Target::File(dir.path().join("wal.db"));
         let conn = connect(&target, &StorageOptions::default(), "NORMAL").unwrap();
-        let pages: i64 = conn
-            .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(pages, WAL_AUTOCHECKPOINT_PAGES);
-        assert!(pages > 1000);
-    }
-
-    /// Statement journals (and other temporary tables) live in memory, not in a temp file
-    /// written page by page.
-    #[test]
-    fn connections_keep_statement_journals_in_memory() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = Target::File(dir.path().join("tmp.db"));
-        let conn = connect(&target, &StorageOptions::default(), "NORMAL").unwrap();
-        let store: i64 = conn
-            .query_row("PRAGMA temp_store", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(store, 2, "PRAGMA temp_store: 2 is MEMORY");
+        let pragma = |name: &str| -> i64 {
+            conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(pragma("wal_autocheckpoint"), WAL_AUTOCHECKPOINT_PAGES);
+        assert!(WAL_AUTOCHECKPOINT_PAGES > 1000);
+        assert_eq!(pragma("temp_store"), 2, "PRAGMA temp_store: 2 is MEMORY");
     }
 
     #[test]

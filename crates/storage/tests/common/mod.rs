@@ -68,3 +68,16 @@ pub fn fold(e: &mut Aggregate, v: f64, ts: i64) {
     e.4 = e.4.min(ts);
     e.5 = e.5.max(ts);
 }
+
+/// Poll `done` every 20 ms until it holds (work another thread does, such as a reaper's), and
+/// fail the test naming `what` after 20 s.
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still waiting: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
