@@ -174,7 +174,89 @@ pub struct Writer {
     pub ttl_seconds: Option<u64>,
     /// Between retention passes (`[database] expiry_interval`).
     pub expiry_interval: Duration,
+    /// A second handle on the same storage for the retention passes, which then run on a
+    /// thread of their own: a pass (the orphan search, counting, rollup retention; 0.2 s on a
+    /// cold MariaDB) never occupies the writer thread, which only waits for the short locks the
+    /// pass takes. `None`: passes run on the writer thread between batches.
+    pub retention: Option<Box<dyn Storage>>,
 }
+
+/// The thread that runs retention passes on their own handle when the writer asks, and says
+/// when each is done (the writer then takes its idle steps: reclaim, graves).
+struct Retention {
+    tx: Option<std::sync::mpsc::SyncSender<()>>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// A pass was asked for and has not reported.
+    running: bool,
+}
+
+impl Retention {
+    fn start(mut st: Box<dyn Storage>, ttl: u64) -> std::io::Result<Retention> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        let thread = std::thread::Builder::new()
+            .name("retention".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    expiry_pass(st.as_mut(), ttl);
+                    flag.store(true, std::sync::atomic::Ordering::Release);
+                }
+            })?;
+        Ok(Retention {
+            tx: Some(tx),
+            done,
+            thread: Some(thread),
+            running: false,
+        })
+    }
+
+    /// Ask for a pass unless one is running.
+    fn ask(&mut self) {
+        if self.running {
+            return;
+        }
+        if let Some(tx) = &self.tx {
+            self.running = tx.try_send(()).is_ok();
+        }
+    }
+
+    /// Whether the pass asked for has finished since the last call.
+    fn finished(&mut self) -> bool {
+        if self.running && self.done.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            self.running = false;
+            return true;
+        }
+        false
+    }
+}
+
+impl Drop for Retention {
+    fn drop(&mut self) {
+        // The thread ends after the pass in progress, if any.
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One retention pass, logged.
+fn expiry_pass(st: &mut dyn Storage, ttl: u64) {
+    let started = Instant::now();
+    match st.clear_expired_metering_data(ttl) {
+        Ok(n) if n > 0 => log::info!(
+            "expired {n} samples older than {ttl} s in {:.3} s",
+            started.elapsed().as_secs_f64()
+        ),
+        Ok(_) => {}
+        Err(e) => log::warn!("cannot expire old samples: {e}"),
+    }
+}
+
+/// While a pass runs on the retention thread, the writer looks this often whether it is done.
+const RETENTION_POLL: Duration = Duration::from_millis(50);
 
 /// At most this many queued batches are merged into one transaction.
 const MERGE_MAX: usize = 8;
@@ -219,6 +301,16 @@ impl Writer {
         // restart resumes an interrupted reclaim), cleared when a step finds nothing.
         let expiring = self.ttl_seconds.is_some() && self.storage.is_some();
         let mut steps_left = expiring;
+        let mut retention = match (self.retention.take(), self.ttl_seconds) {
+            (Some(st), Some(ttl)) if expiring => match Retention::start(st, ttl) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    log::warn!("cannot start the retention thread, expiring on the writer: {e}");
+                    None
+                }
+            },
+            _ => None,
+        };
         loop {
             // Wait for a batch, or until the next probe (storage down), retention pass or
             // idle retention step.
@@ -232,6 +324,9 @@ impl Writer {
             }
             if steps_left && !down {
                 wait = Some(wait.map_or(IDLE_STEP, |w: Duration| w.min(IDLE_STEP)));
+            }
+            if retention.as_ref().is_some_and(|r| r.running) {
+                wait = Some(wait.map_or(RETENTION_POLL, |w: Duration| w.min(RETENTION_POLL)));
             }
             let msg = match wait {
                 None => match rx.recv() {
@@ -264,19 +359,19 @@ impl Writer {
             if !loop_alive {
                 return;
             }
+            if retention.as_mut().is_some_and(Retention::finished) {
+                steps_left = true;
+            }
             if let (Some(ttl), Some(st)) = (self.ttl_seconds, self.storage.as_mut()) {
                 if Instant::now() >= next_expiry {
                     next_expiry = Instant::now() + interval;
-                    let started = Instant::now();
-                    match st.clear_expired_metering_data(ttl) {
-                        Ok(n) if n > 0 => log::info!(
-                            "expired {n} samples older than {ttl} s in {:.3} s",
-                            started.elapsed().as_secs_f64()
-                        ),
-                        Ok(_) => {}
-                        Err(e) => log::warn!("cannot expire old samples: {e}"),
+                    match retention.as_mut() {
+                        Some(r) => r.ask(),
+                        None => {
+                            expiry_pass(st.as_mut(), ttl);
+                            steps_left = true;
+                        }
                     }
-                    steps_left = true;
                 }
             }
         }
@@ -660,8 +755,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn retention_runs_on_its_timer_while_no_batch_arrives() {
+    /// A store with a 5-day-old and a fresh sample; a writer with a 2-day TTL on a 50 ms timer,
+    /// its passes on the writer thread or (`separate`) on a retention thread with a second
+    /// handle. No batch is ever sent: the timer alone must expire the old day.
+    fn retention_expires_while_no_batch_arrives(separate: bool) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite:///{}", dir.path().join("c.db").display());
         let opts = storage::StorageOptions::default();
@@ -675,11 +772,11 @@ mod tests {
             file: None,
             ttl_seconds: Some(2 * 86_400),
             expiry_interval: Duration::from_millis(50),
+            retention: separate.then(|| storage::open(&url, &opts).unwrap()),
         };
         let (wtx, wrx) = std::sync::mpsc::channel();
         let (ctx, _crx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || writer.run(wrx, ctx, Arc::new(NoWake)));
-        // No batch is ever sent: the timer alone must expire the old day.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let left = st
@@ -692,8 +789,19 @@ mod tests {
             assert!(Instant::now() < deadline, "old sample never expired");
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The writer (and its retention thread) stop when the loop's sender goes.
         drop(wtx);
         thread.join().unwrap();
+    }
+
+    #[test]
+    fn retention_runs_on_its_timer_while_no_batch_arrives() {
+        retention_expires_while_no_batch_arrives(false);
+    }
+
+    #[test]
+    fn retention_on_its_own_thread_and_handle_runs_on_the_timer_too() {
+        retention_expires_while_no_batch_arrives(true);
     }
 
     /// The writer stores a batch and hands its samples back in the completion, so the loop
@@ -708,6 +816,7 @@ mod tests {
             file: None,
             ttl_seconds: None,
             expiry_interval: Duration::from_secs(3600),
+            retention: None,
         };
         let (wtx, wrx) = std::sync::mpsc::channel();
         let (ctx, crx) = std::sync::mpsc::channel();

@@ -159,11 +159,24 @@ impl Worker {
         // Only worker 0 expires old samples, so N workers do not race to delete the same rows.
         let ttl = (index == 0 && cfg.database.metering_time_to_live > 0)
             .then_some(cfg.database.metering_time_to_live as u64);
+        // Worker 0's retention passes run on a second handle and a thread of their own.
+        let retention = match (&storage, ttl) {
+            (Some(_), Some(_)) => Some(
+                storage::open(&cfg.database.connection, &cfg.database.storage_options()).map_err(
+                    |source| BootError::Storage {
+                        url: crate::config::mask_url_password(&cfg.database.connection),
+                        source,
+                    },
+                )?,
+            ),
+            _ => None,
+        };
         let writer = Writer {
             storage,
             file: file_dispatcher,
             ttl_seconds: ttl,
             expiry_interval: Duration::from_secs_f64(cfg.database.expiry_interval),
+            retention,
         };
         let amqp = if cfg.messaging.transport_url.is_empty() {
             None
