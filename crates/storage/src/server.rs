@@ -584,6 +584,137 @@ impl Laps {
     }
 }
 
+/// What one step of a [`Reaper`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReapStep {
+    /// It dropped something and more is waiting.
+    More,
+    /// Nothing is waiting any more.
+    Done,
+    /// A grave is waiting but its lock is held (an expiry is burying): left for the next
+    /// nudge.
+    Busy,
+}
+
+/// Drops graves (expired partitions' tables) on a thread and connection of its own, so that
+/// deleting a day's files (150-300 ms at 4 M rows) never holds the handle's writer. The thread
+/// starts at the first [`nudge`](Reaper::nudge) or [`wake`](Reaper::wake), drops every grave it
+/// finds, then waits. Expiry only marks graves [`pending`](Reaper::pending): the handle nudges
+/// after its next batch, and the daemon's writer wakes it when idle (`retention_step`), so an
+/// expiry call itself never waits for a file to be deleted. Dropping the reaper waits for the
+/// step in progress.
+pub struct Reaper {
+    what: String,
+    pending: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    step: Option<Box<dyn FnMut() -> Result<ReapStep, String> + Send>>,
+    tx: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Reaper {
+    /// A reaper for `what` (the handle's printable name) that takes `step` to drop one part of
+    /// a grave; `step` connects on its own. Graves count as pending until
+    /// [`set_pending`](Reaper::set_pending) says otherwise (a restart resumes what an earlier
+    /// process left).
+    pub fn new(
+        what: &str,
+        step: impl FnMut() -> Result<ReapStep, String> + Send + 'static,
+    ) -> Reaper {
+        Reaper {
+            what: what.to_string(),
+            pending: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            step: Some(Box::new(step)),
+            tx: None,
+            thread: None,
+        }
+    }
+
+    /// Whether graves may be waiting (see [`set_pending`](Reaper::set_pending); cleared when a
+    /// step finds none).
+    pub fn pending(&self) -> bool {
+        self.pending.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether graves may be waiting, as the handle found at connect or an expiry made them.
+    pub fn set_pending(&self, pending: bool) {
+        self.pending
+            .store(pending, std::sync::atomic::Ordering::Release);
+    }
+
+    /// After a batch: [`wake`](Reaper::wake) the thread if graves may be waiting.
+    pub fn nudge(&mut self) {
+        if self.pending() {
+            self.wake();
+        }
+    }
+
+    /// Have the thread look for graves and drop them; returns at once (a wake while it works
+    /// is kept for after).
+    pub fn wake(&mut self) {
+        if self.tx.is_none() {
+            let Some(mut step) = self.step.take() else {
+                return;
+            };
+            let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+            let pending = self.pending.clone();
+            let what = self.what.clone();
+            let spawned = std::thread::Builder::new()
+                .name("reaper".into())
+                .spawn(move || reap_loop(&what, &rx, &pending, &mut *step));
+            match spawned {
+                Ok(t) => {
+                    self.thread = Some(t);
+                    self.tx = Some(tx);
+                }
+                Err(e) => {
+                    log::warn!("{}: cannot start the grave reaper: {e}", self.what);
+                    return;
+                }
+            }
+        }
+        if let Some(tx) = &self.tx {
+            // Full: a nudge is already waiting, which covers this one.
+            let _ = tx.try_send(());
+        }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn reap_loop(
+    what: &str,
+    rx: &std::sync::mpsc::Receiver<()>,
+    pending: &std::sync::atomic::AtomicBool,
+    step: &mut dyn FnMut() -> Result<ReapStep, String>,
+) {
+    while rx.recv().is_ok() {
+        loop {
+            match step() {
+                Ok(ReapStep::More) => {}
+                Ok(ReapStep::Done) => {
+                    // Should a burial have slipped in since the step looked, the next expiry
+                    // pass marks graves pending again, and the batch after it nudges.
+                    pending.store(false, std::sync::atomic::Ordering::Release);
+                    break;
+                }
+                // Pending still: the next batch (or pass, or idle step) nudges again.
+                Ok(ReapStep::Busy) => break,
+                Err(e) => {
+                    log::warn!("{what}: dropping an expired partition: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -757,136 +888,5 @@ mod tests {
         link.lost(&down());
         assert!(!link.is_connected());
         assert_eq!(*link.get(|| Ok(3)).unwrap(), 3);
-    }
-}
-
-/// What one step of a [`Reaper`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReapStep {
-    /// It dropped something and more is waiting.
-    More,
-    /// Nothing is waiting any more.
-    Done,
-    /// A grave is waiting but its lock is held (an expiry is burying): left for the next
-    /// nudge.
-    Busy,
-}
-
-/// Drops graves (expired partitions' tables) on a thread and connection of its own, so that
-/// deleting a day's files (150-300 ms at 4 M rows) never holds the handle's writer. The thread
-/// starts at the first [`nudge`](Reaper::nudge) or [`wake`](Reaper::wake), drops every grave it
-/// finds, then waits. Expiry only marks graves [`pending`](Reaper::pending): the handle nudges
-/// after its next batch, and the daemon's writer wakes it when idle (`retention_step`), so an
-/// expiry call itself never waits for a file to be deleted. Dropping the reaper waits for the
-/// step in progress.
-pub struct Reaper {
-    what: String,
-    pending: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    step: Option<Box<dyn FnMut() -> Result<ReapStep, String> + Send>>,
-    tx: Option<std::sync::mpsc::SyncSender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Reaper {
-    /// A reaper for `what` (the handle's printable name) that takes `step` to drop one part of
-    /// a grave; `step` connects on its own. Graves count as pending until
-    /// [`set_pending`](Reaper::set_pending) says otherwise (a restart resumes what an earlier
-    /// process left).
-    pub fn new(
-        what: &str,
-        step: impl FnMut() -> Result<ReapStep, String> + Send + 'static,
-    ) -> Reaper {
-        Reaper {
-            what: what.to_string(),
-            pending: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
-            step: Some(Box::new(step)),
-            tx: None,
-            thread: None,
-        }
-    }
-
-    /// Whether graves may be waiting (set by [`buried`](Reaper::buried), cleared when a step
-    /// finds none).
-    pub fn pending(&self) -> bool {
-        self.pending.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// Whether graves may be waiting, as the handle found at connect or an expiry made them.
-    pub fn set_pending(&self, pending: bool) {
-        self.pending
-            .store(pending, std::sync::atomic::Ordering::Release);
-    }
-
-    /// After a batch: [`wake`](Reaper::wake) the thread if graves may be waiting.
-    pub fn nudge(&mut self) {
-        if self.pending() {
-            self.wake();
-        }
-    }
-
-    /// Have the thread look for graves and drop them; returns at once (a wake while it works
-    /// is kept for after).
-    pub fn wake(&mut self) {
-        if self.tx.is_none() {
-            let Some(mut step) = self.step.take() else {
-                return;
-            };
-            let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
-            let pending = self.pending.clone();
-            let what = self.what.clone();
-            let spawned = std::thread::Builder::new()
-                .name("reaper".into())
-                .spawn(move || reap_loop(&what, &rx, &pending, &mut *step));
-            match spawned {
-                Ok(t) => {
-                    self.thread = Some(t);
-                    self.tx = Some(tx);
-                }
-                Err(e) => {
-                    log::warn!("{}: cannot start the grave reaper: {e}", self.what);
-                    return;
-                }
-            }
-        }
-        if let Some(tx) = &self.tx {
-            // Full: a nudge is already waiting, which covers this one.
-            let _ = tx.try_send(());
-        }
-    }
-}
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        self.tx = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn reap_loop(
-    what: &str,
-    rx: &std::sync::mpsc::Receiver<()>,
-    pending: &std::sync::atomic::AtomicBool,
-    step: &mut dyn FnMut() -> Result<ReapStep, String>,
-) {
-    while rx.recv().is_ok() {
-        loop {
-            match step() {
-                Ok(ReapStep::More) => {}
-                Ok(ReapStep::Done) => {
-                    // Should a burial have slipped in since the step looked, the next expiry
-                    // pass finds it (each pass nudges).
-                    pending.store(false, std::sync::atomic::Ordering::Release);
-                    break;
-                }
-                // Pending still: the next batch (or pass, or idle step) nudges again.
-                Ok(ReapStep::Busy) => break,
-                Err(e) => {
-                    log::warn!("{what}: dropping an expired partition: {e}");
-                    break;
-                }
-            }
-        }
     }
 }

@@ -142,7 +142,7 @@ impl MysqlStorage {
             .unwrap_or(i64::MAX)
             .clamp(1, 100 * 365 * 86_400)
             * 1_000_000;
-        let reaper = reaper(&opts, &database, &what, &options.rollups, span_us);
+        let reaper = reaper(&opts, &database, &what);
         let mut st = MysqlStorage {
             opts,
             database,
@@ -965,22 +965,15 @@ fn classify(what: &str, e: &::mysql::Error) -> (StorageError, bool) {
     }
 }
 
-/// A handle's reaper: [`partitions::reap_one`] on a connection of its own, opened at its first
-/// step and again after a failure.
-fn reaper(
-    opts: &Opts,
-    database: &str,
-    what: &str,
-    levels: &[Granularity],
-    span_us: i64,
-) -> server::Reaper {
+/// A handle's reaper: [`partitions::reap_one`] on a plain connection of its own (no session
+/// set-up or migration: it only lists and drops tables), opened at its first step and again
+/// after a failure.
+fn reaper(opts: &Opts, database: &str, what: &str) -> server::Reaper {
     let (opts, database, name) = (opts.clone(), database.to_string(), what.to_string());
-    let levels = levels.to_vec();
     let mut conn: Option<MyConn> = None;
     server::Reaper::new(what, move || {
         if conn.is_none() {
-            let c =
-                connect(&opts, &database, &name, &levels, span_us).map_err(|e| e.to_string())?;
+            let c = MyConn::new(opts.clone()).map_err(|e| connect_error(&name, &e).to_string())?;
             conn = Some(c);
         }
         let Some(c) = conn.as_mut() else {
