@@ -1167,8 +1167,12 @@ mod tests {
             conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
                 .unwrap()
         };
-        assert_eq!(pragma("wal_autocheckpoint"), WAL_AUTOCHECKPOINT_PAGES);
-        assert!(WAL_AUTOCHECKPOINT_PAGES > 1000);
+        let pages = pragma("wal_autocheckpoint");
+        assert_eq!(pages, WAL_AUTOCHECKPOINT_PAGES);
+        assert!(
+            pages > 1000,
+            "past a batch's ~2,500 pages' worth of SQLite's default"
+        );
         assert_eq!(pragma("temp_store"), 2, "PRAGMA temp_store: 2 is MEMORY");
     }
 
