@@ -324,6 +324,128 @@ fn a_database_down_at_start_is_waited_for(kind: Kind) {
     assert!(d.log_count("connection lost") <= 2, "log:\n{}", d.log());
 }
 
+/// The graves (expired days' tables) left in the database.
+fn graves(db: &TestDb) -> i64 {
+    let q = match db.kind {
+        Kind::Postgres => {
+            "SELECT COUNT(*) FROM pg_class WHERE relkind = 'r' AND relname LIKE 'sample\\_expired%'"
+        }
+        Kind::Mysql => {
+            "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()
+               AND TABLE_NAME LIKE 'sample\\_expired%'"
+        }
+    };
+    db.query(q).parse().unwrap_or(-1)
+}
+
+/// `sample(id)` stamped `ago` before now (the support sample is a month old), signed again.
+fn sample_ago(id: &str, ago: Duration) -> meter::Value {
+    let mut v = sample(id, SECRET);
+    let at = (time::OffsetDateTime::now_utc() - ago)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    if let Some(t) = v.get_mut("timestamp") {
+        *t = meter::Value::Str(at);
+    }
+    meter::signature::sign(&mut v, SECRET);
+    v
+}
+
+/// Samples 15 s old in 10 s partitions, then a daemon with a 20 s TTL whose worker 0 expires
+/// every 0.5 s on its retention thread: their partition expires some seconds after the daemon
+/// starts, while four clients keep a full batch always waiting (the writer never idle, so it
+/// never takes a retention step itself). The partition's grave is dropped under that load.
+fn an_expired_day_is_dropped_under_a_steady_load(kind: Kind) {
+    let db = TestDb::new(kind);
+    {
+        let d = start(
+            Setup::default().workers(1).database("partition_span = 10"),
+            &db.url(),
+        );
+        let mut c = RpcClient::connect(d.rpc.unwrap()).unwrap();
+        let old = ids("old", 10);
+        let r = c
+            .call(
+                old.iter()
+                    .map(|id| sample_ago(id, Duration::from_secs(15)))
+                    .collect(),
+            )
+            .unwrap();
+        assert_eq!(r.stored, 10, "{r:?}");
+    }
+    // The load, made before the daemon starts so that it begins at once: four clients on
+    // threads of their own, each cycling through 100 calls of a full batch.
+    let loads: Vec<Vec<Vec<meter::Value>>> = (0..4)
+        .map(|k| {
+            (0..100)
+                .map(|n| {
+                    (0..10)
+                        .map(|i| sample_ago(&format!("new-{k}-{n}-{i}"), Duration::ZERO))
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    let d = start(
+        Setup::default()
+            .workers(1)
+            .collector("batch_size = 10")
+            .database("partition_span = 10")
+            .database("metering_time_to_live = 20")
+            .database("expiry_interval = 0.5"),
+        &db.url(),
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = loads
+        .into_iter()
+        .map(|batches| {
+            let (stop, to) = (stop.clone(), d.rpc.unwrap());
+            std::thread::spawn(move || {
+                let mut c = RpcClient::connect(to).unwrap();
+                let mut calls = 0;
+                for batch in batches.iter().cycle() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let r = c.call(batch.clone()).unwrap();
+                    assert_eq!(r.error.as_deref(), None, "{r:?}");
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+    let load = std::thread::spawn(move || {
+        clients
+            .into_iter()
+            .map(|c| c.join().unwrap())
+            .sum::<usize>()
+    });
+    let old_left = || db.query("SELECT COUNT(*) FROM sample WHERE message_id LIKE 'old-%'");
+    let deadline = Instant::now() + WAIT;
+    while !(old_left() == "0" && graves(&db) == 0) {
+        if Instant::now() > deadline {
+            stop.store(true, Ordering::Relaxed);
+            let _ = load.join();
+            panic!("graves left: {}; log:\n{}", graves(&db), d.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let calls = load.join().unwrap();
+    assert!(calls > 0);
+}
+
+#[test]
+fn postgresql_drops_an_expired_day_under_a_steady_load() {
+    an_expired_day_is_dropped_under_a_steady_load(Kind::Postgres);
+}
+
+#[test]
+fn mariadb_drops_an_expired_day_under_a_steady_load() {
+    an_expired_day_is_dropped_under_a_steady_load(Kind::Mysql);
+}
+
 #[test]
 fn postgresql_collects_udp_tcp_and_rpc_with_two_workers() {
     collects_udp_tcp_and_rpc_with_two_workers(Kind::Postgres);

@@ -201,6 +201,11 @@ impl Retention {
             .spawn(move || {
                 while rx.recv().is_ok() {
                     expiry_pass(st.as_mut(), ttl);
+                    // The graves this handle made are its reaper's to drop: the writer's
+                    // handle would only look when idle, never under a steady load.
+                    if let Err(e) = st.retention_step() {
+                        log::warn!("retention step: {e}");
+                    }
                     flag.store(true, std::sync::atomic::Ordering::Release);
                 }
             })?;
