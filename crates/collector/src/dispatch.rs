@@ -184,46 +184,36 @@ pub struct Writer {
 /// The thread that runs retention passes on their own handle when the writer asks, and says
 /// when each is done (the writer then takes its idle steps: reclaim, graves).
 struct Retention {
-    tx: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: storage::background::Nudged,
     done: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
     /// A pass was asked for and has not reported.
     running: bool,
 }
 
 impl Retention {
     fn start(mut st: Box<dyn Storage>, ttl: u64) -> std::io::Result<Retention> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = done.clone();
-        let thread = std::thread::Builder::new()
-            .name("retention".into())
-            .spawn(move || {
-                while rx.recv().is_ok() {
-                    expiry_pass(st.as_mut(), ttl);
-                    // The graves this handle made are its reaper's to drop: the writer's
-                    // handle would only look when idle, never under a steady load.
-                    if let Err(e) = st.retention_step() {
-                        log::warn!("retention step: {e}");
-                    }
-                    flag.store(true, std::sync::atomic::Ordering::Release);
-                }
-            })?;
+        let thread = storage::background::Nudged::spawn("retention", move || {
+            expiry_pass(st.as_mut(), ttl);
+            // The graves this handle made are its reaper's to drop: the writer's handle would
+            // only look when idle, never under a steady load.
+            if let Err(e) = st.retention_step() {
+                log::warn!("retention step: {e}");
+            }
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        })?;
         Ok(Retention {
-            tx: Some(tx),
+            thread,
             done,
-            thread: Some(thread),
             running: false,
         })
     }
 
     /// Ask for a pass unless one is running.
     fn ask(&mut self) {
-        if self.running {
-            return;
-        }
-        if let Some(tx) = &self.tx {
-            self.running = tx.try_send(()).is_ok();
+        if !self.running {
+            self.running = self.thread.nudge();
         }
     }
 
@@ -234,16 +224,6 @@ impl Retention {
             return true;
         }
         false
-    }
-}
-
-impl Drop for Retention {
-    fn drop(&mut self) {
-        // The thread ends after the pass in progress, if any.
-        self.tx = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -126,19 +126,15 @@ impl Worker {
     ) -> Result<Worker, BootError> {
         let db = cfg.has_dispatcher("database");
         let file = cfg.has_dispatcher("file");
-        let storage = if db {
-            let opts = cfg.database.storage_options();
-            Some(
-                storage::open(&cfg.database.connection, &opts).map_err(|source| {
-                    BootError::Storage {
-                        url: crate::config::mask_url_password(&cfg.database.connection),
-                        source,
-                    }
-                })?,
+        let open_storage = || {
+            storage::open(&cfg.database.connection, &cfg.database.storage_options()).map_err(
+                |source| BootError::Storage {
+                    url: crate::config::mask_url_password(&cfg.database.connection),
+                    source,
+                },
             )
-        } else {
-            None
         };
+        let storage = if db { Some(open_storage()?) } else { None };
         let file_dispatcher = if file {
             let d = &cfg.dispatcher_file;
             Some(
@@ -161,14 +157,7 @@ impl Worker {
             .then_some(cfg.database.metering_time_to_live as u64);
         // Worker 0's retention passes run on a second handle and a thread of their own.
         let retention = match (&storage, ttl) {
-            (Some(_), Some(_)) => Some(
-                storage::open(&cfg.database.connection, &cfg.database.storage_options()).map_err(
-                    |source| BootError::Storage {
-                        url: crate::config::mask_url_password(&cfg.database.connection),
-                        source,
-                    },
-                )?,
-            ),
+            (Some(_), Some(_)) => Some(open_storage()?),
             _ => None,
         };
         let writer = Writer {

@@ -14,6 +14,7 @@
 //! one [`Storage`] (and/or one [`FileDispatcher`]) per worker and calls it from its writer
 //! thread. Design notes and the SQL schema are in `docs/storage.md`.
 
+pub mod background;
 pub mod error;
 pub mod file;
 pub mod json;

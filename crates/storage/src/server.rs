@@ -606,9 +606,9 @@ pub enum ReapStep {
 pub struct Reaper {
     what: String,
     pending: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Until the thread starts, at the first wake.
     step: Option<Box<dyn FnMut() -> Result<ReapStep, String> + Send>>,
-    tx: Option<std::sync::mpsc::SyncSender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<crate::background::Nudged>,
 }
 
 impl Reaper {
@@ -624,7 +624,6 @@ impl Reaper {
             what: what.to_string(),
             pending: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
             step: Some(Box::new(step)),
-            tx: None,
             thread: None,
         }
     }
@@ -651,65 +650,48 @@ impl Reaper {
     /// Have the thread look for graves and drop them; returns at once (a wake while it works
     /// is kept for after).
     pub fn wake(&mut self) {
-        if self.tx.is_none() {
+        if self.thread.is_none() {
             let Some(mut step) = self.step.take() else {
                 return;
             };
-            let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
-            let pending = self.pending.clone();
-            let what = self.what.clone();
-            let spawned = std::thread::Builder::new()
-                .name("reaper".into())
-                .spawn(move || reap_loop(&what, &rx, &pending, &mut *step));
-            match spawned {
-                Ok(t) => {
-                    self.thread = Some(t);
-                    self.tx = Some(tx);
-                }
+            let (pending, what) = (self.pending.clone(), self.what.clone());
+            match crate::background::Nudged::spawn("reaper", move || {
+                reap_all(&what, &pending, &mut *step)
+            }) {
+                Ok(t) => self.thread = Some(t),
                 Err(e) => {
                     log::warn!("{}: cannot start the grave reaper: {e}", self.what);
                     return;
                 }
             }
         }
-        if let Some(tx) = &self.tx {
-            // Full: a nudge is already waiting, which covers this one.
-            let _ = tx.try_send(());
+        if let Some(t) = &self.thread {
+            t.nudge();
         }
     }
 }
 
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        self.tx = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn reap_loop(
+/// Steps until no grave is left (then nothing is pending), a grave's lock is held or a step
+/// fails (both left for the next wake).
+fn reap_all(
     what: &str,
-    rx: &std::sync::mpsc::Receiver<()>,
     pending: &std::sync::atomic::AtomicBool,
     step: &mut dyn FnMut() -> Result<ReapStep, String>,
 ) {
-    while rx.recv().is_ok() {
-        loop {
-            match step() {
-                Ok(ReapStep::More) => {}
-                Ok(ReapStep::Done) => {
-                    // Should a burial have slipped in since the step looked, the next expiry
-                    // pass marks graves pending again, and the batch after it nudges.
-                    pending.store(false, std::sync::atomic::Ordering::Release);
-                    break;
-                }
-                // Pending still: the next batch (or pass, or idle step) nudges again.
-                Ok(ReapStep::Busy) => break,
-                Err(e) => {
-                    log::warn!("{what}: dropping an expired partition: {e}");
-                    break;
-                }
+    loop {
+        match step() {
+            Ok(ReapStep::More) => {}
+            Ok(ReapStep::Done) => {
+                // Should a burial have slipped in since the step looked, the next expiry
+                // pass marks graves pending again, and the batch after it nudges.
+                pending.store(false, std::sync::atomic::Ordering::Release);
+                return;
+            }
+            // Pending still: the next batch (or pass, or idle step) nudges again.
+            Ok(ReapStep::Busy) => return,
+            Err(e) => {
+                log::warn!("{what}: dropping an expired partition: {e}");
+                return;
             }
         }
     }

@@ -223,7 +223,6 @@ impl MysqlStorage {
         database: &str,
         levels: &[Granularity],
         cutoff: OffsetDateTime,
-        reaper: &server::Reaper,
     ) -> Result<(u64, bool), Fail> {
         let mut laps = server::Laps::start("mysql: expiry");
         let now = to_micros(OffsetDateTime::now_utc());
@@ -258,7 +257,7 @@ impl MysqlStorage {
         // Meters stay while a rollup refers to them: rollups outlive samples.
         const METER_KEPT: &str =
             "NOT EXISTS (SELECT 1 FROM rollup_meter b WHERE b.meter_id = t.id)";
-        let (total, buried, (res_c, met_c)) =
+        let (total, (res_c, met_c)) =
             partitions::bury_expired(conn, database, to_micros(cutoff), levels, |conn, left| {
                 laps.lap("partitions");
                 // Candidates first, by plain reads that hold nothing: the writers then wait
@@ -285,10 +284,6 @@ impl MysqlStorage {
                 laps.lap("orphan meters");
                 Ok((res_c, met_c))
             })?;
-        if buried > 0 {
-            // Dropped by the reaper after the next batch or idle step, not in this call.
-            reaper.set_pending(true);
-        }
         const RES_ORPHAN: &str =
             "NOT EXISTS (SELECT 1 FROM sample s WHERE s.resource_id = resource.internal_id)";
         const METER_ORPHAN: &str = "NOT EXISTS (SELECT 1 FROM sample s WHERE s.meter_id = meter.id)
@@ -468,15 +463,11 @@ impl Storage for MysqlStorage {
             .checked_sub(ttl)
             .map_or(floor, |c| c.max(floor));
         let (db, levels) = (self.database.clone(), self.levels.clone());
-        // Graves an earlier pass or another process left: the next batch or idle step has
-        // the reaper look.
+        // The graves this pass makes, and any an earlier pass or another process left: the
+        // next batch or idle step has the reaper look (never this call).
         self.reaper.set_pending(true);
-        let what = self.link.what.clone();
-        let (opts, database, span) = (&self.opts, &self.database, self.span_us);
-        let conn = self
-            .link
-            .get(|| connect(opts, database, &what, &levels, span))?;
-        let result = Self::expire(conn, &db, &levels, cutoff, &self.reaper);
+        let conn = self.conn()?;
+        let result = Self::expire(conn, &db, &levels, cutoff);
         match result {
             Ok((n, bumped)) => {
                 if bumped {

@@ -313,14 +313,14 @@ const DDL_WAIT: i64 = 1;
 /// `DROP PARTITION` of the full partition held them while InnoDB deleted its file: 0.2–0.3 s
 /// for 143k–428k rows). Then, still under the partition lock (so the partitions do not change
 /// under it), `after` runs with the partitions left, newest first. Returns the samples
-/// expired, how many partitions were, and what `after` returned.
+/// expired and what `after` returned.
 pub fn bury_expired<T>(
     conn: &mut MyConn,
     database: &str,
     cutoff: i64,
     levels: &[Granularity],
     after: impl FnOnce(&mut MyConn, &[Part]) -> Result<T, Fail>,
-) -> Result<(u64, usize, T), Fail> {
+) -> Result<(u64, T), Fail> {
     locked(conn, database, |conn| {
         let parts = read(conn)?;
         let (mut total, mut buried) = (0u64, 0usize);
@@ -362,7 +362,7 @@ pub fn bury_expired<T>(
         let mut newest_first: Vec<Part> = left;
         newest_first.reverse();
         let out = after(conn, &newest_first)?;
-        Ok((total, buried, out))
+        Ok((total, out))
     })
 }
 

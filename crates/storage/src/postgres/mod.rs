@@ -286,7 +286,6 @@ impl PostgresStorage {
         cutoff: OffsetDateTime,
         levels: &[crate::rollup::Granularity],
         span_us: i64,
-        reaper: &server::Reaper,
     ) -> Result<(u64, bool), Fail> {
         let mut laps = server::Laps::start("postgresql: expiry");
         let client = &mut conn.client;
@@ -311,11 +310,7 @@ impl PostgresStorage {
         laps.lap("rollup retention");
         // Whole partitions entirely older than the cutoff: detached into graves, whatever their
         // rows; the graves' files are deleted by the reaper, after the next batch or pass.
-        let (total, buried) =
-            partitions::bury_expired(client, crate::model::to_micros(cutoff), levels)?;
-        if buried > 0 {
-            reaper.set_pending(true);
-        }
+        let total = partitions::bury_expired(client, crate::model::to_micros(cutoff), levels)?;
         laps.lap("partitions");
         let client = &mut conn.client;
         // Keep the partitions of now and the next span made ahead (the daemon calls this on a
@@ -476,11 +471,11 @@ impl Storage for PostgresStorage {
         let cutoff = OffsetDateTime::now_utc()
             .checked_sub(ttl)
             .unwrap_or(OffsetDateTime::UNIX_EPOCH - time::Duration::days(365 * 3000));
-        // Graves an earlier pass or another process left: the next batch or idle step has
-        // the reaper look.
+        // The graves this pass makes, and any an earlier pass or another process left: the
+        // next batch or idle step has the reaper look (never this call).
         self.reaper.set_pending(true);
         let conn = link_conn(&mut self.link, &self.config, &self.levels, self.span_us)?;
-        match Self::expire(conn, cutoff, &self.levels, self.span_us, &self.reaper) {
+        match Self::expire(conn, cutoff, &self.levels, self.span_us) {
             Ok((n, bumped)) => {
                 if bumped {
                     self.clear_caches();

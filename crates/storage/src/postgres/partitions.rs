@@ -138,23 +138,16 @@ pub const GRAVE_PREFIX: &str = "sample_expired_";
 
 /// Take the partitions entirely older than `cutoff` (µs) out of `sample`, one short
 /// transaction each (the advisory lock, `DETACH PARTITION`, a rename to a grave, the catalog
-/// row); returns the rows they held and how many were buried. A partition straddling the
+/// row); returns the rows they held. A partition straddling the
 /// cutoff waits for a later pass. From the commit on no query sees the rows; the grave's
 /// files are deleted later by [`reap_one`], outside any lock a writer takes. The rows are
 /// counted from the rollups ([`rows_of`]), so the time does not grow with them.
-pub fn bury_expired(
-    client: &mut Client,
-    cutoff: i64,
-    levels: &[Granularity],
-) -> Result<(u64, usize), Fail> {
-    let (mut total, mut buried) = (0u64, 0usize);
+pub fn bury_expired(client: &mut Client, cutoff: i64, levels: &[Granularity]) -> Result<u64, Fail> {
+    let mut total = 0u64;
     let known = load(client)?;
     for r in known.expired(cutoff) {
         match bury_one(client, r, levels) {
-            Ok(Some(rows)) => {
-                total += rows;
-                buried += 1;
-            }
+            Ok(Some(rows)) => total += rows,
             Ok(None) => {}
             Err(Fail::Pg(e)) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                 // A long statement holds `sample`: writers would queue behind the detach.
@@ -167,7 +160,7 @@ pub fn bury_expired(
             Err(e) => return Err(e),
         }
     }
-    Ok((total, buried))
+    Ok(total)
 }
 
 /// How long a detach waits for `sample`'s lock: writers queue behind it meanwhile, so no
