@@ -1173,6 +1173,34 @@ mod tests {
         assert_eq!(pragma("temp_store"), 2, "PRAGMA temp_store: 2 is MEMORY");
     }
 
+    /// The bundled SQLite is built by `.cargo/config.toml`'s flags: no allocation statistics
+    /// (a global mutex on every malloc) and no shared page-cache group (a global mutex on every
+    /// page fetch). Without the flags this build's SQLite has both.
+    #[test]
+    fn the_bundled_sqlite_takes_no_global_mutex_per_allocation_or_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = Target::File(dir.path().join("flags.db"));
+        let conn = connect(&target, &StorageOptions::default(), "NORMAL").unwrap();
+        let options: Vec<String> = conn
+            .prepare("PRAGMA compile_options")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+            "{options:?}"
+        );
+        assert!(
+            !options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
+            "{options:?}"
+        );
+        conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (zeroblob(100000));")
+            .unwrap();
+        // SAFETY: a plain read of SQLite's global counter.
+        assert_eq!(unsafe { rusqlite::ffi::sqlite3_memory_used() }, 0);
+    }
     #[test]
     fn synchronous_is_validated() {
         assert_eq!(synchronous_level("normal").unwrap(), "NORMAL");
