@@ -1201,6 +1201,7 @@ mod tests {
         // SAFETY: a plain read of SQLite's global counter.
         assert_eq!(unsafe { rusqlite::ffi::sqlite3_memory_used() }, 0);
     }
+
     #[test]
     fn synchronous_is_validated() {
         assert_eq!(synchronous_level("normal").unwrap(), "NORMAL");
