@@ -22,8 +22,15 @@ pub struct UdpSource {
     draining: bool,
     /// The socket was found empty while draining: close it.
     drained: bool,
+    /// The receive buffer, as large as a datagram can be: allocated once, because zeroing
+    /// 64 KiB on the stack for every readiness event cost more than the datagram's own
+    /// receive when events come one datagram at a time (docs/performance.md).
+    buf: Box<[u8]>,
     log: Throttle,
 }
+
+/// The largest UDP payload (IPv4: 65,535 minus the IP and UDP headers; IPv6 jumbograms aside).
+const MAX_DATAGRAM: usize = 65536;
 
 impl UdpSource {
     pub fn new(
@@ -40,6 +47,7 @@ impl UdpSource {
             backlog: false,
             draining: false,
             drained: false,
+            buf: vec![0u8; MAX_DATAGRAM].into_boxed_slice(),
             log: Throttle::new(),
         })
     }
@@ -52,7 +60,7 @@ impl UdpSource {
     /// Read datagrams until the socket is empty, the batch has no room or the turn's budget
     /// is spent.
     pub fn read(&mut self, intake: &mut Intake) {
-        let mut buf = [0u8; 65536];
+        let buf = &mut self.buf[..];
         for _ in 0..READ_BUDGET {
             if !intake.can_accept() {
                 self.backlog = true;
@@ -61,7 +69,7 @@ impl UdpSource {
             let Some(sock) = self.sock.as_ref() else {
                 return;
             };
-            match sock.recv_from(&mut buf) {
+            match sock.recv_from(buf) {
                 Ok((n, peer)) => {
                     intake.counters.udp_received += 1;
                     intake.counters.by_source.udp.bytes += n as u64;
