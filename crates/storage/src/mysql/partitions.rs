@@ -311,16 +311,14 @@ const DDL_WAIT: i64 = 1;
 /// dropped. Each `ALTER TABLE` waits for the batches in flight and holds new ones for a few
 /// ms; the grave's file is deleted later ([`reap_one`]), holding nothing a writer needs (a
 /// `DROP PARTITION` of the full partition held them while InnoDB deleted its file: 0.2–0.3 s
-/// for 143k–428k rows). Then, still under the partition lock (so the partitions do not change
-/// under it), `after` runs with the partitions left, newest first. Returns the samples
-/// expired and what `after` returned.
-pub fn bury_expired<T>(
+/// for 143k–428k rows). Returns the samples expired and the partitions left, newest first, as
+/// they were when the partition lock was let go.
+pub fn bury_expired(
     conn: &mut MyConn,
     database: &str,
     cutoff: i64,
     levels: &[Granularity],
-    after: impl FnOnce(&mut MyConn, &[Part]) -> Result<T, Fail>,
-) -> Result<(u64, T), Fail> {
+) -> Result<(u64, Vec<Part>), Fail> {
     locked(conn, database, |conn| {
         let parts = read(conn)?;
         let (mut total, mut buried) = (0u64, 0usize);
@@ -361,8 +359,7 @@ pub fn bury_expired<T>(
         let left = if buried > 0 { read(conn)? } else { parts };
         let mut newest_first: Vec<Part> = left;
         newest_first.reverse();
-        let out = after(conn, &newest_first)?;
-        Ok((total, out))
+        Ok((total, newest_first))
     })
 }
 
