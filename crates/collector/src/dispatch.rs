@@ -732,7 +732,7 @@ mod tests {
             timestamp: t
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap(),
-            resource_metadata: meter::Value::Map(Vec::new()),
+            resource_metadata: Default::default(),
             message_id: id.into(),
             message_signature: None,
             monotonic_time: None,

@@ -44,7 +44,7 @@ fn rows(payloads: &Payloads, count: usize) -> Result<Vec<Row>> {
             let s = meter::Sample::from_value(v).with_context(|| format!("sample {i}"))?;
             Ok(Row {
                 timestamp: meter::parse_timestamp(&s.timestamp)?,
-                metadata: to_json(&s.resource_metadata)?.to_string(),
+                metadata: to_json(&s.resource_metadata.value())?.to_string(),
                 name: s.counter_name,
                 kind: s.counter_type.as_str().to_string(),
                 unit: s.counter_unit,

@@ -13,7 +13,7 @@
 //! #   counter_type: meter::CounterType::Cumulative, counter_unit: "ns".into(),
 //! #   counter_volume: meter::Volume::Int(1), user_id: None, project_id: None, user_name: None,
 //! #   project_name: None, resource_id: "r".into(), timestamp: "2014-01-01T12:00:00".into(),
-//! #   resource_metadata: Value::Map(vec![]), message_id: "m".into(), message_signature: None,
+//! #   resource_metadata: Default::default(), message_id: "m".into(), message_signature: None,
 //! #   monotonic_time: None, extra: vec![] }.to_value();
 //! # meter::sign(&mut m, "secret");
 //! # let datagram = meter::encode::to_msgpack(&m);
@@ -27,6 +27,7 @@
 
 pub mod decode;
 pub mod encode;
+pub mod metadata;
 pub mod sample;
 pub mod signature;
 pub mod timestamp;
@@ -34,6 +35,7 @@ pub mod value;
 
 pub use decode::{decode_value, decode_value_with, read_value, DecodeError, Limits};
 pub use encode::encode_value;
+pub use metadata::Metadata;
 pub use sample::{CounterType, Sample, SampleError, Volume};
 pub use signature::{
     compute_signature, sign, try_compute_signature, verify_signature, SignatureError, SigningKey,

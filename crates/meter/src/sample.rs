@@ -1,12 +1,14 @@
 //! The typed metering sample (DESIGN §4.1) extracted from a decoded message map.
 //!
 //! [`Sample::from_value`] checks every field's type and moves the strings out of the decoded
-//! map (no copies). Verify the signature on the [`Value`] *before* converting it: the typed
+//! map (no copies); `resource_metadata` alone is encoded into one byte string
+//! ([`Metadata`]) and its tree dropped at once. Verify the signature on the [`Value`] *before* converting it: the typed
 //! form forgets distinctions the signature sees (a missing `user_id` vs nil, bin vs str, a u64
 //! volume above `i64::MAX`), so [`Sample::to_value`] re-signs, but does not always re-verify, an
 //! unusual message.
 
 use crate::decode::{decode_value_with, DecodeError, Limits};
+use crate::metadata::Metadata;
 use crate::signature::SIGNATURE_FIELD;
 use crate::timestamp::{parse_timestamp, TimestampError};
 use crate::value::Value;
@@ -120,8 +122,8 @@ pub struct Sample {
     pub resource_id: String,
     /// As sent (ISO 8601); see [`crate::timestamp::parse_timestamp`] for the UTC form.
     pub timestamp: String,
-    /// Always a `Value::Map` (nil on the wire becomes an empty map).
-    pub resource_metadata: Value,
+    /// Always a map (nil on the wire becomes an empty one), kept encoded: see [`Metadata`].
+    pub resource_metadata: Metadata,
     pub message_id: String,
     pub message_signature: Option<String>,
     pub monotonic_time: Option<f64>,
@@ -243,9 +245,10 @@ impl Sample {
                 })
             }
         };
+        // Encoded here, the tree dropped at once: see `crate::metadata`.
         let resource_metadata = match resource_metadata {
-            None | Some(Value::Nil) => Value::Map(Vec::new()),
-            Some(m @ Value::Map(_)) => m,
+            None | Some(Value::Nil) => Metadata::default(),
+            Some(m @ Value::Map(_)) => Metadata::from_value(&m),
             Some(other) => {
                 return Err(SampleError::WrongType {
                     field: "resource_metadata",
@@ -323,7 +326,7 @@ impl Sample {
         put("project_name", opt(&self.project_name));
         put("resource_id", s(&self.resource_id));
         put("timestamp", s(&self.timestamp));
-        put("resource_metadata", self.resource_metadata.clone());
+        put("resource_metadata", self.resource_metadata.value());
         put("message_id", s(&self.message_id));
         put(
             "monotonic_time",

@@ -198,4 +198,98 @@ proptest! {
         prop_assert_eq!(n, bytes.len());
         prop_assert_eq!(to_msgpack(&back), bytes);
     }
+
+    #[test]
+    fn metadata_round_trips_and_finds_nul_characters_from_its_bytes(v in tree()) {
+        let m = meter::Metadata::from_value(&v);
+        prop_assert_eq!(to_msgpack(&m.value()), to_msgpack(&v));
+        prop_assert_eq!(m.has_nul(), tree_has_nul(&v));
+    }
+
+    #[test]
+    fn the_encoder_lays_out_bytes_as_rmp_does(v in tree(), ints in prop::collection::vec(edge_int(), 0..8)) {
+        prop_assert_eq!(to_msgpack(&v), reference_encode(&v));
+        let ints = Value::Array(ints);
+        prop_assert_eq!(to_msgpack(&ints), reference_encode(&ints));
+    }
+}
+
+/// A str, or bin that is UTF-8, holding NUL anywhere in the tree (keys included).
+fn tree_has_nul(v: &Value) -> bool {
+    match v {
+        Value::Str(s) => s.contains('\0'),
+        Value::Bin(b) => std::str::from_utf8(b).is_ok_and(|s| s.contains('\0')),
+        Value::Array(items) => items.iter().any(tree_has_nul),
+        Value::Map(pairs) => pairs
+            .iter()
+            .any(|(k, v)| tree_has_nul(k) || tree_has_nul(v)),
+        _ => false,
+    }
+}
+
+/// Integers at and around every boundary between msgpack's integer encodings.
+fn edge_int() -> impl Strategy<Value = Value> {
+    let edges: Vec<i64> = [
+        0i64,
+        31,
+        32,
+        127,
+        128,
+        255,
+        256,
+        65_535,
+        65_536,
+        4_294_967_295,
+    ]
+    .iter()
+    .flat_map(|&e| [e, e + 1, -e, -e - 1])
+    .chain([
+        i64::MIN,
+        i64::MAX,
+        -2_147_483_648,
+        -2_147_483_649,
+        -32_768,
+        -32_769,
+    ])
+    .collect();
+    prop_oneof![
+        prop::sample::select(edges).prop_map(Value::Int),
+        any::<i16>().prop_map(|i| Value::Int(i.into())),
+        ((i64::MAX as u64 + 1)..=u64::MAX).prop_map(Value::UInt),
+    ]
+}
+
+/// The encoding as `rmp::encode` writes it (what `meter::encode` used before it was written by
+/// hand; kept here as the reference).
+fn reference_encode(value: &Value) -> Vec<u8> {
+    use rmp::encode as e;
+    fn go(value: &Value, out: &mut Vec<u8>) {
+        match value {
+            Value::Nil => e::write_nil(out).unwrap(),
+            Value::Bool(b) => e::write_bool(out, *b).unwrap(),
+            Value::Int(i) => {
+                e::write_sint(out, *i).unwrap();
+            }
+            Value::UInt(u) => {
+                e::write_uint(out, *u).unwrap();
+            }
+            Value::Float(f) => e::write_f64(out, *f).unwrap(),
+            Value::Str(s) => e::write_str(out, s).unwrap(),
+            Value::Bin(b) => e::write_bin(out, b).unwrap(),
+            Value::Array(items) => {
+                e::write_array_len(out, items.len() as u32).unwrap();
+                items.iter().for_each(|i| go(i, out));
+            }
+            Value::Map(pairs) => {
+                e::write_map_len(out, pairs.len() as u32).unwrap();
+                for (k, v) in pairs {
+                    go(k, out);
+                    go(v, out);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    go(value, &mut out);
+    out
 }

@@ -58,7 +58,7 @@ fn raw_rows(samples: Vec<Sample>) -> Vec<RawRow> {
             project_id: smp.project_id,
             source: smp.source,
             metadata: serde_json::to_string(&storage::json::Json::canonical(
-                &smp.resource_metadata,
+                &smp.resource_metadata.value(),
             ))
             .expect("metadata serializes"),
             volume: smp.counter_volume.as_f64(),

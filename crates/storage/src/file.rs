@@ -230,7 +230,10 @@ impl Serialize for Record<'_> {
         m.serialize_entry("project_name", &s.project_name)?;
         m.serialize_entry("resource_id", &s.resource_id)?;
         m.serialize_entry("timestamp", &s.timestamp)?;
-        m.serialize_entry("resource_metadata", &Json::wire_order(&s.resource_metadata))?;
+        m.serialize_entry(
+            "resource_metadata",
+            &Json::wire_order(&s.resource_metadata.value()),
+        )?;
         m.serialize_entry("message_id", &s.message_id)?;
         m.serialize_entry("message_signature", &s.message_signature)?;
         m.serialize_entry("monotonic_time", &s.monotonic_time.map(Float))?;

@@ -771,7 +771,7 @@ mod tests {
             project_name: None,
             resource_id: "r".into(),
             timestamp: String::new(),
-            resource_metadata: Value::Map(Vec::new()),
+            resource_metadata: Default::default(),
             message_id: "m".into(),
             message_signature: None,
             monotonic_time: None,

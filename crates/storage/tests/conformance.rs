@@ -101,7 +101,7 @@ fn dataset() -> (Vec<Sample>, Vec<Known>) {
             "web"
         };
         md.push((s("display_name"), s(display)));
-        smp.resource_metadata = Value::Map(md);
+        smp.resource_metadata = Value::Map(md).into();
         samples.push(smp);
         known.push(Known {
             id,
@@ -163,7 +163,8 @@ fn stores_and_reads_back_every_field(kind: Kind) {
             s("tags"),
             Value::Array(vec![s("a"), Value::Nil, Value::Bool(false)]),
         ),
-    ]);
+    ])
+    .into();
     let before = OffsetDateTime::now_utc();
     let out = db.record_metering_data(std::slice::from_ref(&smp)).unwrap();
     assert_eq!((out.stored, out.duplicates, out.rejected.len()), (1, 0, 0));
@@ -336,12 +337,14 @@ fn metadata_in_another_key_order_is_the_same_resource_row(kind: Kind) {
     let ts = "2026-01-01T00:00:00";
     let a = sample("a", "cpu", "vm", ts, 1.0);
     let mut b = sample("b", "cpu", "vm", ts, 2.0);
-    if let Value::Map(pairs) = &mut b.resource_metadata {
+    let mut tree = b.resource_metadata.value();
+    if let Value::Map(pairs) = &mut tree {
         pairs.reverse();
     }
+    b.resource_metadata = tree.into();
     assert_ne!(a.resource_metadata, b.resource_metadata);
     let mut c = sample("c", "cpu", "vm", ts, 3.0);
-    c.resource_metadata = Value::Map(vec![(s("display_name"), s("other"))]);
+    c.resource_metadata = Value::Map(vec![(s("display_name"), s("other"))]).into();
     // No owner at all: NULL user and project still identify one row.
     let mut d = sample("d", "cpu", "vm", ts, 4.0);
     d.user_id = None;
@@ -874,7 +877,7 @@ fn values_a_server_cannot_hold_are_rejected_per_sample(kind: Kind) {
     let mut db = t.open();
     let ts = "2026-01-01T00:00:00";
     let mut nul = sample("nul", "cpu", "r", ts, 1.0);
-    nul.resource_metadata = Value::Map(vec![(s("name"), s("a\0b"))]);
+    nul.resource_metadata = Value::Map(vec![(s("name"), s("a\0b"))]).into();
     let long = sample("long", "cpu", &"r".repeat(256), ts, 1.0);
     let ancient = sample("ancient", "cpu", "r", "0999-12-31T23:59:59", 1.0);
     let fits = sample("fits", "cpu", &"é".repeat(255), "1000-01-01T00:00:00", 1.0);

@@ -75,7 +75,8 @@ fn writes_every_field_as_one_json_line() {
                 Value::Array(vec![Value::Nil, Value::Bool(false)]),
             )]),
         ),
-    ]);
+    ])
+    .into();
     smp.extra = vec![
         ("publisher_extra".into(), s("kept")),
         ("blob".into(), Value::Bin(b"utf8 text".to_vec())),

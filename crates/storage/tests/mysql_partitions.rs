@@ -523,7 +523,7 @@ fn rollup_write_cost() {
                     &iso(ts),
                     k as f64,
                 );
-                s.resource_metadata = meter::Value::Map(Vec::new());
+                s.resource_metadata = meter::Metadata::default();
                 s
             })
             .collect();

@@ -500,7 +500,7 @@ fn samples_of_a_resource_with_one_several_or_no_rows() {
         if i >= 150 {
             // The metadata changed half way: a second resource row for vm-a.
             smp.resource_metadata =
-                meter::Value::Map(vec![(common::s("state"), common::s("resized"))]);
+                meter::Value::Map(vec![(common::s("state"), common::s("resized"))]).into();
         }
         batch.push(smp);
         batch.push(sample(

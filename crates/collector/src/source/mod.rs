@@ -388,7 +388,8 @@ mod tests {
             resource_metadata: Value::Map(vec![(
                 Value::Str("pad".into()),
                 Value::Str("x".repeat(pad)),
-            )]),
+            )])
+            .into(),
             message_id: format!("m{i}"),
             message_signature: None,
             monotonic_time: None,

@@ -92,7 +92,7 @@ pub fn batch(b: usize, metadata_by_resource: &[Value]) -> Vec<Sample> {
                     i % 60,
                     i
                 ),
-                resource_metadata: metadata_by_resource[r].clone(),
+                resource_metadata: (&metadata_by_resource[r]).into(),
                 // uuid1-shaped like ceilometer's: time_low first, so ids from one
                 // publisher sort roughly in time order.
                 message_id: format!("{:08x}-2b6d-11f0-8{:03x}-0242ac120002", n * 37, n % 4096),

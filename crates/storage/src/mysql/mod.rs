@@ -783,7 +783,7 @@ fn resource_id(
     if let Some(id) = cache.get(fingerprint, s) {
         return Ok(id);
     }
-    let metadata = server::canonical_json(&s.resource_metadata, json)
+    let metadata = server::canonical_json(&s.resource_metadata.value(), json)
         .map_err(|e| Fail::Storage(StorageError::Database(format!("metadata JSON: {e}"))))?;
     let key = server::resource_key(s, metadata);
     const SELECT: &str = "SELECT internal_id FROM resource WHERE resource_key = ?";
@@ -822,7 +822,8 @@ fn resource_id(
 
 /// The flattened metadata rows of a new resource row, in one statement per 256 entries.
 fn insert_metadata(conn: &mut MyConn, id: i64, s: &Sample) -> Result<(), Fail> {
-    let flat = flatten(&s.resource_metadata);
+    let tree = s.resource_metadata.value();
+    let flat = flatten(&tree);
     for (c, chunk) in flat.chunks(256).enumerate() {
         let mut params = Vec::with_capacity(chunk.len() * 5);
         for (i, (k, v)) in chunk.iter().enumerate() {

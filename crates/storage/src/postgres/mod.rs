@@ -652,7 +652,7 @@ fn resource_id(
     if let Some(id) = cache.get(fingerprint, s) {
         return Ok(id);
     }
-    let metadata = server::canonical_json(&s.resource_metadata, json)
+    let metadata = server::canonical_json(&s.resource_metadata.value(), json)
         .map_err(|e| Fail::Storage(StorageError::Database(format!("metadata JSON: {e}"))))?;
     let key = server::resource_key(s, metadata);
     let id = match tx.query_opt(select, &[&key])? {
@@ -692,7 +692,11 @@ fn check_text(s: &Sample) -> Result<(), String> {
         Some(s.message_id.as_str()),
         s.message_signature.as_deref(),
     ];
-    if fields.iter().flatten().any(|f| f.contains('\0')) || value_has_nul(&s.resource_metadata, 0) {
+    // The metadata's flag is exact about where a NUL may be, but not about JSON's depth limit.
+    let md = &s.resource_metadata;
+    if fields.iter().flatten().any(|f| f.contains('\0'))
+        || (md.has_nul() && value_has_nul(&md.value(), 0))
+    {
         return Err("contains a NUL character, which PostgreSQL cannot store".to_string());
     }
     Ok(())
@@ -1090,7 +1094,8 @@ mod tests {
             project_name: None,
             resource_id: "r".into(),
             timestamp: String::new(),
-            resource_metadata: Value::Map(vec![(Value::Str("k".into()), Value::Str("v".into()))]),
+            resource_metadata: Value::Map(vec![(Value::Str("k".into()), Value::Str("v".into()))])
+                .into(),
             message_id: "m".into(),
             message_signature: None,
             monotonic_time: None,
@@ -1100,7 +1105,8 @@ mod tests {
         s.resource_metadata = Value::Map(vec![(
             Value::Str("k".into()),
             Value::Array(vec![Value::Str("a\0b".into())]),
-        )]);
+        )])
+        .into();
         assert!(check_text(&s).unwrap_err().contains("NUL"));
     }
 }

@@ -1,17 +1,16 @@
 //! In-process caches of meter and resource row ids, so the hot path needs no lookup query.
 //!
 //! Resources are found by a hash of the sample's identifying fields (resource, user, project,
-//! source), then by structural comparison of the metadata tree against the few metadata
-//! versions cached for that resource: on a hit nothing is serialized or allocated. (Building
-//! the canonical metadata JSON for every sample was a fifth of the driver's CPU time, and
-//! hashing the whole tree still a tenth.) The JSON and its SHA-256 are computed only on a
-//! miss, to find or create the row.
+//! source), then by comparing the metadata's msgpack bytes ([`meter::Metadata`]) with the few
+//! metadata versions cached for that resource: on a hit nothing is serialized or allocated.
+//! (Building the canonical metadata JSON for every sample was a fifth of the driver's CPU
+//! time, hashing the whole tree still a tenth, and comparing the trees node by node 5 % of the
+//! worker's.) The JSON and its SHA-256 are computed only on a miss, to find or create the row.
 //!
 //! Validity across processes is the driver's business (ids never change while a row exists;
 //! the cache epoch covers deletions); this module only stores and finds.
 
-use crate::json::MAX_DEPTH;
-use meter::{CounterType, Sample, Value};
+use meter::{CounterType, Metadata, Sample};
 use std::collections::HashMap;
 use std::hash::Hasher;
 
@@ -63,7 +62,7 @@ struct ResourceKey {
     user_id: Option<String>,
     project_id: Option<String>,
     source: String,
-    metadata: Value,
+    metadata: Metadata,
 }
 
 impl ResourceKey {
@@ -82,7 +81,7 @@ impl ResourceKey {
             && self.user_id == s.user_id
             && self.project_id == s.project_id
             && self.source == s.source
-            && same_value(&self.metadata, &s.resource_metadata, 0)
+            && self.metadata == s.resource_metadata
     }
 }
 
@@ -143,34 +142,6 @@ impl ResourceCache {
     }
 }
 
-/// Structural equality that, unlike `PartialEq`, finds a NaN equal to itself (floats compare
-/// by bits), so metadata holding NaN still hits the cache. Past [`MAX_DEPTH`] nothing is
-/// equal, which only costs a lookup.
-fn same_value(a: &Value, b: &Value, depth: usize) -> bool {
-    if depth > MAX_DEPTH {
-        return false;
-    }
-    match (a, b) {
-        (Value::Nil, Value::Nil) => true,
-        (Value::Bool(x), Value::Bool(y)) => x == y,
-        (Value::Int(x), Value::Int(y)) => x == y,
-        (Value::UInt(x), Value::UInt(y)) => x == y,
-        (Value::Float(x), Value::Float(y)) => x.to_bits() == y.to_bits(),
-        (Value::Str(x), Value::Str(y)) => x == y,
-        (Value::Bin(x), Value::Bin(y)) => x == y,
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_value(x, y, depth + 1))
-        }
-        (Value::Map(x), Value::Map(y)) => {
-            x.len() == y.len()
-                && x.iter().zip(y).all(|((kx, vx), (ky, vy))| {
-                    same_value(kx, ky, depth + 1) && same_value(vx, vy, depth + 1)
-                })
-        }
-        _ => false,
-    }
-}
-
 /// The Fx hash (rustc's): a multiply-rotate per 8 bytes, several times faster than SipHash.
 /// Not DoS-resistant, which is fine for a cache of signed samples whose collisions are
 /// resolved by comparison anyway.
@@ -219,6 +190,7 @@ impl Hasher for Fx {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meter::Value;
 
     fn sample(md: Value) -> Sample {
         Sample {
@@ -233,7 +205,7 @@ mod tests {
             project_name: None,
             resource_id: "r".into(),
             timestamp: String::new(),
-            resource_metadata: md,
+            resource_metadata: md.into(),
             message_id: String::new(),
             message_signature: None,
             monotonic_time: None,
@@ -269,7 +241,7 @@ mod tests {
         other_owner.user_id = Some(String::new());
         let mut other_md = a.clone();
         other_md.resource_metadata =
-            map(vec![("x", Value::Float(f64::NAN)), ("y", Value::UInt(1))]);
+            map(vec![("x", Value::Float(f64::NAN)), ("y", Value::Int(2))]).into();
         assert_ne!(ResourceCache::fingerprint(&other_owner), fa);
         // Same resource, other metadata: same bucket, told apart by the comparison.
         assert_eq!(ResourceCache::fingerprint(&other_md), fa);
@@ -283,7 +255,7 @@ mod tests {
         // Only the newest versions stay.
         for v in 0..VERSIONS_PER_RESOURCE as i64 {
             let mut next = a.clone();
-            next.resource_metadata = map(vec![("v", Value::Int(v))]);
+            next.resource_metadata = map(vec![("v", Value::Int(v))]).into();
             cache.insert(fa, &next, 100 + v);
         }
         assert_eq!(cache.get(fa, &a), None);
@@ -293,7 +265,7 @@ mod tests {
     #[test]
     fn meter_cache_keys_on_name_type_and_unit() {
         let mut cache = MeterCache::default();
-        let a = sample(Value::Nil);
+        let a = sample(Value::Map(Vec::new()));
         cache.insert(&a, 3);
         let mut b = a.clone();
         b.counter_unit = "ns".into();

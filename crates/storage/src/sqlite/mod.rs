@@ -902,8 +902,9 @@ fn resource_id(
     if let Some(id) = cache.get(fingerprint, s) {
         return Ok(id);
     }
+    let tree = s.resource_metadata.value();
     json.clear();
-    serde_json::to_writer(&mut *json, &Json::canonical(&s.resource_metadata))
+    serde_json::to_writer(&mut *json, &Json::canonical(&tree))
         .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
     let metadata = std::str::from_utf8(json)
         .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
@@ -940,7 +941,7 @@ fn resource_id(
             let mut insert = conn.prepare_cached(
                 "INSERT OR IGNORE INTO metadata (id, meta_key, value) VALUES (?1, ?2, ?3)",
             )?;
-            for (k, v) in flatten(&s.resource_metadata) {
+            for (k, v) in flatten(&tree) {
                 let value: &dyn ToSql = match &v {
                     FlatValue::Text(t) => t,
                     FlatValue::Int(i) => i,
@@ -1226,7 +1227,8 @@ mod tests {
             resource_metadata: meter::Value::Map(vec![(
                 meter::Value::Str("name".into()),
                 meter::Value::Str(format!("server number {i}")),
-            )]),
+            )])
+            .into(),
             message_id: format!("id-{i}"),
             message_signature: None,
             monotonic_time: None,

@@ -35,7 +35,8 @@ pub fn sample(
                 s("flavor"),
                 Value::Map(vec![(s("name"), s("m1.tiny")), (s("vcpus"), Value::Int(1))]),
             ),
-        ]),
+        ])
+        .into(),
         message_id: message_id.into(),
         message_signature: Some(format!("sig-{message_id}")),
         monotonic_time: None,
