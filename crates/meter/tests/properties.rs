@@ -200,6 +200,37 @@ proptest! {
     }
 
     #[test]
+    fn remembered_key_orders_sign_as_fresh_sorting_does(a in tree(), b in tree(), secret in "[a-z]{1,8}") {
+        // A thread of its own starts with nothing remembered.
+        let fresh = |v: &Value| {
+            let (v, secret) = (v.clone(), secret.clone());
+            std::thread::spawn(move || {
+                (meter::signature::signing_input(&v), meter::compute_signature(&v, &secret))
+            })
+            .join()
+            .unwrap()
+        };
+        let wrap = |v: &Value| match v {
+            m @ Value::Map(_) => m.clone(),
+            other => map(vec![("value", other.clone())]),
+        };
+        let (a, b) = (wrap(&a), wrap(&b));
+        // The same keys in another wire order: a remembered order must not be applied to it.
+        let mut c = a.clone();
+        if let Value::Map(pairs) = &mut c {
+            pairs.reverse();
+        }
+        let (fresh_a, fresh_b, fresh_c) = (fresh(&a), fresh(&b), fresh(&c));
+        // Here, each message's orders are remembered from the one before: a after a, b after
+        // a, a after b, c after a, and a again.
+        let runs = [(&a, &fresh_a), (&a, &fresh_a), (&b, &fresh_b), (&a, &fresh_a), (&c, &fresh_c), (&a, &fresh_a)];
+        for (v, want) in runs {
+            let got = (meter::signature::signing_input(v), meter::compute_signature(v, &secret));
+            prop_assert_eq!(&got, want);
+        }
+    }
+
+    #[test]
     fn metadata_round_trips_and_finds_nul_characters_from_its_bytes(v in tree()) {
         let m = meter::Metadata::from_value(&v);
         prop_assert_eq!(to_msgpack(&m.value()), to_msgpack(&v));
