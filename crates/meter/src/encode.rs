@@ -24,24 +24,24 @@ pub fn encode_value(value: &Value, out: &mut Vec<u8>) {
             out.extend_from_slice(&f.to_bits().to_be_bytes());
         }
         Value::Str(s) => {
-            if header(out, s.len(), Some(0xa0), [0xd9, 0xda, 0xdb]) {
+            if header(out, s.len(), Some((0xa0, 32)), Some(0xd9), [0xda, 0xdb]) {
                 out.extend_from_slice(s.as_bytes());
             }
         }
         Value::Bin(b) => {
-            if header(out, b.len(), None, [0xc4, 0xc5, 0xc6]) {
+            if header(out, b.len(), None, Some(0xc4), [0xc5, 0xc6]) {
                 out.extend_from_slice(b);
             }
         }
         Value::Array(items) => {
-            if header(out, items.len(), Some(0x90), [0, 0xdc, 0xdd]) {
+            if header(out, items.len(), Some((0x90, 16)), None, [0xdc, 0xdd]) {
                 for item in items {
                     encode_value(item, out);
                 }
             }
         }
         Value::Map(pairs) => {
-            if header(out, pairs.len(), Some(0x80), [0, 0xde, 0xdf]) {
+            if header(out, pairs.len(), Some((0x80, 16)), None, [0xde, 0xdf]) {
                 for (k, v) in pairs {
                     encode_value(k, out);
                     encode_value(v, out);
@@ -51,28 +51,30 @@ pub fn encode_value(value: &Value, out: &mut Vec<u8>) {
     }
 }
 
-/// A str, bin, array or map header: the fix form (str below 32, array and map below 16) when
-/// there is one, else the 8-bit (str and bin only), 16-bit or 32-bit length. A length past
-/// `u32::MAX` writes nil and answers false: no payload follows.
+/// A str, bin, array or map header: the fix form (`fix`: its marker and the lengths below
+/// which it applies) when there is one, else the 8-bit length (str and bin only), else the
+/// 16-bit or 32-bit one. A length past `u32::MAX` writes nil and answers false: no payload
+/// follows.
 #[inline]
-fn header(out: &mut Vec<u8>, len: usize, fix: Option<u8>, [m8, m16, m32]: [u8; 3]) -> bool {
-    let fix_below = match fix {
-        Some(0xa0) => 32,
-        Some(_) => 16,
-        None => 0,
+fn header(
+    out: &mut Vec<u8>,
+    len: usize,
+    fix: Option<(u8, u32)>,
+    m8: Option<u8>,
+    [m16, m32]: [u8; 2],
+) -> bool {
+    let Ok(n) = u32::try_from(len) else {
+        out.push(0xc0);
+        return false;
     };
-    match (fix, u32::try_from(len)) {
-        (_, Err(_)) => {
-            out.push(0xc0);
-            return false;
-        }
-        (Some(f), Ok(n)) if n < fix_below => out.push(f | n as u8),
-        (_, Ok(n)) if m8 != 0 && n < 256 => out.extend_from_slice(&[m8, n as u8]),
-        (_, Ok(n)) if n < 65_536 => {
+    match (fix, m8) {
+        (Some((f, below)), _) if n < below => out.push(f | n as u8),
+        (_, Some(m)) if n < 256 => out.extend_from_slice(&[m, n as u8]),
+        _ if n < 65_536 => {
             out.push(m16);
             out.extend_from_slice(&(n as u16).to_be_bytes());
         }
-        (_, Ok(n)) => {
+        _ => {
             out.push(m32);
             out.extend_from_slice(&n.to_be_bytes());
         }

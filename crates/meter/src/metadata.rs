@@ -45,16 +45,9 @@ impl Metadata {
         thread_local! {
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        BUF.with(|buf| {
-            let Ok(mut buf) = buf.try_borrow_mut() else {
-                let mut out = Vec::new();
-                encode_value(value, &mut out);
-                return Metadata {
-                    bytes: out.into_boxed_slice(),
-                };
-            };
+        BUF.with_borrow_mut(|buf| {
             buf.clear();
-            encode_value(value, &mut buf);
+            encode_value(value, buf);
             let bytes = Box::from(&buf[..]);
             // A huge metadata once does not pin its buffer for the thread's life.
             if buf.capacity() > 1 << 16 {
@@ -79,11 +72,6 @@ impl Metadata {
                 Value::Map(Vec::new())
             }
         }
-    }
-
-    /// The msgpack bytes.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
     }
 
     /// Whether this is the empty map.

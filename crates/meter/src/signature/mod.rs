@@ -386,8 +386,8 @@ impl<S: Sink> Walker<'_, S> {
         let place = self.maps;
         self.maps += 1;
         let bin = matches!(pairs.first(), Some((Value::Bin(_), _)));
-        let remembered = uniform
-            && place < ORDERS_KEPT
+        let rememberable = uniform && place < ORDERS_KEPT;
+        let remembered = rememberable
             && ORDERS.with(|o| {
                 let Ok(orders) = o.try_borrow() else {
                     return false;
@@ -436,8 +436,7 @@ impl<S: Sink> Walker<'_, S> {
             write += 1;
         }
         self.scratch.truncate(write);
-        if uniform
-            && place < ORDERS_KEPT
+        if rememberable
             && write - base == pairs.len()
             && pairs.len() <= ORDER_MAX_KEYS
             && pairs.iter().map(|(k, _)| key_bytes(k).len()).sum::<usize>() <= ORDER_MAX_KEY_BYTES

@@ -783,7 +783,8 @@ fn resource_id(
     if let Some(id) = cache.get(fingerprint, s) {
         return Ok(id);
     }
-    let metadata = server::canonical_json(&s.resource_metadata.value(), json)
+    let tree = s.resource_metadata.value();
+    let metadata = server::canonical_json(&tree, json)
         .map_err(|e| Fail::Storage(StorageError::Database(format!("metadata JSON: {e}"))))?;
     let key = server::resource_key(s, metadata);
     const SELECT: &str = "SELECT internal_id FROM resource WHERE resource_key = ?";
@@ -806,7 +807,7 @@ fn resource_id(
             )?;
             if conn.affected_rows() == 1 {
                 let id = conn.last_insert_id() as i64;
-                insert_metadata(conn, id, s)?;
+                insert_metadata(conn, id, &tree)?;
                 id
             } else {
                 conn.exec_first::<i64, _, _>(SELECT, (&key,))?
@@ -821,9 +822,8 @@ fn resource_id(
 }
 
 /// The flattened metadata rows of a new resource row, in one statement per 256 entries.
-fn insert_metadata(conn: &mut MyConn, id: i64, s: &Sample) -> Result<(), Fail> {
-    let tree = s.resource_metadata.value();
-    let flat = flatten(&tree);
+fn insert_metadata(conn: &mut MyConn, id: i64, metadata: &meter::Value) -> Result<(), Fail> {
+    let flat = flatten(metadata);
     for (c, chunk) in flat.chunks(256).enumerate() {
         let mut params = Vec::with_capacity(chunk.len() * 5);
         for (i, (k, v)) in chunk.iter().enumerate() {
