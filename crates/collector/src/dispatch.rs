@@ -175,8 +175,8 @@ pub struct Writer {
     /// Between retention passes (`[database] expiry_interval`).
     pub expiry_interval: Duration,
     /// A second handle on the same storage for the retention passes, which then run on a
-    /// thread of their own: a pass (the orphan search, counting, rollup retention; 0.2 s on a
-    /// cold MariaDB) never occupies the writer thread, which only waits for the short locks the
+    /// thread of their own: a pass (counting, rollup retention, the orphan search on PostgreSQL
+    /// and SQLite) never occupies the writer thread, which only waits for the short locks the
     /// pass takes. `None`: passes run on the writer thread between batches.
     pub retention: Option<Box<dyn Storage>>,
 }

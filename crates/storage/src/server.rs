@@ -690,7 +690,7 @@ fn reap_all(
             // Pending still: the next batch (or pass, or idle step) nudges again.
             Ok(ReapStep::Busy) => return,
             Err(e) => {
-                log::warn!("{what}: dropping an expired partition: {e}");
+                log::warn!("{what}: reaper: {e} (tried again at the next wake)");
                 return;
             }
         }

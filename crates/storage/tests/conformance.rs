@@ -383,10 +383,16 @@ fn expiry_deletes_old_samples_and_orphans_and_other_handles_keep_working(kind: K
         ["new-1"]
     );
     let count = |sql: &str| t.scalar(sql);
-    assert_eq!(
-        count("SELECT COUNT(*) FROM resource WHERE resource_id = 'gone'"),
-        0
-    );
+    let gone = "SELECT COUNT(*) FROM resource WHERE resource_id = 'gone'";
+    if kind == Kind::Mysql {
+        // MariaDB searches for orphans on the handle's reaper thread, not in the call: the
+        // idle step wakes it.
+        assert!(!janitor.retention_step().unwrap());
+        common::wait_until("the reaper deletes the orphaned resource", || {
+            count(gone) == 0
+        });
+    }
+    assert_eq!(count(gone), 0);
     // Rollups outlive the samples and keep their meter row.
     assert_eq!(
         count("SELECT COUNT(*) FROM meter WHERE name = 'old.meter'"),

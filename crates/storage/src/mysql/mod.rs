@@ -45,7 +45,8 @@ use ::mysql::prelude::Queryable;
 use ::mysql::{ClientIdentity, Opts, OptsBuilder, Params, SslOpts, Value as MyValue};
 use meter::Sample;
 use std::collections::HashSet;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use time::OffsetDateTime;
 
@@ -83,8 +84,11 @@ pub struct MysqlStorage {
     parts: partitions::Known,
     /// Drops graves (tables holding expired partitions' rows) on its own thread and
     /// connection: nudged after each batch while any may be waiting (found at open: a restart
-    /// resumes; or made by an expiry pass), woken by the idle retention step.
+    /// resumes; or made by an expiry pass), woken by the idle retention step. Then, when an
+    /// expiry pass has set `orphans`, it deletes the rows nothing refers to any more.
     reaper: server::Reaper,
+    /// Set by an expiry pass that deleted samples or rollups, cleared by the reaper's search.
+    orphans: Arc<AtomicBool>,
 }
 
 /// Why a write or read failed: the client's error, or one of ours.
@@ -145,7 +149,8 @@ impl MysqlStorage {
             .unwrap_or(i64::MAX)
             .clamp(1, 100 * 365 * 86_400)
             * 1_000_000;
-        let reaper = reaper(&opts, &database, &what);
+        let orphans = Arc::new(AtomicBool::new(false));
+        let reaper = reaper(&opts, &database, &what, orphans.clone());
         let mut st = MysqlStorage {
             opts,
             database,
@@ -159,6 +164,7 @@ impl MysqlStorage {
             span_us,
             parts: partitions::Known::default(),
             reaper,
+            orphans,
         };
         match connect(
             &st.opts,
@@ -219,8 +225,9 @@ impl MysqlStorage {
     }
 
     /// Retention: rollup buckets past their level's retention, then the sample partitions
-    /// entirely older than `cutoff`, then the meter, resource and metadata rows nothing refers
-    /// to any more.
+    /// entirely older than `cutoff`; the rows expired, and whether anything was deleted (then
+    /// meter, resource and metadata rows may have lost their last reference: the reaper
+    /// looks for them, [`delete_orphans`]).
     fn expire(
         conn: &mut MyConn,
         database: &str,
@@ -229,6 +236,7 @@ impl MysqlStorage {
     ) -> Result<(u64, bool), Fail> {
         let mut laps = server::Laps::start("mysql: expiry");
         let now = to_micros(OffsetDateTime::now_utc());
+        let mut deleted = false;
         // rollup_resource's primary key begins with (granularity, bucket), so a level's old
         // buckets are one range of it, deleted RETENTION_CHUNK rows per statement, each
         // committed on its own (a writer never waits for more than one chunk); buckets age out
@@ -247,7 +255,9 @@ impl MysqlStorage {
                     ),
                     (g.seconds, before),
                 )?;
-                if conn.affected_rows() < RETENTION_CHUNK {
+                let n = conn.affected_rows();
+                deleted |= n > 0;
+                if n < RETENTION_CHUNK {
                     break;
                 }
             }
@@ -255,119 +265,133 @@ impl MysqlStorage {
                 "DELETE FROM rollup_meter WHERE granularity = ? AND bucket < ?",
                 (g.seconds, before),
             )?;
+            deleted |= conn.affected_rows() > 0;
         }
         laps.lap("rollup retention");
-        // Meters stay while a rollup refers to them: rollups outlive samples.
-        const METER_KEPT: &str =
-            "NOT EXISTS (SELECT 1 FROM rollup_meter b WHERE b.meter_id = t.id)";
-        let (total, left) = partitions::bury_expired(conn, database, to_micros(cutoff), levels)?;
+        let (total, buried) = partitions::bury_expired(conn, database, to_micros(cutoff), levels)?;
         laps.lap("partitions");
-        // Orphans: candidates first, by plain reads that hold nothing, not even the partition
-        // lock (a worker that needs a new partition meanwhile does not wait for this search,
-        // which reads one index page per resource: 180 ms on a cold buffer pool). A partition
-        // made meanwhile is not probed here, so a resource whose only samples are in it may
-        // be a candidate: the deletion below re-checks every candidate against the whole
-        // table under the epoch lock, and a missed orphan is found by the next pass. The
-        // writers then wait only for that re-check of these few rows, not for a pass over
-        // every resource. The fullest partitions first (InnoDB's estimate), newest first
-        // among equals: nearly every live row is found in the first.
-        let sizes: Vec<(String, u64)> = conn.query(
-            "SELECT PARTITION_NAME, TABLE_ROWS FROM information_schema.PARTITIONS
+        laps.log();
+        Ok((total, deleted || buried > 0))
+    }
+}
+
+/// The meter, resource and metadata rows nothing refers to any more, deleted after an expiry
+/// pass deleted samples or rollups: on the reaper's connection, so that neither the expiry
+/// call nor a writer waits for the search (one index probe per resource: 180 ms for 2,000
+/// resources on a cold buffer pool, 0.7 s when every one is orphaned). Whether the cache
+/// epoch was bumped (writers then forget their ids at their next batch); `None` when a
+/// partition being probed was dropped meanwhile (the search is left to the next wake).
+fn delete_orphans(conn: &mut MyConn) -> Result<Option<bool>, Fail> {
+    let mut laps = server::Laps::start("mysql: orphans");
+    // Meters stay while a rollup refers to them: rollups outlive samples.
+    const METER_KEPT: &str = "NOT EXISTS (SELECT 1 FROM rollup_meter b WHERE b.meter_id = t.id)";
+    let mut left = partitions::read(conn)?;
+    left.reverse();
+    // Candidates first, by plain reads that hold nothing, not even the partition
+    // lock (a worker that needs a new partition meanwhile does not wait for this search,
+    // which reads one index page per resource: 180 ms on a cold buffer pool). A partition
+    // made meanwhile is not probed here, so a resource whose only samples are in it may
+    // be a candidate: the deletion below re-checks every candidate against the whole
+    // table under the epoch lock, and a missed orphan is found by the next pass. The
+    // writers then wait only for that re-check of these few rows, not for a pass over
+    // every resource. The fullest partitions first (InnoDB's estimate), newest first
+    // among equals: nearly every live row is found in the first.
+    let sizes: Vec<(String, u64)> = conn.query(
+        "SELECT PARTITION_NAME, TABLE_ROWS FROM information_schema.PARTITIONS
               WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'sample'",
-        )?;
-        let size = |p: &partitions::Part| {
-            sizes
-                .iter()
-                .find(|(n, _)| *n == p.name)
-                .map_or(0, |(_, r)| *r)
-        };
-        let mut order: Vec<&partitions::Part> = left.iter().collect();
-        order.sort_by_key(|p| std::cmp::Reverse(size(p)));
-        let search = (|| -> Result<_, Fail> {
-            let res_c = unreferenced(conn, &order, "resource", "internal_id", "resource_id", None)?;
-            laps.lap("orphan resources");
-            let met_c = unreferenced(conn, &order, "meter", "id", "meter_id", Some(METER_KEPT))?;
-            laps.lap("orphan meters");
-            Ok((res_c, met_c))
-        })();
-        let (res_c, met_c) = match search {
-            Ok(found) => found,
-            // Another pass (a second daemon, `collector-load expire`) dropped a partition this
-            // one was probing: its orphans are the next pass's.
-            Err(Fail::My(::mysql::Error::MySqlError(e))) if e.code == ER_UNKNOWN_PARTITION => {
-                log::info!("mysql: orphan search left to the next pass: {}", e.message);
-                laps.log();
-                return Ok((total, false));
-            }
-            Err(e) => return Err(e),
-        };
-        const RES_ORPHAN: &str =
-            "NOT EXISTS (SELECT 1 FROM sample s WHERE s.resource_id = resource.internal_id)";
-        const METER_ORPHAN: &str = "NOT EXISTS (SELECT 1 FROM sample s WHERE s.meter_id = meter.id)
-            AND NOT EXISTS (SELECT 1 FROM rollup_meter b WHERE b.meter_id = meter.id)";
-        if res_c.is_empty() && met_c.is_empty() {
-            laps.log();
-            return Ok((total, false));
-        }
-        let list = id_list;
-        // A few resources per transaction: the writers wait for one chunk at a time (2,000
-        // orphaned resources with their metadata rows in one transaction held them 0.82 s).
-        let mut bumped = false;
-        let res_chunks: Vec<&[i64]> = res_c.chunks(ORPHAN_CHUNK).collect();
-        let last = res_chunks.len().saturating_sub(1);
-        for (i, chunk) in res_chunks
+    )?;
+    let size = |p: &partitions::Part| {
+        sizes
             .iter()
-            .copied()
-            .chain(
-                // Meters go with the last chunk (or alone when no resource is orphaned).
-                res_chunks.is_empty().then_some(&[][..]),
-            )
-            .enumerate()
-        {
-            let meters = if i == last { &met_c[..] } else { &[][..] };
-            conn.query_drop("START TRANSACTION")?;
-            let result = (|| -> Result<bool, Fail> {
-                // Writers hold this row in share mode for their whole batch: this waits for
-                // them and queues new ones behind it, so no batch uses an id deleted here.
-                conn.query_drop("SELECT epoch FROM cache_epoch WHERE id = 1 FOR UPDATE")?;
-                let mut deleted = 0;
-                if !chunk.is_empty() {
-                    let ids = list(chunk);
-                    conn.query_drop(format!(
-                        "DELETE FROM metadata WHERE id IN
+            .find(|(n, _)| *n == p.name)
+            .map_or(0, |(_, r)| *r)
+    };
+    let mut order: Vec<&partitions::Part> = left.iter().collect();
+    order.sort_by_key(|p| std::cmp::Reverse(size(p)));
+    let search = (|| -> Result<_, Fail> {
+        let res_c = unreferenced(conn, &order, "resource", "internal_id", "resource_id", None)?;
+        laps.lap("orphan resources");
+        let met_c = unreferenced(conn, &order, "meter", "id", "meter_id", Some(METER_KEPT))?;
+        laps.lap("orphan meters");
+        Ok((res_c, met_c))
+    })();
+    let (res_c, met_c) = match search {
+        Ok(found) => found,
+        // An expiry pass (this daemon's, another's, `collector-load expire`) dropped a
+        // partition this search was probing: searched again at the next wake.
+        Err(Fail::My(::mysql::Error::MySqlError(e))) if e.code == ER_UNKNOWN_PARTITION => {
+            log::info!("mysql: orphan search left to the next wake: {}", e.message);
+            laps.log();
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    const RES_ORPHAN: &str =
+        "NOT EXISTS (SELECT 1 FROM sample s WHERE s.resource_id = resource.internal_id)";
+    const METER_ORPHAN: &str = "NOT EXISTS (SELECT 1 FROM sample s WHERE s.meter_id = meter.id)
+            AND NOT EXISTS (SELECT 1 FROM rollup_meter b WHERE b.meter_id = meter.id)";
+    if res_c.is_empty() && met_c.is_empty() {
+        laps.log();
+        return Ok(Some(false));
+    }
+    let list = id_list;
+    // A few resources per transaction: the writers wait for one chunk at a time (2,000
+    // orphaned resources with their metadata rows in one transaction held them 0.82 s).
+    let mut bumped = false;
+    let res_chunks: Vec<&[i64]> = res_c.chunks(ORPHAN_CHUNK).collect();
+    let last = res_chunks.len().saturating_sub(1);
+    for (i, chunk) in res_chunks
+        .iter()
+        .copied()
+        .chain(
+            // Meters go with the last chunk (or alone when no resource is orphaned).
+            res_chunks.is_empty().then_some(&[][..]),
+        )
+        .enumerate()
+    {
+        let meters = if i == last { &met_c[..] } else { &[][..] };
+        conn.query_drop("START TRANSACTION")?;
+        let result = (|| -> Result<bool, Fail> {
+            // Writers hold this row in share mode for their whole batch: this waits for
+            // them and queues new ones behind it, so no batch uses an id deleted here.
+            conn.query_drop("SELECT epoch FROM cache_epoch WHERE id = 1 FOR UPDATE")?;
+            let mut deleted = 0;
+            if !chunk.is_empty() {
+                let ids = list(chunk);
+                conn.query_drop(format!(
+                    "DELETE FROM metadata WHERE id IN
                            (SELECT internal_id FROM resource WHERE internal_id IN ({ids})
                                AND {RES_ORPHAN})"
-                    ))?;
-                    conn.query_drop(format!(
-                        "DELETE FROM resource WHERE internal_id IN ({ids}) AND {RES_ORPHAN}"
-                    ))?;
-                    deleted += conn.affected_rows();
-                }
-                if !meters.is_empty() {
-                    conn.query_drop(format!(
-                        "DELETE FROM meter WHERE id IN ({}) AND {METER_ORPHAN}",
-                        list(meters)
-                    ))?;
-                    deleted += conn.affected_rows();
-                }
-                if deleted > 0 {
-                    conn.query_drop("UPDATE cache_epoch SET epoch = epoch + 1 WHERE id = 1")?;
-                }
-                conn.query_drop("COMMIT")?;
-                Ok(deleted > 0)
-            })();
-            match result {
-                Ok(b) => bumped |= b,
-                Err(e) => {
-                    let _ = conn.query_drop("ROLLBACK");
-                    return Err(e);
-                }
+                ))?;
+                conn.query_drop(format!(
+                    "DELETE FROM resource WHERE internal_id IN ({ids}) AND {RES_ORPHAN}"
+                ))?;
+                deleted += conn.affected_rows();
+            }
+            if !meters.is_empty() {
+                conn.query_drop(format!(
+                    "DELETE FROM meter WHERE id IN ({}) AND {METER_ORPHAN}",
+                    list(meters)
+                ))?;
+                deleted += conn.affected_rows();
+            }
+            if deleted > 0 {
+                conn.query_drop("UPDATE cache_epoch SET epoch = epoch + 1 WHERE id = 1")?;
+            }
+            conn.query_drop("COMMIT")?;
+            Ok(deleted > 0)
+        })();
+        match result {
+            Ok(b) => bumped |= b,
+            Err(e) => {
+                let _ = conn.query_drop("ROLLBACK");
+                return Err(e);
             }
         }
-        laps.lap("orphan deletion");
-        laps.log();
-        Ok((total, bumped))
     }
+    laps.lap("orphan deletion");
+    laps.log();
+    Ok(Some(bumped))
 }
 
 impl Storage for MysqlStorage {
@@ -480,15 +504,14 @@ impl Storage for MysqlStorage {
             .checked_sub(ttl)
             .map_or(floor, |c| c.max(floor));
         let (db, levels) = (self.database.clone(), self.levels.clone());
-        // The graves this pass makes, and any an earlier pass or another process left: the
-        // next batch or idle step has the reaper look (never this call).
+        // The graves this pass makes, and any an earlier pass or another process left, then
+        // the orphans: the next batch or idle step has the reaper look (never this call).
         self.reaper.set_pending(true);
         let conn = self.conn()?;
-        let result = Self::expire(conn, &db, &levels, cutoff);
-        match result {
-            Ok((n, bumped)) => {
-                if bumped {
-                    self.clear_caches();
+        match Self::expire(conn, &db, &levels, cutoff) {
+            Ok((n, deleted)) => {
+                if deleted {
+                    self.orphans.store(true, Ordering::Release);
                 }
                 Ok(n)
             }
@@ -975,9 +998,10 @@ fn classify(what: &str, e: &::mysql::Error) -> (StorageError, bool) {
 }
 
 /// A handle's reaper: [`partitions::reap_one`] on a plain connection of its own (no session
-/// set-up or migration: it only lists and drops tables), opened at its first step and again
-/// after a failure.
-fn reaper(opts: &Opts, database: &str, what: &str) -> server::Reaper {
+/// set-up or migration: it only lists and drops tables, and deletes orphans), opened at its
+/// first step and again after a failure; once no grave is left, [`delete_orphans`] if
+/// `orphans` is set.
+fn reaper(opts: &Opts, database: &str, what: &str, orphans: Arc<AtomicBool>) -> server::Reaper {
     let (opts, database, name) = (opts.clone(), database.to_string(), what.to_string());
     let mut conn: Option<MyConn> = None;
     server::Reaper::new(what, move || {
@@ -988,19 +1012,36 @@ fn reaper(opts: &Opts, database: &str, what: &str) -> server::Reaper {
         let Some(c) = conn.as_mut() else {
             return Ok(server::ReapStep::Done);
         };
-        match partitions::reap_one(c, &database) {
-            Ok((Some(_), true)) => Ok(server::ReapStep::More),
-            Ok((None, true)) => Ok(server::ReapStep::Busy),
+        let step = match partitions::reap_one(c, &database) {
+            Ok((Some(_), true)) => return Ok(server::ReapStep::More),
+            Ok((None, true)) => return Ok(server::ReapStep::Busy),
+            Ok((_, false)) if orphans.swap(false, Ordering::AcqRel) => match delete_orphans(c) {
+                Ok(Some(_)) => Ok(server::ReapStep::Done),
+                Ok(None) => {
+                    orphans.store(true, Ordering::Release);
+                    Ok(server::ReapStep::Busy)
+                }
+                Err(e) => {
+                    orphans.store(true, Ordering::Release);
+                    conn = None;
+                    return Err(format!("deleting orphaned rows: {}", fail_text(e)));
+                }
+            },
             Ok((_, false)) => Ok(server::ReapStep::Done),
-            Err(e) => {
-                conn = None;
-                Err(match e {
-                    Fail::My(e) => e.to_string(),
-                    Fail::Storage(e) => e.to_string(),
-                })
-            }
-        }
+            Err(e) => Err(e),
+        };
+        step.map_err(|e| {
+            conn = None;
+            fail_text(e)
+        })
     })
+}
+
+fn fail_text(e: Fail) -> String {
+    match e {
+        Fail::My(e) => e.to_string(),
+        Fail::Storage(e) => e.to_string(),
+    }
 }
 
 /// Connect, set up the session and migrate.

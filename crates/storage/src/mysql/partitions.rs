@@ -311,14 +311,14 @@ const DDL_WAIT: i64 = 1;
 /// dropped. Each `ALTER TABLE` waits for the batches in flight and holds new ones for a few
 /// ms; the grave's file is deleted later ([`reap_one`]), holding nothing a writer needs (a
 /// `DROP PARTITION` of the full partition held them while InnoDB deleted its file: 0.2–0.3 s
-/// for 143k–428k rows). Returns the samples expired and the partitions left, newest first, as
-/// they were when the partition lock was let go.
+/// for 143k–428k rows). Returns the samples expired and the partitions taken out (an empty
+/// one is dropped at once).
 pub fn bury_expired(
     conn: &mut MyConn,
     database: &str,
     cutoff: i64,
     levels: &[Granularity],
-) -> Result<(u64, Vec<Part>), Fail> {
+) -> Result<(u64, usize), Fail> {
     locked(conn, database, |conn| {
         let parts = read(conn)?;
         let (mut total, mut buried) = (0u64, 0usize);
@@ -356,10 +356,7 @@ pub fn bury_expired(
         let reset = conn.query_drop("SET SESSION lock_wait_timeout = DEFAULT");
         result?;
         reset?;
-        let left = if buried > 0 { read(conn)? } else { parts };
-        let mut newest_first: Vec<Part> = left;
-        newest_first.reverse();
-        Ok((total, newest_first))
+        Ok((total, buried))
     })
 }
 
