@@ -1,21 +1,21 @@
 //! MessagePack-RPC messages (DESIGN §4.4): what a decoded frame asks for, and the bytes of
 //! the answers.
 
-use meter::Value;
+use meter::{Node, Parts, View};
 
 pub const METHOD: &str = "record_metering_data";
 
-/// A decoded RPC frame.
+/// A decoded RPC frame, its params owned or borrowing the frame's bytes.
 #[derive(Debug)]
-pub enum RpcMessage {
+pub enum RpcMessage<V> {
     /// `[0, msgid, method, params]`.
     Request {
         msgid: u64,
         method: String,
-        params: Value,
+        params: V,
     },
     /// `[2, method, params]`: fire and forget.
-    Notification { method: String, params: Value },
+    Notification { method: String, params: V },
 }
 
 /// A frame that is valid msgpack but not a valid RPC message.
@@ -34,28 +34,28 @@ fn bad(msgid: Option<u64>, reason: impl Into<String>) -> RpcError {
     }
 }
 
-fn as_msgid(v: &Value) -> Option<u64> {
-    match v {
-        Value::Int(i) if *i >= 0 && *i <= u32::MAX as i64 => Some(*i as u64),
-        Value::UInt(u) if *u <= u32::MAX as u64 => Some(*u),
+fn as_msgid<V: Node>(v: &V) -> Option<u64> {
+    match v.view() {
+        View::Int(i) if (0..=u32::MAX as i64).contains(&i) => Some(i as u64),
+        View::UInt(u) if u <= u32::MAX as u64 => Some(u),
         _ => None,
     }
 }
 
-fn method_name(v: Value) -> Option<String> {
-    match v {
-        Value::Str(s) => Some(s),
-        Value::Bin(b) => String::from_utf8(b).ok(),
+fn method_name<V: Node>(v: &V) -> Option<String> {
+    match v.view() {
+        View::Str(s) => Some(s.to_owned()),
+        View::Bin(b) => std::str::from_utf8(b).ok().map(str::to_owned),
         _ => None,
     }
 }
 
-pub fn parse_message(v: Value) -> Result<RpcMessage, RpcError> {
-    let Value::Array(items) = v else {
+pub fn parse_message<V: Parts>(v: V) -> Result<RpcMessage<V>, RpcError> {
+    let Ok(items) = v.into_items() else {
         return Err(bad(None, "RPC message is not an array"));
     };
-    let kind = match items.first() {
-        Some(Value::Int(k)) => *k,
+    let kind = match items.first().map(Node::view) {
+        Some(View::Int(k)) => k,
         _ => return Err(bad(None, "RPC message type is not an integer")),
     };
     match (kind, items.len()) {
@@ -67,7 +67,7 @@ pub fn parse_message(v: Value) -> Result<RpcMessage, RpcError> {
             let msgid =
                 as_msgid(&id).ok_or_else(|| bad(None, "msgid is not a 32-bit unsigned integer"))?;
             let method =
-                method_name(m).ok_or_else(|| bad(Some(msgid), "method name is not a string"))?;
+                method_name(&m).ok_or_else(|| bad(Some(msgid), "method name is not a string"))?;
             Ok(RpcMessage::Request {
                 msgid,
                 method,
@@ -79,7 +79,7 @@ pub fn parse_message(v: Value) -> Result<RpcMessage, RpcError> {
             let (Some(m), Some(params)) = (it.next(), it.next()) else {
                 return Err(bad(None, "short RPC notification"));
             };
-            let method = method_name(m).ok_or_else(|| bad(None, "method name is not a string"))?;
+            let method = method_name(&m).ok_or_else(|| bad(None, "method name is not a string"))?;
             Ok(RpcMessage::Notification { method, params })
         }
         (0, n) => Err(bad(
@@ -96,20 +96,22 @@ pub fn parse_message(v: Value) -> Result<RpcMessage, RpcError> {
 }
 
 /// The samples in `record_metering_data`'s params: `[[s, s, ...]]`, `[s]`, `[s, s]` or `s`.
-pub fn samples_of(params: Value) -> Result<Vec<Value>, String> {
-    match params {
-        Value::Map(_) => Ok(vec![params]),
-        Value::Array(mut args) => {
-            if args.len() == 1 && matches!(args[0], Value::Array(_)) {
-                match args.pop() {
-                    Some(Value::Array(samples)) => Ok(samples),
+pub fn samples_of<V: Parts>(params: V) -> Result<Vec<V>, String> {
+    if matches!(params.view(), View::Map(_)) {
+        return Ok(vec![params]);
+    }
+    match params.into_items() {
+        Ok(mut args) => {
+            if args.len() == 1 && matches!(args[0].view(), View::Array(_)) {
+                match args.pop().map(Parts::into_items) {
+                    Some(Ok(samples)) => Ok(samples),
                     _ => Err("params: expected an array of samples".into()),
                 }
             } else {
                 Ok(args)
             }
         }
-        _ => Err("params: expected an array of samples or one sample map".into()),
+        Err(_) => Err("params: expected an array of samples or one sample map".into()),
     }
 }
 
@@ -148,6 +150,7 @@ pub fn encode_error(out: &mut Vec<u8>, msgid: u64, error: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meter::Value;
 
     fn s(x: &str) -> Value {
         Value::Str(x.into())

@@ -13,7 +13,7 @@
 
 use std::fmt;
 
-use crate::value::Value;
+use crate::value::{Node, Value, ValueRef, View};
 
 /// Default bound on container nesting (a ceilometer sample uses 2 to 4 levels).
 pub const DEFAULT_MAX_DEPTH: usize = 64;
@@ -130,6 +130,10 @@ impl fmt::Display for ExtType {
 /// Bytes after the value are left alone (they are the next value of a stream).
 /// [`DecodeError::Incomplete`] means `buf` is a prefix of a value that may still be valid.
 pub fn read_value(buf: &[u8], limits: &Limits) -> Result<(Value, usize), DecodeError> {
+    read(buf, limits)
+}
+
+fn read<'a, T: Build<'a>>(buf: &'a [u8], limits: &Limits) -> Result<(T, usize), DecodeError> {
     let mut d = Decoder {
         buf,
         pos: 0,
@@ -148,7 +152,17 @@ pub fn decode_value(buf: &[u8]) -> Result<Value, DecodeError> {
 
 /// [`decode_value`] with explicit limits.
 pub fn decode_value_with(buf: &[u8], limits: &Limits) -> Result<Value, DecodeError> {
-    let (value, consumed) = read_value(buf, limits)?;
+    whole(buf, limits)
+}
+
+/// [`decode_value`] into a [`ValueRef`] that borrows `buf`'s strings instead of copying them:
+/// the same checks, errors and limits.
+pub fn decode_value_ref(buf: &[u8]) -> Result<ValueRef<'_>, DecodeError> {
+    whole(buf, &Limits::default())
+}
+
+fn whole<'a, T: Build<'a>>(buf: &'a [u8], limits: &Limits) -> Result<T, DecodeError> {
+    let (value, consumed) = read(buf, limits)?;
     if consumed != buf.len() {
         return Err(DecodeError::TrailingBytes {
             consumed,
@@ -156,6 +170,82 @@ pub fn decode_value_with(buf: &[u8], limits: &Limits) -> Result<Value, DecodeErr
         });
     }
     Ok(value)
+}
+
+/// A value without a payload to own or borrow.
+enum Scalar {
+    Nil,
+    Bool(bool),
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+}
+
+/// What the decoder builds: an owned [`Value`] or a borrowing [`ValueRef`].
+trait Build<'a>: Node {
+    fn scalar(v: Scalar) -> Self;
+    fn str(s: &'a str) -> Self;
+    fn bin(b: &'a [u8]) -> Self;
+    fn array(items: Vec<Self>) -> Self;
+    fn map(pairs: Vec<(Self, Self)>) -> Self;
+}
+
+impl<'a> Build<'a> for Value {
+    #[inline]
+    fn scalar(v: Scalar) -> Self {
+        match v {
+            Scalar::Nil => Value::Nil,
+            Scalar::Bool(b) => Value::Bool(b),
+            Scalar::Int(i) => Value::Int(i),
+            Scalar::UInt(u) => Value::UInt(u),
+            Scalar::Float(f) => Value::Float(f),
+        }
+    }
+    #[inline]
+    fn str(s: &'a str) -> Self {
+        Value::Str(s.to_owned())
+    }
+    #[inline]
+    fn bin(b: &'a [u8]) -> Self {
+        Value::Bin(b.to_vec())
+    }
+    #[inline]
+    fn array(items: Vec<Self>) -> Self {
+        Value::Array(items)
+    }
+    #[inline]
+    fn map(pairs: Vec<(Self, Self)>) -> Self {
+        Value::Map(pairs)
+    }
+}
+
+impl<'a> Build<'a> for ValueRef<'a> {
+    #[inline]
+    fn scalar(v: Scalar) -> Self {
+        match v {
+            Scalar::Nil => ValueRef::Nil,
+            Scalar::Bool(b) => ValueRef::Bool(b),
+            Scalar::Int(i) => ValueRef::Int(i),
+            Scalar::UInt(u) => ValueRef::UInt(u),
+            Scalar::Float(f) => ValueRef::Float(f),
+        }
+    }
+    #[inline]
+    fn str(s: &'a str) -> Self {
+        ValueRef::Str(s)
+    }
+    #[inline]
+    fn bin(b: &'a [u8]) -> Self {
+        ValueRef::Bin(b)
+    }
+    #[inline]
+    fn array(items: Vec<Self>) -> Self {
+        ValueRef::Array(items)
+    }
+    #[inline]
+    fn map(pairs: Vec<(Self, Self)>) -> Self {
+        ValueRef::Map(pairs)
+    }
 }
 
 /// What went wrong, before the path is attached.
@@ -177,36 +267,36 @@ enum Error {
 /// A container being filled. The decoder keeps these on a heap stack instead of recursing, so
 /// nesting costs no call stack (the depth limit still bounds the memory and protects the
 /// recursive code that walks the finished [`Value`]).
-enum Open {
+enum Open<T> {
     Array {
-        items: Vec<Value>,
+        items: Vec<T>,
         remaining: usize,
     },
     Map {
-        pairs: Vec<(Value, Value)>,
+        pairs: Vec<(T, T)>,
         remaining: usize,
         /// The key read for the entry whose value comes next.
-        key: Option<Value>,
+        key: Option<T>,
     },
 }
 
 /// One decoded item: a complete value, or the header of a non-empty container.
-enum Item {
-    Value(Value),
-    Open(Open),
+enum Item<T> {
+    Value(T),
+    Open(Open<T>),
 }
 
 /// How a map key appears in an error path.
-fn describe_key(key: &Value) -> String {
-    match key {
-        Value::Str(s) => s.clone(),
-        Value::Bin(b) => String::from_utf8_lossy(b).into_owned(),
-        Value::Int(i) => i.to_string(),
-        Value::UInt(u) => u.to_string(),
-        Value::Float(f) => f.to_string(),
-        Value::Bool(b) => b.to_string(),
-        Value::Nil => "nil".to_string(),
-        Value::Array(_) | Value::Map(_) => format!("<{} key>", key.type_name()),
+fn describe_key<N: Node>(key: &N) -> String {
+    match key.view() {
+        View::Str(s) => s.to_owned(),
+        View::Bin(b) => String::from_utf8_lossy(b).into_owned(),
+        View::Int(i) => i.to_string(),
+        View::UInt(u) => u.to_string(),
+        View::Float(f) => f.to_string(),
+        View::Bool(b) => b.to_string(),
+        View::Nil => "nil".to_string(),
+        View::Array(_) | View::Map(_) => format!("<{} key>", key.type_name()),
     }
 }
 
@@ -219,8 +309,8 @@ struct Decoder<'a> {
 }
 
 impl<'a> Decoder<'a> {
-    fn decode(&mut self) -> Result<Value, DecodeError> {
-        let mut stack: Vec<Open> = Vec::new();
+    fn decode<T: Build<'a>>(&mut self) -> Result<T, DecodeError> {
+        let mut stack: Vec<Open<T>> = Vec::new();
         loop {
             let mut value = match self.item(stack.len()) {
                 Ok(Item::Value(v)) => v,
@@ -264,8 +354,8 @@ impl<'a> Decoder<'a> {
                     break;
                 }
                 value = match stack.pop() {
-                    Some(Open::Array { items, .. }) => Value::Array(items),
-                    Some(Open::Map { pairs, .. }) => Value::Map(pairs),
+                    Some(Open::Array { items, .. }) => T::array(items),
+                    Some(Open::Map { pairs, .. }) => T::map(pairs),
                     // Unreachable: last_mut() just found it.
                     None => return Err(DecodeError::Incomplete),
                 };
@@ -274,7 +364,7 @@ impl<'a> Decoder<'a> {
     }
 
     /// Attach the path of the value being read when `kind` happened.
-    fn error(&self, kind: Kind, stack: &[Open]) -> DecodeError {
+    fn error<T: Node>(&self, kind: Kind, stack: &[Open<T>]) -> DecodeError {
         let mut path = String::new();
         for open in stack {
             match open {
@@ -355,29 +445,29 @@ impl<'a> Decoder<'a> {
     }
 
     /// Read one marker and what directly follows it; `depth` is the number of open containers.
-    fn item(&mut self, depth: usize) -> Result<Item, Error> {
+    fn item<T: Build<'a>>(&mut self, depth: usize) -> Result<Item<T>, Error> {
         let marker = self.u8()?;
         let value = match marker {
-            0x00..=0x7f => Value::Int(i64::from(marker)),
-            0xe0..=0xff => Value::Int(i64::from(marker as i8)),
+            0x00..=0x7f => T::scalar(Scalar::Int(i64::from(marker))),
+            0xe0..=0xff => T::scalar(Scalar::Int(i64::from(marker as i8))),
             0x80..=0x8f => return self.map(usize::from(marker & 0x0f), depth),
             0x90..=0x9f => return self.seq(usize::from(marker & 0x0f), depth),
             0xa0..=0xbf => self.str(usize::from(marker & 0x1f))?,
-            0xc0 => Value::Nil,
+            0xc0 => T::scalar(Scalar::Nil),
             0xc1 => return Err(Error::Fail(Kind::Reserved)),
-            0xc2 => Value::Bool(false),
-            0xc3 => Value::Bool(true),
+            0xc2 => T::scalar(Scalar::Bool(false)),
+            0xc3 => T::scalar(Scalar::Bool(true)),
             0xc4 => {
                 let n = self.u8()? as usize;
-                Value::Bin(self.take(n)?.to_vec())
+                T::bin(self.take(n)?)
             }
             0xc5 => {
                 let n = self.u16()?;
-                Value::Bin(self.take(n)?.to_vec())
+                T::bin(self.take(n)?)
             }
             0xc6 => {
                 let n = self.u32()?;
-                Value::Bin(self.take(n)?.to_vec())
+                T::bin(self.take(n)?)
             }
             // ext 8/16/32: length then type; fixext 1..16: type only. Refused either way.
             0xc7..=0xc9 => {
@@ -389,16 +479,23 @@ impl<'a> Decoder<'a> {
                 let type_id = self.buf.get(self.pos).map(|&b| b as i8);
                 return Err(Error::Fail(Kind::Ext { type_id }));
             }
-            0xca => Value::Float(f64::from(f32::from_be_bytes(self.array()?))),
-            0xcb => Value::Float(f64::from_be_bytes(self.array()?)),
-            0xcc => Value::Int(i64::from(self.u8()?)),
-            0xcd => Value::Int(i64::from(u16::from_be_bytes(self.array()?))),
-            0xce => Value::Int(i64::from(u32::from_be_bytes(self.array()?))),
-            0xcf => Value::from(u64::from_be_bytes(self.array()?)),
-            0xd0 => Value::Int(i64::from(i8::from_be_bytes(self.array()?))),
-            0xd1 => Value::Int(i64::from(i16::from_be_bytes(self.array()?))),
-            0xd2 => Value::Int(i64::from(i32::from_be_bytes(self.array()?))),
-            0xd3 => Value::Int(i64::from_be_bytes(self.array()?)),
+            0xca => T::scalar(Scalar::Float(f64::from(f32::from_be_bytes(self.array()?)))),
+            0xcb => T::scalar(Scalar::Float(f64::from_be_bytes(self.array()?))),
+            0xcc => T::scalar(Scalar::Int(i64::from(self.u8()?))),
+            0xcd => T::scalar(Scalar::Int(i64::from(u16::from_be_bytes(self.array()?)))),
+            0xce => T::scalar(Scalar::Int(i64::from(u32::from_be_bytes(self.array()?)))),
+            0xcf => {
+                // UInt only above i64::MAX, as `Value::from(u64)` splits them.
+                let u = u64::from_be_bytes(self.array()?);
+                T::scalar(match i64::try_from(u) {
+                    Ok(i) => Scalar::Int(i),
+                    Err(_) => Scalar::UInt(u),
+                })
+            }
+            0xd0 => T::scalar(Scalar::Int(i64::from(i8::from_be_bytes(self.array()?)))),
+            0xd1 => T::scalar(Scalar::Int(i64::from(i16::from_be_bytes(self.array()?)))),
+            0xd2 => T::scalar(Scalar::Int(i64::from(i32::from_be_bytes(self.array()?)))),
+            0xd3 => T::scalar(Scalar::Int(i64::from_be_bytes(self.array()?))),
             0xd9 => {
                 let n = self.u8()? as usize;
                 self.str(n)?
@@ -431,10 +528,10 @@ impl<'a> Decoder<'a> {
         Ok(Item::Value(value))
     }
 
-    fn str(&mut self, n: usize) -> Result<Value, Error> {
+    fn str<T: Build<'a>>(&mut self, n: usize) -> Result<T, Error> {
         let bytes = self.take(n)?;
         match std::str::from_utf8(bytes) {
-            Ok(s) => Ok(Value::Str(s.to_owned())),
+            Ok(s) => Ok(T::str(s)),
             Err(e) => Err(Error::Fail(Kind::InvalidUtf8 {
                 valid_up_to: e.valid_up_to(),
             })),
@@ -448,10 +545,10 @@ impl<'a> Decoder<'a> {
         Ok(())
     }
 
-    fn seq(&mut self, n: usize, depth: usize) -> Result<Item, Error> {
+    fn seq<T: Build<'a>>(&mut self, n: usize, depth: usize) -> Result<Item<T>, Error> {
         self.enter(depth)?;
         if n == 0 {
-            return Ok(Item::Value(Value::Array(Vec::new())));
+            return Ok(Item::Value(T::array(Vec::new())));
         }
         // Each element takes at least one byte: a claim the buffer cannot back is refused
         // before anything is reserved.
@@ -462,10 +559,10 @@ impl<'a> Decoder<'a> {
         }))
     }
 
-    fn map(&mut self, n: usize, depth: usize) -> Result<Item, Error> {
+    fn map<T: Build<'a>>(&mut self, n: usize, depth: usize) -> Result<Item<T>, Error> {
         self.enter(depth)?;
         if n == 0 {
-            return Ok(Item::Value(Value::Map(Vec::new())));
+            return Ok(Item::Value(T::map(Vec::new())));
         }
         // Each entry takes at least two bytes (key and value).
         self.claim(n.saturating_mul(2))?;

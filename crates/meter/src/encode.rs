@@ -1,8 +1,8 @@
-//! [`Value`] → msgpack bytes, laid out as Python's `msgpack.packb(..., use_bin_type=True)` does
+//! [`Value`] (or any [`crate::value::Node`]) → msgpack bytes, laid out as Python's `msgpack.packb(..., use_bin_type=True)` does
 //! (smallest int encoding, float64 for floats, str vs bin kept), so re-encoded samples and the
 //! load generator's traffic look like a ceilometer publisher's.
 
-use crate::value::Value;
+use crate::value::{Node, View};
 
 /// Append the msgpack encoding of `value` to `out`.
 ///
@@ -13,34 +13,34 @@ use crate::value::Value;
 /// test compares them): every sample's metadata is encoded on the receive path
 /// ([`crate::Metadata`]), and rmp's writers, generic over an error type a `Vec` never
 /// returns, took 9,000 instructions for a ceilometer instance's metadata.
-pub fn encode_value(value: &Value, out: &mut Vec<u8>) {
-    match value {
-        Value::Nil => out.push(0xc0),
-        Value::Bool(b) => out.push(if *b { 0xc3 } else { 0xc2 }),
-        Value::Int(i) => int(*i, out),
-        Value::UInt(u) => uint(*u, out),
-        Value::Float(f) => {
+pub fn encode_value<N: Node>(value: &N, out: &mut Vec<u8>) {
+    match value.view() {
+        View::Nil => out.push(0xc0),
+        View::Bool(b) => out.push(if b { 0xc3 } else { 0xc2 }),
+        View::Int(i) => int(i, out),
+        View::UInt(u) => uint(u, out),
+        View::Float(f) => {
             out.push(0xcb);
             out.extend_from_slice(&f.to_bits().to_be_bytes());
         }
-        Value::Str(s) => {
+        View::Str(s) => {
             if header(out, s.len(), Some((0xa0, 32)), Some(0xd9), [0xda, 0xdb]) {
                 out.extend_from_slice(s.as_bytes());
             }
         }
-        Value::Bin(b) => {
+        View::Bin(b) => {
             if header(out, b.len(), None, Some(0xc4), [0xc5, 0xc6]) {
                 out.extend_from_slice(b);
             }
         }
-        Value::Array(items) => {
+        View::Array(items) => {
             if header(out, items.len(), Some((0x90, 16)), None, [0xdc, 0xdd]) {
                 for item in items {
                     encode_value(item, out);
                 }
             }
         }
-        Value::Map(pairs) => {
+        View::Map(pairs) => {
             if header(out, pairs.len(), Some((0x80, 16)), None, [0xde, 0xdf]) {
                 for (k, v) in pairs {
                     encode_value(k, out);
@@ -122,7 +122,7 @@ fn uint(u: u64, out: &mut Vec<u8>) {
 }
 
 /// [`encode_value`] into a fresh buffer.
-pub fn to_msgpack(value: &Value) -> Vec<u8> {
+pub fn to_msgpack<N: Node>(value: &N) -> Vec<u8> {
     let mut out = Vec::new();
     encode_value(value, &mut out);
     out

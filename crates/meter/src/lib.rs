@@ -8,7 +8,7 @@
 //! The receive path for one message is:
 //!
 //! ```
-//! # use meter::{decode_value, Sample, SigningKey, Value};
+//! # use meter::{decode_value_ref, Sample, SigningKey, ValueRef};
 //! # let mut m = Sample { source: "openstack".into(), counter_name: "cpu".into(),
 //! #   counter_type: meter::CounterType::Cumulative, counter_unit: "ns".into(),
 //! #   counter_volume: meter::Volume::Int(1), user_id: None, project_id: None, user_name: None,
@@ -18,9 +18,11 @@
 //! # meter::sign(&mut m, "secret");
 //! # let datagram = meter::encode::to_msgpack(&m);
 //! let key = SigningKey::new("secret"); // once, at start-up
-//! let message: Value = decode_value(&datagram)?; // malformed → count and drop
-//! let signed = key.verify(&message); // before from_value: the Value is what was signed
-//! let sample = Sample::from_value(message)?; // typed, strings moved out
+//! // Malformed → count and drop. Its strings borrow the datagram's bytes; `decode_value`
+//! // gives an owned `Value` instead, and everything below takes either.
+//! let message: ValueRef = decode_value_ref(&datagram)?;
+//! let signed = key.verify(&message); // before from_value: the message is what was signed
+//! let sample = Sample::from_value(message)?; // typed: the fields it keeps are copied
 //! assert!(signed && sample.counter_name == "cpu");
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -33,7 +35,9 @@ pub mod signature;
 pub mod timestamp;
 pub mod value;
 
-pub use decode::{decode_value, decode_value_with, read_value, DecodeError, Limits};
+pub use decode::{
+    decode_value, decode_value_ref, decode_value_with, read_value, DecodeError, Limits,
+};
 pub use encode::encode_value;
 pub use metadata::Metadata;
 pub use sample::{CounterType, Sample, SampleError, Volume};
@@ -41,4 +45,4 @@ pub use signature::{
     compute_signature, sign, try_compute_signature, verify_signature, SignatureError, SigningKey,
 };
 pub use timestamp::{parse_timestamp, TimestampError};
-pub use value::Value;
+pub use value::{Node, Parts, Value, ValueRef, View};

@@ -16,7 +16,7 @@
 
 use crate::decode::{decode_value_with, Limits, MAX_DEPTH_CEILING};
 use crate::encode::encode_value;
-use crate::value::Value;
+use crate::value::{Node, Value};
 use std::fmt;
 
 /// The msgpack encoding of a metadata map.
@@ -38,8 +38,9 @@ impl Default for Metadata {
 }
 
 impl Metadata {
-    /// Encode `value` (a map; [`crate::Sample::from_value`] turns nil into an empty one).
-    pub fn from_value(value: &Value) -> Metadata {
+    /// Encode `value` (a map; [`crate::Sample::from_value`] turns nil into an empty one),
+    /// owned or borrowed.
+    pub fn from_value<N: Node>(value: &N) -> Metadata {
         // Encoded into a buffer kept by the thread, then copied into one exact allocation: no
         // reallocation while it grows, no spare capacity held by the sample.
         thread_local! {

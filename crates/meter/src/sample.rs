@@ -1,8 +1,10 @@
 //! The typed metering sample (DESIGN §4.1) extracted from a decoded message map.
 //!
-//! [`Sample::from_value`] checks every field's type and moves the strings out of the decoded
-//! map (no copies); `resource_metadata` alone is encoded into one byte string
-//! ([`Metadata`]) and its tree dropped at once. Verify the signature on the [`Value`] *before* converting it: the typed
+//! [`Sample::from_value`] checks every field's type and takes the strings it keeps out of the
+//! decoded map: moved from an owned [`Value`], copied from a [`crate::ValueRef`] (the receive
+//! path, whose other strings are never allocated); `resource_metadata` alone is encoded into
+//! one byte string ([`Metadata`]). Verify the signature on the decoded map *before*
+//! converting it: the typed
 //! form forgets distinctions the signature sees (a missing `user_id` vs nil, bin vs str, a u64
 //! volume above `i64::MAX`), so [`Sample::to_value`] re-signs, but does not always re-verify, an
 //! unusual message.
@@ -11,7 +13,7 @@ use crate::decode::{decode_value_with, DecodeError, Limits};
 use crate::metadata::Metadata;
 use crate::signature::SIGNATURE_FIELD;
 use crate::timestamp::{parse_timestamp, TimestampError};
-use crate::value::Value;
+use crate::value::{Node, Parts, Value, View};
 
 /// Why a message is not a sample. Every variant that concerns a field names it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -152,11 +154,18 @@ pub const FIELDS: [&str; 15] = [
 ];
 
 /// A str, or a bin holding UTF-8 (old publishers send bytes where strings belong).
-fn text(field: &'static str, v: Value, expected: &'static str) -> Result<String, SampleError> {
-    match v {
-        Value::Str(s) => Ok(s),
-        Value::Bin(b) => String::from_utf8(b).map_err(|_| SampleError::InvalidUtf8 { field }),
-        other => Err(SampleError::WrongType {
+fn text<M: Parts>(
+    field: &'static str,
+    v: M,
+    expected: &'static str,
+) -> Result<String, SampleError> {
+    let v = match v.into_string() {
+        Ok(s) => return Ok(s),
+        Err(v) => v,
+    };
+    match v.into_bytes() {
+        Ok(b) => String::from_utf8(b).map_err(|_| SampleError::InvalidUtf8 { field }),
+        Err(other) => Err(SampleError::WrongType {
             field,
             expected,
             got: other.type_name(),
@@ -164,14 +173,15 @@ fn text(field: &'static str, v: Value, expected: &'static str) -> Result<String,
     }
 }
 
-fn required(field: &'static str, v: Option<Value>) -> Result<String, SampleError> {
+fn required<M: Parts>(field: &'static str, v: Option<M>) -> Result<String, SampleError> {
     text(field, v.ok_or(SampleError::Missing { field })?, "str")
 }
 
 /// str, nil or missing.
-fn optional(field: &'static str, v: Option<Value>) -> Result<Option<String>, SampleError> {
+fn optional<M: Parts>(field: &'static str, v: Option<M>) -> Result<Option<String>, SampleError> {
     match v {
-        None | Some(Value::Nil) => Ok(None),
+        None => Ok(None),
+        Some(v) if matches!(v.view(), View::Nil) => Ok(None),
         Some(v) => text(field, v, "str or nil").map(Some),
     }
 }
@@ -185,19 +195,23 @@ impl Sample {
     /// `resource_metadata` (map; nil or missing is an empty map), `message_signature` (str),
     /// `monotonic_time` (float, int or nil). Strings may arrive as UTF-8 bin. Other fields go to
     /// `extra` in wire order. Duplicate or non-str top-level keys are refused.
-    pub fn from_value(message: Value) -> Result<Sample, SampleError> {
-        let pairs = match message {
-            Value::Map(pairs) => pairs,
-            other => {
+    ///
+    /// From an owned [`Value`] the strings are moved; from a [`crate::value::ValueRef`] (the
+    /// receive path) the fields kept are copied and the rest, the metadata's strings
+    /// included, never allocated.
+    pub fn from_value<M: Parts>(message: M) -> Result<Sample, SampleError> {
+        let pairs = match message.into_pairs() {
+            Ok(pairs) => pairs,
+            Err(other) => {
                 return Err(SampleError::NotAMap {
                     got: other.type_name(),
                 })
             }
         };
-        let mut slots: [Option<Value>; FIELDS.len()] = Default::default();
+        let mut slots: [Option<M>; FIELDS.len()] = Default::default();
         let mut extra: Vec<(String, Value)> = Vec::new();
         for (index, (k, v)) in pairs.into_iter().enumerate() {
-            let Value::Str(key) = k else {
+            let View::Str(key) = k.view() else {
                 return Err(SampleError::NonStringKey {
                     index,
                     got: k.type_name(),
@@ -206,10 +220,12 @@ impl Sample {
             match FIELDS.iter().position(|f| *f == key) {
                 Some(i) => {
                     if slots[i].replace(v).is_some() {
-                        return Err(SampleError::DuplicateField { field: key });
+                        return Err(SampleError::DuplicateField {
+                            field: key.to_owned(),
+                        });
                     }
                 }
-                None => extra.push((key, v)),
+                None => extra.push((key.to_owned(), v.into_value())),
             }
         }
         if extra.len() > 1 {
@@ -228,45 +244,49 @@ impl Sample {
             let s = required("counter_type", counter_type)?;
             CounterType::parse(&s).ok_or(SampleError::CounterType { value: s })?
         };
-        let counter_volume = match counter_volume {
+        let counter_volume = match counter_volume.as_ref().map(Node::view) {
             None => {
                 return Err(SampleError::Missing {
                     field: "counter_volume",
                 })
             }
-            Some(Value::Int(i)) => Volume::Int(i),
-            Some(Value::UInt(u)) => Volume::Float(u as f64),
-            Some(Value::Float(f)) => Volume::Float(f),
-            Some(other) => {
+            Some(View::Int(i)) => Volume::Int(i),
+            Some(View::UInt(u)) => Volume::Float(u as f64),
+            Some(View::Float(f)) => Volume::Float(f),
+            Some(_) => {
+                let other = counter_volume.as_ref().map_or("nil", Node::type_name);
                 return Err(SampleError::WrongType {
                     field: "counter_volume",
                     expected: "int or float",
-                    got: other.type_name(),
-                })
+                    got: other,
+                });
             }
         };
         // Encoded here, the tree dropped at once: see `crate::metadata`.
-        let resource_metadata = match resource_metadata {
-            None | Some(Value::Nil) => Metadata::default(),
-            Some(m @ Value::Map(_)) => Metadata::from_value(&m),
-            Some(other) => {
-                return Err(SampleError::WrongType {
-                    field: "resource_metadata",
-                    expected: "map or nil",
-                    got: other.type_name(),
-                })
-            }
+        let resource_metadata = match resource_metadata.as_ref() {
+            None => Metadata::default(),
+            Some(m) => match m.view() {
+                View::Nil => Metadata::default(),
+                View::Map(_) => Metadata::from_value(m),
+                _ => {
+                    return Err(SampleError::WrongType {
+                        field: "resource_metadata",
+                        expected: "map or nil",
+                        got: m.type_name(),
+                    })
+                }
+            },
         };
-        let monotonic_time = match monotonic_time {
-            None | Some(Value::Nil) => None,
-            Some(Value::Float(f)) => Some(f),
-            Some(Value::Int(i)) => Some(i as f64),
-            Some(Value::UInt(u)) => Some(u as f64),
-            Some(other) => {
+        let monotonic_time = match monotonic_time.as_ref().map(|m| (m.view(), m.type_name())) {
+            None | Some((View::Nil, _)) => None,
+            Some((View::Float(f), _)) => Some(f),
+            Some((View::Int(i), _)) => Some(i as f64),
+            Some((View::UInt(u), _)) => Some(u as f64),
+            Some((_, got)) => {
                 return Err(SampleError::WrongType {
                     field: "monotonic_time",
                     expected: "float, int or nil",
-                    got: other.type_name(),
+                    got,
                 })
             }
         };

@@ -5,8 +5,8 @@ mod common;
 use common::*;
 use meter::encode::to_msgpack;
 use meter::{
-    decode_value, read_value, sign, try_compute_signature, verify_signature, Limits, Sample,
-    SigningKey, Value,
+    decode_value, decode_value_ref, read_value, sign, try_compute_signature, verify_signature,
+    Limits, Sample, SigningKey, Value,
 };
 use proptest::prelude::*;
 
@@ -131,6 +131,30 @@ fn exercise(bytes: &[u8]) {
         }
     }
     let _ = Sample::decode(bytes);
+    same_through_borrowed_decode(&key, bytes);
+}
+
+/// The borrowing decoder (the daemon's receive path) agrees with the owning one on any bytes:
+/// the same value or the same error, the same signature verdict, the same sample or error.
+fn same_through_borrowed_decode(key: &SigningKey, bytes: &[u8]) {
+    match (decode_value(bytes), decode_value_ref(bytes)) {
+        (Ok(owned), Ok(borrowed)) => {
+            // Compared as bytes: floats by their bits, as the encoder writes them.
+            assert_eq!(to_msgpack(&owned), to_msgpack(&borrowed));
+            assert_eq!(key.verify(&owned), key.verify(&borrowed));
+            let (a, b) = (Sample::from_value(owned), Sample::from_value(borrowed));
+            match (&a, &b) {
+                (Ok(x), Ok(y)) => {
+                    assert_eq!(to_msgpack(&x.to_value()), to_msgpack(&y.to_value()));
+                    // The metadata's bytes too.
+                    assert_eq!(x.resource_metadata, y.resource_metadata);
+                }
+                _ => assert_eq!(a, b),
+            }
+        }
+        (Err(a), Err(b)) => assert_eq!(a, b),
+        (a, b) => panic!("owned {a:?} but borrowed {b:?}"),
+    }
 }
 
 proptest! {
@@ -175,8 +199,16 @@ proptest! {
         prop_assert!(verify_signature(&m, ""));
         if signable {
             // Through the wire and back, and in any map order, it still verifies.
-            let wire = decode_value(&to_msgpack(&m)).unwrap();
+            let bytes = to_msgpack(&m);
+            let wire = decode_value(&bytes).unwrap();
             prop_assert!(verify_signature(&wire, &secret));
+            // As the daemon receives it: strings borrowed from the datagram.
+            let key = SigningKey::new(&secret);
+            let borrowed = decode_value_ref(&bytes).unwrap();
+            prop_assert!(key.verify(&borrowed));
+            let (x, y) = (Sample::from_value(wire.clone()), Sample::from_value(borrowed));
+            prop_assert_eq!(x.map(|s| to_msgpack(&s.to_value())), y.map(|s| to_msgpack(&s.to_value())));
+            same_through_borrowed_decode(&key, &bytes);
             prop_assert!(verify_signature(&reorder(&m), &secret));
             let other_secret = secret.clone() + "x";
             prop_assert!(!verify_signature(&m, &other_secret));
@@ -194,6 +226,7 @@ proptest! {
     #[test]
     fn encode_decode_round_trips(v in tree()) {
         let bytes = to_msgpack(&v);
+        same_through_borrowed_decode(&SigningKey::new("k"), &bytes);
         let (back, n) = read_value(&bytes, &Limits::default()).unwrap();
         prop_assert_eq!(n, bytes.len());
         prop_assert_eq!(to_msgpack(&back), bytes);

@@ -586,7 +586,12 @@ impl Connections {
                     return;
                 }
             };
-            let decoded = meter::decode::decode_value(&c.unread()[start..end]);
+            // The frame's strings are borrowed from the read buffer, not copied (the samples
+            // keep copies of the fields they store): the buffer is taken out of the connection
+            // while the frame is handled, which needs the connection for its reply, and put
+            // back before anything else reads it.
+            let rbuf = std::mem::take(&mut c.rbuf);
+            let decoded = meter::decode::decode_value_ref(&rbuf[c.rpos + start..c.rpos + end]);
             c.rpos += end;
             c.frame_since = None;
             let result = match decoded {
@@ -604,6 +609,7 @@ impl Connections {
                     Proto::Rpc => super::rpc::handle(c, i, v, intake),
                 },
             };
+            c.rbuf = rbuf;
             if end - start >= LARGE {
                 // Its values were many and are gone now (or owned by the batch).
                 self.releaser.freed();

@@ -16,7 +16,7 @@ pub mod udp;
 use crate::counters::Counters;
 use crate::dispatch::{Batch, Ticket, WriterMsg};
 use crate::untrusted::{untrusted, Untrusted};
-use meter::{Sample, Value};
+use meter::{Node, Parts, Sample, View};
 use std::ops::Range;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -201,7 +201,7 @@ impl Intake {
 
     /// One decoded sample map from any source: verify, check, batch. Returns whether it was
     /// accepted for the database (or file) dispatcher.
-    pub fn ingest(&mut self, v: Value, source: &str) -> bool {
+    pub fn ingest<V: Parts>(&mut self, v: V, source: &str) -> bool {
         self.counters.samples_received += 1;
         let src = crate::counters::source_index(source);
         self.counters.by_source.at_mut(src).received += 1;
@@ -210,7 +210,10 @@ impl Intake {
             self.counters.invalid_signature += 1;
             self.counters.samples_rejected += 1;
             self.counters.by_source.at_mut(src).invalid_signature += 1;
-            let id = v.get("message_id").and_then(Value::as_str).unwrap_or("?");
+            let id = v
+                .get_key("message_id")
+                .and_then(Node::str_value)
+                .unwrap_or("?");
             self.log_sig.log_kv(log::Level::Warn, id, source, || {
                 format!("{source}: invalid signature on sample {}", Untrusted(id))
             });
@@ -275,11 +278,11 @@ impl Intake {
 
     /// The samples of one request or delivery: ingest each (a non-map counts as rejected).
     /// Returns where the accepted ones sit in the batch and how many were rejected.
-    pub fn ingest_all(&mut self, samples: Vec<Value>, source: &str) -> (Range<usize>, usize) {
+    pub fn ingest_all<V: Parts>(&mut self, samples: Vec<V>, source: &str) -> (Range<usize>, usize) {
         let start = self.primary_len();
         let mut rejected = 0;
         for s in samples {
-            let accepted = if matches!(s, Value::Map(_)) {
+            let accepted = if matches!(s.view(), View::Map(_)) {
                 self.ingest(s, source)
             } else {
                 self.counters.samples_received += 1;
@@ -370,6 +373,7 @@ impl Intake {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meter::Value;
 
     /// A signed sample whose metadata holds `pad` bytes of text.
     fn sample(i: usize, pad: usize, secret: &str) -> Value {

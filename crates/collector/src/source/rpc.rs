@@ -6,7 +6,7 @@ use super::Intake;
 use crate::dispatch::Ticket;
 use crate::framing::FrameError;
 use crate::rpc::{self as wire, RpcMessage};
-use meter::Value;
+use meter::ValueRef;
 
 /// The next complete message in the connection's unread bytes: `(0, end)`.
 pub fn scan(c: &mut Conn) -> Result<Option<(usize, usize)>, FrameError> {
@@ -16,7 +16,12 @@ pub fn scan(c: &mut Conn) -> Result<Option<(usize, usize)>, FrameError> {
 
 /// One decoded message of connection slot `i`: its samples go to the ingest step and a
 /// ticket (answered when the batch completes) to the batch.
-pub fn handle(c: &mut Conn, i: usize, v: Value, intake: &mut Intake) -> Result<(), ProtocolError> {
+pub fn handle(
+    c: &mut Conn,
+    i: usize,
+    v: ValueRef<'_>,
+    intake: &mut Intake,
+) -> Result<(), ProtocolError> {
     let msg = wire::parse_message(v).map_err(|e| ProtocolError {
         msgid: e.msgid,
         reason: format!("malformed RPC message: {}", e.reason),

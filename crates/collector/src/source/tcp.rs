@@ -5,7 +5,7 @@ use super::conns::Conn;
 use super::conns::MAX_DEPTH;
 use super::Intake;
 use crate::framing::{FrameError, LengthPrefixed, MsgpackScanner};
-use meter::Value;
+use meter::ValueRef;
 
 /// The next complete frame in the connection's unread bytes: `(start, end)` of its body,
 /// once its elements are counted within `max_elements`.
@@ -26,8 +26,8 @@ pub fn scan(
 
 /// One decoded frame: a sample map goes to the ingest step; anything else ends the
 /// connection (the error is the reason).
-pub fn handle(v: Value, intake: &mut Intake) -> Result<(), String> {
-    if !matches!(v, Value::Map(_)) {
+pub fn handle(v: ValueRef<'_>, intake: &mut Intake) -> Result<(), String> {
+    if !matches!(v, ValueRef::Map(..)) {
         return Err("frame is not a sample map".into());
     }
     intake.ingest(v, "tcp");

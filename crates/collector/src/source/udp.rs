@@ -2,7 +2,7 @@
 
 use super::{Intake, Throttle};
 use crate::untrusted::untrusted;
-use meter::Value;
+use meter::ValueRef;
 use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
 use std::io;
@@ -73,8 +73,8 @@ impl UdpSource {
                 Ok((n, peer)) => {
                     intake.counters.udp_received += 1;
                     intake.counters.by_source.udp.bytes += n as u64;
-                    match meter::decode::decode_value(&buf[..n]) {
-                        Ok(v) if matches!(v, Value::Map(_)) => {
+                    match meter::decode::decode_value_ref(&buf[..n]) {
+                        Ok(v) if matches!(v, ValueRef::Map(..)) => {
                             if intake.ingest(v, "udp") {
                                 intake.add_bytes(n);
                             }

@@ -24,7 +24,7 @@ use std::cmp::Ordering;
 use ring::hmac;
 
 use crate::decode::Where;
-use crate::value::Value;
+use crate::value::{Node, Value, View};
 use pyrepr::Sink;
 
 /// The top-level field that carries the signature, and is left out of it.
@@ -103,13 +103,13 @@ impl SigningKey {
     ///
     /// Compared in constant time. A missing, non-string or non-ASCII signature fails, and so
     /// does any message ceilometer could not sign (see the module docs).
-    pub fn verify(&self, message: &Value) -> bool {
+    pub fn verify<N: Node>(&self, message: &N) -> bool {
         let Some(key) = &self.key else {
             return true;
         };
-        let claimed: &[u8] = match top_level_signature(message) {
-            Some(Value::Str(s)) => s.as_bytes(),
-            Some(Value::Bin(b)) => b,
+        let claimed: &[u8] = match top_level_signature(message).map(Node::view) {
+            Some(View::Str(s)) => s.as_bytes(),
+            Some(View::Bin(b)) => b,
             _ => return false,
         };
         let Ok(tag) = digest(key, message, true) else {
@@ -163,12 +163,12 @@ pub fn sign(message: &mut Value, secret: &str) {
 }
 
 /// The top-level signature field as Python's `dict.get` sees it: the last one wins.
-fn top_level_signature(message: &Value) -> Option<&Value> {
-    match message {
-        Value::Map(pairs) => pairs
+fn top_level_signature<N: Node>(message: &N) -> Option<&N> {
+    match message.view() {
+        View::Map(pairs) => pairs
             .iter()
             .rev()
-            .find(|(k, _)| matches!(k, Value::Str(s) if s == SIGNATURE_FIELD))
+            .find(|(k, _)| matches!(k.view(), View::Str(s) if s == SIGNATURE_FIELD))
             .map(|(_, v)| v),
         _ => None,
     }
@@ -222,8 +222,12 @@ impl Sink for HmacSink {
     }
 }
 
-fn digest(key: &hmac::Key, message: &Value, strict: bool) -> Result<hmac::Tag, SignatureError> {
-    let Value::Map(pairs) = message else {
+fn digest<N: Node>(
+    key: &hmac::Key,
+    message: &N,
+    strict: bool,
+) -> Result<hmac::Tag, SignatureError> {
+    let View::Map(pairs) = message.view() else {
         if strict {
             return Err(SignatureError::NotAMap {
                 got: message.type_name(),
@@ -278,7 +282,7 @@ struct Order {
 impl Order {
     /// Whether `pairs` has exactly these keys (all str, or all bin as `bin` says), in this
     /// wire order.
-    fn matches(&self, pairs: &[(Value, Value)], bin: bool) -> bool {
+    fn matches<N: Node>(&self, pairs: &[(N, N)], bin: bool) -> bool {
         if self.bin != bin || self.ends.len() != pairs.len() {
             return false;
         }
@@ -302,23 +306,23 @@ thread_local! {
 }
 
 /// Type order for keys in the lenient fallback (strict mode only admits all-str or all-bin).
-fn key_rank(k: &Value) -> u8 {
-    match k {
-        Value::Str(_) => 0,
-        Value::Bin(_) => 1,
-        Value::Nil => 2,
-        Value::Bool(_) => 3,
-        Value::Int(_) | Value::UInt(_) | Value::Float(_) => 4,
-        Value::Array(_) => 5,
-        Value::Map(_) => 6,
+fn key_rank<N: Node>(k: &N) -> u8 {
+    match k.view() {
+        View::Str(_) => 0,
+        View::Bin(_) => 1,
+        View::Nil => 2,
+        View::Bool(_) => 3,
+        View::Int(_) | View::UInt(_) | View::Float(_) => 4,
+        View::Array(_) => 5,
+        View::Map(_) => 6,
     }
 }
 
-fn as_f64(v: &Value) -> f64 {
-    match v {
-        Value::Int(i) => *i as f64,
-        Value::UInt(u) => *u as f64,
-        Value::Float(f) => *f,
+fn as_f64<N: Node>(v: &N) -> f64 {
+    match v.view() {
+        View::Int(i) => i as f64,
+        View::UInt(u) => u as f64,
+        View::Float(f) => f,
         _ => 0.0,
     }
 }
@@ -326,52 +330,54 @@ fn as_f64(v: &Value) -> f64 {
 /// The bytes a str or bin key sorts by (empty for any other key; only called on maps whose
 /// keys are all str or all bin).
 #[inline]
-fn key_bytes(k: &Value) -> &[u8] {
-    match k {
-        Value::Str(s) => s.as_bytes(),
-        Value::Bin(b) => b,
+fn key_bytes<N: Node>(k: &N) -> &[u8] {
+    match k.view() {
+        View::Str(s) => s.as_bytes(),
+        View::Bin(b) => b,
         _ => &[],
     }
 }
 
-fn cmp_keys(a: &Value, b: &Value) -> Ordering {
-    key_rank(a).cmp(&key_rank(b)).then_with(|| match (a, b) {
-        // Code point order is UTF-8 byte order.
-        (Value::Str(x), Value::Str(y)) => x.as_bytes().cmp(y.as_bytes()),
-        (Value::Bin(x), Value::Bin(y)) => x.cmp(y),
-        (Value::Bool(x), Value::Bool(y)) => x.cmp(y),
-        (Value::Int(x), Value::Int(y)) => x.cmp(y),
-        (Value::UInt(x), Value::UInt(y)) => x.cmp(y),
-        (Value::Int(_), Value::UInt(_)) => Ordering::Less,
-        (Value::UInt(_), Value::Int(_)) => Ordering::Greater,
-        _ => as_f64(a).total_cmp(&as_f64(b)),
-    })
+fn cmp_keys<N: Node>(a: &N, b: &N) -> Ordering {
+    key_rank(a)
+        .cmp(&key_rank(b))
+        .then_with(|| match (a.view(), b.view()) {
+            // Code point order is UTF-8 byte order.
+            (View::Str(x), View::Str(y)) => x.as_bytes().cmp(y.as_bytes()),
+            (View::Bin(x), View::Bin(y)) => x.cmp(y),
+            (View::Bool(x), View::Bool(y)) => x.cmp(&y),
+            (View::Int(x), View::Int(y)) => x.cmp(&y),
+            (View::UInt(x), View::UInt(y)) => x.cmp(&y),
+            (View::Int(_), View::UInt(_)) => Ordering::Less,
+            (View::UInt(_), View::Int(_)) => Ordering::Greater,
+            _ => as_f64(a).total_cmp(&as_f64(b)),
+        })
 }
 
 impl<S: Sink> Walker<'_, S> {
     /// Push the entries of `pairs` onto `scratch` in Python's iteration order for
     /// `sorted(d.items())` on the dict msgpack-python would build (last duplicate wins).
     /// Returns the range of `scratch` holding them; the caller truncates back to its start.
-    fn sort_entries(
+    fn sort_entries<N: Node>(
         &mut self,
-        pairs: &[(Value, Value)],
+        pairs: &[(N, N)],
         path: &dyn Fn() -> String,
     ) -> Result<std::ops::Range<usize>, SignatureError> {
         let base = self.scratch.len();
         // All keys str, or all bin: the order is the keys' bytes (what cmp_keys gives them),
         // compared without ranking each key's type first. Every map ceilometer can sign.
-        let uniform = match pairs.first() {
-            Some((Value::Str(_), _)) => pairs.iter().all(|(k, _)| matches!(k, Value::Str(_))),
-            Some((Value::Bin(_), _)) => pairs.iter().all(|(k, _)| matches!(k, Value::Bin(_))),
+        let uniform = match pairs.first().map(|(k, _)| k.view()) {
+            Some(View::Str(_)) => pairs.iter().all(|(k, _)| matches!(k.view(), View::Str(_))),
+            Some(View::Bin(_)) => pairs.iter().all(|(k, _)| matches!(k.view(), View::Bin(_))),
             _ => false,
         };
         if let Some((first, _)) = pairs.first() {
             if self.strict && !uniform {
-                let str_keys = matches!(first, Value::Str(_));
+                let str_keys = matches!(first.view(), View::Str(_));
                 for (k, _) in pairs {
-                    let ok = match k {
-                        Value::Str(_) => str_keys,
-                        Value::Bin(_) => !str_keys,
+                    let ok = match k.view() {
+                        View::Str(_) => str_keys,
+                        View::Bin(_) => !str_keys,
                         _ => false,
                     };
                     if !ok {
@@ -385,7 +391,7 @@ impl<S: Sink> Walker<'_, S> {
         }
         let place = self.maps;
         self.maps += 1;
-        let bin = matches!(pairs.first(), Some((Value::Bin(_), _)));
+        let bin = matches!(pairs.first().map(|(k, _)| k.view()), Some(View::Bin(_)));
         let rememberable = uniform && place < ORDERS_KEPT;
         let remembered = rememberable
             && ORDERS.with(|o| {
@@ -423,12 +429,9 @@ impl<S: Sink> Walker<'_, S> {
                 .is_some_and(|&next| cmp(idx, next) == Ordering::Equal);
             if dup_of_next {
                 if self.strict {
-                    let key = pairs[idx].0.clone();
+                    let key = key_text(&pairs[idx].0);
                     self.scratch.truncate(base);
-                    return Err(SignatureError::DuplicateKey {
-                        path: path(),
-                        key: key_text(&key),
-                    });
+                    return Err(SignatureError::DuplicateKey { path: path(), key });
                 }
                 continue;
             }
@@ -466,20 +469,20 @@ impl<S: Sink> Walker<'_, S> {
     }
 
     /// `recursive_keypairs`: one (name, str(value)) per non-map leaf, maps flattened.
-    pub(crate) fn fields<'v>(
+    pub(crate) fn fields<'v, N: Node>(
         &mut self,
-        pairs: &'v [(Value, Value)],
-        prefix: &mut Vec<&'v Value>,
+        pairs: &'v [(N, N)],
+        prefix: &mut Vec<&'v N>,
     ) -> Result<(), SignatureError> {
         let top = prefix.is_empty();
         let range = self.sort_entries(pairs, &|| name_text(prefix, None))?;
         let base = range.start;
         for j in range {
             let (k, v) = &pairs[self.scratch[j]];
-            if top && matches!(k, Value::Str(s) if s == SIGNATURE_FIELD) {
+            if top && matches!(k.view(), View::Str(s) if s == SIGNATURE_FIELD) {
                 continue;
             }
-            if let Value::Map(inner) = v {
+            if let View::Map(inner) = v.view() {
                 prefix.push(k);
                 let r = self.fields(inner, prefix);
                 prefix.pop();
@@ -487,7 +490,7 @@ impl<S: Sink> Walker<'_, S> {
                 continue;
             }
             for p in prefix.iter() {
-                self.key_str(p)?;
+                self.key_str(*p)?;
                 self.out.byte(b':');
             }
             self.key_str(k)?;
@@ -498,53 +501,57 @@ impl<S: Sink> Walker<'_, S> {
     }
 
     /// `'%s' % key`: only str and bin keys occur in strict mode.
-    fn key_str(&mut self, k: &Value) -> Result<(), SignatureError> {
-        match k {
-            Value::Map(_) => self.converted_repr(k, &String::new),
+    fn key_str<N: Node>(&mut self, k: &N) -> Result<(), SignatureError> {
+        match k.view() {
+            View::Map(_) => self.converted_repr(k, &String::new),
             _ => self.value_str(k, &String::new),
         }
     }
 
     /// Python `str(value)` for a non-map value.
-    fn value_str(&mut self, v: &Value, path: &dyn Fn() -> String) -> Result<(), SignatureError> {
-        match v {
-            Value::Str(s) => self.out.put(s.as_bytes()),
-            Value::Array(_) => return self.converted_repr(v, path),
+    fn value_str<N: Node>(
+        &mut self,
+        v: &N,
+        path: &dyn Fn() -> String,
+    ) -> Result<(), SignatureError> {
+        match v.view() {
+            View::Str(s) => self.out.put(s.as_bytes()),
+            View::Array(_) => return self.converted_repr(v, path),
             _ => self.scalar_repr(v),
         }
         Ok(())
     }
 
     /// repr of the values whose `str()` and `repr()` agree once strings are excluded.
-    fn scalar_repr(&mut self, v: &Value) {
-        match v {
-            Value::Nil => self.out.put(b"None"),
-            Value::Bool(true) => self.out.put(b"True"),
-            Value::Bool(false) => self.out.put(b"False"),
-            Value::Int(i) => pyrepr::int(self.out, i),
-            Value::UInt(u) => pyrepr::int(self.out, u),
-            Value::Float(f) => pyrepr::float(self.out, *f),
-            Value::Bin(b) => pyrepr::bytes(self.out, b),
-            Value::Str(s) => pyrepr::str(self.out, s),
+    fn scalar_repr<N: Node>(&mut self, v: &N) {
+        match v.view() {
+            View::Nil => self.out.put(b"None"),
+            View::Bool(true) => self.out.put(b"True"),
+            View::Bool(false) => self.out.put(b"False"),
+            View::Int(i) => pyrepr::int(self.out, &i),
+            View::UInt(u) => pyrepr::int(self.out, &u),
+            View::Float(f) => pyrepr::float(self.out, f),
+            View::Bin(b) => pyrepr::bytes(self.out, b),
+            View::Str(s) => pyrepr::str(self.out, s),
             // Only reached for keys in the lenient fallback.
-            Value::Array(_) | Value::Map(_) => self.out.put(b"?"),
+            View::Array(_) | View::Map(_) => self.out.put(b"?"),
         }
     }
 
     /// repr of `decode_unicode(v)`: str becomes bytes, bin becomes str, maps are sorted.
-    fn converted_repr(
+    fn converted_repr<N: Node>(
         &mut self,
-        v: &Value,
+        v: &N,
         path: &dyn Fn() -> String,
     ) -> Result<(), SignatureError> {
-        match v {
-            Value::Str(s) => pyrepr::bytes(self.out, s.as_bytes()),
-            Value::Bin(b) => match std::str::from_utf8(b) {
+        match v.view() {
+            View::Str(s) => pyrepr::bytes(self.out, s.as_bytes()),
+            View::Bin(b) => match std::str::from_utf8(b) {
                 Ok(s) => pyrepr::str(self.out, s),
                 Err(_) if self.strict => return Err(SignatureError::BinNotUtf8 { path: path() }),
                 Err(_) => pyrepr::str(self.out, &String::from_utf8_lossy(b)),
             },
-            Value::Array(items) => {
+            View::Array(items) => {
                 self.out.byte(b'[');
                 for (i, item) in items.iter().enumerate() {
                     if i > 0 {
@@ -554,7 +561,7 @@ impl<S: Sink> Walker<'_, S> {
                 }
                 self.out.byte(b']');
             }
-            Value::Map(pairs) => {
+            View::Map(pairs) => {
                 let range = self.sort_entries(pairs, path)?;
                 let base = range.start;
                 self.out.byte(b'{');
@@ -577,16 +584,16 @@ impl<S: Sink> Walker<'_, S> {
 }
 
 /// A key as text for error messages.
-fn key_text(k: &Value) -> String {
-    match k {
-        Value::Str(s) => s.clone(),
-        Value::Bin(b) => String::from_utf8_lossy(b).into_owned(),
-        other => format!("<{}>", other.type_name()),
+fn key_text<N: Node>(k: &N) -> String {
+    match k.view() {
+        View::Str(s) => s.to_owned(),
+        View::Bin(b) => String::from_utf8_lossy(b).into_owned(),
+        _ => format!("<{}>", k.type_name()),
     }
 }
 
 /// The `a:b:c` signature name of a field, for error messages.
-fn name_text(prefix: &[&Value], last: Option<&Value>) -> String {
+fn name_text<N: Node>(prefix: &[&N], last: Option<&N>) -> String {
     let mut s = String::new();
     for k in prefix.iter().copied().chain(last) {
         if !s.is_empty() {
