@@ -1,8 +1,9 @@
 //! Hot path of every source: decode one msgpack sample, verify its signature, type it.
-//! Throughput is in samples, so criterion reports samples/s.
+//! Throughput is in samples, so criterion reports samples/s. `_ref`: strings borrowed from
+//! the message's bytes (what the daemon's sources do), against the owned `Value`.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use meter::{decode_value, Sample, SigningKey};
+use meter::{decode_value, decode_value_ref, Sample, SigningKey};
 
 /// The ceilometer vectors' full samples (0..4), as they arrive on the wire.
 fn samples() -> (String, Vec<Vec<u8>>) {
@@ -46,6 +47,22 @@ fn decode_verify(c: &mut Criterion) {
         b.iter(|| {
             for m in &messages {
                 let value = decode_value(black_box(m)).expect("decodes");
+                assert!(key.verify(&value));
+                black_box(Sample::from_value(value).expect("sample"));
+            }
+        })
+    });
+    group.bench_function("decode_ref", |b| {
+        b.iter(|| {
+            for m in &messages {
+                black_box(decode_value_ref(black_box(m)).expect("decodes"));
+            }
+        })
+    });
+    group.bench_function("decode_ref+verify+from_value", |b| {
+        b.iter(|| {
+            for m in &messages {
+                let value = decode_value_ref(black_box(m)).expect("decodes");
                 assert!(key.verify(&value));
                 black_box(Sample::from_value(value).expect("sample"));
             }
