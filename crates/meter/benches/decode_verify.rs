@@ -59,6 +59,17 @@ fn decode_verify(c: &mut Criterion) {
             }
         })
     });
+    let refs: Vec<_> = messages
+        .iter()
+        .map(|m| decode_value_ref(m).expect("decodes"))
+        .collect();
+    group.bench_function("verify_ref", |b| {
+        b.iter(|| {
+            for v in &refs {
+                assert!(key.verify(black_box(v)));
+            }
+        })
+    });
     group.bench_function("decode_ref+verify+from_value", |b| {
         b.iter(|| {
             for m in &messages {

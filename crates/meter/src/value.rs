@@ -172,6 +172,10 @@ pub trait Node: Sized {
         }
     }
 
+    /// Run `f` on this value as a [`ValueRef`] (itself, or an owned value's strings borrowed):
+    /// the signature walks that one type.
+    fn with_ref<R>(&self, f: impl FnOnce(&ValueRef<'_>) -> R) -> R;
+
     /// An owned copy.
     fn to_value(&self) -> Value {
         match self.view() {
@@ -194,7 +198,7 @@ pub trait Node: Sized {
 }
 
 impl Node for Value {
-    #[inline]
+    #[inline(always)]
     fn view(&self) -> View<'_, Self> {
         match self {
             Value::Nil => View::Nil,
@@ -209,13 +213,39 @@ impl Node for Value {
         }
     }
 
+    fn with_ref<R>(&self, f: impl FnOnce(&ValueRef<'_>) -> R) -> R {
+        f(&self.as_value_ref())
+    }
+
     fn to_value(&self) -> Value {
         self.clone()
     }
 }
 
+impl Value {
+    /// The same tree with its strings borrowed (its maps and arrays are new vectors).
+    pub fn as_value_ref(&self) -> ValueRef<'_> {
+        match self {
+            Value::Nil => ValueRef::Nil,
+            Value::Bool(b) => ValueRef::Bool(*b),
+            Value::Int(i) => ValueRef::Int(*i),
+            Value::UInt(u) => ValueRef::UInt(*u),
+            Value::Float(f) => ValueRef::Float(*f),
+            Value::Str(s) => ValueRef::Str(s),
+            Value::Bin(b) => ValueRef::Bin(b),
+            Value::Array(items) => ValueRef::Array(items.iter().map(Value::as_value_ref).collect()),
+            Value::Map(pairs) => ValueRef::Map(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.as_value_ref(), v.as_value_ref()))
+                    .collect(),
+            ),
+        }
+    }
+}
+
 impl<'a> Node for ValueRef<'a> {
-    #[inline]
+    #[inline(always)]
     fn view(&self) -> View<'_, Self> {
         match self {
             ValueRef::Nil => View::Nil,
@@ -228,6 +258,10 @@ impl<'a> Node for ValueRef<'a> {
             ValueRef::Array(items) => View::Array(items),
             ValueRef::Map(pairs) => View::Map(pairs),
         }
+    }
+
+    fn with_ref<R>(&self, f: impl FnOnce(&ValueRef<'_>) -> R) -> R {
+        f(self)
     }
 }
 

@@ -24,7 +24,7 @@ use std::cmp::Ordering;
 use ring::hmac;
 
 use crate::decode::Where;
-use crate::value::{Node, Value, View};
+use crate::value::{Node, Value, ValueRef};
 use pyrepr::Sink;
 
 /// The top-level field that carries the signature, and is left out of it.
@@ -81,9 +81,9 @@ impl SigningKey {
     pub fn try_compute(&self, message: &Value) -> Result<String, SignatureError> {
         match &self.key {
             None => Ok(String::new()),
-            Some(key) => {
-                digest(key, message, true).map(|tag| hex(&tag).iter().map(|&b| b as char).collect())
-            }
+            Some(key) => message
+                .with_ref(|m| digest(key, m, true))
+                .map(|tag| hex(&tag).iter().map(|&b| b as char).collect()),
         }
     }
 
@@ -91,7 +91,7 @@ impl SigningKey {
     pub fn compute(&self, message: &Value) -> String {
         match &self.key {
             None => String::new(),
-            Some(key) => match digest(key, message, false) {
+            Some(key) => match message.with_ref(|m| digest(key, m, false)) {
                 Ok(tag) => hex(&tag).iter().map(|&b| b as char).collect(),
                 // The lenient walk reports no errors; keep a value anyway rather than panic.
                 Err(_) => String::new(),
@@ -104,12 +104,19 @@ impl SigningKey {
     /// Compared in constant time. A missing, non-string or non-ASCII signature fails, and so
     /// does any message ceilometer could not sign (see the module docs).
     pub fn verify<N: Node>(&self, message: &N) -> bool {
+        if self.key.is_none() {
+            return true;
+        }
+        message.with_ref(|m| self.verify_ref(m))
+    }
+
+    fn verify_ref(&self, message: &ValueRef<'_>) -> bool {
         let Some(key) = &self.key else {
             return true;
         };
-        let claimed: &[u8] = match top_level_signature(message).map(Node::view) {
-            Some(View::Str(s)) => s.as_bytes(),
-            Some(View::Bin(b)) => b,
+        let claimed: &[u8] = match top_level_signature(message) {
+            Some(ValueRef::Str(s)) => s.as_bytes(),
+            Some(ValueRef::Bin(b)) => b,
             _ => return false,
         };
         let Ok(tag) = digest(key, message, true) else {
@@ -163,12 +170,12 @@ pub fn sign(message: &mut Value, secret: &str) {
 }
 
 /// The top-level signature field as Python's `dict.get` sees it: the last one wins.
-fn top_level_signature<N: Node>(message: &N) -> Option<&N> {
-    match message.view() {
-        View::Map(pairs) => pairs
+fn top_level_signature<'m, 'b>(message: &'m ValueRef<'b>) -> Option<&'m ValueRef<'b>> {
+    match message {
+        ValueRef::Map(pairs) => pairs
             .iter()
             .rev()
-            .find(|(k, _)| matches!(k.view(), View::Str(s) if s == SIGNATURE_FIELD))
+            .find(|(k, _)| matches!(k, ValueRef::Str(s) if *s == SIGNATURE_FIELD))
             .map(|(_, v)| v),
         _ => None,
     }
@@ -222,12 +229,12 @@ impl Sink for HmacSink {
     }
 }
 
-fn digest<N: Node>(
+fn digest(
     key: &hmac::Key,
-    message: &N,
+    message: &ValueRef<'_>,
     strict: bool,
 ) -> Result<hmac::Tag, SignatureError> {
-    let View::Map(pairs) = message.view() else {
+    let ValueRef::Map(pairs) = message else {
         if strict {
             return Err(SignatureError::NotAMap {
                 got: message.type_name(),
@@ -282,7 +289,7 @@ struct Order {
 impl Order {
     /// Whether `pairs` has exactly these keys (all str, or all bin as `bin` says), in this
     /// wire order.
-    fn matches<N: Node>(&self, pairs: &[(N, N)], bin: bool) -> bool {
+    fn matches(&self, pairs: &[(ValueRef<'_>, ValueRef<'_>)], bin: bool) -> bool {
         if self.bin != bin || self.ends.len() != pairs.len() {
             return false;
         }
@@ -306,23 +313,23 @@ thread_local! {
 }
 
 /// Type order for keys in the lenient fallback (strict mode only admits all-str or all-bin).
-fn key_rank<N: Node>(k: &N) -> u8 {
-    match k.view() {
-        View::Str(_) => 0,
-        View::Bin(_) => 1,
-        View::Nil => 2,
-        View::Bool(_) => 3,
-        View::Int(_) | View::UInt(_) | View::Float(_) => 4,
-        View::Array(_) => 5,
-        View::Map(_) => 6,
+fn key_rank(k: &ValueRef<'_>) -> u8 {
+    match k {
+        ValueRef::Str(_) => 0,
+        ValueRef::Bin(_) => 1,
+        ValueRef::Nil => 2,
+        ValueRef::Bool(_) => 3,
+        ValueRef::Int(_) | ValueRef::UInt(_) | ValueRef::Float(_) => 4,
+        ValueRef::Array(_) => 5,
+        ValueRef::Map(_) => 6,
     }
 }
 
-fn as_f64<N: Node>(v: &N) -> f64 {
-    match v.view() {
-        View::Int(i) => i as f64,
-        View::UInt(u) => u as f64,
-        View::Float(f) => f,
+fn as_f64(v: &ValueRef<'_>) -> f64 {
+    match v {
+        ValueRef::Int(i) => *i as f64,
+        ValueRef::UInt(u) => *u as f64,
+        ValueRef::Float(f) => *f,
         _ => 0.0,
     }
 }
@@ -330,54 +337,52 @@ fn as_f64<N: Node>(v: &N) -> f64 {
 /// The bytes a str or bin key sorts by (empty for any other key; only called on maps whose
 /// keys are all str or all bin).
 #[inline]
-fn key_bytes<N: Node>(k: &N) -> &[u8] {
-    match k.view() {
-        View::Str(s) => s.as_bytes(),
-        View::Bin(b) => b,
+fn key_bytes<'k>(k: &'k ValueRef<'_>) -> &'k [u8] {
+    match k {
+        ValueRef::Str(s) => s.as_bytes(),
+        ValueRef::Bin(b) => b,
         _ => &[],
     }
 }
 
-fn cmp_keys<N: Node>(a: &N, b: &N) -> Ordering {
-    key_rank(a)
-        .cmp(&key_rank(b))
-        .then_with(|| match (a.view(), b.view()) {
-            // Code point order is UTF-8 byte order.
-            (View::Str(x), View::Str(y)) => x.as_bytes().cmp(y.as_bytes()),
-            (View::Bin(x), View::Bin(y)) => x.cmp(y),
-            (View::Bool(x), View::Bool(y)) => x.cmp(&y),
-            (View::Int(x), View::Int(y)) => x.cmp(&y),
-            (View::UInt(x), View::UInt(y)) => x.cmp(&y),
-            (View::Int(_), View::UInt(_)) => Ordering::Less,
-            (View::UInt(_), View::Int(_)) => Ordering::Greater,
-            _ => as_f64(a).total_cmp(&as_f64(b)),
-        })
+fn cmp_keys(a: &ValueRef<'_>, b: &ValueRef<'_>) -> Ordering {
+    key_rank(a).cmp(&key_rank(b)).then_with(|| match (a, b) {
+        // Code point order is UTF-8 byte order.
+        (ValueRef::Str(x), ValueRef::Str(y)) => x.as_bytes().cmp(y.as_bytes()),
+        (ValueRef::Bin(x), ValueRef::Bin(y)) => x.cmp(y),
+        (ValueRef::Bool(x), ValueRef::Bool(y)) => x.cmp(y),
+        (ValueRef::Int(x), ValueRef::Int(y)) => x.cmp(y),
+        (ValueRef::UInt(x), ValueRef::UInt(y)) => x.cmp(y),
+        (ValueRef::Int(_), ValueRef::UInt(_)) => Ordering::Less,
+        (ValueRef::UInt(_), ValueRef::Int(_)) => Ordering::Greater,
+        _ => as_f64(a).total_cmp(&as_f64(b)),
+    })
 }
 
 impl<S: Sink> Walker<'_, S> {
     /// Push the entries of `pairs` onto `scratch` in Python's iteration order for
     /// `sorted(d.items())` on the dict msgpack-python would build (last duplicate wins).
     /// Returns the range of `scratch` holding them; the caller truncates back to its start.
-    fn sort_entries<N: Node>(
+    fn sort_entries(
         &mut self,
-        pairs: &[(N, N)],
+        pairs: &[(ValueRef<'_>, ValueRef<'_>)],
         path: &dyn Fn() -> String,
     ) -> Result<std::ops::Range<usize>, SignatureError> {
         let base = self.scratch.len();
         // All keys str, or all bin: the order is the keys' bytes (what cmp_keys gives them),
         // compared without ranking each key's type first. Every map ceilometer can sign.
-        let uniform = match pairs.first().map(|(k, _)| k.view()) {
-            Some(View::Str(_)) => pairs.iter().all(|(k, _)| matches!(k.view(), View::Str(_))),
-            Some(View::Bin(_)) => pairs.iter().all(|(k, _)| matches!(k.view(), View::Bin(_))),
+        let uniform = match pairs.first().map(|(k, _)| k) {
+            Some(ValueRef::Str(_)) => pairs.iter().all(|(k, _)| matches!(k, ValueRef::Str(_))),
+            Some(ValueRef::Bin(_)) => pairs.iter().all(|(k, _)| matches!(k, ValueRef::Bin(_))),
             _ => false,
         };
         if let Some((first, _)) = pairs.first() {
             if self.strict && !uniform {
-                let str_keys = matches!(first.view(), View::Str(_));
+                let str_keys = matches!(first, ValueRef::Str(_));
                 for (k, _) in pairs {
-                    let ok = match k.view() {
-                        View::Str(_) => str_keys,
-                        View::Bin(_) => !str_keys,
+                    let ok = match k {
+                        ValueRef::Str(_) => str_keys,
+                        ValueRef::Bin(_) => !str_keys,
                         _ => false,
                     };
                     if !ok {
@@ -391,7 +396,7 @@ impl<S: Sink> Walker<'_, S> {
         }
         let place = self.maps;
         self.maps += 1;
-        let bin = matches!(pairs.first().map(|(k, _)| k.view()), Some(View::Bin(_)));
+        let bin = matches!(pairs.first().map(|(k, _)| k), Some(ValueRef::Bin(_)));
         let rememberable = uniform && place < ORDERS_KEPT;
         let remembered = rememberable
             && ORDERS.with(|o| {
@@ -469,20 +474,20 @@ impl<S: Sink> Walker<'_, S> {
     }
 
     /// `recursive_keypairs`: one (name, str(value)) per non-map leaf, maps flattened.
-    pub(crate) fn fields<'v, N: Node>(
+    pub(crate) fn fields<'v, 'a>(
         &mut self,
-        pairs: &'v [(N, N)],
-        prefix: &mut Vec<&'v N>,
+        pairs: &'v [(ValueRef<'a>, ValueRef<'a>)],
+        prefix: &mut Vec<&'v ValueRef<'a>>,
     ) -> Result<(), SignatureError> {
         let top = prefix.is_empty();
         let range = self.sort_entries(pairs, &|| name_text(prefix, None))?;
         let base = range.start;
         for j in range {
             let (k, v) = &pairs[self.scratch[j]];
-            if top && matches!(k.view(), View::Str(s) if s == SIGNATURE_FIELD) {
+            if top && matches!(k, ValueRef::Str(s) if *s == SIGNATURE_FIELD) {
                 continue;
             }
-            if let View::Map(inner) = v.view() {
+            if let ValueRef::Map(inner) = v {
                 prefix.push(k);
                 let r = self.fields(inner, prefix);
                 prefix.pop();
@@ -490,7 +495,7 @@ impl<S: Sink> Walker<'_, S> {
                 continue;
             }
             for p in prefix.iter() {
-                self.key_str(*p)?;
+                self.key_str(p)?;
                 self.out.byte(b':');
             }
             self.key_str(k)?;
@@ -501,57 +506,57 @@ impl<S: Sink> Walker<'_, S> {
     }
 
     /// `'%s' % key`: only str and bin keys occur in strict mode.
-    fn key_str<N: Node>(&mut self, k: &N) -> Result<(), SignatureError> {
-        match k.view() {
-            View::Map(_) => self.converted_repr(k, &String::new),
+    fn key_str(&mut self, k: &ValueRef<'_>) -> Result<(), SignatureError> {
+        match k {
+            ValueRef::Map(_) => self.converted_repr(k, &String::new),
             _ => self.value_str(k, &String::new),
         }
     }
 
     /// Python `str(value)` for a non-map value.
-    fn value_str<N: Node>(
+    fn value_str(
         &mut self,
-        v: &N,
+        v: &ValueRef<'_>,
         path: &dyn Fn() -> String,
     ) -> Result<(), SignatureError> {
-        match v.view() {
-            View::Str(s) => self.out.put(s.as_bytes()),
-            View::Array(_) => return self.converted_repr(v, path),
+        match v {
+            ValueRef::Str(s) => self.out.put(s.as_bytes()),
+            ValueRef::Array(_) => return self.converted_repr(v, path),
             _ => self.scalar_repr(v),
         }
         Ok(())
     }
 
     /// repr of the values whose `str()` and `repr()` agree once strings are excluded.
-    fn scalar_repr<N: Node>(&mut self, v: &N) {
-        match v.view() {
-            View::Nil => self.out.put(b"None"),
-            View::Bool(true) => self.out.put(b"True"),
-            View::Bool(false) => self.out.put(b"False"),
-            View::Int(i) => pyrepr::int(self.out, &i),
-            View::UInt(u) => pyrepr::int(self.out, &u),
-            View::Float(f) => pyrepr::float(self.out, f),
-            View::Bin(b) => pyrepr::bytes(self.out, b),
-            View::Str(s) => pyrepr::str(self.out, s),
+    fn scalar_repr(&mut self, v: &ValueRef<'_>) {
+        match v {
+            ValueRef::Nil => self.out.put(b"None"),
+            ValueRef::Bool(true) => self.out.put(b"True"),
+            ValueRef::Bool(false) => self.out.put(b"False"),
+            ValueRef::Int(i) => pyrepr::int(self.out, i),
+            ValueRef::UInt(u) => pyrepr::int(self.out, u),
+            ValueRef::Float(f) => pyrepr::float(self.out, *f),
+            ValueRef::Bin(b) => pyrepr::bytes(self.out, b),
+            ValueRef::Str(s) => pyrepr::str(self.out, s),
             // Only reached for keys in the lenient fallback.
-            View::Array(_) | View::Map(_) => self.out.put(b"?"),
+            ValueRef::Array(_) | ValueRef::Map(_) => self.out.put(b"?"),
         }
     }
 
     /// repr of `decode_unicode(v)`: str becomes bytes, bin becomes str, maps are sorted.
-    fn converted_repr<N: Node>(
+    fn converted_repr(
         &mut self,
-        v: &N,
+        v: &ValueRef<'_>,
         path: &dyn Fn() -> String,
     ) -> Result<(), SignatureError> {
-        match v.view() {
-            View::Str(s) => pyrepr::bytes(self.out, s.as_bytes()),
-            View::Bin(b) => match std::str::from_utf8(b) {
+        match v {
+            ValueRef::Str(s) => pyrepr::bytes(self.out, s.as_bytes()),
+            ValueRef::Bin(b) => match std::str::from_utf8(b) {
                 Ok(s) => pyrepr::str(self.out, s),
                 Err(_) if self.strict => return Err(SignatureError::BinNotUtf8 { path: path() }),
                 Err(_) => pyrepr::str(self.out, &String::from_utf8_lossy(b)),
             },
-            View::Array(items) => {
+            ValueRef::Array(items) => {
                 self.out.byte(b'[');
                 for (i, item) in items.iter().enumerate() {
                     if i > 0 {
@@ -561,7 +566,7 @@ impl<S: Sink> Walker<'_, S> {
                 }
                 self.out.byte(b']');
             }
-            View::Map(pairs) => {
+            ValueRef::Map(pairs) => {
                 let range = self.sort_entries(pairs, path)?;
                 let base = range.start;
                 self.out.byte(b'{');
@@ -584,16 +589,16 @@ impl<S: Sink> Walker<'_, S> {
 }
 
 /// A key as text for error messages.
-fn key_text<N: Node>(k: &N) -> String {
-    match k.view() {
-        View::Str(s) => s.to_owned(),
-        View::Bin(b) => String::from_utf8_lossy(b).into_owned(),
+fn key_text(k: &ValueRef<'_>) -> String {
+    match k {
+        ValueRef::Str(s) => (*s).to_owned(),
+        ValueRef::Bin(b) => String::from_utf8_lossy(b).into_owned(),
         _ => format!("<{}>", k.type_name()),
     }
 }
 
 /// The `a:b:c` signature name of a field, for error messages.
-fn name_text<N: Node>(prefix: &[&N], last: Option<&N>) -> String {
+fn name_text(prefix: &[&ValueRef<'_>], last: Option<&ValueRef<'_>>) -> String {
     let mut s = String::new();
     for k in prefix.iter().copied().chain(last) {
         if !s.is_empty() {
@@ -606,7 +611,8 @@ fn name_text<N: Node>(prefix: &[&N], last: Option<&N>) -> String {
 
 /// Render the exact bytes ceilometer feeds its HMAC (for tests and debugging).
 pub fn signing_input(message: &Value) -> Result<Vec<u8>, SignatureError> {
-    let Value::Map(pairs) = message else {
+    let message = message.as_value_ref();
+    let ValueRef::Map(pairs) = &message else {
         return Err(SignatureError::NotAMap {
             got: message.type_name(),
         });
