@@ -322,8 +322,9 @@ pub fn expire(
         if let (Some(st), Ok(_)) = (other.as_mut(), &result) {
             // Server drivers: the tables expired partitions were moved into (graves) are
             // dropped by the handle's reaper thread on a connection of its own (the daemon's
-            // is nudged after its next batch): woken here, then waited for by closing the
-            // handle, while the probe goes on.
+            // is nudged after its next batch), and on MariaDB the rows the expiry orphaned are
+            // deleted there after them: woken here, then waited for by closing the handle,
+            // while the probe goes on.
             let t1 = Instant::now();
             st.retention_step()?;
             drop(other.take());
