@@ -13,7 +13,7 @@ use crate::decode::{decode_value_with, DecodeError, Limits};
 use crate::metadata::Metadata;
 use crate::signature::SIGNATURE_FIELD;
 use crate::timestamp::{parse_timestamp, TimestampError};
-use crate::value::{Node, Parts, Value, View};
+use crate::value::{Parts, Value, View};
 
 /// Why a message is not a sample. Every variant that concerns a field names it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -244,22 +244,21 @@ impl Sample {
             let s = required("counter_type", counter_type)?;
             CounterType::parse(&s).ok_or(SampleError::CounterType { value: s })?
         };
-        let counter_volume = match counter_volume.as_ref().map(Node::view) {
+        let counter_volume = match counter_volume.as_ref().map(|v| (v.view(), v.type_name())) {
             None => {
                 return Err(SampleError::Missing {
                     field: "counter_volume",
                 })
             }
-            Some(View::Int(i)) => Volume::Int(i),
-            Some(View::UInt(u)) => Volume::Float(u as f64),
-            Some(View::Float(f)) => Volume::Float(f),
-            Some(_) => {
-                let other = counter_volume.as_ref().map_or("nil", Node::type_name);
+            Some((View::Int(i), _)) => Volume::Int(i),
+            Some((View::UInt(u), _)) => Volume::Float(u as f64),
+            Some((View::Float(f), _)) => Volume::Float(f),
+            Some((_, got)) => {
                 return Err(SampleError::WrongType {
                     field: "counter_volume",
                     expected: "int or float",
-                    got: other,
-                });
+                    got,
+                })
             }
         };
         // Encoded here, the tree dropped at once: see `crate::metadata`.

@@ -22,34 +22,16 @@ pub enum Value {
 impl Value {
     /// The msgpack type's name, for error messages (`expected int or float, got str`).
     pub fn type_name(&self) -> &'static str {
-        match self {
-            Value::Nil => "nil",
-            Value::Bool(_) => "bool",
-            Value::Int(_) | Value::UInt(_) => "int",
-            Value::Float(_) => "float",
-            Value::Str(_) => "str",
-            Value::Bin(_) => "bin",
-            Value::Array(_) => "array",
-            Value::Map(_) => "map",
-        }
+        Node::type_name(self)
     }
 
     pub fn as_str(&self) -> Option<&str> {
-        match self {
-            Value::Str(s) => Some(s),
-            _ => None,
-        }
+        self.str_value()
     }
 
     /// Look a string key up in a map (linear: sample maps hold ~15 keys).
     pub fn get(&self, key: &str) -> Option<&Value> {
-        match self {
-            Value::Map(pairs) => pairs
-                .iter()
-                .find(|(k, _)| matches!(k, Value::Str(s) if s == key))
-                .map(|(_, v)| v),
-            _ => None,
-        }
+        self.get_key(key)
     }
 
     /// Mutable [`Value::get`].

@@ -104,25 +104,10 @@ impl SigningKey {
     /// Compared in constant time. A missing, non-string or non-ASCII signature fails, and so
     /// does any message ceilometer could not sign (see the module docs).
     pub fn verify<N: Node>(&self, message: &N) -> bool {
-        if self.key.is_none() {
-            return true;
+        match &self.key {
+            None => true,
+            Some(key) => message.with_ref(|m| verify_with(key, m)),
         }
-        message.with_ref(|m| self.verify_ref(m))
-    }
-
-    fn verify_ref(&self, message: &ValueRef<'_>) -> bool {
-        let Some(key) = &self.key else {
-            return true;
-        };
-        let claimed: &[u8] = match top_level_signature(message) {
-            Some(ValueRef::Str(s)) => s.as_bytes(),
-            Some(ValueRef::Bin(b)) => b,
-            _ => return false,
-        };
-        let Ok(tag) = digest(key, message, true) else {
-            return false;
-        };
-        constant_time_eq(&hex(&tag), claimed)
     }
 
     /// Set (or replace) the message's `message_signature`.
@@ -144,6 +129,19 @@ impl SigningKey {
             None => pairs.push((Value::Str(SIGNATURE_FIELD.to_owned()), Value::Str(sig))),
         }
     }
+}
+
+/// [`SigningKey::verify`] with signing on: the claimed signature against the computed one.
+fn verify_with(key: &hmac::Key, message: &ValueRef<'_>) -> bool {
+    let claimed: &[u8] = match top_level_signature(message) {
+        Some(ValueRef::Str(s)) => s.as_bytes(),
+        Some(ValueRef::Bin(b)) => b,
+        _ => return false,
+    };
+    let Ok(tag) = digest(key, message, true) else {
+        return false;
+    };
+    constant_time_eq(&hex(&tag), claimed)
 }
 
 /// Lowercase hex HMAC-SHA256 of `message` keyed with `secret`, as ceilometer computes it; `""`

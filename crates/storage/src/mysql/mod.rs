@@ -278,10 +278,10 @@ impl MysqlStorage {
 /// The meter, resource and metadata rows nothing refers to any more, deleted after an expiry
 /// pass deleted samples or rollups: on the reaper's connection, so that neither the expiry
 /// call nor a writer waits for the search (one index probe per resource: 180 ms for 2,000
-/// resources on a cold buffer pool, 0.7 s when every one is orphaned). Whether the cache
-/// epoch was bumped (writers then forget their ids at their next batch); `None` when a
-/// partition being probed was dropped meanwhile (the search is left to the next wake).
-fn delete_orphans(conn: &mut MyConn) -> Result<Option<bool>, Fail> {
+/// resources on a cold buffer pool, 0.7 s when every one is orphaned). Writers learn of the
+/// deletions through the cache epoch. `false` when a partition being probed was dropped
+/// meanwhile: the search is left to the next wake.
+fn delete_orphans(conn: &mut MyConn) -> Result<bool, Fail> {
     let mut laps = server::Laps::start("mysql: orphans");
     // Meters stay while a rollup refers to them: rollups outlive samples.
     const METER_KEPT: &str = "NOT EXISTS (SELECT 1 FROM rollup_meter b WHERE b.meter_id = t.id)";
@@ -322,7 +322,7 @@ fn delete_orphans(conn: &mut MyConn) -> Result<Option<bool>, Fail> {
         Err(Fail::My(::mysql::Error::MySqlError(e))) if e.code == ER_UNKNOWN_PARTITION => {
             log::info!("mysql: orphan search left to the next wake: {}", e.message);
             laps.log();
-            return Ok(None);
+            return Ok(false);
         }
         Err(e) => return Err(e),
     };
@@ -332,7 +332,7 @@ fn delete_orphans(conn: &mut MyConn) -> Result<Option<bool>, Fail> {
             AND NOT EXISTS (SELECT 1 FROM rollup_meter b WHERE b.meter_id = meter.id)";
     if res_c.is_empty() && met_c.is_empty() {
         laps.log();
-        return Ok(Some(false));
+        return Ok(true);
     }
     let list = id_list;
     // A few resources per transaction: the writers wait for one chunk at a time (2,000
@@ -398,7 +398,7 @@ fn delete_orphans(conn: &mut MyConn) -> Result<Option<bool>, Fail> {
             t0.elapsed().as_secs_f64() * 1e3
         );
     }
-    Ok(Some(total > 0))
+    Ok(true)
 }
 
 impl Storage for MysqlStorage {
@@ -1023,8 +1023,8 @@ fn reaper(opts: &Opts, database: &str, what: &str, orphans: Arc<AtomicBool>) -> 
             Ok((Some(_), true)) => return Ok(server::ReapStep::More),
             Ok((None, true)) => return Ok(server::ReapStep::Busy),
             Ok((_, false)) if orphans.swap(false, Ordering::AcqRel) => match delete_orphans(c) {
-                Ok(Some(_)) => Ok(server::ReapStep::Done),
-                Ok(None) => {
+                Ok(true) => Ok(server::ReapStep::Done),
+                Ok(false) => {
                     orphans.store(true, Ordering::Release);
                     Ok(server::ReapStep::Busy)
                 }
