@@ -91,10 +91,13 @@ pub struct BatchRollup<'a> {
 }
 
 impl<'a> BatchRollup<'a> {
-    /// Fold one inserted sample (meter row id, resource id, timestamp µs, volume) in.
+    /// Fold one inserted sample (meter row id, resource id, timestamp µs, volume) in: per meter
+    /// at every level of `grans`, per resource at the levels of `resource_grans` (the levels
+    /// written directly; see [`assign_sources`] for the others).
     pub fn add(
         &mut self,
         grans: &[Granularity],
+        resource_grans: &[Granularity],
         meter_id: i64,
         resource: &'a str,
         ts: i64,
@@ -107,12 +110,91 @@ impl<'a> BatchRollup<'a> {
                 .entry((g.seconds, meter_id, bucket))
                 .and_modify(|a| a.merge(&one))
                 .or_insert(one);
+        }
+        for g in resource_grans {
+            let bucket = floor_to(ts, g.micros());
             self.resources
                 .entry((g.seconds, meter_id, resource, bucket))
                 .and_modify(|a| a.merge(&one))
                 .or_insert(one);
         }
     }
+}
+
+/// A rollup level as `rollup_level` records it: its granularity (seconds) and its *source*,
+/// the finer level its per-resource buckets are folded from, or 0 when samples are written to
+/// them directly.
+///
+/// Per resource, a sample is written once, to each direct level; a level with a source gets
+/// no writes of its own until the source's buckets pass their retention, when the expiry
+/// merges them into it and deletes them in one transaction. So every sample is counted
+/// exactly once in the union of a level's rows and its source's: that union answers the
+/// level's queries. Per meter (`rollup_meter`, a few rows per batch) every level is written
+/// directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Level {
+    pub seconds: u64,
+    pub source: u64,
+}
+
+/// The sources every configured level should have, given the levels `registered` before:
+/// a registered level keeps its source while that source is still configured, and otherwise
+/// becomes direct (the driver merges the old source's buckets into it first); a new level is
+/// folded from the finest configured direct level that divides it, or is direct. Sources are
+/// always direct levels, so a union is never more than two levels deep.
+pub fn assign_sources(config: &[Granularity], registered: &[Level]) -> Vec<Level> {
+    let mut secs: Vec<u64> = config
+        .iter()
+        .map(|g| g.seconds)
+        .filter(|s| *s > 0)
+        .collect();
+    secs.sort_unstable();
+    secs.dedup();
+    let mut out: Vec<Level> = Vec::with_capacity(secs.len());
+    for &s in &secs {
+        let source = match registered.iter().find(|l| l.seconds == s) {
+            Some(l) if l.source == 0 || secs.contains(&l.source) => l.source,
+            Some(_) => 0,
+            None => out
+                .iter()
+                .find(|l| l.source == 0 && s % l.seconds == 0)
+                .map_or(0, |l| l.seconds),
+        };
+        out.push(Level { seconds: s, source });
+    }
+    out
+}
+
+/// The configured levels written directly per resource, in `config`'s order.
+pub fn direct_levels(config: &[Granularity], levels: &[Level]) -> Vec<Granularity> {
+    config
+        .iter()
+        .filter(|g| {
+            levels
+                .iter()
+                .find(|l| l.seconds == g.seconds)
+                .map_or(true, |l| l.source == 0)
+        })
+        .copied()
+        .collect()
+}
+
+/// The granularities whose `rollup_resource` rows answer level `seconds`: its own and, when
+/// it is folded from a finer level, that level's.
+pub fn resource_granularities(levels: &[Level], seconds: u64) -> Vec<u64> {
+    match levels.iter().find(|l| l.seconds == seconds) {
+        Some(l) if l.source != 0 => vec![seconds, l.source],
+        _ => vec![seconds],
+    }
+}
+
+/// The levels folded from `source` (whose buckets take `source`'s when they expire).
+pub fn folded_from(levels: &[Level], source: u64) -> Vec<u64> {
+    levels
+        .iter()
+        .filter(|l| l.source == source && source != 0)
+        .map(|l| l.seconds)
+        .collect()
 }
 
 /// The coarsest configured granularity whose buckets answer `filter` with `period` exactly:
@@ -357,15 +439,69 @@ mod tests {
         let g = default_granularities();
         let mut b = BatchRollup::default();
         let h = 3_600_000_000;
-        b.add(&g, 1, "r", 10, 2.0);
-        b.add(&g, 1, "r", h + 10, 4.0);
-        b.add(&g, 1, "s", 20, 1.0);
+        b.add(&g, &g, 1, "r", 10, 2.0);
+        b.add(&g, &g, 1, "r", h + 10, 4.0);
+        b.add(&g, &g, 1, "s", 20, 1.0);
         assert_eq!(b.meters.len(), 3); // two hours + one day
         let day = b.meters[&(86_400, 1, 0)];
         assert_eq!((day.count, day.sum, day.min, day.max), (3, 7.0, 1.0, 4.0));
         assert_eq!((day.first, day.last), (10, h + 10));
         assert_eq!(b.resources[&(3600, 1, "r", 0)].count, 1);
         assert_eq!(b.resources[&(86_400, 1, "r", 0)].count, 2);
+        // Per resource, only the levels written directly.
+        let mut b = BatchRollup::default();
+        b.add(&g, &g[..1], 1, "r", 10, 2.0);
+        assert_eq!((b.meters.len(), b.resources.len()), (2, 1));
+        assert!(b.resources.contains_key(&(3600, 1, "r", 0)));
+    }
+
+    fn lv(seconds: u64, source: u64) -> Level {
+        Level { seconds, source }
+    }
+
+    fn gran(seconds: u64) -> Granularity {
+        Granularity {
+            seconds,
+            retention_seconds: 0,
+        }
+    }
+
+    #[test]
+    fn new_levels_are_folded_from_the_finest_direct_level_dividing_them() {
+        let g = default_granularities();
+        assert_eq!(assign_sources(&g, &[]), vec![lv(3600, 0), lv(86_400, 3600)]);
+        // Not a multiple: direct. A multiple of a level that is itself folded: from the
+        // finest direct one.
+        let g = [gran(3600), gran(5400), gran(86_400), gran(7200)];
+        assert_eq!(
+            assign_sources(&g, &[]),
+            vec![lv(3600, 0), lv(5400, 0), lv(7200, 3600), lv(86_400, 3600)]
+        );
+        // Registered levels keep their sources (a store upgraded with both levels direct
+        // stays so); a new finer level does not change them.
+        let g = [gran(60), gran(3600), gran(86_400)];
+        assert_eq!(
+            assign_sources(&g, &[lv(3600, 0), lv(86_400, 0)]),
+            vec![lv(60, 0), lv(3600, 0), lv(86_400, 0)]
+        );
+        assert_eq!(
+            assign_sources(&g, &[lv(3600, 0), lv(86_400, 3600)]),
+            vec![lv(60, 0), lv(3600, 0), lv(86_400, 3600)]
+        );
+        // The source no longer configured: direct.
+        assert_eq!(
+            assign_sources(&[gran(86_400)], &[lv(3600, 0), lv(86_400, 3600)]),
+            vec![lv(86_400, 0)]
+        );
+        let levels = assign_sources(&default_granularities(), &[]);
+        assert_eq!(
+            direct_levels(&default_granularities(), &levels),
+            vec![default_granularities()[0]]
+        );
+        assert_eq!(resource_granularities(&levels, 86_400), vec![86_400, 3600]);
+        assert_eq!(resource_granularities(&levels, 3600), vec![3600]);
+        assert_eq!(folded_from(&levels, 3600), vec![86_400]);
+        assert!(folded_from(&levels, 86_400).is_empty());
     }
 
     #[test]

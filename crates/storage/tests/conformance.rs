@@ -508,6 +508,7 @@ fn rollups_answer_aligned_statistics_as_the_raw_computation(kind: Kind) {
         (None, 3600, 3600),
         (None, 86_400, 86_400),
         (Some("r2"), 7200, 3600),
+        (Some("r1"), 86_400, 86_400),
     ] {
         let f = SampleFilter {
             meter: Some("cpu".into()),
@@ -545,6 +546,123 @@ fn rollups_answer_aligned_statistics_as_the_raw_computation(kind: Kind) {
             assert_eq!((first, last), (w.4, w.5));
         }
     }
+}
+
+/// With the default levels a new store writes per-resource rollups hourly only; the daily
+/// level is their union with its own rows, into which the hourly buckets are folded when they
+/// pass their retention. Answers stay the raw computation's before and after the fold, after a
+/// second pass (nothing counted twice) and after late samples for folded days.
+fn per_resource_daily_rollups_are_folded_from_the_hourly_ones(kind: Kind) {
+    let t = TestDb::new(kind);
+    let hour = 3_600_000_000i64;
+    let opts = StorageOptions {
+        rollups: vec![
+            storage::rollup::Granularity {
+                seconds: 3600,
+                retention_seconds: 86_400,
+            },
+            storage::rollup::Granularity {
+                seconds: 86_400,
+                retention_seconds: 0,
+            },
+        ],
+        ..Default::default()
+    };
+    let mut db = storage::open(&t.url, &opts).unwrap();
+    let admin = &t;
+    assert_eq!(
+        admin.scalar("SELECT source FROM rollup_level WHERE granularity = 86400"),
+        3600
+    );
+    let today = OffsetDateTime::now_utc().replace_time(time::Time::MIDNIGHT);
+    let start_t = today - Duration::days(3);
+    let start = (start_t.unix_timestamp_nanos() / 1000) as i64;
+    let mut stored: Vec<(String, i64, f64)> = Vec::new();
+    let mut seq = 0u64;
+    let write = |db: &mut Box<dyn Storage>,
+                 stored: &mut Vec<(String, i64, f64)>,
+                 seq: &mut u64,
+                 n: usize,
+                 span_h: i64| {
+        let mut batch = Vec::new();
+        for _ in 0..n {
+            *seq += 1;
+            let r = mix(*seq ^ 0x5eed);
+            let ts = start + (r >> 3) as i64 % (span_h * hour);
+            let res = format!("r{}", (r >> 50) % 3);
+            let v = ((r >> 20) % 1000) as f64 / 8.0;
+            let when = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts) * 1000).unwrap();
+            batch.push(sample(&format!("f{seq}"), "cpu", &res, &iso(when), v));
+            stored.push((res, ts, v));
+        }
+        assert_eq!(db.record_metering_data(&batch).unwrap().stored, n);
+    };
+    write(&mut db, &mut stored, &mut seq, 300, 72);
+    assert_eq!(
+        admin.scalar("SELECT COUNT(*) FROM rollup_resource WHERE granularity = 86400"),
+        0,
+        "the daily level gets no writes of its own"
+    );
+    let check = |db: &mut Box<dyn Storage>, stored: &[(String, i64, f64)], what: &str| {
+        for res in ["r0", "r1", "r2"] {
+            let f = SampleFilter {
+                meter: Some("cpu".into()),
+                resource_id: Some(res.into()),
+                start: Some(start_t),
+                end: Some(today),
+                ..Default::default()
+            };
+            let (got, source) = db.get_meter_statistics_from(&f, Some(86_400)).unwrap();
+            assert_eq!(
+                source,
+                storage::StatsSource::Rollup {
+                    granularity: 86_400
+                }
+            );
+            let day = 24 * hour;
+            let mut want: BTreeMap<i64, Aggregate> = BTreeMap::new();
+            for (r, ts, v) in stored {
+                if r == res {
+                    fold(
+                        want.entry((ts - start) / day).or_insert(NO_SAMPLES),
+                        *v,
+                        *ts,
+                    );
+                }
+            }
+            assert_eq!(got.len(), want.len(), "{what} {res}");
+            for (st, (k, w)) in got.iter().zip(&want) {
+                let ps = (st.period_start.unix_timestamp_nanos() / 1000) as i64;
+                assert_eq!(ps, start + k * day, "{what} {res}");
+                assert_eq!(st.count, w.0, "{what} {res} day {k}");
+                assert!((st.sum - w.1).abs() <= 1e-6 * w.1.abs().max(1.0), "{what}");
+                assert_eq!((st.min, st.max), (w.2, w.3), "{what} {res} day {k}");
+                let first = (st.duration_start.unix_timestamp_nanos() / 1000) as i64;
+                let last = (st.duration_end.unix_timestamp_nanos() / 1000) as i64;
+                assert_eq!((first, last), (w.4, w.5), "{what} {res} day {k}");
+            }
+        }
+    };
+    check(&mut db, &stored, "from the hourly buckets");
+    // No sample is old enough to expire; the rollup retention runs and folds the hourly
+    // buckets older than a day into daily ones.
+    let mut janitor = storage::open(&t.url, &opts).unwrap();
+    assert_eq!(janitor.clear_expired_metering_data(30 * 86_400).unwrap(), 0);
+    let cutoff = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64 - 24 * hour;
+    assert_eq!(
+        admin.scalar(&format!(
+            "SELECT COUNT(*) FROM rollup_resource WHERE granularity = 3600 AND bucket < {cutoff}"
+        )),
+        0
+    );
+    assert!(admin.scalar("SELECT COUNT(*) FROM rollup_resource WHERE granularity = 86400") > 0);
+    check(&mut db, &stored, "after the fold");
+    // Late samples for the folded days go to hourly buckets, folded at the next pass.
+    write(&mut db, &mut stored, &mut seq, 60, 48);
+    check(&mut db, &stored, "late samples");
+    let mut janitor = storage::open(&t.url, &opts).unwrap();
+    assert_eq!(janitor.clear_expired_metering_data(30 * 86_400).unwrap(), 0);
+    check(&mut db, &stored, "after a second fold");
 }
 
 fn many_handles_opening_a_fresh_database_at_once_all_succeed(kind: Kind) {
@@ -1350,6 +1468,7 @@ conformance!(
     expiry_deletes_old_samples_and_orphans_and_other_handles_keep_working,
     samples_older_than_the_time_to_live_on_arrival_are_counted_not_stored,
     rollups_answer_aligned_statistics_as_the_raw_computation,
+    per_resource_daily_rollups_are_folded_from_the_hourly_ones,
     many_handles_opening_a_fresh_database_at_once_all_succeed,
     two_writer_processes_lose_and_duplicate_nothing,
 );

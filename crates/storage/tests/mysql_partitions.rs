@@ -308,9 +308,14 @@ fn rollups_count_only_inserted_samples_and_expire_with_their_retention() {
         count("SELECT SUM(`count`) FROM rollup_meter WHERE granularity = 3600"),
         6
     );
+    // Per resource, the daily level is folded from the hourly one: nothing of its own yet.
     assert_eq!(
-        count("SELECT CAST(SUM(`sum`) AS SIGNED) FROM rollup_resource WHERE granularity = 86400 AND resource_id = 'r1'"),
+        count("SELECT CAST(SUM(`sum`) AS SIGNED) FROM rollup_resource WHERE granularity = 3600 AND resource_id = 'r1'"),
         1 + 3 + 5
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM rollup_resource WHERE granularity = 86400"),
+        0
     );
     // Hourly buckets 4 days old are past their 2 days; daily ones are kept forever.
     db.clear_expired_metering_data(u64::MAX).unwrap();
@@ -322,9 +327,14 @@ fn rollups_count_only_inserted_samples_and_expire_with_their_retention() {
         count("SELECT COUNT(*) FROM rollup_resource WHERE granularity = 3600"),
         0
     );
+    // ... folded into the daily level as they went.
     assert_eq!(
         count("SELECT COUNT(*) FROM rollup_resource WHERE granularity = 86400"),
         2
+    );
+    assert_eq!(
+        count("SELECT CAST(SUM(`sum`) AS SIGNED) FROM rollup_resource WHERE granularity = 86400 AND resource_id = 'r1'"),
+        1 + 3 + 5
     );
     // Hourly statistics for that day now come from the samples, daily ones from the rollup.
     let f = SampleFilter {

@@ -78,6 +78,8 @@ pub struct MysqlStorage {
     ttl_seconds: Option<u64>,
     /// Rollup levels.
     levels: Vec<Granularity>,
+    /// The levels written per resource directly ([`crate::rollup::Level`]).
+    direct: Vec<Granularity>,
     /// `partition_span_seconds` in µs.
     span_us: i64,
     /// The partitions this handle knows of.
@@ -161,6 +163,7 @@ impl MysqlStorage {
             json_buf: Vec::new(),
             ttl_seconds: options.time_to_live_seconds,
             levels: options.rollups.clone(),
+            direct: options.rollups.clone(),
             span_us,
             parts: partitions::Known::default(),
             reaper,
@@ -242,11 +245,16 @@ impl MysqlStorage {
         // committed on its own (a writer never waits for more than one chunk); buckets age out
         // at most once an hour, so nearly every pass finds the range empty at once.
         // rollup_meter is small (meters x buckets kept): one statement.
+        let registered = schema::load_levels(conn)?;
         for g in levels.iter().filter(|g| g.retention_seconds > 0) {
             let keep = i64::try_from(g.retention_seconds)
                 .unwrap_or(i64::MAX)
                 .saturating_mul(1_000_000);
             let before = now.saturating_sub(keep);
+            let into = crate::rollup::folded_from(&registered, g.seconds);
+            if !into.is_empty() {
+                deleted |= fold_expired(conn, g.seconds, &into, before)?;
+            }
             loop {
                 conn.exec_drop(
                     format!(
@@ -417,6 +425,7 @@ impl Storage for MysqlStorage {
                 let conn = self.link.get(|| connect(opts, db, &what, levels, span))?;
                 let mut caches = Caches {
                     levels,
+                    direct: &mut self.direct,
                     meters: &mut self.meters,
                     resources: &mut self.resources,
                     epoch: &mut self.epoch,
@@ -527,9 +536,53 @@ impl Storage for MysqlStorage {
     }
 }
 
+/// A level others are folded from ([`crate::rollup::Level`]): its per-resource buckets older
+/// than `before` are merged into each of `into` and deleted, one bucket per transaction (its
+/// rows locked first, so a late sample's upsert into it waits and a concurrent pass finds it
+/// gone). Whether anything was deleted.
+fn fold_expired(conn: &mut MyConn, source: u64, into: &[u64], before: i64) -> Result<bool, Fail> {
+    let mut deleted = false;
+    loop {
+        let oldest: Option<Option<i64>> = conn.exec_first(
+            "SELECT MIN(bucket) FROM rollup_resource WHERE granularity = ?",
+            (source,),
+        )?;
+        let Some(bucket) = oldest.flatten().filter(|b| *b < before) else {
+            return Ok(deleted);
+        };
+        conn.query_drop("START TRANSACTION")?;
+        let r = (|| -> Result<(), Fail> {
+            let _: Vec<u64> = conn.exec(
+                "SELECT `count` FROM rollup_resource WHERE granularity = ? AND bucket = ?
+                    FOR UPDATE",
+                (source, bucket),
+            )?;
+            for &coarse in into {
+                conn.exec_drop(
+                    schema::merge_resource_rows_sql("r.bucket = ?"),
+                    (coarse, source, bucket),
+                )?;
+            }
+            conn.exec_drop(
+                "DELETE FROM rollup_resource WHERE granularity = ? AND bucket = ?",
+                (source, bucket),
+            )?;
+            conn.query_drop("COMMIT")?;
+            Ok(())
+        })();
+        if let Err(e) = r {
+            let _ = conn.query_drop("ROLLBACK");
+            return Err(e);
+        }
+        deleted = true;
+    }
+}
+
 /// The driver's caches, borrowed for one batch.
 struct Caches<'a> {
     levels: &'a [Granularity],
+    /// The levels written per resource directly, reloaded with the caches.
+    direct: &'a mut Vec<Granularity>,
     meters: &'a mut MeterCache,
     resources: &'a mut ResourceCache,
     epoch: &'a mut i64,
@@ -558,6 +611,7 @@ fn write_batch(
     if epoch != *caches.epoch {
         caches.meters.clear();
         caches.resources.clear();
+        *caches.direct = crate::rollup::direct_levels(caches.levels, &schema::load_levels(conn)?);
         *caches.epoch = epoch;
     }
     let mut resolved = Vec::with_capacity(rows.len());
@@ -580,6 +634,7 @@ fn write_batch(
             let s = r.valid.sample;
             rollup.add(
                 caches.levels,
+                caches.direct,
                 r.meter_id,
                 s.resource_id.as_str(),
                 to_micros(r.valid.timestamp),

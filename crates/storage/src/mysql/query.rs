@@ -496,7 +496,16 @@ pub(super) fn statistics_from(
     let end = filter.end.map_or(i64::MAX, to_micros);
     let meter = filter.meter.as_deref().map_or(MyValue::NULL, MyValue::from);
     let buckets = match &filter.resource_id {
-        Some(res) => resource_buckets(c, res, &meter, g.seconds, start, end)?,
+        Some(res) => {
+            // A level folded from a finer one: its rows and the finer level's (every sample
+            // is in exactly one of the two; crate::rollup::Level).
+            let registered = super::schema::load_levels(c)?;
+            let mut out = Vec::new();
+            for gran in rollup::resource_granularities(&registered, g.seconds) {
+                out.extend(resource_buckets(c, res, &meter, gran, start, end)?);
+            }
+            out
+        }
         None => {
             let rows: Vec<Row> = c.exec(
                 "SELECT b.bucket, m.unit, b.`count`, b.`sum`, b.`min`, b.`max`, b.`first`,

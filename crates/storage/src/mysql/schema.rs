@@ -11,7 +11,7 @@
 use super::{partitions, Fail, MyConn};
 use crate::msgkey::{message_key_sql, Dialect};
 use crate::partition::floor_to;
-use crate::rollup::Granularity;
+use crate::rollup::{self, Granularity, Level};
 use crate::StorageError;
 use ::mysql::prelude::Queryable;
 
@@ -116,7 +116,7 @@ const V2_TABLES: &[&str] = &[
 
 /// The version this build writes.
 pub fn current_version() -> i64 {
-    5
+    6
 }
 
 fn read_version(conn: &mut MyConn) -> Result<Option<i64>, Fail> {
@@ -152,13 +152,9 @@ pub(crate) fn migrate(
     span_us: i64,
 ) -> Result<(), Fail> {
     if read_version(conn)? == Some(current_version()) {
-        return register_levels(conn, levels);
+        return register_levels(conn, database, levels);
     }
-    // Lock names are server-wide: name it after the database. At most 64 characters.
-    let name: String = format!("collector.schema.{database}")
-        .chars()
-        .take(64)
-        .collect();
+    let name = lock_name(database);
     let got: Option<Option<i64>> = conn.exec_first("SELECT GET_LOCK(?, 60)", (&name,))?;
     if got.flatten() != Some(1) {
         return Err(Fail::Storage(StorageError::Unavailable(format!(
@@ -169,7 +165,16 @@ pub(crate) fn migrate(
     let released = conn.exec_drop("SELECT RELEASE_LOCK(?)", (&name,));
     result?;
     released?;
-    register_levels(conn, levels)
+    register_levels(conn, database, levels)
+}
+
+/// The schema lock's name. Lock names are server-wide: named after the database, at most 64
+/// characters.
+fn lock_name(database: &str) -> String {
+    format!("collector.schema.{database}")
+        .chars()
+        .take(64)
+        .collect()
 }
 
 fn migrate_locked(conn: &mut MyConn, levels: &[Granularity], span_us: i64) -> Result<(), Fail> {
@@ -234,6 +239,11 @@ fn migrate_locked(conn: &mut MyConn, levels: &[Granularity], span_us: i64) -> Re
         v5(conn)?;
         conn.query_drop("UPDATE schema_version SET version = 5")?;
     }
+    if found < 6 {
+        log::info!("mysql: migrating schema to version 6: rollup level sources");
+        v6(conn)?;
+        conn.query_drop("UPDATE schema_version SET version = 6")?;
+    }
     Ok(())
 }
 
@@ -280,6 +290,22 @@ fn v5(conn: &mut MyConn) -> Result<(), Fail> {
              DROP INDEX ix_rollup_resource_series",
         SLICE_BUCKETS * 1_000_000
     ))?;
+    Ok(())
+}
+
+/// Version 5 to 6: `rollup_level.source`, the finer level a level's per-resource buckets are
+/// folded from (0: written directly; [`crate::rollup::Level`]). Levels registered before stay
+/// direct: their buckets already count every sample, as their source's do, and the union
+/// would count them twice. A store without rollups yet has its levels registered afresh, with
+/// sources. Safe to run again after an interruption.
+fn v6(conn: &mut MyConn) -> Result<(), Fail> {
+    if !has_column(conn, "rollup_level", "source")? {
+        conn.query_drop("ALTER TABLE rollup_level ADD COLUMN source BIGINT NOT NULL DEFAULT 0")?;
+    }
+    conn.query_drop(
+        "DELETE FROM rollup_level WHERE NOT EXISTS (SELECT 1 FROM rollup_meter)
+            AND NOT EXISTS (SELECT 1 FROM rollup_resource)",
+    )?;
     Ok(())
 }
 
@@ -372,28 +398,108 @@ fn v2(conn: &mut MyConn, coll: &str, levels: &[Granularity], span_us: i64) -> Re
     Ok(())
 }
 
+/// The registered rollup levels and their sources.
+pub(crate) fn load_levels(conn: &mut MyConn) -> Result<Vec<Level>, Fail> {
+    let rows: Vec<(u64, u64)> = conn.query("SELECT granularity, source FROM rollup_level")?;
+    Ok(rows
+        .into_iter()
+        .map(|(seconds, source)| Level { seconds, source })
+        .collect())
+}
+
+/// The `rollup_resource` upsert that merges the rows of granularity `?` (the second parameter)
+/// chosen by `filter` (a condition on `bucket`, its parameters after) into level `?` (the
+/// first), each into the bucket of that level holding it.
+pub(crate) fn merge_resource_rows_sql(filter: &str) -> String {
+    format!(
+        "INSERT INTO rollup_resource (meter_id, resource_id, granularity, bucket, `count`,
+                                      `sum`, `min`, `max`, `first`, `last`)
+         SELECT meter_id, resource_id, g, b, SUM(`count`), SUM(`sum`), MIN(`min`), MAX(`max`),
+                MIN(`first`), MAX(`last`)
+           FROM (SELECT r.*, l.g, r.bucket - MOD(MOD(r.bucket, l.g * 1000000) + l.g * 1000000,
+                                                 l.g * 1000000) AS b
+                   FROM rollup_resource r CROSS JOIN (SELECT CAST(? AS SIGNED) AS g) l
+                  WHERE r.granularity = ? AND {filter}) s
+          GROUP BY meter_id, resource_id, g, b
+         ON DUPLICATE KEY UPDATE
+           `count` = rollup_resource.`count` + VALUES(`count`),
+           `sum` = rollup_resource.`sum` + VALUES(`sum`),
+           `min` = LEAST(rollup_resource.`min`, VALUES(`min`)),
+           `max` = GREATEST(rollup_resource.`max`, VALUES(`max`)),
+           `first` = LEAST(rollup_resource.`first`, VALUES(`first`)),
+           `last` = GREATEST(rollup_resource.`last`, VALUES(`last`))"
+    )
+}
+
 /// Register the configured rollup levels missing from `rollup_level`: complete from the
 /// bucket after the newest rollup's last sample (samples stored before were not counted at
-/// that level), or from the beginning on an empty store.
-fn register_levels(conn: &mut MyConn, levels: &[Granularity]) -> Result<(), Fail> {
-    let known: Vec<u64> = conn.query("SELECT granularity FROM rollup_level")?;
-    let missing: Vec<&Granularity> = levels
+/// that level), or from the beginning on an empty store; with their sources
+/// ([`rollup::assign_sources`]). A level whose source is no longer configured takes the
+/// source's buckets and becomes direct. Changes are made under the schema lock in one
+/// transaction that also moves the cache epoch, so every writer reloads the levels.
+fn register_levels(conn: &mut MyConn, database: &str, levels: &[Granularity]) -> Result<(), Fail> {
+    let registered = load_levels(conn)?;
+    if rollup::assign_sources(levels, &registered)
         .iter()
-        .filter(|g| g.seconds > 0 && !known.contains(&g.seconds))
-        .collect();
-    if missing.is_empty() {
+        .all(|want| registered.contains(want))
+    {
         return Ok(());
     }
-    let newest: Option<Option<i64>> = conn.query_first("SELECT MAX(`last`) FROM rollup_meter")?;
-    for g in missing {
-        let from = match newest.flatten() {
-            Some(ts) => floor_to(ts, g.micros()).saturating_add(g.micros()),
-            None => i64::MIN,
-        };
-        conn.exec_drop(
-            "INSERT IGNORE INTO rollup_level (granularity, complete_from) VALUES (?, ?)",
-            (g.seconds, from),
-        )?;
+    let name = lock_name(database);
+    let got: Option<Option<i64>> = conn.exec_first("SELECT GET_LOCK(?, 60)", (&name,))?;
+    if got.flatten() != Some(1) {
+        return Err(Fail::Storage(StorageError::Unavailable(format!(
+            "mysql: timed out waiting for lock {name:?} held by another process registering rollup levels"
+        ))));
     }
+    let result = register_locked(conn, levels);
+    if result.is_err() {
+        let _ = conn.query_drop("ROLLBACK");
+    }
+    let released = conn.exec_drop("SELECT RELEASE_LOCK(?)", (&name,));
+    result?;
+    released?;
+    Ok(())
+}
+
+fn register_locked(conn: &mut MyConn, levels: &[Granularity]) -> Result<(), Fail> {
+    conn.query_drop("START TRANSACTION")?;
+    let registered = load_levels(conn)?;
+    let mut changed = false;
+    for want in rollup::assign_sources(levels, &registered) {
+        match registered.iter().find(|l| l.seconds == want.seconds) {
+            Some(had) if had.source == want.source => {}
+            Some(had) => {
+                conn.exec_drop(merge_resource_rows_sql("1 = 1"), (want.seconds, had.source))?;
+                conn.exec_drop(
+                    "UPDATE rollup_level SET source = ? WHERE granularity = ?",
+                    (want.source, want.seconds),
+                )?;
+                changed = true;
+            }
+            None => {
+                let newest: Option<Option<i64>> =
+                    conn.query_first("SELECT MAX(`last`) FROM rollup_meter")?;
+                let g = Granularity {
+                    seconds: want.seconds,
+                    retention_seconds: 0,
+                };
+                let from = match newest.flatten() {
+                    Some(ts) => floor_to(ts, g.micros()).saturating_add(g.micros()),
+                    None => i64::MIN,
+                };
+                conn.exec_drop(
+                    "INSERT IGNORE INTO rollup_level (granularity, complete_from, source)
+                     VALUES (?, ?, ?)",
+                    (want.seconds, from, want.source),
+                )?;
+                changed = true;
+            }
+        }
+    }
+    if changed {
+        conn.query_drop("UPDATE cache_epoch SET epoch = epoch + 1 WHERE id = 1")?;
+    }
+    conn.query_drop("COMMIT")?;
     Ok(())
 }

@@ -65,6 +65,8 @@ pub struct PostgresStorage {
     /// Rollup levels, and their granularities in seconds as the insert binds them.
     levels: Vec<crate::rollup::Granularity>,
     level_seconds: Vec<i64>,
+    /// The levels written per resource directly ([`crate::rollup::Level`]).
+    direct: Vec<i64>,
     /// `partition_span_seconds` in µs.
     span_us: i64,
     /// Drops graves (expired partitions, detached) on its own thread and connection: nudged
@@ -115,8 +117,9 @@ inserted AS (
 SELECT (SELECT epoch FROM e), (SELECT COUNT(*) FROM inserted), '{}'::BIGINT[]";
 
 /// The rollup upserts appended to both inserts (`ROLLUPS`): the rows the statement inserted,
-/// and only those, folded into buckets of each granularity in `$9` (seconds), per meter row and
-/// per (meter row, resource id), in the same statement and so the same transaction. Rows are
+/// and only those, folded into buckets of each granularity in `$9` (seconds) per meter row, and
+/// of those in `$10` (the levels written directly: [`crate::rollup::Level`]) per (meter row,
+/// resource id), in the same statement and so the same transaction. Rows are
 /// upserted in key order, so concurrent writers lock shared buckets in the same order.
 const ROLLUPS: &str = ",
 rolled AS (
@@ -147,6 +150,7 @@ rr AS (
     SELECT b.seconds, b.bucket, b.meter_id, r.resource_id, COUNT(*), SUM(b.volume),
            MIN(b.volume), MAX(b.volume), MIN(b.us), MAX(b.us)
     FROM bucketed b JOIN resource r ON r.internal_id = b.resource_id
+    WHERE b.seconds = ANY($10::BIGINT[])
     GROUP BY b.seconds, b.bucket, b.meter_id, r.resource_id
     ORDER BY b.seconds, b.bucket, b.meter_id, r.resource_id
     ON CONFLICT (granularity, bucket, meter_id, resource_id) DO UPDATE SET
@@ -218,6 +222,7 @@ impl PostgresStorage {
             ttl_seconds: opts.time_to_live_seconds,
             levels: opts.rollups.clone(),
             level_seconds: opts.rollups.iter().map(|g| g.seconds as i64).collect(),
+            direct: opts.rollups.iter().map(|g| g.seconds as i64).collect(),
             span_us: i64::try_from(opts.partition_span_seconds)
                 .unwrap_or(i64::MAX / 1_000_000)
                 .max(1)
@@ -292,6 +297,7 @@ impl PostgresStorage {
         // Rollup buckets past their own retention: a range on rollup_resource's key; the
         // per-meter table holds a few rows per meter and bucket.
         let now = crate::model::to_micros(OffsetDateTime::now_utc());
+        let registered = schema::load_levels(client)?;
         for g in levels.iter().filter(|g| g.retention_seconds > 0) {
             let keep = i64::try_from(g.retention_seconds)
                 .unwrap_or(i64::MAX)
@@ -302,6 +308,14 @@ impl PostgresStorage {
                 "DELETE FROM rollup_meter WHERE granularity = $1 AND bucket < $2",
                 &[&gran, &before],
             )?;
+            // A level others are folded from: its old buckets move into theirs.
+            let into: Vec<i64> = crate::rollup::folded_from(&registered, g.seconds)
+                .into_iter()
+                .map(|s| s as i64)
+                .collect();
+            if !into.is_empty() {
+                client.execute(&schema::fold_expired_sql(), &[&into, &gran, &before])?;
+            }
             client.execute(
                 "DELETE FROM rollup_resource WHERE granularity = $1 AND bucket < $2",
                 &[&gran, &before],
@@ -389,6 +403,7 @@ impl Storage for PostgresStorage {
                 let conn = link_conn(&mut self.link, &self.config, &self.levels, self.span_us)?;
                 let mut caches = Caches {
                     levels: &self.level_seconds,
+                    direct: &mut self.direct,
                     span_us: self.span_us,
                     meters: &mut self.meters,
                     resources: &mut self.resources,
@@ -494,10 +509,28 @@ impl Storage for PostgresStorage {
     }
 }
 
+/// Of the configured granularities `levels`, those written per resource directly
+/// ([`crate::rollup::Level`]), as registered in `rollup_level`.
+fn direct_levels(client: &mut Client, levels: &[i64]) -> Result<Vec<i64>, Fail> {
+    let registered = schema::load_levels(client)?;
+    Ok(levels
+        .iter()
+        .copied()
+        .filter(|&g| {
+            registered
+                .iter()
+                .find(|l| l.seconds as i64 == g)
+                .map_or(true, |l| l.source == 0)
+        })
+        .collect())
+}
+
 /// The driver's caches, borrowed for one batch.
 struct Caches<'a> {
     /// Rollup granularities (seconds), for the insert's `$9`.
     levels: &'a [i64],
+    /// Those written per resource directly, for `$10`; reloaded with the caches.
+    direct: &'a mut Vec<i64>,
     /// `partition_span_seconds` in µs, for partitions made on demand.
     span_us: i64,
     meters: &'a mut MeterCache,
@@ -529,6 +562,7 @@ fn write_batch(
         *caches.epoch = client
             .query_one("SELECT epoch FROM cache_epoch", &[])?
             .get(0);
+        *caches.direct = direct_levels(client, caches.levels)?;
     }
     for _ in 0..EPOCH_RETRIES {
         // Expiry bumps the epoch whenever it deletes meter or resource rows, so while the
@@ -575,6 +609,7 @@ fn write_batch(
                 &recorded_at,
                 &expected,
                 &caches.levels,
+                &*caches.direct,
             ],
         ) {
             Ok(row) => row,
@@ -592,6 +627,7 @@ fn write_batch(
             log::debug!("cache epoch moved from {expected} to {found}: resolving ids again");
             caches.meters.clear();
             caches.resources.clear();
+            *caches.direct = direct_levels(client, caches.levels)?;
             *caches.epoch = found;
             continue;
         }

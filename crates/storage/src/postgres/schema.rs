@@ -148,8 +148,61 @@ DROP INDEX ix_sample_resource_timestamp;
 CREATE INDEX ix_sample_resource_meter_timestamp ON sample (resource_id, meter_id, timestamp);
 ";
 
+/// Version 6: `rollup_level.source`, the finer level a level's per-resource buckets are folded
+/// from (0: written directly; [`crate::rollup::Level`]). Levels registered before stay direct:
+/// their buckets already count every sample, as their source's do, and the union would count
+/// them twice. A store without rollups yet has its levels registered afresh, with sources.
+const V6: &str = "
+ALTER TABLE rollup_level ADD COLUMN IF NOT EXISTS source BIGINT NOT NULL DEFAULT 0;
+DELETE FROM rollup_level WHERE NOT EXISTS (SELECT 1 FROM rollup_meter)
+    AND NOT EXISTS (SELECT 1 FROM rollup_resource);
+";
+
 /// Applied in order; entry `i` takes a database from version `i` to `i + 1`. Append only.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
+
+/// Merges `rollup_resource` rows of granularity `$2` chosen by `FILTER` (a condition on
+/// `bucket`) into each level of `$1` (seconds), each into the bucket holding it; `ROWS` is the
+/// rows' source (`rollup_resource`, or a CTE of deleted rows).
+const MERGE: &str = "
+INSERT INTO rollup_resource (granularity, bucket, meter_id, resource_id, count, sum, min, max,
+                             first, last)
+SELECT g.seconds, s.bucket - (((s.bucket % (g.seconds * 1000000)) + g.seconds * 1000000)
+                              % (g.seconds * 1000000)) AS b,
+       s.meter_id, s.resource_id, SUM(s.count)::BIGINT, SUM(s.sum), MIN(s.min), MAX(s.max),
+       MIN(s.first), MAX(s.last)
+  FROM ROWS s CROSS JOIN unnest($1::BIGINT[]) AS g (seconds)
+ WHERE s.granularity = $2 AND FILTER
+ GROUP BY g.seconds, b, s.meter_id, s.resource_id
+ ORDER BY g.seconds, b, s.meter_id, s.resource_id
+ON CONFLICT (granularity, bucket, meter_id, resource_id) DO UPDATE SET
+    count = rollup_resource.count + excluded.count, sum = rollup_resource.sum + excluded.sum,
+    min = LEAST(rollup_resource.min, excluded.min), max = GREATEST(rollup_resource.max, excluded.max),
+    first = LEAST(rollup_resource.first, excluded.first), last = GREATEST(rollup_resource.last, excluded.last)";
+
+/// Fold the per-resource buckets of level `$2` older than `$3` into each level of `$1`, and
+/// delete them, in one statement (a concurrent pass or late write waits for the rows' locks).
+pub fn fold_expired_sql() -> String {
+    format!(
+        "WITH moved AS (DELETE FROM rollup_resource WHERE granularity = $2 AND bucket < $3
+                        RETURNING *) {}",
+        MERGE.replace("ROWS", "moved").replace("FILTER", "TRUE")
+    )
+}
+
+/// The registered rollup levels and their sources.
+pub fn load_levels(
+    client: &mut impl ::postgres::GenericClient,
+) -> Result<Vec<crate::rollup::Level>, ::postgres::Error> {
+    Ok(client
+        .query("SELECT granularity, source FROM rollup_level", &[])?
+        .iter()
+        .map(|r| crate::rollup::Level {
+            seconds: r.get::<_, i64>(0).max(0) as u64,
+            source: r.get::<_, i64>(1).max(0) as u64,
+        })
+        .collect())
+}
 
 /// The second half of version 3: a partition for every span holding version 2 samples, the
 /// rows copied in id order, the old table dropped.
@@ -185,34 +238,63 @@ fn move_samples(tx: &mut ::postgres::Transaction<'_>, span_us: i64) -> Result<()
 
 /// Register the configured rollup levels missing from `rollup_level`: complete from the
 /// bucket after the newest stored sample (earlier samples were not counted at that level), or
-/// from the beginning on an empty database.
+/// from the beginning on an empty database; with their sources
+/// ([`crate::rollup::assign_sources`]). A level whose source is no longer configured takes the
+/// source's buckets and becomes direct. Changes are made under the migration lock in one
+/// transaction that also moves the cache epoch, so every writer reloads the levels.
 pub fn register_levels(
     client: &mut Client,
     levels: &[crate::rollup::Granularity],
 ) -> Result<(), ::postgres::Error> {
-    // Every connect comes here: look for missing levels first, so the newest-sample lookup
-    // (which reads every sample: no index leads with the timestamp) runs only for a new level.
-    let have: Vec<i64> = client
-        .query("SELECT granularity FROM rollup_level", &[])?
+    // Every connect comes here: compare first, so the newest-sample lookup (which reads every
+    // sample: no index leads with the timestamp) runs only for a new level.
+    let registered = load_levels(client)?;
+    if crate::rollup::assign_sources(levels, &registered)
         .iter()
-        .map(|r| r.get(0))
-        .collect();
-    for g in levels
-        .iter()
-        .filter(|g| !have.contains(&(g.seconds as i64)))
+        .all(|want| registered.contains(want))
     {
-        let g_us = g.micros();
-        client.execute(
-            "INSERT INTO rollup_level (granularity, complete_from)
-             SELECT $1::BIGINT, COALESCE(
-                 (SELECT ((EXTRACT(EPOCH FROM MAX(timestamp)) * 1000000)::BIGINT / $2::BIGINT + 1)
-                         * $2::BIGINT FROM sample),
-                 (-9223372036854775807)::BIGINT - 1)
-             ON CONFLICT (granularity) DO NOTHING",
-            &[&(g.seconds as i64), &g_us],
-        )?;
+        return Ok(());
     }
-    Ok(())
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])?;
+    let registered = load_levels(&mut tx)?;
+    let mut changed = false;
+    for want in crate::rollup::assign_sources(levels, &registered) {
+        let (secs, source) = (want.seconds as i64, want.source as i64);
+        match registered.iter().find(|l| l.seconds == want.seconds) {
+            Some(had) if had.source == want.source => {}
+            Some(had) => {
+                let merge = MERGE
+                    .replace("ROWS", "rollup_resource")
+                    .replace("FILTER", "TRUE");
+                tx.execute(&merge, &[&vec![secs], &(had.source as i64)])?;
+                tx.execute(
+                    "UPDATE rollup_level SET source = $2 WHERE granularity = $1",
+                    &[&secs, &source],
+                )?;
+                changed = true;
+            }
+            None => {
+                let g_us = i64::try_from(want.seconds)
+                    .unwrap_or(i64::MAX / 1_000_000)
+                    .saturating_mul(1_000_000);
+                tx.execute(
+                    "INSERT INTO rollup_level (granularity, complete_from, source)
+                     SELECT $1::BIGINT, COALESCE(
+                         (SELECT ((EXTRACT(EPOCH FROM MAX(timestamp)) * 1000000)::BIGINT
+                                  / $2::BIGINT + 1) * $2::BIGINT FROM sample),
+                         (-9223372036854775807)::BIGINT - 1), $3::BIGINT
+                     ON CONFLICT (granularity) DO NOTHING",
+                    &[&secs, &g_us, &source],
+                )?;
+                changed = true;
+            }
+        }
+    }
+    if changed {
+        tx.execute("UPDATE cache_epoch SET epoch = epoch + 1", &[])?;
+    }
+    tx.commit()
 }
 
 /// The version this build writes.

@@ -99,6 +99,9 @@ pub struct SqliteStorage {
     /// reclaimed: checked when the epoch changes (expiry bumps it), cleared when a reclaim step
     /// finds nothing. While set, every batch is followed by one [`SqliteStorage::reclaim_step`].
     graveyard: bool,
+    /// The configured rollup levels written per resource directly (the others are folded from
+    /// one of these: [`rollup::Level`]); reloaded with the caches.
+    direct: Vec<rollup::Granularity>,
 }
 
 /// What one [`SqliteStorage::reclaim_step`] did to an expired chunk's table.
@@ -345,6 +348,7 @@ impl SqliteStorage {
             partitions: Partitions::default(),
             rollup_retention_at: None,
             graveyard: true,
+            direct: opts.rollups.clone(),
         };
         storage.connection()?;
         Ok(storage)
@@ -425,6 +429,7 @@ impl SqliteStorage {
             self.partitions.clear();
             self.epoch = epoch;
             self.graveyard = graveyard_pending(&tx)?;
+            self.direct = rollup::direct_levels(&self.opts.rollups, &query::load_levels(&tx)?);
         }
         let mut rows = Vec::with_capacity(valid.len());
         for &(index, timestamp) in valid {
@@ -477,6 +482,7 @@ impl SqliteStorage {
                 if outcome.duplicate_indices.binary_search(&r.index).is_err() {
                     rollup.add(
                         &self.opts.rollups,
+                        &self.direct,
                         r.meter_id,
                         &r.sample.resource_id,
                         r.timestamp,
@@ -821,18 +827,22 @@ fn load_partitions(conn: &Connection) -> rusqlite::Result<Partitions> {
 
 /// Delete rollup buckets older than their granularity's retention: per meter (a range on each
 /// meter's key), then per-resource buckets one bucket (every series' row for that hour or day)
-/// per transaction, oldest first, so the write lock is held briefly however much is due.
+/// per transaction, oldest first, so the write lock is held briefly however much is due. A
+/// per-resource bucket of a level others are folded from is first merged into theirs, in the
+/// same transaction ([`rollup::Level`]).
 fn expire_rollups(
     conn: &mut Connection,
     levels: &[rollup::Granularity],
     now: i64,
 ) -> rusqlite::Result<()> {
+    let registered = query::load_levels(conn)?;
     for g in levels.iter().filter(|g| g.retention_seconds > 0) {
         let keep = i64::try_from(g.retention_seconds)
             .unwrap_or(i64::MAX)
             .saturating_mul(1_000_000);
         let cutoff = now.saturating_sub(keep);
         let gran = g.seconds as i64;
+        let into = rollup::folded_from(&registered, g.seconds);
         conn.execute(
             "DELETE FROM rollup_meter WHERE meter_id IN (SELECT id FROM meter)
                AND granularity = ?1 AND bucket < ?2",
@@ -846,6 +856,10 @@ fn expire_rollups(
             let Some(bucket) = oldest.filter(|b| *b < cutoff) else {
                 break;
             };
+            for &coarse in &into {
+                tx.prepare_cached(&schema::merge_resource_rows_sql("bucket = ?3"))?
+                    .execute(params![coarse as i64, gran, bucket])?;
+            }
             tx.prepare_cached(
                 "DELETE FROM rollup_resource WHERE granularity = ?1 AND bucket = ?2",
             )?

@@ -391,38 +391,18 @@ fn from_rollup(
     let mut sql = String::new();
     let mut params = vec![SqlValue::Integer(g.seconds as i64)];
     if let (Some(res), Some(start)) = (&filter.resource_id, filter.start) {
-        // rollup_resource is keyed by time first: enumerate the buckets of the range and seek
-        // each (one index seek per bucket and meter row), rather than scan every series.
-        let step = g.micros();
-        let end = match filter.end {
-            Some(e) => to_micros(e),
-            None => {
-                let last: Option<i64> = conn
-                    .prepare_cached(
-                        "SELECT MAX(bucket) FROM rollup_resource WHERE granularity = ?1",
-                    )?
-                    .query_row([g.seconds as i64], |r| r.get(0))?;
-                last.map_or(to_micros(start), |b| b.saturating_add(step))
-            }
-        };
-        params.push(SqlValue::Integer(to_micros(start)));
-        params.push(SqlValue::Integer(end));
-        params.push(SqlValue::Integer(step));
-        params.push(SqlValue::Text(res.clone()));
-        sql.push_str(
-            "WITH RECURSIVE t(bucket) AS (
-                 SELECT ?2 WHERE ?2 < ?3
-                 UNION ALL SELECT bucket + ?4 FROM t WHERE bucket + ?4 < ?3)
-             SELECT b.bucket, m.unit, b.count, b.sum, b.min, b.max, b.first, b.last
-               FROM t CROSS JOIN meter m CROSS JOIN rollup_resource b
-              WHERE b.granularity = ?1 AND b.bucket = t.bucket AND b.meter_id = m.id
-                AND b.resource_id = ?5",
-        );
-        if let Some(meter) = &filter.meter {
-            params.push(SqlValue::Text(meter.clone()));
-            sql.push_str(&format!(" AND m.name = ?{}", params.len()));
+        // A level folded from a finer one is answered by its rows and the finer level's
+        // (rollup::Level): every sample is in exactly one of the two.
+        let levels = load_levels(conn)?;
+        let mut buckets = Vec::new();
+        for gran in rollup::resource_granularities(&levels, g.seconds) {
+            let level = Granularity {
+                seconds: gran,
+                retention_seconds: 0,
+            };
+            resource_buckets(conn, filter, res, start, &level, &mut buckets)?;
         }
-        return fold_rollup(conn, &sql, params, filter, period);
+        return rollup::statistics(buckets, filter, period).map_err(QueryError::Storage);
     }
     sql.push_str("SELECT b.bucket, m.unit, b.count, b.sum, b.min, b.max, b.first, b.last FROM ");
     if let Some(res) = &filter.resource_id {
@@ -450,19 +430,73 @@ fn from_rollup(
     fold_rollup(conn, &sql, params, filter, period)
 }
 
-/// Run a rollup query (bucket, unit, count, sum, min, max, first, last) and fold its rows.
-fn fold_rollup(
+/// The registered rollup levels and their sources.
+pub(crate) fn load_levels(conn: &Connection) -> rusqlite::Result<Vec<rollup::Level>> {
+    let mut stmt = conn.prepare_cached("SELECT granularity, source FROM rollup_level")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(rollup::Level {
+            seconds: r.get::<_, i64>(0)?.max(0) as u64,
+            source: r.get::<_, i64>(1)?.max(0) as u64,
+        })
+    })?;
+    rows.collect()
+}
+
+/// One resource's `rollup_resource` rows of level `g` from `start` to the filter's end.
+fn resource_buckets(
+    conn: &Connection,
+    filter: &SampleFilter,
+    res: &str,
+    start: time::OffsetDateTime,
+    g: &Granularity,
+    out: &mut Vec<BucketRow>,
+) -> Result<()> {
+    // rollup_resource is keyed by time first: enumerate the buckets of the range and seek
+    // each (one index seek per bucket and meter row), rather than scan every series.
+    let mut params = vec![SqlValue::Integer(g.seconds as i64)];
+    let step = g.micros();
+    let end = match filter.end {
+        Some(e) => to_micros(e),
+        None => {
+            let last: Option<i64> = conn
+                .prepare_cached("SELECT MAX(bucket) FROM rollup_resource WHERE granularity = ?1")?
+                .query_row([g.seconds as i64], |r| r.get(0))?;
+            last.map_or(to_micros(start), |b| b.saturating_add(step))
+        }
+    };
+    // The first bucket at or after the start (the start is a multiple of the level asked
+    // for, and so of a finer level dividing it).
+    params.push(SqlValue::Integer(to_micros(start)));
+    params.push(SqlValue::Integer(end));
+    params.push(SqlValue::Integer(step));
+    params.push(SqlValue::Text(res.to_string()));
+    let mut sql = String::from(
+        "WITH RECURSIVE t(bucket) AS (
+             SELECT ?2 WHERE ?2 < ?3
+             UNION ALL SELECT bucket + ?4 FROM t WHERE bucket + ?4 < ?3)
+         SELECT b.bucket, m.unit, b.count, b.sum, b.min, b.max, b.first, b.last
+           FROM t CROSS JOIN meter m CROSS JOIN rollup_resource b
+          WHERE b.granularity = ?1 AND b.bucket = t.bucket AND b.meter_id = m.id
+            AND b.resource_id = ?5",
+    );
+    if let Some(meter) = &filter.meter {
+        params.push(SqlValue::Text(meter.clone()));
+        sql.push_str(&format!(" AND m.name = ?{}", params.len()));
+    }
+    collect_buckets(conn, &sql, params, out)
+}
+
+/// Run a rollup query (bucket, unit, count, sum, min, max, first, last); append its rows.
+fn collect_buckets(
     conn: &Connection,
     sql: &str,
     params: Vec<SqlValue>,
-    filter: &SampleFilter,
-    period: Option<u64>,
-) -> Result<Vec<Statistics>> {
+    out: &mut Vec<BucketRow>,
+) -> Result<()> {
     let mut stmt = conn.prepare_cached(sql)?;
     let mut rows = stmt.query(params_from_iter(params.iter()))?;
-    let mut buckets = Vec::new();
     while let Some(row) = rows.next()? {
-        buckets.push(BucketRow {
+        out.push(BucketRow {
             bucket: row.get(0)?,
             unit: row.get(1)?,
             agg: rollup::Agg {
@@ -475,6 +509,19 @@ fn fold_rollup(
             },
         });
     }
+    Ok(())
+}
+
+/// Run a rollup query (bucket, unit, count, sum, min, max, first, last) and fold its rows.
+fn fold_rollup(
+    conn: &Connection,
+    sql: &str,
+    params: Vec<SqlValue>,
+    filter: &SampleFilter,
+    period: Option<u64>,
+) -> Result<Vec<Statistics>> {
+    let mut buckets = Vec::new();
+    collect_buckets(conn, sql, params, &mut buckets)?;
     rollup::statistics(buckets, filter, period).map_err(QueryError::Storage)
 }
 

@@ -10,10 +10,12 @@
 //! is converted in place (its samples moved into chunks, its rollups computed from them).
 //! Version 3 adds `sample_graveyard`: expired chunks whose pages are still being reclaimed.
 //! Version 4 indexes new chunks' `message_id`s by their time-ordered key ([`crate::msgkey`]).
+//! Version 5 records each rollup level's *source* ([`crate::rollup::Level`]): coarser levels of
+//! a new store take their per-resource buckets from the finest, at its retention.
 
 use crate::msgkey::{message_key_sql, Dialect};
 use crate::partition::{floor_to, Range};
-use crate::rollup::Granularity;
+use crate::rollup::{self, Granularity};
 use crate::StorageError;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use std::sync::OnceLock;
@@ -353,31 +355,90 @@ fn v4(_: &Transaction<'_>, _: &Layout<'_>) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Version 5: `rollup_level.source`, the finer level a level's per-resource buckets are folded
+/// from (0: written directly). Levels registered before stay direct: their buckets already
+/// count every sample, as their source's do, and the union would count them twice. A store
+/// without rollups yet has its levels registered afresh, with sources.
+fn v5(tx: &Transaction<'_>, _: &Layout<'_>) -> rusqlite::Result<()> {
+    let has: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('rollup_level') WHERE name = 'source')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has {
+        tx.execute_batch("ALTER TABLE rollup_level ADD COLUMN source INTEGER NOT NULL DEFAULT 0;")?;
+    }
+    tx.execute_batch(
+        "DELETE FROM rollup_level WHERE NOT EXISTS (SELECT 1 FROM rollup_meter)
+            AND NOT EXISTS (SELECT 1 FROM rollup_resource);",
+    )
+}
+
 /// Applied in order; entry `i` takes a file from version `i` to `i + 1`. Append only.
-pub const MIGRATIONS: &[Step] = &[v1, v2, v3, v4];
+pub const MIGRATIONS: &[Step] = &[v1, v2, v3, v4, v5];
+
+/// The `rollup_resource` upsert that merges the rows of granularity `?2` chosen by `filter` (a
+/// condition on `bucket`) into level `?1`, each into the bucket of `?1` holding it.
+pub fn merge_resource_rows_sql(filter: &str) -> String {
+    format!(
+        "INSERT INTO rollup_resource (meter_id, resource_id, granularity, bucket, count, sum,
+                                      min, max, first, last)
+         SELECT meter_id, resource_id, ?1,
+                bucket - ((bucket % (?1 * 1000000)) + ?1 * 1000000) % (?1 * 1000000) AS b,
+                SUM(count), SUM(sum), MIN(min), MAX(max), MIN(first), MAX(last)
+           FROM rollup_resource WHERE granularity = ?2 AND {filter}
+          GROUP BY meter_id, resource_id, b
+         ON CONFLICT (granularity, bucket, meter_id, resource_id) DO UPDATE SET
+           count = count + excluded.count, sum = sum + excluded.sum,
+           min = min(min, excluded.min), max = max(max, excluded.max),
+           first = min(first, excluded.first), last = max(last, excluded.last)"
+    )
+}
 
 /// The rollup levels of `layout` missing from `rollup_level` are added, complete from the
-/// bucket after the newest sample's (samples stored before were not counted at that level).
+/// bucket after the newest sample's (samples stored before were not counted at that level),
+/// with their sources ([`rollup::assign_sources`]). A level whose source is no longer
+/// configured takes the source's buckets and becomes direct. When anything changed, the cache
+/// epoch moves, so every writer reloads the levels before its next batch.
 pub fn register_rollup_levels(conn: &Connection, layout: &Layout<'_>) -> rusqlite::Result<()> {
-    for g in layout.rollups {
-        let known: bool = conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM rollup_level WHERE granularity = ?1)",
-            [g.seconds as i64],
-            |r| r.get(0),
-        )?;
-        if known {
-            continue;
+    let registered = crate::sqlite::query::load_levels(conn)?;
+    let mut changed = false;
+    for want in rollup::assign_sources(layout.rollups, &registered) {
+        match registered.iter().find(|l| l.seconds == want.seconds) {
+            Some(had) if had.source == want.source => {}
+            Some(had) => {
+                conn.execute(
+                    &merge_resource_rows_sql("1"),
+                    params![want.seconds as i64, had.source as i64],
+                )?;
+                conn.execute(
+                    "UPDATE rollup_level SET source = ?2 WHERE granularity = ?1",
+                    params![want.seconds as i64, want.source as i64],
+                )?;
+                changed = true;
+            }
+            None => {
+                let g = Granularity {
+                    seconds: want.seconds,
+                    retention_seconds: 0,
+                };
+                let newest: Option<i64> =
+                    conn.query_row("SELECT MAX(last) FROM rollup_meter", [], |r| r.get(0))?;
+                let from = match newest {
+                    Some(ts) => floor_to(ts, g.micros()).saturating_add(g.micros()),
+                    None => i64::MIN,
+                };
+                conn.execute(
+                    "INSERT OR IGNORE INTO rollup_level (granularity, complete_from, source)
+                     VALUES (?1, ?2, ?3)",
+                    params![want.seconds as i64, from, want.source as i64],
+                )?;
+                changed = true;
+            }
         }
-        let newest: Option<i64> =
-            conn.query_row("SELECT MAX(last) FROM rollup_meter", [], |r| r.get(0))?;
-        let from = match newest {
-            Some(ts) => floor_to(ts, g.micros()).saturating_add(g.micros()),
-            None => i64::MIN,
-        };
-        conn.execute(
-            "INSERT OR IGNORE INTO rollup_level (granularity, complete_from) VALUES (?1, ?2)",
-            params![g.seconds as i64, from],
-        )?;
+    }
+    if changed {
+        conn.execute("UPDATE cache_epoch SET epoch = epoch + 1", [])?;
     }
     Ok(())
 }
@@ -405,7 +466,7 @@ fn read_version(conn: &Connection) -> rusqlite::Result<Option<i64>> {
 pub fn migrate(conn: &mut Connection, layout: &Layout<'_>) -> Result<(), MigrateError> {
     // Common case first, without taking the write lock: already up to date.
     if read_version(conn)? == Some(current_version()) {
-        if missing_levels(conn, layout)? {
+        if levels_differ(conn, layout)? {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             register_rollup_levels(&tx, layout)?;
             tx.commit()?;
@@ -440,19 +501,11 @@ pub fn migrate(conn: &mut Connection, layout: &Layout<'_>) -> Result<(), Migrate
     Ok(())
 }
 
-fn missing_levels(conn: &Connection, layout: &Layout<'_>) -> rusqlite::Result<bool> {
-    let n: i64 = conn.query_row("SELECT COUNT(*) FROM rollup_level", [], |r| r.get(0))?;
-    if n as usize >= layout.rollups.len() {
-        let mut stmt = conn.prepare_cached("SELECT granularity FROM rollup_level")?;
-        let have: Vec<i64> = stmt
-            .query_map([], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        return Ok(layout
-            .rollups
-            .iter()
-            .any(|g| !have.contains(&(g.seconds as i64))));
-    }
-    Ok(true)
+fn levels_differ(conn: &Connection, layout: &Layout<'_>) -> rusqlite::Result<bool> {
+    let registered = crate::sqlite::query::load_levels(conn)?;
+    Ok(rollup::assign_sources(layout.rollups, &registered)
+        .iter()
+        .any(|want| !registered.contains(want)))
 }
 
 /// Failure of [`migrate`].
