@@ -538,8 +538,8 @@ impl Storage for MysqlStorage {
 
 /// A level others are folded from ([`crate::rollup::Level`]): its per-resource buckets older
 /// than `before` are merged into each of `into` and deleted, one bucket per transaction (its
-/// rows locked first, so a late sample's upsert into it waits and a concurrent pass finds it
-/// gone). Whether anything was deleted.
+/// rows and gaps locked first, so a late sample's upsert into it waits and a concurrent pass
+/// finds it gone). Whether anything was deleted.
 fn fold_expired(conn: &mut MyConn, source: u64, into: &[u64], before: i64) -> Result<bool, Fail> {
     let mut deleted = false;
     loop {
@@ -550,6 +550,9 @@ fn fold_expired(conn: &mut MyConn, source: u64, into: &[u64], before: i64) -> Re
         let Some(bucket) = oldest.flatten().filter(|b| *b < before) else {
             return Ok(deleted);
         };
+        // Whatever the server's default: under READ COMMITTED the locking read would not lock
+        // the bucket's gaps, and a late sample's new row could be deleted unmerged.
+        conn.query_drop("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")?;
         conn.query_drop("START TRANSACTION")?;
         let r = (|| -> Result<(), Fail> {
             let _: Vec<u64> = conn.exec(
