@@ -816,13 +816,13 @@ fn the_message_key_admits_exactly_the_distinct_ids() {
     assert!(ids.iter().any(|i| i == "Not-A-UUID"));
 }
 
-/// One resource's statistics from `rollup_resource` (schema 5): its series index begins
-/// `(granularity, slice)`, a slice being 24 buckets of the level, and the driver reads one range
-/// per slice of the asked time range. The answers equal the raw computation for ranges across
-/// several slices, across the epoch (where `DIV` truncates toward zero: slice 0 is 48 buckets
-/// wide) and open at the end; EXPLAIN of that query shape shows the index read by ranges.
+/// One resource's statistics from `rollup_resource` (schema 6): no secondary index; the driver
+/// lists the buckets of the asked range and reads each by primary key, 128 per statement. The
+/// answers equal the raw computation for ranges of more than 128 buckets, across the epoch,
+/// open at the end and at a daily level folded from the hourly one; EXPLAIN of that query shape
+/// shows the primary key read by ranges (point lookups).
 #[test]
-fn one_resource_statistics_read_the_rollup_by_slices() {
+fn one_resource_statistics_read_the_rollup_by_primary_key() {
     let t = TestDb::new(Kind::Mysql);
     let level = |seconds| storage::rollup::Granularity {
         seconds,
@@ -895,6 +895,12 @@ fn one_resource_statistics_read_the_rollup_by_slices() {
             86_400,
         ),
         (Some("mem"), day0 + Duration::days(20), None, 86_400),
+        (
+            Some("cpu"),
+            day0 + Duration::days(1),
+            Some(day0 + Duration::days(15)),
+            3600,
+        ),
     ];
     for (meter, start, end, period) in cases {
         let f = SampleFilter {
@@ -933,35 +939,24 @@ fn one_resource_statistics_read_the_rollup_by_slices() {
         assert_eq!(key(&got), key(&want), "{meter:?} {start} {end:?} {period}");
     }
 
-    // The index and the query's plan: one range per slice, no scan of other series.
+    // No secondary index is left to write; the query's plan: point ranges of the primary key.
     let mut c = conn(&t);
-    let cols: Vec<String> = c
+    let indexes: Vec<String> = c
         .query(
-            "SELECT COLUMN_NAME FROM information_schema.STATISTICS
-              WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'rollup_resource'
-                AND INDEX_NAME = 'ix_rollup_resource_slice' ORDER BY SEQ_IN_INDEX",
+            "SELECT DISTINCT INDEX_NAME FROM information_schema.STATISTICS
+              WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'rollup_resource'",
         )
         .unwrap();
-    assert_eq!(
-        cols,
-        ["granularity", "slice", "meter_id", "resource_id", "bucket"]
-    );
+    assert_eq!(indexes, ["PRIMARY"]);
     let plan: Vec<(String, Option<String>)> = c
         .query(
-            "EXPLAIN SELECT b.bucket FROM rollup_resource b
-                FORCE INDEX (ix_rollup_resource_slice)
-              WHERE b.granularity = 3600 AND b.slice IN (1, 2, 3) AND b.meter_id IN (1)
-                AND b.resource_id = 'r0' AND b.bucket >= 0 AND b.bucket <= 1000000000000000",
+            "EXPLAIN SELECT b.bucket FROM rollup_resource b FORCE INDEX (PRIMARY)
+              WHERE b.granularity = 3600 AND b.bucket IN (0, 3600000000, 7200000000)
+                AND b.meter_id IN (1, 2) AND b.resource_id = 'r0'",
         )
         .unwrap()
         .into_iter()
         .map(|mut r: mysql::Row| (r.take::<String, _>("type").unwrap(), r.take("key").unwrap()))
         .collect();
-    assert_eq!(
-        plan,
-        [(
-            "range".to_string(),
-            Some("ix_rollup_resource_slice".to_string())
-        )]
-    );
+    assert_eq!(plan, [("range".to_string(), Some("PRIMARY".to_string()))]);
 }

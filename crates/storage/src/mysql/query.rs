@@ -390,17 +390,17 @@ fn bucket_agg(r: &mut Row) -> Result<(i64, rollup::Agg), Fail> {
     ))
 }
 
-/// Slices in one statement's `IN` list (each is one range of the series index per meter row).
-const SLICES_PER_QUERY: usize = 128;
+/// Buckets in one statement's `IN` list (each one primary-key lookup per meter row).
+const BUCKETS_PER_QUERY: i64 = 128;
 
 /// One resource's rollup rows of level `granularity` in [`start`, `end`) µs, for the meter rows
 /// named `meter` (all when NULL).
 ///
-/// `ix_rollup_resource_slice` begins `(granularity, slice)`: the series' rows are one range per
-/// slice and meter row, so the slices of the time range are listed, the range first clamped
-/// to the level's stored buckets (an open-ended query reads only what exists), and the meter
-/// rows looked up first, so that every key part before `bucket` is a constant the range
-/// optimizer can combine.
+/// `rollup_resource`'s primary key is `(granularity, bucket, meter_id, resource_id)`: the
+/// buckets of the time range are listed (the range first clamped to the level's stored
+/// buckets, two descents of the key, so an open-ended query reads only what exists) and the
+/// meter rows looked up first, so that every key part is a constant: one primary-key lookup
+/// per bucket and meter row, as the other drivers do, 128 buckets per statement.
 fn resource_buckets(
     c: &mut MyConn,
     resource: &str,
@@ -420,33 +420,47 @@ fn resource_buckets(
     let (Some((Some(lo), Some(hi))), false) = (stored, meters.is_empty()) else {
         return Ok(Vec::new());
     };
-    let (lo, hi) = (start.max(lo), end.saturating_sub(1).min(hi));
-    if lo > hi {
+    let step = i64::try_from(granularity)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1_000_000)
+        .max(1);
+    // The first bucket at or after the start (buckets are multiples of the step).
+    let first = crate::partition::floor_to(start.max(lo), step);
+    let first = if first < start.max(lo) {
+        first.saturating_add(step)
+    } else {
+        first
+    };
+    let last = end.saturating_sub(1).min(hi);
+    if first > last {
         return Ok(Vec::new());
     }
-    let (first, last) = (
-        super::schema::slice_of(lo, granularity),
-        super::schema::slice_of(hi, granularity),
-    );
     let ids = vec!["?"; meters.len()].join(", ");
     let mut out = Vec::new();
     let mut from = first;
-    while from <= last {
-        let to = last.min(from.saturating_add(SLICES_PER_QUERY as i64 - 1));
-        let slices = (from..=to)
-            .map(|k| k.to_string())
+    loop {
+        let buckets: Vec<i64> = (0..BUCKETS_PER_QUERY)
+            .map(|k| from.saturating_add(k.saturating_mul(step)))
+            .take_while(|b| *b <= last)
+            .collect();
+        let Some(&next) = buckets.last() else {
+            break;
+        };
+        let list = buckets
+            .iter()
+            .map(|b| b.to_string())
             .collect::<Vec<_>>()
             .join(", ");
         let mut params: Vec<MyValue> = vec![MyValue::UInt(granularity)];
         params.extend(meters.iter().map(|(id, _)| MyValue::Int(*id)));
-        params.extend([MyValue::from(resource), MyValue::Int(lo), MyValue::Int(hi)]);
+        params.push(MyValue::from(resource));
         let rows: Vec<Row> = c.exec(
             format!(
                 "SELECT b.bucket, b.meter_id, b.`count`, b.`sum`, b.`min`, b.`max`, b.`first`,
                         b.`last`
-                   FROM rollup_resource b FORCE INDEX (ix_rollup_resource_slice)
-                  WHERE b.granularity = ? AND b.slice IN ({slices}) AND b.meter_id IN ({ids})
-                    AND b.resource_id = ? AND b.bucket >= ? AND b.bucket <= ?"
+                   FROM rollup_resource b FORCE INDEX (PRIMARY)
+                  WHERE b.granularity = ? AND b.bucket IN ({list}) AND b.meter_id IN ({ids})
+                    AND b.resource_id = ?"
             ),
             Params::Positional(params),
         )?;
@@ -460,7 +474,10 @@ fn resource_buckets(
             let (bucket, agg) = bucket_agg(&mut r)?;
             out.push(BucketRow { bucket, unit, agg });
         }
-        from = to.saturating_add(1);
+        if next >= last || next.checked_add(step).is_none() {
+            break;
+        }
+        from = next + step;
     }
     Ok(out)
 }
