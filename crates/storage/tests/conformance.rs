@@ -665,6 +665,86 @@ fn per_resource_daily_rollups_are_folded_from_the_hourly_ones(kind: Kind) {
     check(&mut db, &stored, "after a second fold");
 }
 
+/// A level whose source is removed from the configuration takes the source's buckets (merged
+/// at open) and is written directly from then on: its answers stay the raw computation's.
+fn a_folded_level_whose_source_is_removed_takes_its_buckets(kind: Kind) {
+    let t = TestDb::new(kind);
+    let level = |seconds| storage::rollup::Granularity {
+        seconds,
+        retention_seconds: 0,
+    };
+    let both = StorageOptions {
+        rollups: vec![level(3600), level(86_400)],
+        ..Default::default()
+    };
+    let daily = StorageOptions {
+        rollups: vec![level(86_400)],
+        ..Default::default()
+    };
+    let hour = 3_600_000_000i64;
+    let today = OffsetDateTime::now_utc().replace_time(time::Time::MIDNIGHT);
+    let start_t = today - Duration::days(3);
+    let start = (start_t.unix_timestamp_nanos() / 1000) as i64;
+    let mut stored: Vec<(i64, f64)> = Vec::new();
+    let batch = |from: u64, n: u64, stored: &mut Vec<(i64, f64)>| -> Vec<Sample> {
+        (from..from + n)
+            .map(|i| {
+                let r = mix(i ^ 0xf01d);
+                let ts = start + (r >> 3) as i64 % (72 * hour);
+                let v = ((r >> 20) % 1000) as f64 / 4.0;
+                stored.push((ts, v));
+                let when =
+                    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts) * 1000).unwrap();
+                sample(&format!("d{i}"), "cpu", "r0", &iso(when), v)
+            })
+            .collect()
+    };
+    let check = |db: &mut Box<dyn Storage>, stored: &[(i64, f64)], what: &str| {
+        let f = SampleFilter {
+            meter: Some("cpu".into()),
+            resource_id: Some("r0".into()),
+            start: Some(start_t),
+            end: Some(today),
+            ..Default::default()
+        };
+        let (got, source) = db.get_meter_statistics_from(&f, Some(86_400)).unwrap();
+        assert_eq!(
+            source,
+            storage::StatsSource::Rollup {
+                granularity: 86_400
+            },
+            "{what}"
+        );
+        let day = 24 * hour;
+        let mut want: BTreeMap<i64, Aggregate> = BTreeMap::new();
+        for (ts, v) in stored {
+            fold(
+                want.entry((ts - start) / day).or_insert(NO_SAMPLES),
+                *v,
+                *ts,
+            );
+        }
+        let got: Vec<_> = got.iter().map(|s| (s.count, s.sum, s.min, s.max)).collect();
+        let want: Vec<_> = want.values().map(|w| (w.0, w.1, w.2, w.3)).collect();
+        assert_eq!(got, want, "{what}");
+    };
+    let mut db = storage::open(&t.url, &both).unwrap();
+    db.record_metering_data(&batch(0, 200, &mut stored))
+        .unwrap();
+    check(&mut db, &stored, "folded");
+    drop(db);
+    let mut db = storage::open(&t.url, &daily).unwrap();
+    assert_eq!(
+        t.scalar("SELECT source FROM rollup_level WHERE granularity = 86400"),
+        0
+    );
+    assert!(t.scalar("SELECT COUNT(*) FROM rollup_resource WHERE granularity = 86400") > 0);
+    check(&mut db, &stored, "merged when the hourly level went");
+    db.record_metering_data(&batch(200, 100, &mut stored))
+        .unwrap();
+    check(&mut db, &stored, "written directly since");
+}
+
 fn many_handles_opening_a_fresh_database_at_once_all_succeed(kind: Kind) {
     let t = TestDb::new(kind);
     let handles: Vec<_> = (0..6)
@@ -1469,6 +1549,7 @@ conformance!(
     samples_older_than_the_time_to_live_on_arrival_are_counted_not_stored,
     rollups_answer_aligned_statistics_as_the_raw_computation,
     per_resource_daily_rollups_are_folded_from_the_hourly_ones,
+    a_folded_level_whose_source_is_removed_takes_its_buckets,
     many_handles_opening_a_fresh_database_at_once_all_succeed,
     two_writer_processes_lose_and_duplicate_nothing,
 );
