@@ -92,12 +92,11 @@ pub struct BatchRollup<'a> {
 
 impl<'a> BatchRollup<'a> {
     /// Fold one inserted sample (meter row id, resource id, timestamp µs, volume) in: per meter
-    /// at every level of `grans`, per resource at the levels of `resource_grans` (the levels
-    /// written directly; see [`assign_sources`] for the others).
+    /// at every level of `grans`, per resource at the levels `plan` says ([`Level`]).
     pub fn add(
         &mut self,
         grans: &[Granularity],
-        resource_grans: &[Granularity],
+        plan: &ResourcePlan,
         meter_id: i64,
         resource: &'a str,
         ts: i64,
@@ -111,7 +110,12 @@ impl<'a> BatchRollup<'a> {
                 .and_modify(|a| a.merge(&one))
                 .or_insert(one);
         }
-        for g in resource_grans {
+        let until = plan
+            .until
+            .iter()
+            .filter(|(_, from)| ts < *from)
+            .map(|(g, _)| g);
+        for g in plan.direct.iter().chain(until) {
             let bucket = floor_to(ts, g.micros());
             self.resources
                 .entry((g.seconds, meter_id, resource, bucket))
@@ -121,28 +125,46 @@ impl<'a> BatchRollup<'a> {
     }
 }
 
-/// A rollup level as `rollup_level` records it: its granularity (seconds) and its *source*,
-/// the finer level its per-resource buckets are folded from, or 0 when samples are written to
-/// them directly.
+/// A rollup level as `rollup_level` records it: its granularity (seconds); its *source*, the
+/// finer level its per-resource buckets are folded from, or 0 when samples are written to them
+/// directly; and, for a folded level, `fold_from`, the bucket (µs) from which on it is folded.
 ///
-/// Per resource, a sample is written once, to each direct level; a level with a source gets
-/// no writes of its own until the source's buckets pass their retention, when the expiry
-/// merges them into it and deletes them in one transaction. So every sample is counted
-/// exactly once in the union of a level's rows and its source's: that union answers the
-/// level's queries. Per meter (`rollup_meter`, a few rows per batch) every level is written
-/// directly.
+/// Per resource, a sample is written once to each direct level, and to a folded level only
+/// when its timestamp is before `fold_from`. A folded level's buckets from `fold_from` on get
+/// no writes of their own until the source's buckets pass their retention, when the expiry
+/// merges those (from `fold_from` on) into it and deletes them in one transaction. So every
+/// sample is counted exactly once in the union of a level's rows and its source's rows from
+/// `fold_from` on: that union answers the level's queries. A new store's levels are folded
+/// from the start (`fold_from` = `i64::MIN`); a store whose levels were all direct is converted
+/// from a bucket ahead of now (see [`assign_sources`]). Per meter (`rollup_meter`, a few rows per
+/// batch) every level is written directly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Level {
     pub seconds: u64,
     pub source: u64,
+    pub fold_from: i64,
 }
 
-/// The sources every configured level should have, given the levels `registered` before:
-/// a registered level keeps its source while that source is still configured, and otherwise
-/// becomes direct (the driver merges the old source's buckets into it first); a new level is
-/// folded from the finest configured direct level that divides it, or is direct. Sources are
-/// always direct levels, so a union is never more than two levels deep.
-pub fn assign_sources(config: &[Granularity], registered: &[Level]) -> Vec<Level> {
+impl Level {
+    pub fn direct(seconds: u64) -> Level {
+        Level {
+            seconds,
+            source: 0,
+            fold_from: i64::MIN,
+        }
+    }
+}
+
+/// The sources every configured level should have, given the levels `registered` before, at
+/// `now` (µs): a folded level keeps its source while that source is still configured, and
+/// otherwise becomes direct (the driver merges the old source's buckets into it first); a level
+/// is folded from the finest configured direct level that divides it, if any: a new one from
+/// the start, a registered direct one (a store from before sources, whose buckets count every
+/// sample, as its source's do) from the start of the bucket after the next, `fold_from`, so
+/// that writers of an older release, which write both levels, have at least a bucket's time to
+/// be replaced (docs/storage.md). Sources are always direct levels, so a union is never more
+/// than two levels deep.
+pub fn assign_sources(config: &[Granularity], registered: &[Level], now: i64) -> Vec<Level> {
     let mut secs: Vec<u64> = config
         .iter()
         .map(|g| g.seconds)
@@ -152,48 +174,89 @@ pub fn assign_sources(config: &[Granularity], registered: &[Level]) -> Vec<Level
     secs.dedup();
     let mut out: Vec<Level> = Vec::with_capacity(secs.len());
     for &s in &secs {
-        let source = match registered.iter().find(|l| l.seconds == s) {
-            Some(l) if l.source == 0 || secs.contains(&l.source) => l.source,
-            Some(_) => 0,
-            None => out
-                .iter()
-                .find(|l| l.source == 0 && s % l.seconds == 0)
-                .map_or(0, |l| l.seconds),
+        let had = registered.iter().find(|l| l.seconds == s);
+        // The finest direct level dividing this one (registered before, for a registered one:
+        // its buckets must be complete).
+        let candidate = out
+            .iter()
+            .filter(|l| l.source == 0 && s % l.seconds == 0)
+            .find(|l| had.is_none() || registered.iter().any(|r| r.seconds == l.seconds))
+            .map(|l| l.seconds);
+        let level = match (had, candidate) {
+            (Some(l), _) if l.source != 0 && secs.contains(&l.source) => *l,
+            (Some(_), None) => Level::direct(s),
+            (Some(_), Some(c)) => {
+                let step = i64::try_from(s)
+                    .unwrap_or(i64::MAX / 1_000_000)
+                    .saturating_mul(1_000_000);
+                Level {
+                    seconds: s,
+                    source: c,
+                    fold_from: floor_to(now, step).saturating_add(step.saturating_mul(2)),
+                }
+            }
+            (None, Some(c)) => Level {
+                seconds: s,
+                source: c,
+                fold_from: i64::MIN,
+            },
+            (None, None) => Level::direct(s),
         };
-        out.push(Level { seconds: s, source });
+        out.push(level);
     }
     out
 }
 
-/// The configured levels written directly per resource, in `config`'s order.
-pub fn direct_levels(config: &[Granularity], levels: &[Level]) -> Vec<Granularity> {
-    config
-        .iter()
-        .filter(|g| {
-            levels
-                .iter()
-                .find(|l| l.seconds == g.seconds)
-                .map_or(true, |l| l.source == 0)
-        })
-        .copied()
-        .collect()
+/// Which configured levels a sample is written to per resource: the direct ones, and a folded
+/// one while the sample is before its `fold_from`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResourcePlan {
+    pub direct: Vec<Granularity>,
+    pub until: Vec<(Granularity, i64)>,
 }
 
-/// The granularities whose `rollup_resource` rows answer level `seconds`: its own and, when
-/// it is folded from a finer level, that level's.
-pub fn resource_granularities(levels: &[Level], seconds: u64) -> Vec<u64> {
-    match levels.iter().find(|l| l.seconds == seconds) {
-        Some(l) if l.source != 0 => vec![seconds, l.source],
-        _ => vec![seconds],
+impl ResourcePlan {
+    /// Every configured level directly (before the levels are known).
+    pub fn all(config: &[Granularity]) -> ResourcePlan {
+        ResourcePlan {
+            direct: config.to_vec(),
+            until: Vec::new(),
+        }
+    }
+
+    pub fn new(config: &[Granularity], levels: &[Level]) -> ResourcePlan {
+        let mut plan = ResourcePlan::default();
+        for g in config {
+            match levels.iter().find(|l| l.seconds == g.seconds) {
+                Some(l) if l.source != 0 => {
+                    if l.fold_from > i64::MIN {
+                        plan.until.push((*g, l.fold_from));
+                    }
+                }
+                _ => plan.direct.push(*g),
+            }
+        }
+        plan
     }
 }
 
-/// The levels folded from `source` (whose buckets take `source`'s when they expire).
-pub fn folded_from(levels: &[Level], source: u64) -> Vec<u64> {
+/// The granularities whose `rollup_resource` rows answer level `seconds`, each with the first
+/// bucket to read: its own (all) and, when it is folded from a finer level, that level's from
+/// `fold_from` on.
+pub fn resource_granularities(levels: &[Level], seconds: u64) -> Vec<(u64, i64)> {
+    match levels.iter().find(|l| l.seconds == seconds) {
+        Some(l) if l.source != 0 => vec![(seconds, i64::MIN), (l.source, l.fold_from)],
+        _ => vec![(seconds, i64::MIN)],
+    }
+}
+
+/// The levels folded from `source`, each with its `fold_from`: when `source`'s buckets expire,
+/// those from `fold_from` on are merged into the level (earlier ones it counts already).
+pub fn folded_from(levels: &[Level], source: u64) -> Vec<(u64, i64)> {
     levels
         .iter()
         .filter(|l| l.source == source && source != 0)
-        .map(|l| l.seconds)
+        .map(|l| (l.seconds, l.fold_from))
         .collect()
 }
 
@@ -437,26 +500,43 @@ mod tests {
     #[test]
     fn batch_rollup_counts_each_sample_once_per_granularity() {
         let g = default_granularities();
+        let all = ResourcePlan::all(&g);
         let mut b = BatchRollup::default();
         let h = 3_600_000_000;
-        b.add(&g, &g, 1, "r", 10, 2.0);
-        b.add(&g, &g, 1, "r", h + 10, 4.0);
-        b.add(&g, &g, 1, "s", 20, 1.0);
+        b.add(&g, &all, 1, "r", 10, 2.0);
+        b.add(&g, &all, 1, "r", h + 10, 4.0);
+        b.add(&g, &all, 1, "s", 20, 1.0);
         assert_eq!(b.meters.len(), 3); // two hours + one day
         let day = b.meters[&(86_400, 1, 0)];
         assert_eq!((day.count, day.sum, day.min, day.max), (3, 7.0, 1.0, 4.0));
         assert_eq!((day.first, day.last), (10, h + 10));
         assert_eq!(b.resources[&(3600, 1, "r", 0)].count, 1);
         assert_eq!(b.resources[&(86_400, 1, "r", 0)].count, 2);
-        // Per resource, only the levels written directly.
+        // Per resource, only the levels written directly, and a folded one before its
+        // fold_from.
+        let levels = [
+            Level::direct(3600),
+            Level {
+                seconds: 86_400,
+                source: 3600,
+                fold_from: 2 * h,
+            },
+        ];
+        let plan = ResourcePlan::new(&g, &levels);
         let mut b = BatchRollup::default();
-        b.add(&g, &g[..1], 1, "r", 10, 2.0);
-        assert_eq!((b.meters.len(), b.resources.len()), (2, 1));
-        assert!(b.resources.contains_key(&(3600, 1, "r", 0)));
+        b.add(&g, &plan, 1, "r", 10, 2.0);
+        b.add(&g, &plan, 1, "r", 2 * h, 2.0);
+        assert_eq!((b.meters.len(), b.resources.len()), (3, 3));
+        assert_eq!(b.resources[&(86_400, 1, "r", 0)].count, 1);
+        assert_eq!(b.resources[&(3600, 1, "r", 2 * h)].count, 1);
     }
 
     fn lv(seconds: u64, source: u64) -> Level {
-        Level { seconds, source }
+        Level {
+            seconds,
+            source,
+            fold_from: i64::MIN,
+        }
     }
 
     fn gran(seconds: u64) -> Granularity {
@@ -468,39 +548,77 @@ mod tests {
 
     #[test]
     fn new_levels_are_folded_from_the_finest_direct_level_dividing_them() {
+        let now = 100 * 86_400_000_000 + 5;
         let g = default_granularities();
-        assert_eq!(assign_sources(&g, &[]), vec![lv(3600, 0), lv(86_400, 3600)]);
+        assert_eq!(
+            assign_sources(&g, &[], now),
+            vec![lv(3600, 0), lv(86_400, 3600)]
+        );
         // Not a multiple: direct. A multiple of a level that is itself folded: from the
         // finest direct one.
         let g = [gran(3600), gran(5400), gran(86_400), gran(7200)];
         assert_eq!(
-            assign_sources(&g, &[]),
+            assign_sources(&g, &[], now),
             vec![lv(3600, 0), lv(5400, 0), lv(7200, 3600), lv(86_400, 3600)]
         );
-        // Registered levels keep their sources (a store upgraded with both levels direct
-        // stays so); a new finer level does not change them.
-        let g = [gran(60), gran(3600), gran(86_400)];
+        // A store from before sources (both levels direct) folds the daily level from the
+        // start of the day after tomorrow; folded levels keep their sources; a new finer level
+        // does not change them, nor is a registered level folded from a level new here.
+        let upgraded = assign_sources(&default_granularities(), &[lv(3600, 0), lv(86_400, 0)], now);
         assert_eq!(
-            assign_sources(&g, &[lv(3600, 0), lv(86_400, 0)]),
-            vec![lv(60, 0), lv(3600, 0), lv(86_400, 0)]
+            upgraded,
+            vec![
+                lv(3600, 0),
+                Level {
+                    seconds: 86_400,
+                    source: 3600,
+                    fold_from: 102 * 86_400_000_000
+                }
+            ]
         );
         assert_eq!(
-            assign_sources(&g, &[lv(3600, 0), lv(86_400, 3600)]),
+            assign_sources(&default_granularities(), &upgraded, now + 86_400_000_000),
+            upgraded
+        );
+        let g = [gran(60), gran(3600), gran(86_400)];
+        assert_eq!(
+            assign_sources(&g, &[lv(3600, 0), lv(86_400, 3600)], now),
             vec![lv(60, 0), lv(3600, 0), lv(86_400, 3600)]
+        );
+        assert_eq!(
+            assign_sources(&[gran(60), gran(3600)], &[lv(3600, 0)], now),
+            vec![lv(60, 0), lv(3600, 0)]
         );
         // The source no longer configured: direct.
         assert_eq!(
-            assign_sources(&[gran(86_400)], &[lv(3600, 0), lv(86_400, 3600)]),
+            assign_sources(&[gran(86_400)], &[lv(3600, 0), lv(86_400, 3600)], now),
             vec![lv(86_400, 0)]
         );
-        let levels = assign_sources(&default_granularities(), &[]);
+        let d = default_granularities();
+        let levels = assign_sources(&d, &[], now);
         assert_eq!(
-            direct_levels(&default_granularities(), &levels),
-            vec![default_granularities()[0]]
+            ResourcePlan::new(&d, &levels),
+            ResourcePlan {
+                direct: vec![d[0]],
+                until: Vec::new()
+            }
         );
-        assert_eq!(resource_granularities(&levels, 86_400), vec![86_400, 3600]);
-        assert_eq!(resource_granularities(&levels, 3600), vec![3600]);
-        assert_eq!(folded_from(&levels, 3600), vec![86_400]);
+        assert_eq!(
+            ResourcePlan::new(&d, &upgraded).until,
+            vec![(d[1], 102 * 86_400_000_000)]
+        );
+        assert_eq!(
+            resource_granularities(&levels, 86_400),
+            vec![(86_400, i64::MIN), (3600, i64::MIN)]
+        );
+        assert_eq!(
+            resource_granularities(&levels, 3600),
+            vec![(3600, i64::MIN)]
+        );
+        assert_eq!(
+            folded_from(&upgraded, 3600),
+            vec![(86_400, 102 * 86_400_000_000)]
+        );
         assert!(folded_from(&levels, 86_400).is_empty());
     }
 

@@ -745,6 +745,116 @@ fn a_folded_level_whose_source_is_removed_takes_its_buckets(kind: Kind) {
     check(&mut db, &stored, "written directly since");
 }
 
+/// A store from before sources (every level written directly) is converted at open: the daily
+/// level is folded from the hourly one from the start of the day after tomorrow, when writers
+/// of the older release have had a day to go. Samples before that are still written to both
+/// levels, later ones to the hourly only; answers stay the raw computation's, also after the
+/// expiry deleted the old hourly buckets (which the daily ones count already).
+fn a_store_with_direct_levels_is_folded_from_a_day_ahead(kind: Kind) {
+    let t = TestDb::new(kind);
+    let opts = StorageOptions {
+        rollups: vec![
+            storage::rollup::Granularity {
+                seconds: 3600,
+                retention_seconds: 86_400,
+            },
+            storage::rollup::Granularity {
+                seconds: 86_400,
+                retention_seconds: 0,
+            },
+        ],
+        ..Default::default()
+    };
+    let hour = 3_600_000_000i64;
+    let day = 24 * hour;
+    let today = OffsetDateTime::now_utc().replace_time(time::Time::MIDNIGHT);
+    let start_t = today - Duration::days(3);
+    let start = (start_t.unix_timestamp_nanos() / 1000) as i64;
+    let end_t = today + Duration::days(5);
+    let mut stored: Vec<(i64, f64)> = Vec::new();
+    let batch = |from: u64, n: u64, lo: i64, span: i64, stored: &mut Vec<(i64, f64)>| {
+        (from..from + n)
+            .map(|i| {
+                let r = mix(i ^ 0xa11);
+                let ts = lo + (r >> 3) as i64 % span;
+                let v = ((r >> 20) % 1000) as f64 / 4.0;
+                stored.push((ts, v));
+                let when =
+                    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts) * 1000).unwrap();
+                sample(&format!("u{i}"), "cpu", "r0", &iso(when), v)
+            })
+            .collect::<Vec<Sample>>()
+    };
+    let check = |db: &mut Box<dyn Storage>, stored: &[(i64, f64)], what: &str| {
+        let f = SampleFilter {
+            meter: Some("cpu".into()),
+            resource_id: Some("r0".into()),
+            start: Some(start_t),
+            end: Some(end_t),
+            ..Default::default()
+        };
+        let (got, source) = db.get_meter_statistics_from(&f, Some(86_400)).unwrap();
+        assert_eq!(
+            source,
+            storage::StatsSource::Rollup {
+                granularity: 86_400
+            },
+            "{what}"
+        );
+        let mut want: BTreeMap<i64, Aggregate> = BTreeMap::new();
+        for (ts, v) in stored {
+            fold(
+                want.entry((ts - start) / day).or_insert(NO_SAMPLES),
+                *v,
+                *ts,
+            );
+        }
+        let got: Vec<_> = got.iter().map(|s| (s.count, s.sum, s.min, s.max)).collect();
+        let want: Vec<_> = want.values().map(|w| (w.0, w.1, w.2, w.3)).collect();
+        assert_eq!(got, want, "{what}");
+    };
+    let mut old = storage::open(&t.url, &opts).unwrap();
+    // What a store of the previous release looks like: both levels direct.
+    t.execute(&format!(
+        "UPDATE rollup_level SET source = 0, fold_from = {} WHERE granularity = 86400",
+        i64::MIN
+    ));
+    t.execute("UPDATE cache_epoch SET epoch = epoch + 1");
+    old.record_metering_data(&batch(0, 200, start, 3 * day, &mut stored))
+        .unwrap();
+    assert!(t.scalar("SELECT COUNT(*) FROM rollup_resource WHERE granularity = 86400") > 0);
+    check(&mut old, &stored, "both levels direct");
+
+    let mut new = storage::open(&t.url, &opts).unwrap();
+    let fold_from = (today + Duration::days(2)).unix_timestamp() * 1_000_000;
+    assert_eq!(
+        t.scalar("SELECT source FROM rollup_level WHERE granularity = 86400"),
+        3600
+    );
+    assert_eq!(
+        t.scalar("SELECT fold_from FROM rollup_level WHERE granularity = 86400"),
+        fold_from
+    );
+    check(&mut new, &stored, "converted");
+    // Samples before fold_from go to both levels, later ones (two days ahead) to the hourly.
+    let daily = t.scalar("SELECT COUNT(*) FROM rollup_resource WHERE granularity = 86400");
+    new.record_metering_data(&batch(200, 60, start, 3 * day, &mut stored))
+        .unwrap();
+    old.record_metering_data(&batch(300, 60, fold_from, 3 * day, &mut stored))
+        .unwrap();
+    assert_eq!(
+        t.scalar(&format!(
+            "SELECT COUNT(*) FROM rollup_resource WHERE granularity = 86400 AND bucket >= {fold_from}"
+        )),
+        0
+    );
+    assert!(t.scalar("SELECT COUNT(*) FROM rollup_resource WHERE granularity = 86400") >= daily);
+    check(&mut new, &stored, "written both sides of fold_from");
+    // The expiry deletes the hourly buckets older than a day: before fold_from, not merged.
+    assert_eq!(new.clear_expired_metering_data(30 * 86_400).unwrap(), 0);
+    check(&mut new, &stored, "after the hourly retention");
+}
+
 fn many_handles_opening_a_fresh_database_at_once_all_succeed(kind: Kind) {
     let t = TestDb::new(kind);
     let handles: Vec<_> = (0..6)
@@ -1550,6 +1660,7 @@ conformance!(
     rollups_answer_aligned_statistics_as_the_raw_computation,
     per_resource_daily_rollups_are_folded_from_the_hourly_ones,
     a_folded_level_whose_source_is_removed_takes_its_buckets,
+    a_store_with_direct_levels_is_folded_from_a_day_ahead,
     many_handles_opening_a_fresh_database_at_once_all_succeed,
     two_writer_processes_lose_and_duplicate_nothing,
 );

@@ -78,8 +78,8 @@ pub struct MysqlStorage {
     ttl_seconds: Option<u64>,
     /// Rollup levels.
     levels: Vec<Granularity>,
-    /// The levels written per resource directly ([`crate::rollup::Level`]).
-    direct: Vec<Granularity>,
+    /// The levels a sample is written to per resource ([`crate::rollup::Level`]).
+    plan: crate::rollup::ResourcePlan,
     /// `partition_span_seconds` in µs.
     span_us: i64,
     /// The partitions this handle knows of.
@@ -163,7 +163,7 @@ impl MysqlStorage {
             json_buf: Vec::new(),
             ttl_seconds: options.time_to_live_seconds,
             levels: options.rollups.clone(),
-            direct: options.rollups.clone(),
+            plan: crate::rollup::ResourcePlan::all(&options.rollups),
             span_us,
             parts: partitions::Known::default(),
             reaper,
@@ -425,7 +425,7 @@ impl Storage for MysqlStorage {
                 let conn = self.link.get(|| connect(opts, db, &what, levels, span))?;
                 let mut caches = Caches {
                     levels,
-                    direct: &mut self.direct,
+                    plan: &mut self.plan,
                     meters: &mut self.meters,
                     resources: &mut self.resources,
                     epoch: &mut self.epoch,
@@ -540,7 +540,12 @@ impl Storage for MysqlStorage {
 /// than `before` are merged into each of `into` and deleted, one bucket per transaction (its
 /// rows and gaps locked first, so a late sample's upsert into it waits and a concurrent pass
 /// finds it gone). Whether anything was deleted.
-fn fold_expired(conn: &mut MyConn, source: u64, into: &[u64], before: i64) -> Result<bool, Fail> {
+fn fold_expired(
+    conn: &mut MyConn,
+    source: u64,
+    into: &[(u64, i64)],
+    before: i64,
+) -> Result<bool, Fail> {
     let mut deleted = false;
     loop {
         let oldest: Option<Option<i64>> = conn.exec_first(
@@ -560,7 +565,8 @@ fn fold_expired(conn: &mut MyConn, source: u64, into: &[u64], before: i64) -> Re
                     FOR UPDATE",
                 (source, bucket),
             )?;
-            for &coarse in into {
+            // From each level's fold_from on (earlier buckets it counts already).
+            for &(coarse, _) in into.iter().filter(|(_, from)| bucket >= *from) {
                 conn.exec_drop(
                     schema::merge_resource_rows_sql("r.bucket = ?"),
                     (coarse, source, bucket),
@@ -584,8 +590,8 @@ fn fold_expired(conn: &mut MyConn, source: u64, into: &[u64], before: i64) -> Re
 /// The driver's caches, borrowed for one batch.
 struct Caches<'a> {
     levels: &'a [Granularity],
-    /// The levels written per resource directly, reloaded with the caches.
-    direct: &'a mut Vec<Granularity>,
+    /// The levels a sample is written to per resource, reloaded with the caches.
+    plan: &'a mut crate::rollup::ResourcePlan,
     meters: &'a mut MeterCache,
     resources: &'a mut ResourceCache,
     epoch: &'a mut i64,
@@ -614,7 +620,7 @@ fn write_batch(
     if epoch != *caches.epoch {
         caches.meters.clear();
         caches.resources.clear();
-        *caches.direct = crate::rollup::direct_levels(caches.levels, &schema::load_levels(conn)?);
+        *caches.plan = crate::rollup::ResourcePlan::new(caches.levels, &schema::load_levels(conn)?);
         *caches.epoch = epoch;
     }
     let mut resolved = Vec::with_capacity(rows.len());
@@ -637,7 +643,7 @@ fn write_batch(
             let s = r.valid.sample;
             rollup.add(
                 caches.levels,
-                caches.direct,
+                caches.plan,
                 r.meter_id,
                 s.resource_id.as_str(),
                 to_micros(r.valid.timestamp),

@@ -518,8 +518,15 @@ pub(super) fn statistics_from(
             // is in exactly one of the two; crate::rollup::Level).
             let registered = super::schema::load_levels(c)?;
             let mut out = Vec::new();
-            for gran in rollup::resource_granularities(&registered, g.seconds) {
-                out.extend(resource_buckets(c, res, &meter, gran, start, end)?);
+            for (gran, from) in rollup::resource_granularities(&registered, g.seconds) {
+                out.extend(resource_buckets(
+                    c,
+                    res,
+                    &meter,
+                    gran,
+                    start.max(from),
+                    end,
+                )?);
             }
             out
         }

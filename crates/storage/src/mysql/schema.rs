@@ -168,6 +168,10 @@ pub(crate) fn migrate(
     register_levels(conn, database, levels)
 }
 
+fn now_us() -> i64 {
+    crate::model::to_micros(time::OffsetDateTime::now_utc())
+}
+
 /// The schema lock's name. Lock names are server-wide: named after the database, at most 64
 /// characters.
 fn lock_name(database: &str) -> String {
@@ -294,10 +298,10 @@ fn v5(conn: &mut MyConn) -> Result<(), Fail> {
 }
 
 /// Version 5 to 6: `rollup_level.source`, the finer level a level's per-resource buckets are
-/// folded from (0: written directly; [`crate::rollup::Level`]). Levels registered before stay
-/// direct: their buckets already count every sample, as their source's do, and the union
-/// would count them twice. A store without rollups yet has its levels registered afresh, with
-/// sources. Safe to run again after an interruption.
+/// folded from (0: written directly), and `fold_from`, the bucket from which on they are
+/// ([`crate::rollup::Level`]). A store without rollups yet has its levels registered afresh,
+/// with sources; a store with rollups gets its sources at registration, from a bucket ahead.
+/// Safe to run again after an interruption.
 ///
 /// It also drops `rollup_resource`'s slice index (version 5): a resource's buckets are read by
 /// primary key, one lookup per bucket and meter row (`query::resource_buckets`), so each new
@@ -306,6 +310,12 @@ fn v5(conn: &mut MyConn) -> Result<(), Fail> {
 fn v6(conn: &mut MyConn) -> Result<(), Fail> {
     if !has_column(conn, "rollup_level", "source")? {
         conn.query_drop("ALTER TABLE rollup_level ADD COLUMN source BIGINT NOT NULL DEFAULT 0")?;
+    }
+    if !has_column(conn, "rollup_level", "fold_from")? {
+        conn.query_drop(
+            "ALTER TABLE rollup_level
+                 ADD COLUMN fold_from BIGINT NOT NULL DEFAULT -9223372036854775808",
+        )?;
     }
     if has_column(conn, "rollup_resource", "slice")? {
         conn.query_drop(
@@ -410,10 +420,15 @@ fn v2(conn: &mut MyConn, coll: &str, levels: &[Granularity], span_us: i64) -> Re
 
 /// The registered rollup levels and their sources.
 pub(crate) fn load_levels(conn: &mut MyConn) -> Result<Vec<Level>, Fail> {
-    let rows: Vec<(u64, u64)> = conn.query("SELECT granularity, source FROM rollup_level")?;
+    let rows: Vec<(u64, u64, i64)> =
+        conn.query("SELECT granularity, source, fold_from FROM rollup_level")?;
     Ok(rows
         .into_iter()
-        .map(|(seconds, source)| Level { seconds, source })
+        .map(|(seconds, source, fold_from)| Level {
+            seconds,
+            source,
+            fold_from,
+        })
         .collect())
 }
 
@@ -449,7 +464,7 @@ pub(crate) fn merge_resource_rows_sql(filter: &str) -> String {
 /// transaction that also moves the cache epoch, so every writer reloads the levels.
 fn register_levels(conn: &mut MyConn, database: &str, levels: &[Granularity]) -> Result<(), Fail> {
     let registered = load_levels(conn)?;
-    if rollup::assign_sources(levels, &registered)
+    if rollup::assign_sources(levels, &registered, now_us())
         .iter()
         .all(|want| registered.contains(want))
     {
@@ -476,14 +491,19 @@ fn register_locked(conn: &mut MyConn, levels: &[Granularity]) -> Result<(), Fail
     conn.query_drop("START TRANSACTION")?;
     let registered = load_levels(conn)?;
     let mut changed = false;
-    for want in rollup::assign_sources(levels, &registered) {
+    for want in rollup::assign_sources(levels, &registered, now_us()) {
         match registered.iter().find(|l| l.seconds == want.seconds) {
-            Some(had) if had.source == want.source => {}
+            Some(had) if *had == want => {}
             Some(had) => {
-                conn.exec_drop(merge_resource_rows_sql("1 = 1"), (want.seconds, had.source))?;
+                if had.source != 0 {
+                    conn.exec_drop(
+                        merge_resource_rows_sql("r.bucket >= ?"),
+                        (want.seconds, had.source, had.fold_from),
+                    )?;
+                }
                 conn.exec_drop(
-                    "UPDATE rollup_level SET source = ? WHERE granularity = ?",
-                    (want.source, want.seconds),
+                    "UPDATE rollup_level SET source = ?, fold_from = ? WHERE granularity = ?",
+                    (want.source, want.fold_from, want.seconds),
                 )?;
                 changed = true;
             }
@@ -499,9 +519,10 @@ fn register_locked(conn: &mut MyConn, levels: &[Granularity]) -> Result<(), Fail
                     None => i64::MIN,
                 };
                 conn.exec_drop(
-                    "INSERT IGNORE INTO rollup_level (granularity, complete_from, source)
-                     VALUES (?, ?, ?)",
-                    (want.seconds, from, want.source),
+                    "INSERT IGNORE INTO rollup_level (granularity, complete_from, source,
+                                                      fold_from)
+                     VALUES (?, ?, ?, ?)",
+                    (want.seconds, from, want.source, want.fold_from),
                 )?;
                 changed = true;
             }

@@ -65,8 +65,8 @@ pub struct PostgresStorage {
     /// Rollup levels, and their granularities in seconds as the insert binds them.
     levels: Vec<crate::rollup::Granularity>,
     level_seconds: Vec<i64>,
-    /// The levels written per resource directly ([`crate::rollup::Level`]).
-    direct: Vec<i64>,
+    /// The levels written per resource ([`crate::rollup::Level`]).
+    plan: PgPlan,
     /// `partition_span_seconds` in µs.
     span_us: i64,
     /// Drops graves (expired partitions, detached) on its own thread and connection: nudged
@@ -119,7 +119,8 @@ SELECT (SELECT epoch FROM e), (SELECT COUNT(*) FROM inserted), '{}'::BIGINT[]";
 /// The rollup upserts appended to both inserts (`ROLLUPS`): the rows the statement inserted,
 /// and only those, folded into buckets of each granularity in `$9` (seconds) per meter row, and
 /// of those in `$10` (the levels written directly: [`crate::rollup::Level`]) per (meter row,
-/// resource id), in the same statement and so the same transaction. Rows are
+/// resource id), and of those in `$11` for a sample before the matching bucket of `$12` (a
+/// folded level's `fold_from`), in the same statement and so the same transaction. Rows are
 /// upserted in key order, so concurrent writers lock shared buckets in the same order.
 const ROLLUPS: &str = ",
 rolled AS (
@@ -151,6 +152,8 @@ rr AS (
            MIN(b.volume), MAX(b.volume), MIN(b.us), MAX(b.us)
     FROM bucketed b JOIN resource r ON r.internal_id = b.resource_id
     WHERE b.seconds = ANY($10::BIGINT[])
+       OR EXISTS (SELECT 1 FROM unnest($11::BIGINT[], $12::BIGINT[]) AS f (seconds, until)
+                   WHERE f.seconds = b.seconds AND b.us < f.until)
     GROUP BY b.seconds, b.bucket, b.meter_id, r.resource_id
     ORDER BY b.seconds, b.bucket, b.meter_id, r.resource_id
     ON CONFLICT (granularity, bucket, meter_id, resource_id) DO UPDATE SET
@@ -222,7 +225,10 @@ impl PostgresStorage {
             ttl_seconds: opts.time_to_live_seconds,
             levels: opts.rollups.clone(),
             level_seconds: opts.rollups.iter().map(|g| g.seconds as i64).collect(),
-            direct: opts.rollups.iter().map(|g| g.seconds as i64).collect(),
+            plan: PgPlan {
+                direct: opts.rollups.iter().map(|g| g.seconds as i64).collect(),
+                ..PgPlan::default()
+            },
             span_us: i64::try_from(opts.partition_span_seconds)
                 .unwrap_or(i64::MAX / 1_000_000)
                 .max(1)
@@ -309,12 +315,13 @@ impl PostgresStorage {
                 &[&gran, &before],
             )?;
             // A level others are folded from: its old buckets move into theirs.
-            let into: Vec<i64> = crate::rollup::folded_from(&registered, g.seconds)
-                .into_iter()
-                .map(|s| s as i64)
-                .collect();
+            let (into, from): (Vec<i64>, Vec<i64>) =
+                crate::rollup::folded_from(&registered, g.seconds)
+                    .into_iter()
+                    .map(|(s, from)| (s as i64, from))
+                    .unzip();
             if !into.is_empty() {
-                client.execute(&schema::fold_expired_sql(), &[&into, &gran, &before])?;
+                client.execute(&schema::fold_expired_sql(), &[&into, &gran, &before, &from])?;
             }
             client.execute(
                 "DELETE FROM rollup_resource WHERE granularity = $1 AND bucket < $2",
@@ -403,7 +410,7 @@ impl Storage for PostgresStorage {
                 let conn = link_conn(&mut self.link, &self.config, &self.levels, self.span_us)?;
                 let mut caches = Caches {
                     levels: &self.level_seconds,
-                    direct: &mut self.direct,
+                    plan: &mut self.plan,
                     span_us: self.span_us,
                     meters: &mut self.meters,
                     resources: &mut self.resources,
@@ -509,28 +516,38 @@ impl Storage for PostgresStorage {
     }
 }
 
-/// Of the configured granularities `levels`, those written per resource directly
-/// ([`crate::rollup::Level`]), as registered in `rollup_level`.
-fn direct_levels(client: &mut Client, levels: &[i64]) -> Result<Vec<i64>, Fail> {
-    let registered = schema::load_levels(client)?;
-    Ok(levels
+/// The per-resource levels a batch writes (`$10` to `$12` of the insert): the direct ones, and
+/// folded ones (with their fold_from) for samples before it ([`crate::rollup::ResourcePlan`]).
+#[derive(Debug, Default)]
+struct PgPlan {
+    direct: Vec<i64>,
+    until_seconds: Vec<i64>,
+    until: Vec<i64>,
+}
+
+/// Of the configured granularities `levels`, the plan `rollup_level` gives.
+fn resource_plan(client: &mut Client, levels: &[i64]) -> Result<PgPlan, Fail> {
+    let grans: Vec<crate::rollup::Granularity> = levels
         .iter()
-        .copied()
-        .filter(|&g| {
-            registered
-                .iter()
-                .find(|l| l.seconds as i64 == g)
-                .map_or(true, |l| l.source == 0)
+        .map(|&g| crate::rollup::Granularity {
+            seconds: g.max(0) as u64,
+            retention_seconds: 0,
         })
-        .collect())
+        .collect();
+    let plan = crate::rollup::ResourcePlan::new(&grans, &schema::load_levels(client)?);
+    Ok(PgPlan {
+        direct: plan.direct.iter().map(|g| g.seconds as i64).collect(),
+        until_seconds: plan.until.iter().map(|(g, _)| g.seconds as i64).collect(),
+        until: plan.until.iter().map(|(_, from)| *from).collect(),
+    })
 }
 
 /// The driver's caches, borrowed for one batch.
 struct Caches<'a> {
     /// Rollup granularities (seconds), for the insert's `$9`.
     levels: &'a [i64],
-    /// Those written per resource directly, for `$10`; reloaded with the caches.
-    direct: &'a mut Vec<i64>,
+    /// The levels written per resource, for `$10` to `$12`; reloaded with the caches.
+    plan: &'a mut PgPlan,
     /// `partition_span_seconds` in µs, for partitions made on demand.
     span_us: i64,
     meters: &'a mut MeterCache,
@@ -562,7 +579,7 @@ fn write_batch(
         *caches.epoch = client
             .query_one("SELECT epoch FROM cache_epoch", &[])?
             .get(0);
-        *caches.direct = direct_levels(client, caches.levels)?;
+        *caches.plan = resource_plan(client, caches.levels)?;
     }
     for _ in 0..EPOCH_RETRIES {
         // Expiry bumps the epoch whenever it deletes meter or resource rows, so while the
@@ -609,7 +626,9 @@ fn write_batch(
                 &recorded_at,
                 &expected,
                 &caches.levels,
-                &*caches.direct,
+                &caches.plan.direct,
+                &caches.plan.until_seconds,
+                &caches.plan.until,
             ],
         ) {
             Ok(row) => row,
@@ -627,7 +646,7 @@ fn write_batch(
             log::debug!("cache epoch moved from {expected} to {found}: resolving ids again");
             caches.meters.clear();
             caches.resources.clear();
-            *caches.direct = direct_levels(client, caches.levels)?;
+            *caches.plan = resource_plan(client, caches.levels)?;
             *caches.epoch = found;
             continue;
         }

@@ -387,11 +387,12 @@ pub(super) fn statistics_from(
     // level's (every sample is in exactly one of the two; crate::rollup::Level).
     let grans = match filter.resource_id {
         Some(_) => rollup::resource_granularities(&super::schema::load_levels(c)?, g.seconds),
-        None => vec![g.seconds],
+        None => vec![(g.seconds, i64::MIN)],
     };
     let mut rows = Vec::new();
-    for seconds in grans {
+    for (seconds, from) in grans {
         let gran = seconds as i64;
+        let start = start.max(from);
         let step = gran.saturating_mul(1_000_000);
         let end: i64 = match filter.end {
             Some(e) => to_micros(e),

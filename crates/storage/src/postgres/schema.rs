@@ -149,11 +149,13 @@ CREATE INDEX ix_sample_resource_meter_timestamp ON sample (resource_id, meter_id
 ";
 
 /// Version 6: `rollup_level.source`, the finer level a level's per-resource buckets are folded
-/// from (0: written directly; [`crate::rollup::Level`]). Levels registered before stay direct:
-/// their buckets already count every sample, as their source's do, and the union would count
-/// them twice. A store without rollups yet has its levels registered afresh, with sources.
+/// from (0: written directly), and `fold_from`, the bucket from which on they are
+/// ([`crate::rollup::Level`]). A store without rollups yet has its levels registered afresh,
+/// with sources; a store with rollups gets its sources at registration, from a bucket ahead.
 const V6: &str = "
 ALTER TABLE rollup_level ADD COLUMN IF NOT EXISTS source BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE rollup_level ADD COLUMN IF NOT EXISTS fold_from BIGINT NOT NULL
+    DEFAULT (-9223372036854775807)::BIGINT - 1;
 DELETE FROM rollup_level WHERE NOT EXISTS (SELECT 1 FROM rollup_meter)
     AND NOT EXISTS (SELECT 1 FROM rollup_resource);
 ";
@@ -162,8 +164,9 @@ DELETE FROM rollup_level WHERE NOT EXISTS (SELECT 1 FROM rollup_meter)
 pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
 
 /// Merges `rollup_resource` rows of granularity `$2` chosen by `FILTER` (a condition on
-/// `bucket`) into each level of `$1` (seconds), each into the bucket holding it; `ROWS` is the
-/// rows' source (`rollup_resource`, or a CTE of deleted rows).
+/// `bucket`) into each level of `$1` (seconds) from that level's fold_from on (the array
+/// parameter `FROMS`, in the same order), each into the bucket holding it; `ROWS` is the rows'
+/// source (`rollup_resource`, or a CTE of deleted rows).
 const MERGE: &str = "
 INSERT INTO rollup_resource (granularity, bucket, meter_id, resource_id, count, sum, min, max,
                              first, last)
@@ -171,8 +174,8 @@ SELECT g.seconds, s.bucket - (((s.bucket % (g.seconds * 1000000)) + g.seconds * 
                               % (g.seconds * 1000000)) AS b,
        s.meter_id, s.resource_id, SUM(s.count)::BIGINT, SUM(s.sum), MIN(s.min), MAX(s.max),
        MIN(s.first), MAX(s.last)
-  FROM ROWS s CROSS JOIN unnest($1::BIGINT[]) AS g (seconds)
- WHERE s.granularity = $2 AND FILTER
+  FROM ROWS s CROSS JOIN unnest($1::BIGINT[], FROMS::BIGINT[]) AS g (seconds, fold_from)
+ WHERE s.granularity = $2 AND s.bucket >= g.fold_from AND FILTER
  GROUP BY g.seconds, b, s.meter_id, s.resource_id
  ORDER BY g.seconds, b, s.meter_id, s.resource_id
 ON CONFLICT (granularity, bucket, meter_id, resource_id) DO UPDATE SET
@@ -180,13 +183,17 @@ ON CONFLICT (granularity, bucket, meter_id, resource_id) DO UPDATE SET
     min = LEAST(rollup_resource.min, excluded.min), max = GREATEST(rollup_resource.max, excluded.max),
     first = LEAST(rollup_resource.first, excluded.first), last = GREATEST(rollup_resource.last, excluded.last)";
 
-/// Fold the per-resource buckets of level `$2` older than `$3` into each level of `$1`, and
-/// delete them, in one statement (a concurrent pass or late write waits for the rows' locks).
+/// Fold the per-resource buckets of level `$2` older than `$3` into each level of `$1` (from its
+/// fold_from on, `$4`), and delete them, in one statement (a concurrent pass or late write
+/// waits for the rows' locks).
 pub fn fold_expired_sql() -> String {
     format!(
         "WITH moved AS (DELETE FROM rollup_resource WHERE granularity = $2 AND bucket < $3
                         RETURNING *) {}",
-        MERGE.replace("ROWS", "moved").replace("FILTER", "TRUE")
+        MERGE
+            .replace("ROWS", "moved")
+            .replace("FILTER", "TRUE")
+            .replace("FROMS", "$4")
     )
 }
 
@@ -195,11 +202,15 @@ pub fn load_levels(
     client: &mut impl ::postgres::GenericClient,
 ) -> Result<Vec<crate::rollup::Level>, ::postgres::Error> {
     Ok(client
-        .query("SELECT granularity, source FROM rollup_level", &[])?
+        .query(
+            "SELECT granularity, source, fold_from FROM rollup_level",
+            &[],
+        )?
         .iter()
         .map(|r| crate::rollup::Level {
             seconds: r.get::<_, i64>(0).max(0) as u64,
             source: r.get::<_, i64>(1).max(0) as u64,
+            fold_from: r.get(2),
         })
         .collect())
 }
@@ -249,7 +260,7 @@ pub fn register_levels(
     // Every connect comes here: compare first, so the newest-sample lookup (which reads every
     // sample: no index leads with the timestamp) runs only for a new level.
     let registered = load_levels(client)?;
-    if crate::rollup::assign_sources(levels, &registered)
+    if crate::rollup::assign_sources(levels, &registered, now_us())
         .iter()
         .all(|want| registered.contains(want))
     {
@@ -259,18 +270,24 @@ pub fn register_levels(
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])?;
     let registered = load_levels(&mut tx)?;
     let mut changed = false;
-    for want in crate::rollup::assign_sources(levels, &registered) {
-        let (secs, source) = (want.seconds as i64, want.source as i64);
+    for want in crate::rollup::assign_sources(levels, &registered, now_us()) {
+        let (secs, source, from) = (want.seconds as i64, want.source as i64, want.fold_from);
         match registered.iter().find(|l| l.seconds == want.seconds) {
-            Some(had) if had.source == want.source => {}
+            Some(had) if *had == want => {}
             Some(had) => {
-                let merge = MERGE
-                    .replace("ROWS", "rollup_resource")
-                    .replace("FILTER", "TRUE");
-                tx.execute(&merge, &[&vec![secs], &(had.source as i64)])?;
+                if had.source != 0 {
+                    let merge = MERGE
+                        .replace("ROWS", "rollup_resource")
+                        .replace("FILTER", "TRUE")
+                        .replace("FROMS", "$3");
+                    tx.execute(
+                        &merge,
+                        &[&vec![secs], &(had.source as i64), &vec![had.fold_from]],
+                    )?;
+                }
                 tx.execute(
-                    "UPDATE rollup_level SET source = $2 WHERE granularity = $1",
-                    &[&secs, &source],
+                    "UPDATE rollup_level SET source = $2, fold_from = $3 WHERE granularity = $1",
+                    &[&secs, &source, &from],
                 )?;
                 changed = true;
             }
@@ -279,13 +296,13 @@ pub fn register_levels(
                     .unwrap_or(i64::MAX / 1_000_000)
                     .saturating_mul(1_000_000);
                 tx.execute(
-                    "INSERT INTO rollup_level (granularity, complete_from, source)
+                    "INSERT INTO rollup_level (granularity, complete_from, source, fold_from)
                      SELECT $1::BIGINT, COALESCE(
                          (SELECT ((EXTRACT(EPOCH FROM MAX(timestamp)) * 1000000)::BIGINT
                                   / $2::BIGINT + 1) * $2::BIGINT FROM sample),
-                         (-9223372036854775807)::BIGINT - 1), $3::BIGINT
+                         (-9223372036854775807)::BIGINT - 1), $3::BIGINT, $4::BIGINT
                      ON CONFLICT (granularity) DO NOTHING",
-                    &[&secs, &g_us, &source],
+                    &[&secs, &g_us, &source, &from],
                 )?;
                 changed = true;
             }
@@ -295,6 +312,10 @@ pub fn register_levels(
         tx.execute("UPDATE cache_epoch SET epoch = epoch + 1", &[])?;
     }
     tx.commit()
+}
+
+fn now_us() -> i64 {
+    crate::model::to_micros(time::OffsetDateTime::now_utc())
 }
 
 /// The version this build writes.

@@ -99,9 +99,9 @@ pub struct SqliteStorage {
     /// reclaimed: checked when the epoch changes (expiry bumps it), cleared when a reclaim step
     /// finds nothing. While set, every batch is followed by one [`SqliteStorage::reclaim_step`].
     graveyard: bool,
-    /// The configured rollup levels written per resource directly (the others are folded from
-    /// one of these: [`rollup::Level`]); reloaded with the caches.
-    direct: Vec<rollup::Granularity>,
+    /// The rollup levels a sample is written to per resource (the others are folded from one
+    /// of these: [`rollup::Level`]); reloaded with the caches.
+    plan: rollup::ResourcePlan,
 }
 
 /// What one [`SqliteStorage::reclaim_step`] did to an expired chunk's table.
@@ -348,7 +348,7 @@ impl SqliteStorage {
             partitions: Partitions::default(),
             rollup_retention_at: None,
             graveyard: true,
-            direct: opts.rollups.clone(),
+            plan: rollup::ResourcePlan::all(&opts.rollups),
         };
         storage.connection()?;
         Ok(storage)
@@ -429,7 +429,7 @@ impl SqliteStorage {
             self.partitions.clear();
             self.epoch = epoch;
             self.graveyard = graveyard_pending(&tx)?;
-            self.direct = rollup::direct_levels(&self.opts.rollups, &query::load_levels(&tx)?);
+            self.plan = rollup::ResourcePlan::new(&self.opts.rollups, &query::load_levels(&tx)?);
         }
         let mut rows = Vec::with_capacity(valid.len());
         for &(index, timestamp) in valid {
@@ -482,7 +482,7 @@ impl SqliteStorage {
                 if outcome.duplicate_indices.binary_search(&r.index).is_err() {
                     rollup.add(
                         &self.opts.rollups,
-                        &self.direct,
+                        &self.plan,
                         r.meter_id,
                         &r.sample.resource_id,
                         r.timestamp,
@@ -856,7 +856,9 @@ fn expire_rollups(
             let Some(bucket) = oldest.filter(|b| *b < cutoff) else {
                 break;
             };
-            for &coarse in &into {
+            // Into each level folded from this one, from its fold_from on (earlier buckets it
+            // counts already).
+            for &(coarse, _) in into.iter().filter(|(_, from)| bucket >= *from) {
                 tx.prepare_cached(&schema::merge_resource_rows_sql("bucket = ?3"))?
                     .execute(params![coarse as i64, gran, bucket])?;
             }

@@ -395,12 +395,12 @@ fn from_rollup(
         // (rollup::Level): every sample is in exactly one of the two.
         let levels = load_levels(conn)?;
         let mut buckets = Vec::new();
-        for gran in rollup::resource_granularities(&levels, g.seconds) {
+        for (gran, from) in rollup::resource_granularities(&levels, g.seconds) {
             let level = Granularity {
                 seconds: gran,
                 retention_seconds: 0,
             };
-            resource_buckets(conn, filter, res, start, &level, &mut buckets)?;
+            resource_buckets(conn, filter, res, start, from, &level, &mut buckets)?;
         }
         return rollup::statistics(buckets, filter, period).map_err(QueryError::Storage);
     }
@@ -432,22 +432,26 @@ fn from_rollup(
 
 /// The registered rollup levels and their sources.
 pub(crate) fn load_levels(conn: &Connection) -> rusqlite::Result<Vec<rollup::Level>> {
-    let mut stmt = conn.prepare_cached("SELECT granularity, source FROM rollup_level")?;
+    let mut stmt =
+        conn.prepare_cached("SELECT granularity, source, fold_from FROM rollup_level")?;
     let rows = stmt.query_map([], |r| {
         Ok(rollup::Level {
             seconds: r.get::<_, i64>(0)?.max(0) as u64,
             source: r.get::<_, i64>(1)?.max(0) as u64,
+            fold_from: r.get(2)?,
         })
     })?;
     rows.collect()
 }
 
-/// One resource's `rollup_resource` rows of level `g` from `start` to the filter's end.
+/// One resource's `rollup_resource` rows of level `g` from `start` (and not before bucket
+/// `from`) to the filter's end.
 fn resource_buckets(
     conn: &Connection,
     filter: &SampleFilter,
     res: &str,
     start: time::OffsetDateTime,
+    from: i64,
     g: &Granularity,
     out: &mut Vec<BucketRow>,
 ) -> Result<()> {
@@ -464,9 +468,9 @@ fn resource_buckets(
             last.map_or(to_micros(start), |b| b.saturating_add(step))
         }
     };
-    // The first bucket at or after the start (the start is a multiple of the level asked
-    // for, and so of a finer level dividing it).
-    params.push(SqlValue::Integer(to_micros(start)));
+    // The first bucket: the start is a multiple of the level asked for, and so of a finer
+    // level dividing it; `from` (a fold_from) is a multiple of the level asked for too.
+    params.push(SqlValue::Integer(to_micros(start).max(from)));
     params.push(SqlValue::Integer(end));
     params.push(SqlValue::Integer(step));
     params.push(SqlValue::Text(res.to_string()));

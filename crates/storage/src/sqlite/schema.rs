@@ -356,17 +356,21 @@ fn v4(_: &Transaction<'_>, _: &Layout<'_>) -> rusqlite::Result<()> {
 }
 
 /// Version 5: `rollup_level.source`, the finer level a level's per-resource buckets are folded
-/// from (0: written directly). Levels registered before stay direct: their buckets already
-/// count every sample, as their source's do, and the union would count them twice. A store
-/// without rollups yet has its levels registered afresh, with sources.
+/// from (0: written directly), and `fold_from`, the bucket from which on they are
+/// ([`rollup::Level`]). A store without rollups yet has its levels registered afresh, with
+/// sources; a store with rollups gets its sources at registration, from a bucket ahead.
 fn v5(tx: &Transaction<'_>, _: &Layout<'_>) -> rusqlite::Result<()> {
-    let has: bool = tx.query_row(
-        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('rollup_level') WHERE name = 'source')",
-        [],
-        |r| r.get(0),
-    )?;
-    if !has {
-        tx.execute_batch("ALTER TABLE rollup_level ADD COLUMN source INTEGER NOT NULL DEFAULT 0;")?;
+    for (column, default) in [("source", "0"), ("fold_from", "-9223372036854775808")] {
+        let has: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('rollup_level') WHERE name = ?1)",
+            [column],
+            |r| r.get(0),
+        )?;
+        if !has {
+            tx.execute_batch(&format!(
+                "ALTER TABLE rollup_level ADD COLUMN {column} INTEGER NOT NULL DEFAULT {default};"
+            ))?;
+        }
     }
     tx.execute_batch(
         "DELETE FROM rollup_level WHERE NOT EXISTS (SELECT 1 FROM rollup_meter)
@@ -397,23 +401,27 @@ pub fn merge_resource_rows_sql(filter: &str) -> String {
 
 /// The rollup levels of `layout` missing from `rollup_level` are added, complete from the
 /// bucket after the newest sample's (samples stored before were not counted at that level),
-/// with their sources ([`rollup::assign_sources`]). A level whose source is no longer
-/// configured takes the source's buckets and becomes direct. When anything changed, the cache
-/// epoch moves, so every writer reloads the levels before its next batch.
+/// with their sources ([`rollup::assign_sources`]); a direct level gets a source from a
+/// bucket ahead; a level whose source is no longer configured takes the source's buckets
+/// from its `fold_from` on and becomes direct. When anything changed, the cache epoch moves,
+/// so every writer reloads the levels before its next batch.
 pub fn register_rollup_levels(conn: &Connection, layout: &Layout<'_>) -> rusqlite::Result<()> {
     let registered = crate::sqlite::query::load_levels(conn)?;
     let mut changed = false;
-    for want in rollup::assign_sources(layout.rollups, &registered) {
+    for want in rollup::assign_sources(layout.rollups, &registered, now_us()) {
+        let (secs, source, from) = (want.seconds as i64, want.source as i64, want.fold_from);
         match registered.iter().find(|l| l.seconds == want.seconds) {
-            Some(had) if had.source == want.source => {}
+            Some(had) if *had == want => {}
             Some(had) => {
+                if had.source != 0 {
+                    conn.execute(
+                        &merge_resource_rows_sql("bucket >= ?3"),
+                        params![secs, had.source as i64, had.fold_from],
+                    )?;
+                }
                 conn.execute(
-                    &merge_resource_rows_sql("1"),
-                    params![want.seconds as i64, had.source as i64],
-                )?;
-                conn.execute(
-                    "UPDATE rollup_level SET source = ?2 WHERE granularity = ?1",
-                    params![want.seconds as i64, want.source as i64],
+                    "UPDATE rollup_level SET source = ?2, fold_from = ?3 WHERE granularity = ?1",
+                    params![secs, source, from],
                 )?;
                 changed = true;
             }
@@ -424,14 +432,15 @@ pub fn register_rollup_levels(conn: &Connection, layout: &Layout<'_>) -> rusqlit
                 };
                 let newest: Option<i64> =
                     conn.query_row("SELECT MAX(last) FROM rollup_meter", [], |r| r.get(0))?;
-                let from = match newest {
+                let complete = match newest {
                     Some(ts) => floor_to(ts, g.micros()).saturating_add(g.micros()),
                     None => i64::MIN,
                 };
                 conn.execute(
-                    "INSERT OR IGNORE INTO rollup_level (granularity, complete_from, source)
-                     VALUES (?1, ?2, ?3)",
-                    params![want.seconds as i64, from, want.source as i64],
+                    "INSERT OR IGNORE INTO rollup_level (granularity, complete_from, source,
+                                                         fold_from)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![secs, complete, source, from],
                 )?;
                 changed = true;
             }
@@ -441,6 +450,10 @@ pub fn register_rollup_levels(conn: &Connection, layout: &Layout<'_>) -> rusqlit
         conn.execute("UPDATE cache_epoch SET epoch = epoch + 1", [])?;
     }
     Ok(())
+}
+
+fn now_us() -> i64 {
+    crate::model::to_micros(time::OffsetDateTime::now_utc())
 }
 
 /// The version this build writes.
@@ -503,9 +516,11 @@ pub fn migrate(conn: &mut Connection, layout: &Layout<'_>) -> Result<(), Migrate
 
 fn levels_differ(conn: &Connection, layout: &Layout<'_>) -> rusqlite::Result<bool> {
     let registered = crate::sqlite::query::load_levels(conn)?;
-    Ok(rollup::assign_sources(layout.rollups, &registered)
-        .iter()
-        .any(|want| !registered.contains(want)))
+    Ok(
+        rollup::assign_sources(layout.rollups, &registered, now_us())
+            .iter()
+            .any(|want| !registered.contains(want)),
+    )
 }
 
 /// Failure of [`migrate`].

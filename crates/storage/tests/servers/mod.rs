@@ -232,6 +232,22 @@ impl TestDb {
         }
     }
 
+    /// Run one statement that returns no rows.
+    pub fn execute(&self, sql: &str) {
+        match self.admin() {
+            Admin::Sqlite(c) => {
+                c.execute_batch(sql).expect(sql);
+            }
+            Admin::Postgres(mut c) => {
+                c.batch_execute(sql).expect(sql);
+            }
+            Admin::Mysql(mut c) => {
+                use mysql::prelude::Queryable;
+                c.query_drop(sql).expect(sql);
+            }
+        }
+    }
+
     /// Every stored message_id.
     pub fn message_ids(&self) -> Vec<String> {
         let sql = "SELECT message_id FROM sample";
