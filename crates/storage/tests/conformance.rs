@@ -548,6 +548,18 @@ fn rollups_answer_aligned_statistics_as_the_raw_computation(kind: Kind) {
     }
 }
 
+/// Rollups hourly kept a day, daily kept forever.
+fn hourly_for_a_day_and_daily() -> StorageOptions {
+    let level = |seconds, retention_seconds| storage::rollup::Granularity {
+        seconds,
+        retention_seconds,
+    };
+    StorageOptions {
+        rollups: vec![level(3600, 86_400), level(86_400, 0)],
+        ..Default::default()
+    }
+}
+
 /// With the default levels a new store writes per-resource rollups hourly only; the daily
 /// level is their union with its own rows, into which the hourly buckets are folded when they
 /// pass their retention. Answers stay the raw computation's before and after the fold, after a
@@ -555,19 +567,7 @@ fn rollups_answer_aligned_statistics_as_the_raw_computation(kind: Kind) {
 fn per_resource_daily_rollups_are_folded_from_the_hourly_ones(kind: Kind) {
     let t = TestDb::new(kind);
     let hour = 3_600_000_000i64;
-    let opts = StorageOptions {
-        rollups: vec![
-            storage::rollup::Granularity {
-                seconds: 3600,
-                retention_seconds: 86_400,
-            },
-            storage::rollup::Granularity {
-                seconds: 86_400,
-                retention_seconds: 0,
-            },
-        ],
-        ..Default::default()
-    };
+    let opts = hourly_for_a_day_and_daily();
     let mut db = storage::open(&t.url, &opts).unwrap();
     let admin = &t;
     assert_eq!(
@@ -605,42 +605,12 @@ fn per_resource_daily_rollups_are_folded_from_the_hourly_ones(kind: Kind) {
     );
     let check = |db: &mut Box<dyn Storage>, stored: &[(String, i64, f64)], what: &str| {
         for res in ["r0", "r1", "r2"] {
-            let f = SampleFilter {
-                meter: Some("cpu".into()),
-                resource_id: Some(res.into()),
-                start: Some(start_t),
-                end: Some(today),
-                ..Default::default()
-            };
-            let (got, source) = db.get_meter_statistics_from(&f, Some(86_400)).unwrap();
-            assert_eq!(
-                source,
-                storage::StatsSource::Rollup {
-                    granularity: 86_400
-                }
-            );
-            let day = 24 * hour;
-            let mut want: BTreeMap<i64, Aggregate> = BTreeMap::new();
-            for (r, ts, v) in stored {
-                if r == res {
-                    fold(
-                        want.entry((ts - start) / day).or_insert(NO_SAMPLES),
-                        *v,
-                        *ts,
-                    );
-                }
-            }
-            assert_eq!(got.len(), want.len(), "{what} {res}");
-            for (st, (k, w)) in got.iter().zip(&want) {
-                let ps = (st.period_start.unix_timestamp_nanos() / 1000) as i64;
-                assert_eq!(ps, start + k * day, "{what} {res}");
-                assert_eq!(st.count, w.0, "{what} {res} day {k}");
-                assert!((st.sum - w.1).abs() <= 1e-6 * w.1.abs().max(1.0), "{what}");
-                assert_eq!((st.min, st.max), (w.2, w.3), "{what} {res} day {k}");
-                let first = (st.duration_start.unix_timestamp_nanos() / 1000) as i64;
-                let last = (st.duration_end.unix_timestamp_nanos() / 1000) as i64;
-                assert_eq!((first, last), (w.4, w.5), "{what} {res} day {k}");
-            }
+            let mine: Vec<(i64, f64)> = stored
+                .iter()
+                .filter(|(r, _, _)| r == res)
+                .map(|(_, ts, v)| (*ts, *v))
+                .collect();
+            assert_daily(db, res, (start_t, today), &mine, &format!("{what} {res}"));
         }
     };
     check(&mut db, &stored, "from the hourly buckets");
@@ -665,6 +635,74 @@ fn per_resource_daily_rollups_are_folded_from_the_hourly_ones(kind: Kind) {
     check(&mut db, &stored, "after a second fold");
 }
 
+/// `n` cpu samples of resource r0 (ids `{prefix}{i}` from `from`), at pseudo-random times in
+/// `[lo, lo + span)` µs; each (µs, volume) is appended to `stored`.
+fn r0_samples(
+    prefix: &str,
+    from: u64,
+    n: u64,
+    (lo, span): (i64, i64),
+    stored: &mut Vec<(i64, f64)>,
+) -> Vec<Sample> {
+    (from..from + n)
+        .map(|i| {
+            let r = mix(i ^ 0xf01d);
+            let ts = lo + (r >> 3) as i64 % span;
+            let v = ((r >> 20) % 1000) as f64 / 4.0;
+            stored.push((ts, v));
+            let when = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts) * 1000).unwrap();
+            sample(&format!("{prefix}{i}"), "cpu", "r0", &iso(when), v)
+        })
+        .collect()
+}
+
+/// `res`'s daily cpu statistics over [start, end) come from the daily rollup and equal the
+/// raw computation over its samples `stored` (µs, volume), per day from the start.
+fn assert_daily(
+    db: &mut Box<dyn Storage>,
+    res: &str,
+    (start_t, end_t): (OffsetDateTime, OffsetDateTime),
+    stored: &[(i64, f64)],
+    what: &str,
+) {
+    let start = (start_t.unix_timestamp_nanos() / 1000) as i64;
+    let f = SampleFilter {
+        meter: Some("cpu".into()),
+        resource_id: Some(res.into()),
+        start: Some(start_t),
+        end: Some(end_t),
+        ..Default::default()
+    };
+    let (got, source) = db.get_meter_statistics_from(&f, Some(86_400)).unwrap();
+    assert_eq!(
+        source,
+        storage::StatsSource::Rollup {
+            granularity: 86_400
+        },
+        "{what}"
+    );
+    let day = 86_400_000_000i64;
+    let mut want: BTreeMap<i64, Aggregate> = BTreeMap::new();
+    for (ts, v) in stored {
+        fold(
+            want.entry((ts - start) / day).or_insert(NO_SAMPLES),
+            *v,
+            *ts,
+        );
+    }
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (st, (k, w)) in got.iter().zip(&want) {
+        let ps = (st.period_start.unix_timestamp_nanos() / 1000) as i64;
+        assert_eq!(ps, start + k * day, "{what}");
+        assert_eq!(st.count, w.0, "{what} day {k}");
+        assert!((st.sum - w.1).abs() <= 1e-6 * w.1.abs().max(1.0), "{what}");
+        assert_eq!((st.min, st.max), (w.2, w.3), "{what} day {k}");
+        let first = (st.duration_start.unix_timestamp_nanos() / 1000) as i64;
+        let last = (st.duration_end.unix_timestamp_nanos() / 1000) as i64;
+        assert_eq!((first, last), (w.4, w.5), "{what} day {k}");
+    }
+}
+
 /// A level whose source is removed from the configuration takes the source's buckets (merged
 /// at open) and is written directly from then on: its answers stay the raw computation's.
 fn a_folded_level_whose_source_is_removed_takes_its_buckets(kind: Kind) {
@@ -681,52 +719,16 @@ fn a_folded_level_whose_source_is_removed_takes_its_buckets(kind: Kind) {
         rollups: vec![level(86_400)],
         ..Default::default()
     };
-    let hour = 3_600_000_000i64;
     let today = OffsetDateTime::now_utc().replace_time(time::Time::MIDNIGHT);
-    let start_t = today - Duration::days(3);
-    let start = (start_t.unix_timestamp_nanos() / 1000) as i64;
+    let range = (today - Duration::days(3), today);
+    let times = (
+        (range.0.unix_timestamp_nanos() / 1000) as i64,
+        3 * 86_400_000_000,
+    );
     let mut stored: Vec<(i64, f64)> = Vec::new();
-    let batch = |from: u64, n: u64, stored: &mut Vec<(i64, f64)>| -> Vec<Sample> {
-        (from..from + n)
-            .map(|i| {
-                let r = mix(i ^ 0xf01d);
-                let ts = start + (r >> 3) as i64 % (72 * hour);
-                let v = ((r >> 20) % 1000) as f64 / 4.0;
-                stored.push((ts, v));
-                let when =
-                    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts) * 1000).unwrap();
-                sample(&format!("d{i}"), "cpu", "r0", &iso(when), v)
-            })
-            .collect()
-    };
+    let batch = |from, n, stored: &mut Vec<(i64, f64)>| r0_samples("d", from, n, times, stored);
     let check = |db: &mut Box<dyn Storage>, stored: &[(i64, f64)], what: &str| {
-        let f = SampleFilter {
-            meter: Some("cpu".into()),
-            resource_id: Some("r0".into()),
-            start: Some(start_t),
-            end: Some(today),
-            ..Default::default()
-        };
-        let (got, source) = db.get_meter_statistics_from(&f, Some(86_400)).unwrap();
-        assert_eq!(
-            source,
-            storage::StatsSource::Rollup {
-                granularity: 86_400
-            },
-            "{what}"
-        );
-        let day = 24 * hour;
-        let mut want: BTreeMap<i64, Aggregate> = BTreeMap::new();
-        for (ts, v) in stored {
-            fold(
-                want.entry((ts - start) / day).or_insert(NO_SAMPLES),
-                *v,
-                *ts,
-            );
-        }
-        let got: Vec<_> = got.iter().map(|s| (s.count, s.sum, s.min, s.max)).collect();
-        let want: Vec<_> = want.values().map(|w| (w.0, w.1, w.2, w.3)).collect();
-        assert_eq!(got, want, "{what}");
+        assert_daily(db, "r0", range, stored, what)
     };
     let mut db = storage::open(&t.url, &both).unwrap();
     db.record_metering_data(&batch(0, 200, &mut stored))
@@ -752,66 +754,17 @@ fn a_folded_level_whose_source_is_removed_takes_its_buckets(kind: Kind) {
 /// expiry deleted the old hourly buckets (which the daily ones count already).
 fn a_store_with_direct_levels_is_folded_from_a_day_ahead(kind: Kind) {
     let t = TestDb::new(kind);
-    let opts = StorageOptions {
-        rollups: vec![
-            storage::rollup::Granularity {
-                seconds: 3600,
-                retention_seconds: 86_400,
-            },
-            storage::rollup::Granularity {
-                seconds: 86_400,
-                retention_seconds: 0,
-            },
-        ],
-        ..Default::default()
-    };
-    let hour = 3_600_000_000i64;
-    let day = 24 * hour;
+    let opts = hourly_for_a_day_and_daily();
+    let day = 86_400_000_000i64;
     let today = OffsetDateTime::now_utc().replace_time(time::Time::MIDNIGHT);
-    let start_t = today - Duration::days(3);
-    let start = (start_t.unix_timestamp_nanos() / 1000) as i64;
-    let end_t = today + Duration::days(5);
+    let range = (today - Duration::days(3), today + Duration::days(5));
+    let start = (range.0.unix_timestamp_nanos() / 1000) as i64;
     let mut stored: Vec<(i64, f64)> = Vec::new();
-    let batch = |from: u64, n: u64, lo: i64, span: i64, stored: &mut Vec<(i64, f64)>| {
-        (from..from + n)
-            .map(|i| {
-                let r = mix(i ^ 0xa11);
-                let ts = lo + (r >> 3) as i64 % span;
-                let v = ((r >> 20) % 1000) as f64 / 4.0;
-                stored.push((ts, v));
-                let when =
-                    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts) * 1000).unwrap();
-                sample(&format!("u{i}"), "cpu", "r0", &iso(when), v)
-            })
-            .collect::<Vec<Sample>>()
+    let batch = |from, n, lo, span, stored: &mut Vec<(i64, f64)>| {
+        r0_samples("u", from, n, (lo, span), stored)
     };
     let check = |db: &mut Box<dyn Storage>, stored: &[(i64, f64)], what: &str| {
-        let f = SampleFilter {
-            meter: Some("cpu".into()),
-            resource_id: Some("r0".into()),
-            start: Some(start_t),
-            end: Some(end_t),
-            ..Default::default()
-        };
-        let (got, source) = db.get_meter_statistics_from(&f, Some(86_400)).unwrap();
-        assert_eq!(
-            source,
-            storage::StatsSource::Rollup {
-                granularity: 86_400
-            },
-            "{what}"
-        );
-        let mut want: BTreeMap<i64, Aggregate> = BTreeMap::new();
-        for (ts, v) in stored {
-            fold(
-                want.entry((ts - start) / day).or_insert(NO_SAMPLES),
-                *v,
-                *ts,
-            );
-        }
-        let got: Vec<_> = got.iter().map(|s| (s.count, s.sum, s.min, s.max)).collect();
-        let want: Vec<_> = want.values().map(|w| (w.0, w.1, w.2, w.3)).collect();
-        assert_eq!(got, want, "{what}");
+        assert_daily(db, "r0", range, stored, what)
     };
     let mut old = storage::open(&t.url, &opts).unwrap();
     // What a store of the previous release looks like: both levels direct.
