@@ -4,9 +4,10 @@
 //! configured granularity (UTC-aligned: an hour, a day), per meter row and per (meter row,
 //! resource id): count, sum, min, max and the first and last timestamps, so avg and the
 //! duration follow. The drivers write them in the same transaction as the samples, counting
-//! only the samples actually inserted; here is the arithmetic they share: bucketing a batch,
-//! choosing the coarsest granularity that answers a statistics query exactly, and folding
-//! bucket rows into [`Statistics`] the way the raw query computes them.
+//! only the samples actually inserted (per resource, a coarser level is folded from a finer one
+//! instead: [`Level`]); here is the arithmetic they share: bucketing a batch, which levels a
+//! sample goes to, choosing the coarsest granularity that answers a statistics query exactly,
+//! and folding bucket rows into [`Statistics`] the way the raw query computes them.
 
 use crate::model::{from_micros, StatsSource};
 use crate::partition::floor_to;
