@@ -20,65 +20,48 @@ fn samples() -> (String, Vec<Vec<u8>>) {
     (secret, bytes)
 }
 
+/// The three benches of one decoder (`decode_value` or `decode_value_ref`), named with
+/// `suffix`: decode, verify an already decoded sample, and decode + verify + type.
+macro_rules! bench_decoder {
+    ($group:expr, $key:expr, $messages:expr, $decode:ident, $suffix:literal) => {{
+        let (group, key, messages) = ($group, $key, $messages);
+        group.bench_function(concat!("decode", $suffix), |b| {
+            b.iter(|| {
+                for m in messages {
+                    black_box($decode(black_box(m)).expect("decodes"));
+                }
+            })
+        });
+        let values: Vec<_> = messages
+            .iter()
+            .map(|m| $decode(m).expect("decodes"))
+            .collect();
+        group.bench_function(concat!("verify", $suffix), |b| {
+            b.iter(|| {
+                for v in &values {
+                    assert!(key.verify(black_box(v)));
+                }
+            })
+        });
+        group.bench_function(concat!("decode", $suffix, "+verify+from_value"), |b| {
+            b.iter(|| {
+                for m in messages {
+                    let value = $decode(black_box(m)).expect("decodes");
+                    assert!(key.verify(&value));
+                    black_box(Sample::from_value(value).expect("sample"));
+                }
+            })
+        });
+    }};
+}
+
 fn decode_verify(c: &mut Criterion) {
     let (secret, messages) = samples();
     let key = SigningKey::new(&secret);
     let mut group = c.benchmark_group("sample");
     group.throughput(Throughput::Elements(messages.len() as u64));
-    group.bench_function("decode", |b| {
-        b.iter(|| {
-            for m in &messages {
-                black_box(decode_value(black_box(m)).expect("decodes"));
-            }
-        })
-    });
-    let values: Vec<_> = messages
-        .iter()
-        .map(|m| decode_value(m).expect("decodes"))
-        .collect();
-    group.bench_function("verify", |b| {
-        b.iter(|| {
-            for v in &values {
-                assert!(key.verify(black_box(v)));
-            }
-        })
-    });
-    group.bench_function("decode+verify+from_value", |b| {
-        b.iter(|| {
-            for m in &messages {
-                let value = decode_value(black_box(m)).expect("decodes");
-                assert!(key.verify(&value));
-                black_box(Sample::from_value(value).expect("sample"));
-            }
-        })
-    });
-    group.bench_function("decode_ref", |b| {
-        b.iter(|| {
-            for m in &messages {
-                black_box(decode_value_ref(black_box(m)).expect("decodes"));
-            }
-        })
-    });
-    let refs: Vec<_> = messages
-        .iter()
-        .map(|m| decode_value_ref(m).expect("decodes"))
-        .collect();
-    group.bench_function("verify_ref", |b| {
-        b.iter(|| {
-            for v in &refs {
-                assert!(key.verify(black_box(v)));
-            }
-        })
-    });
-    group.bench_function("decode_ref+verify+from_value", |b| {
-        b.iter(|| {
-            for m in &messages {
-                let value = decode_value_ref(black_box(m)).expect("decodes");
-                assert!(key.verify(&value));
-                black_box(Sample::from_value(value).expect("sample"));
-            }
-        })
-    });
+    bench_decoder!(&mut group, &key, &messages, decode_value, "");
+    bench_decoder!(&mut group, &key, &messages, decode_value_ref, "_ref");
     group.finish();
 }
 

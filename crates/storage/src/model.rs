@@ -147,6 +147,11 @@ pub(crate) fn to_micros(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1000) as i64
 }
 
+/// Now, in microseconds since the Unix epoch.
+pub(crate) fn now_micros() -> i64 {
+    to_micros(OffsetDateTime::now_utc())
+}
+
 /// The inverse of [`to_micros`]; `None` outside the representable range.
 pub(crate) fn from_micros(us: i64) -> Option<OffsetDateTime> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000).ok()

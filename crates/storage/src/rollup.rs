@@ -208,6 +208,35 @@ pub fn assign_sources(config: &[Granularity], registered: &[Level], now: i64) ->
     out
 }
 
+/// What registering the configured levels changes in `rollup_level` now: each level whose
+/// row is new (`None`) or differs (`Some` of the row registered), with the row wanted; empty
+/// when nothing is to be done. For a level that had a source, the driver first merges that
+/// source's buckets from its `fold_from` on into the level.
+pub fn level_changes(config: &[Granularity], registered: &[Level]) -> Vec<(Option<Level>, Level)> {
+    assign_sources(config, registered, crate::model::now_micros())
+        .into_iter()
+        .filter_map(
+            |want| match registered.iter().find(|l| l.seconds == want.seconds) {
+                Some(had) if *had == want => None,
+                had => Some((had.copied(), want)),
+            },
+        )
+        .collect()
+}
+
+/// Where a level registered on a store whose newest rollup ends at `newest` (µs) is complete
+/// from: the bucket after it (samples stored before were not counted at that level), or the
+/// beginning on a store without rollups.
+pub fn complete_from(newest: Option<i64>, seconds: u64) -> i64 {
+    let step = i64::try_from(seconds)
+        .unwrap_or(i64::MAX / 1_000_000)
+        .saturating_mul(1_000_000);
+    match newest {
+        Some(ts) => floor_to(ts, step).saturating_add(step),
+        None => i64::MIN,
+    }
+}
+
 /// Which configured levels a sample is written to per resource: the direct ones, and a folded
 /// one while the sample is before its `fold_from`.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -217,14 +246,8 @@ pub struct ResourcePlan {
 }
 
 impl ResourcePlan {
-    /// Every configured level directly (before the levels are known).
-    pub fn all(config: &[Granularity]) -> ResourcePlan {
-        ResourcePlan {
-            direct: config.to_vec(),
-            until: Vec::new(),
-        }
-    }
-
+    /// The plan of `config`'s levels as registered in `levels` (a level not registered is
+    /// written directly).
     pub fn new(config: &[Granularity], levels: &[Level]) -> ResourcePlan {
         let mut plan = ResourcePlan::default();
         for g in config {
@@ -501,7 +524,7 @@ mod tests {
     #[test]
     fn batch_rollup_counts_each_sample_once_per_granularity() {
         let g = default_granularities();
-        let all = ResourcePlan::all(&g);
+        let all = ResourcePlan::new(&g, &[]);
         let mut b = BatchRollup::default();
         let h = 3_600_000_000;
         b.add(&g, &all, 1, "r", 10, 2.0);

@@ -163,7 +163,7 @@ impl MysqlStorage {
             json_buf: Vec::new(),
             ttl_seconds: options.time_to_live_seconds,
             levels: options.rollups.clone(),
-            plan: crate::rollup::ResourcePlan::all(&options.rollups),
+            plan: crate::rollup::ResourcePlan::default(),
             span_us,
             parts: partitions::Known::default(),
             reaper,

@@ -168,10 +168,6 @@ pub(crate) fn migrate(
     register_levels(conn, database, levels)
 }
 
-fn now_us() -> i64 {
-    crate::model::to_micros(time::OffsetDateTime::now_utc())
-}
-
 /// The schema lock's name. Lock names are server-wide: named after the database, at most 64
 /// characters.
 fn lock_name(database: &str) -> String {
@@ -463,11 +459,7 @@ pub(crate) fn merge_resource_rows_sql(filter: &str) -> String {
 /// source's buckets and becomes direct. Changes are made under the schema lock in one
 /// transaction that also moves the cache epoch, so every writer reloads the levels.
 fn register_levels(conn: &mut MyConn, database: &str, levels: &[Granularity]) -> Result<(), Fail> {
-    let registered = load_levels(conn)?;
-    if rollup::assign_sources(levels, &registered, now_us())
-        .iter()
-        .all(|want| registered.contains(want))
-    {
+    if rollup::level_changes(levels, &load_levels(conn)?).is_empty() {
         return Ok(());
     }
     let name = lock_name(database);
@@ -489,11 +481,9 @@ fn register_levels(conn: &mut MyConn, database: &str, levels: &[Granularity]) ->
 
 fn register_locked(conn: &mut MyConn, levels: &[Granularity]) -> Result<(), Fail> {
     conn.query_drop("START TRANSACTION")?;
-    let registered = load_levels(conn)?;
-    let mut changed = false;
-    for want in rollup::assign_sources(levels, &registered, now_us()) {
-        match registered.iter().find(|l| l.seconds == want.seconds) {
-            Some(had) if *had == want => {}
+    let changes = rollup::level_changes(levels, &load_levels(conn)?);
+    for (had, want) in &changes {
+        match had {
             Some(had) => {
                 if had.source != 0 {
                     conn.exec_drop(
@@ -505,30 +495,25 @@ fn register_locked(conn: &mut MyConn, levels: &[Granularity]) -> Result<(), Fail
                     "UPDATE rollup_level SET source = ?, fold_from = ? WHERE granularity = ?",
                     (want.source, want.fold_from, want.seconds),
                 )?;
-                changed = true;
             }
             None => {
                 let newest: Option<Option<i64>> =
                     conn.query_first("SELECT MAX(`last`) FROM rollup_meter")?;
-                let g = Granularity {
-                    seconds: want.seconds,
-                    retention_seconds: 0,
-                };
-                let from = match newest.flatten() {
-                    Some(ts) => floor_to(ts, g.micros()).saturating_add(g.micros()),
-                    None => i64::MIN,
-                };
                 conn.exec_drop(
                     "INSERT IGNORE INTO rollup_level (granularity, complete_from, source,
                                                       fold_from)
                      VALUES (?, ?, ?, ?)",
-                    (want.seconds, from, want.source, want.fold_from),
+                    (
+                        want.seconds,
+                        rollup::complete_from(newest.flatten(), want.seconds),
+                        want.source,
+                        want.fold_from,
+                    ),
                 )?;
-                changed = true;
             }
         }
     }
-    if changed {
+    if !changes.is_empty() {
         conn.query_drop("UPDATE cache_epoch SET epoch = epoch + 1 WHERE id = 1")?;
     }
     conn.query_drop("COMMIT")?;

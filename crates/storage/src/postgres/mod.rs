@@ -225,10 +225,7 @@ impl PostgresStorage {
             ttl_seconds: opts.time_to_live_seconds,
             levels: opts.rollups.clone(),
             level_seconds: opts.rollups.iter().map(|g| g.seconds as i64).collect(),
-            plan: PgPlan {
-                direct: opts.rollups.iter().map(|g| g.seconds as i64).collect(),
-                ..PgPlan::default()
-            },
+            plan: PgPlan::default(),
             span_us: i64::try_from(opts.partition_span_seconds)
                 .unwrap_or(i64::MAX / 1_000_000)
                 .max(1)
@@ -410,6 +407,7 @@ impl Storage for PostgresStorage {
                 let conn = link_conn(&mut self.link, &self.config, &self.levels, self.span_us)?;
                 let mut caches = Caches {
                     levels: &self.level_seconds,
+                    grans: &self.levels,
                     plan: &mut self.plan,
                     span_us: self.span_us,
                     meters: &mut self.meters,
@@ -525,16 +523,12 @@ struct PgPlan {
     until: Vec<i64>,
 }
 
-/// Of the configured granularities `levels`, the plan `rollup_level` gives.
-fn resource_plan(client: &mut Client, levels: &[i64]) -> Result<PgPlan, Fail> {
-    let grans: Vec<crate::rollup::Granularity> = levels
-        .iter()
-        .map(|&g| crate::rollup::Granularity {
-            seconds: g.max(0) as u64,
-            retention_seconds: 0,
-        })
-        .collect();
-    let plan = crate::rollup::ResourcePlan::new(&grans, &schema::load_levels(client)?);
+/// The per-resource plan `rollup_level` gives for the configured `levels`.
+fn resource_plan(
+    client: &mut Client,
+    levels: &[crate::rollup::Granularity],
+) -> Result<PgPlan, Fail> {
+    let plan = crate::rollup::ResourcePlan::new(levels, &schema::load_levels(client)?);
     Ok(PgPlan {
         direct: plan.direct.iter().map(|g| g.seconds as i64).collect(),
         until_seconds: plan.until.iter().map(|(g, _)| g.seconds as i64).collect(),
@@ -546,6 +540,8 @@ fn resource_plan(client: &mut Client, levels: &[i64]) -> Result<PgPlan, Fail> {
 struct Caches<'a> {
     /// Rollup granularities (seconds), for the insert's `$9`.
     levels: &'a [i64],
+    /// The same levels, for the per-resource plan.
+    grans: &'a [crate::rollup::Granularity],
     /// The levels written per resource, for `$10` to `$12`; reloaded with the caches.
     plan: &'a mut PgPlan,
     /// `partition_span_seconds` in µs, for partitions made on demand.
@@ -579,7 +575,7 @@ fn write_batch(
         *caches.epoch = client
             .query_one("SELECT epoch FROM cache_epoch", &[])?
             .get(0);
-        *caches.plan = resource_plan(client, caches.levels)?;
+        *caches.plan = resource_plan(client, caches.grans)?;
     }
     for _ in 0..EPOCH_RETRIES {
         // Expiry bumps the epoch whenever it deletes meter or resource rows, so while the
@@ -646,7 +642,7 @@ fn write_batch(
             log::debug!("cache epoch moved from {expected} to {found}: resolving ids again");
             caches.meters.clear();
             caches.resources.clear();
-            *caches.plan = resource_plan(client, caches.levels)?;
+            *caches.plan = resource_plan(client, caches.grans)?;
             *caches.epoch = found;
             continue;
         }

@@ -259,21 +259,15 @@ pub fn register_levels(
 ) -> Result<(), ::postgres::Error> {
     // Every connect comes here: compare first, so the newest-sample lookup (which reads every
     // sample: no index leads with the timestamp) runs only for a new level.
-    let registered = load_levels(client)?;
-    if crate::rollup::assign_sources(levels, &registered, now_us())
-        .iter()
-        .all(|want| registered.contains(want))
-    {
+    if crate::rollup::level_changes(levels, &load_levels(client)?).is_empty() {
         return Ok(());
     }
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])?;
-    let registered = load_levels(&mut tx)?;
-    let mut changed = false;
-    for want in crate::rollup::assign_sources(levels, &registered, now_us()) {
+    let changes = crate::rollup::level_changes(levels, &load_levels(&mut tx)?);
+    for (had, want) in &changes {
         let (secs, source, from) = (want.seconds as i64, want.source as i64, want.fold_from);
-        match registered.iter().find(|l| l.seconds == want.seconds) {
-            Some(had) if *had == want => {}
+        match had {
             Some(had) => {
                 if had.source != 0 {
                     let merge = MERGE
@@ -289,7 +283,6 @@ pub fn register_levels(
                     "UPDATE rollup_level SET source = $2, fold_from = $3 WHERE granularity = $1",
                     &[&secs, &source, &from],
                 )?;
-                changed = true;
             }
             None => {
                 let g_us = i64::try_from(want.seconds)
@@ -304,18 +297,13 @@ pub fn register_levels(
                      ON CONFLICT (granularity) DO NOTHING",
                     &[&secs, &g_us, &source, &from],
                 )?;
-                changed = true;
             }
         }
     }
-    if changed {
+    if !changes.is_empty() {
         tx.execute("UPDATE cache_epoch SET epoch = epoch + 1", &[])?;
     }
     tx.commit()
-}
-
-fn now_us() -> i64 {
-    crate::model::to_micros(time::OffsetDateTime::now_utc())
 }
 
 /// The version this build writes.

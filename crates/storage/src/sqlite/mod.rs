@@ -100,7 +100,7 @@ pub struct SqliteStorage {
     /// finds nothing. While set, every batch is followed by one [`SqliteStorage::reclaim_step`].
     graveyard: bool,
     /// The rollup levels a sample is written to per resource (the others are folded from one
-    /// of these: [`rollup::Level`]); reloaded with the caches.
+    /// of these: [`rollup::Level`]); loaded with the caches, before the first batch.
     plan: rollup::ResourcePlan,
 }
 
@@ -348,7 +348,7 @@ impl SqliteStorage {
             partitions: Partitions::default(),
             rollup_retention_at: None,
             graveyard: true,
-            plan: rollup::ResourcePlan::all(&opts.rollups),
+            plan: rollup::ResourcePlan::default(),
         };
         storage.connection()?;
         Ok(storage)

@@ -14,7 +14,7 @@
 //! a new store take their per-resource buckets from the finest, at its retention.
 
 use crate::msgkey::{message_key_sql, Dialect};
-use crate::partition::{floor_to, Range};
+use crate::partition::Range;
 use crate::rollup::{self, Granularity};
 use crate::StorageError;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
@@ -406,12 +406,10 @@ pub fn merge_resource_rows_sql(filter: &str) -> String {
 /// from its `fold_from` on and becomes direct. When anything changed, the cache epoch moves,
 /// so every writer reloads the levels before its next batch.
 pub fn register_rollup_levels(conn: &Connection, layout: &Layout<'_>) -> rusqlite::Result<()> {
-    let registered = crate::sqlite::query::load_levels(conn)?;
-    let mut changed = false;
-    for want in rollup::assign_sources(layout.rollups, &registered, now_us()) {
+    let changes = rollup::level_changes(layout.rollups, &crate::sqlite::query::load_levels(conn)?);
+    for (had, want) in &changes {
         let (secs, source, from) = (want.seconds as i64, want.source as i64, want.fold_from);
-        match registered.iter().find(|l| l.seconds == want.seconds) {
-            Some(had) if *had == want => {}
+        match had {
             Some(had) => {
                 if had.source != 0 {
                     conn.execute(
@@ -423,37 +421,28 @@ pub fn register_rollup_levels(conn: &Connection, layout: &Layout<'_>) -> rusqlit
                     "UPDATE rollup_level SET source = ?2, fold_from = ?3 WHERE granularity = ?1",
                     params![secs, source, from],
                 )?;
-                changed = true;
             }
             None => {
-                let g = Granularity {
-                    seconds: want.seconds,
-                    retention_seconds: 0,
-                };
                 let newest: Option<i64> =
                     conn.query_row("SELECT MAX(last) FROM rollup_meter", [], |r| r.get(0))?;
-                let complete = match newest {
-                    Some(ts) => floor_to(ts, g.micros()).saturating_add(g.micros()),
-                    None => i64::MIN,
-                };
                 conn.execute(
                     "INSERT OR IGNORE INTO rollup_level (granularity, complete_from, source,
                                                          fold_from)
                      VALUES (?1, ?2, ?3, ?4)",
-                    params![secs, complete, source, from],
+                    params![
+                        secs,
+                        rollup::complete_from(newest, want.seconds),
+                        source,
+                        from
+                    ],
                 )?;
-                changed = true;
             }
         }
     }
-    if changed {
+    if !changes.is_empty() {
         conn.execute("UPDATE cache_epoch SET epoch = epoch + 1", [])?;
     }
     Ok(())
-}
-
-fn now_us() -> i64 {
-    crate::model::to_micros(time::OffsetDateTime::now_utc())
 }
 
 /// The version this build writes.
@@ -516,11 +505,7 @@ pub fn migrate(conn: &mut Connection, layout: &Layout<'_>) -> Result<(), Migrate
 
 fn levels_differ(conn: &Connection, layout: &Layout<'_>) -> rusqlite::Result<bool> {
     let registered = crate::sqlite::query::load_levels(conn)?;
-    Ok(
-        rollup::assign_sources(layout.rollups, &registered, now_us())
-            .iter()
-            .any(|want| !registered.contains(want)),
-    )
+    Ok(!rollup::level_changes(layout.rollups, &registered).is_empty())
 }
 
 /// Failure of [`migrate`].
