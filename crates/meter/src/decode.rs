@@ -530,6 +530,13 @@ impl<'a> Decoder<'a> {
 
     fn str<T: Build<'a>>(&mut self, n: usize) -> Result<T, Error> {
         let bytes = self.take(n)?;
+        // Nearly every str of a sample is ASCII, and checking that a word at a time costs a
+        // fraction of full UTF-8 validation on short strings (callgrind: from_utf8 was ~6,600
+        // instructions per RPC sample, some 65 strs); anything else is validated in full.
+        if bytes.is_ascii() {
+            // SAFETY: ASCII bytes are valid UTF-8.
+            return Ok(T::str(unsafe { std::str::from_utf8_unchecked(bytes) }));
+        }
         match std::str::from_utf8(bytes) {
             Ok(s) => Ok(T::str(s)),
             Err(e) => Err(Error::Fail(Kind::InvalidUtf8 {

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use meter::decode::{decode_value_with, MAX_DEPTH_CEILING};
 use meter::encode::to_msgpack;
-use meter::{decode_value, read_value, DecodeError, Limits, Value};
+use meter::{decode_value, read_value, DecodeError, Limits, Node, Value};
 
 fn dec(bytes: &[u8]) -> Result<Value, DecodeError> {
     decode_value(bytes)
@@ -314,4 +314,57 @@ fn deepest_allowed_value_can_be_signed_encoded_and_dropped_on_a_small_stack() {
         })
         .unwrap();
     worker.join().unwrap();
+}
+
+/// A str of `s`'s bytes as msgpack (str 8 header).
+fn str8(s: &[u8]) -> Vec<u8> {
+    let mut out = vec![0xd9, s.len() as u8];
+    out.extend_from_slice(s);
+    out
+}
+
+#[test]
+fn strs_are_utf8_checked_at_every_length_and_position() {
+    // ASCII strs take a word-at-a-time path, the rest full validation: both must agree with
+    // the standard library on every length around a word and wherever the odd byte sits.
+    let odd: [&[u8]; 5] = [
+        "é".as_bytes(),
+        "日".as_bytes(),
+        "😀".as_bytes(),
+        &[0xff],
+        &[0xe6, 0x97], // a truncated 3-byte sequence
+    ];
+    for len in 0..40 {
+        let ascii: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+        let bytes = str8(&ascii);
+        let want = Value::Str(String::from_utf8(ascii.clone()).unwrap());
+        assert_eq!(dec(&bytes), Ok(want), "ascii of {len}");
+        assert_eq!(
+            meter::decode::decode_value_ref(&bytes),
+            Ok(meter::ValueRef::Str(std::str::from_utf8(&ascii).unwrap()))
+        );
+        for at in 0..=len {
+            for o in odd {
+                let mut s = ascii.clone();
+                s.splice(at..at, o.iter().copied());
+                let bytes = str8(&s);
+                let got = dec(&bytes);
+                let got_ref = meter::decode::decode_value_ref(&bytes).map(|v| v.to_value());
+                match std::str::from_utf8(&s) {
+                    Ok(text) => {
+                        assert_eq!(got, Ok(Value::Str(text.to_string())), "{s:02x?}");
+                        assert_eq!(got_ref, Ok(Value::Str(text.to_string())), "{s:02x?}");
+                    }
+                    Err(e) => {
+                        let want = Err(DecodeError::InvalidUtf8 {
+                            path: String::new(),
+                            valid_up_to: e.valid_up_to(),
+                        });
+                        assert_eq!(got, want, "{s:02x?}");
+                        assert_eq!(got_ref, want, "{s:02x?}");
+                    }
+                }
+            }
+        }
+    }
 }
