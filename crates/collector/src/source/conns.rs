@@ -10,7 +10,7 @@ use crate::untrusted::Untrusted;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::time::{Duration, Instant};
 
 /// Read no more from a connection whose unsent replies exceed this.
@@ -71,11 +71,29 @@ impl Stream {
             Stream::Unix(s) => s,
         }
     }
-    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+    fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
         match self {
-            Stream::Tcp(s) => s.read(b),
-            Stream::Unix(s) => s.read(b),
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
         }
+    }
+    /// Read up to `max` bytes onto the end of `buf`, into its spare capacity (which must hold
+    /// them): no zeroing first. Zero-filling the 64 KiB chunk before every read was ~1,400
+    /// instructions per RPC sample (callgrind), for bytes the kernel overwrites at once.
+    fn read_into(&mut self, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+        let spare = buf.spare_capacity_mut();
+        let want = max.min(spare.len());
+        // SAFETY: `read(2)` writes at most `want` bytes to the first `want` of `spare`, which
+        // this Vec owns; the length grows only by the count the kernel reports written.
+        let n = unsafe { libc::read(self.fd(), spare.as_mut_ptr().cast(), want) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        // SAFETY: the kernel initialized those `n <= want` bytes, within the capacity.
+        unsafe { buf.set_len(buf.len() + n) };
+        Ok(n)
     }
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
         match self {
@@ -487,10 +505,8 @@ impl Connections {
             }
             self.held = self.held - c.held + c.rbuf.capacity();
             c.held = c.rbuf.capacity();
-            c.rbuf.resize(len + READ_CHUNK, 0);
-            match c.stream.read(&mut c.rbuf[len..]) {
+            match c.stream.read_into(&mut c.rbuf, READ_CHUNK) {
                 Ok(0) => {
-                    c.rbuf.truncate(len);
                     c.read_closed = true;
                     let partial = c.rbuf.len() - c.rpos;
                     if partial > 0 {
@@ -502,7 +518,6 @@ impl Connections {
                     break;
                 }
                 Ok(n) => {
-                    c.rbuf.truncate(len + n);
                     c.last_active = Instant::now();
                     intake.counters.by_source.get_mut(c.proto.name()).bytes += n as u64;
                     self.process_buffer(i, intake);
@@ -521,13 +536,11 @@ impl Connections {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    c.rbuf.truncate(len);
                     shrink_idle(c);
                     break;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => c.rbuf.truncate(len),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    c.rbuf.truncate(len);
                     log::debug!("{}: read error: {e}", c.peer);
                     c.read_closed = true;
                     c.replies.clear();
