@@ -997,11 +997,69 @@ fn synchronous_level(value: &str) -> Result<&'static str, StorageError> {
 }
 
 /// Open, configure and migrate one connection.
+/// SQLite's allocator, mimalloc: see [`use_mimalloc`].
+unsafe extern "C" fn mem_malloc(n: c_int) -> *mut c_void {
+    libmimalloc_sys::mi_malloc(usize::try_from(n).unwrap_or(0))
+}
+unsafe extern "C" fn mem_free(p: *mut c_void) {
+    libmimalloc_sys::mi_free(p)
+}
+unsafe extern "C" fn mem_realloc(p: *mut c_void, n: c_int) -> *mut c_void {
+    libmimalloc_sys::mi_realloc(p, usize::try_from(n).unwrap_or(0))
+}
+unsafe extern "C" fn mem_size(p: *mut c_void) -> c_int {
+    c_int::try_from(libmimalloc_sys::mi_usable_size(p)).unwrap_or(c_int::MAX)
+}
+unsafe extern "C" fn mem_roundup(n: c_int) -> c_int {
+    let n = usize::try_from(n).unwrap_or(0);
+    c_int::try_from(libmimalloc_sys::mi_good_size(n)).unwrap_or(c_int::MAX)
+}
+unsafe extern "C" fn mem_init(_: *mut c_void) -> c_int {
+    rusqlite::ffi::SQLITE_OK
+}
+unsafe extern "C" fn mem_shutdown(_: *mut c_void) {}
+
+/// Give SQLite mimalloc for its own allocations (page cache, statements, records), once per
+/// process and before its first connection. With glibc's malloc, the writer thread's
+/// `malloc`/`free` were ~2.5 % of a worker's CPU under load (perf, 300k RPC samples), and the
+/// rest of the process already allocates with mimalloc. SQLite accepts an allocator only
+/// before it initializes: where something opened a connection first (a test, a tool), it
+/// keeps its default, which is only slower.
+fn use_mimalloc() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let methods = rusqlite::ffi::sqlite3_mem_methods {
+            xMalloc: Some(mem_malloc),
+            xFree: Some(mem_free),
+            xRealloc: Some(mem_realloc),
+            xSize: Some(mem_size),
+            xRoundup: Some(mem_roundup),
+            xInit: Some(mem_init),
+            xShutdown: Some(mem_shutdown),
+            pAppData: std::ptr::null_mut(),
+        };
+        // SAFETY: SQLITE_CONFIG_MALLOC takes a pointer to a sqlite3_mem_methods, which SQLite
+        // copies before returning; the functions above are plain wrappers that never unwind. Before
+        // sqlite3_initialize this is the documented way to set the allocator; after, SQLite
+        // refuses it with SQLITE_MISUSE and nothing changes.
+        let rc = unsafe {
+            rusqlite::ffi::sqlite3_config(
+                rusqlite::ffi::SQLITE_CONFIG_MALLOC,
+                &methods as *const rusqlite::ffi::sqlite3_mem_methods,
+            )
+        };
+        if rc != rusqlite::ffi::SQLITE_OK {
+            log::debug!("sqlite: already initialized, keeping its default allocator");
+        }
+    });
+}
+
 fn connect(
     target: &Target,
     opts: &StorageOptions,
     synchronous: &str,
 ) -> Result<Connection, StorageError> {
+    use_mimalloc();
     let conn = match target {
         Target::Memory => Connection::open_in_memory(),
         Target::File(path) => {
