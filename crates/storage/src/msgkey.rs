@@ -76,6 +76,68 @@ pub fn message_key(id: &str) -> Cow<'_, str> {
     }
 }
 
+/// The fields of uuid1 text, time first: time-high (with the version digit), time-mid,
+/// time-low, clock sequence, node, as (0-based start, length) in the text.
+const KEY_FIELDS: [(usize, usize); 5] = [(14, 4), (9, 4), (0, 8), (19, 4), (24, 12)];
+
+/// A SQLite chunk's stored key of `message_id` (chunks made by schema 6 on): for lowercase
+/// uuid1 text, its 16 bytes with the time fields first (what MySQL's `UUID_TO_BIN(u, 1)`
+/// gives), so keys sort by the sample's clock and inserts land at the end of the index; any
+/// other id is its own key, as text.
+///
+/// The key is unique exactly when the id is: two uuid1 texts give two different byte strings
+/// (the hex of the same 32 digits, reordered the same way), two other ids two different texts,
+/// and SQLite never finds a blob equal to a text. [`message_key_blob_sql`] computes the same
+/// in SQL, for a client that writes a chunk itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredKey<'a> {
+    Uuid1([u8; 16]),
+    Text(&'a str),
+}
+
+impl<'a> StoredKey<'a> {
+    pub fn of(id: &'a str) -> StoredKey<'a> {
+        let b = id.as_bytes();
+        if !shaped(b, &UUID1) {
+            return StoredKey::Text(id);
+        }
+        // Only [0-9a-f] reach here (the shape).
+        let hex = |c: u8| if c <= b'9' { c - b'0' } else { c - b'a' + 10 };
+        let mut out = [0u8; 16];
+        let mut n = 0;
+        for &(at, len) in &KEY_FIELDS {
+            for pair in b[at..at + len].chunks_exact(2) {
+                out[n] = (hex(pair[0]) << 4) | hex(pair[1]);
+                n += 1;
+            }
+        }
+        StoredKey::Uuid1(out)
+    }
+}
+
+impl rusqlite::ToSql for StoredKey<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        Ok(ToSqlOutput::Borrowed(match self {
+            StoredKey::Uuid1(b) => ValueRef::Blob(b),
+            StoredKey::Text(t) => ValueRef::Text(t.as_bytes()),
+        }))
+    }
+}
+
+/// [`StoredKey`] of column (or parameter) `col` in SQLite SQL (`unhex` needs SQLite 3.41).
+pub fn message_key_blob_sql(col: &str) -> String {
+    let digits: Vec<String> = KEY_FIELDS
+        .iter()
+        .map(|(at, len)| format!("substr({col}, {}, {len})", at + 1))
+        .collect();
+    format!(
+        "(CASE WHEN {col} GLOB '{}' THEN unhex({}) ELSE {col} END)",
+        glob(&UUID1),
+        digits.join(" || ")
+    )
+}
+
 /// The shape as a SQLite `GLOB` pattern.
 fn glob(shape: &[(usize, Option<char>); 5]) -> String {
     let fields: Vec<String> = shape
@@ -170,6 +232,30 @@ mod tests {
     }
 
     #[test]
+    fn a_uuid1_is_stored_as_its_bytes_time_first() {
+        let k = StoredKey::of(U);
+        let want = [
+            0x11, 0xef, 0x9e, 0x41, 0x5f, 0x2b, 0x1c, 0x3a, 0x8a, 0x3c, 0x02, 0x42, 0xac, 0x12,
+            0x00, 0x02,
+        ];
+        assert_eq!(k, StoredKey::Uuid1(want));
+        for other in [
+            "id-1",
+            "5F2B1C3A-9E41-11EF-8A3C-0242AC120002",
+            "11ef-9e41-5f2b1c3a-8a3c-0242ac120002",
+        ] {
+            assert_eq!(StoredKey::of(other), StoredKey::Text(other));
+        }
+        // Later clock, greater key, although the later id's text sorts first.
+        let early = StoredKey::of("ffffff00-9e41-11ef-8a3c-0242ac120002");
+        let late = StoredKey::of("00000100-9e42-11ef-8a3c-0242ac120002");
+        match (early, late) {
+            (StoredKey::Uuid1(e), StoredKey::Uuid1(l)) => assert!(e < l),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn keys_sort_by_the_uuid_clock() {
         // Two ids 429.5 s apart: the later one's low clock bits wrapped, so its text sorts first.
         let early = "ffffff00-9e41-11ef-8a3c-0242ac120002";
@@ -195,6 +281,19 @@ mod tests {
         fn the_key_is_an_involution(s in "[0-9a-f1-]{30,40}|[0-9a-f]{8}-[0-9a-f]{4}-1[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}|1[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{12}|\\PC{0,40}") {
             let k = message_key(&s);
             proptest::prop_assert_eq!(message_key(&k), s.as_str());
+        }
+
+        #[test]
+        fn sqlite_computes_the_same_stored_key(s in "[0-9a-f]{8}-[0-9a-f]{4}-1[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-fA-F]{8}-[0-9a-f]{4}-[14][0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f1-]{34,38}|\\PC{0,40}") {
+            let conn = rusqlite::Connection::open_in_memory().unwrap();
+            let sql = format!("SELECT {0} IS ?2 AND typeof({0}) = typeof(?2)", message_key_blob_sql("?1"));
+            let same: bool = conn.query_row(&sql, rusqlite::params![s, StoredKey::of(&s)], |r| r.get(0)).unwrap();
+            proptest::prop_assert!(same, "{:?}", StoredKey::of(&s));
+        }
+
+        #[test]
+        fn stored_keys_are_distinct_exactly_when_ids_are(a in "[0-9a-f]{8}-[0-9a-f]{4}-1[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}|\\PC{0,40}", b in "[0-9a-f]{8}-[0-9a-f]{4}-1[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}|\\PC{0,40}") {
+            proptest::prop_assert_eq!(StoredKey::of(&a) == StoredKey::of(&b), a == b);
         }
 
         #[test]

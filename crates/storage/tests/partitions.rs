@@ -665,22 +665,10 @@ fn uuid1_batch(days: i64, n: usize) -> Vec<meter::Sample> {
     out
 }
 
-/// Version 4 indexes a new chunk's `message_id`s by their time-ordered key; a chunk made
-/// before keeps its `UNIQUE` column. Both must admit exactly the distinct ids: a retry is a
-/// duplicate in either, and an id and its key form are two samples.
-#[test]
-fn a_version_3_file_keeps_its_chunks_and_new_chunks_index_the_message_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.db");
-    let opts = StorageOptions::default();
-    let old = uuid1_batch(2, 50);
-    {
-        let mut db = storage::open(&url_for(&path), &opts).unwrap();
-        assert_eq!(db.record_metering_data(&old).unwrap().stored, 100);
-    }
-    // Turn that chunk into one made by version 3: a UNIQUE message_id column, no key index.
-    let c = Connection::open(&path).unwrap();
-    let chunk = chunk_tables(&path).remove(0);
+/// Rebuild chunk table `chunk` of the file `c` as an older version made it: `unique` is its
+/// uniqueness clause (a `UNIQUE` column for version 3, a unique index for versions 4 and 5),
+/// without version 6's `message_key` column. The rows are kept.
+fn remake_chunk_as_before_v6(c: &Connection, chunk: &str, unique_index: Option<&str>) {
     let view: String = c
         .query_row(
             "SELECT sql FROM sqlite_master WHERE name = 'sample'",
@@ -688,31 +676,71 @@ fn a_version_3_file_keeps_its_chunks_and_new_chunks_index_the_message_key() {
             |r| r.get(0),
         )
         .unwrap();
+    let (column, index) = match unique_index {
+        None => (" UNIQUE".to_string(), String::new()),
+        Some(expr) => (
+            String::new(),
+            format!("CREATE UNIQUE INDEX \"ix_{chunk}_message_key\" ON \"{chunk}\" ({expr});"),
+        ),
+    };
     c.execute_batch(&format!(
         "DROP VIEW sample;
          CREATE TABLE old_rows AS SELECT * FROM \"{chunk}\";
          DROP TABLE \"{chunk}\";
          CREATE TABLE \"{chunk}\" (id INTEGER PRIMARY KEY, meter_id INTEGER NOT NULL,
            resource_id INTEGER NOT NULL, volume REAL NOT NULL, timestamp INTEGER NOT NULL,
-           recorded_at INTEGER NOT NULL, message_id TEXT NOT NULL UNIQUE, message_signature TEXT);
+           recorded_at INTEGER NOT NULL, message_id TEXT NOT NULL{column}, message_signature TEXT);
          {view};
+         {index}
          CREATE INDEX \"ix_{chunk}_meter_timestamp\" ON \"{chunk}\" (meter_id, timestamp);
          CREATE INDEX \"ix_{chunk}_resource_timestamp\" ON \"{chunk}\" (resource_id, timestamp);
-         INSERT INTO \"{chunk}\" SELECT * FROM old_rows; DROP TABLE old_rows;
-         UPDATE schema_version SET version = 3;"
+         INSERT INTO \"{chunk}\" SELECT id, meter_id, resource_id, volume, timestamp, recorded_at,
+           message_id, message_signature FROM old_rows;
+         DROP TABLE old_rows;"
     ))
     .unwrap();
+}
+
+/// Each version's chunks keep the uniqueness they were made with: version 3 a `UNIQUE`
+/// `message_id` column, versions 4 and 5 a unique index on the time-ordered key expression,
+/// version 6 on the `message_key` column the driver writes. All must admit exactly the
+/// distinct ids: a retry is a duplicate in each, and an id and its key form are two samples.
+#[test]
+fn every_version_s_chunks_admit_exactly_the_distinct_message_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let opts = StorageOptions::default();
+    let v3 = uuid1_batch(3, 50);
+    let v5 = uuid1_batch(2, 40);
+    {
+        let mut db = storage::open(&url_for(&path), &opts).unwrap();
+        assert_eq!(db.record_metering_data(&v3).unwrap().stored, 100);
+        assert_eq!(db.record_metering_data(&v5).unwrap().stored, 80);
+    }
+    // Turn those chunks into ones made by versions 3 and 5, and the file into a version 3 one.
+    let c = Connection::open(&path).unwrap();
+    let chunks = chunk_tables(&path);
+    remake_chunk_as_before_v6(&c, &chunks[0], None);
+    let expr = storage::msgkey::message_key_sql("message_id", storage::msgkey::Dialect::Sqlite);
+    remake_chunk_as_before_v6(&c, &chunks[1], Some(&expr));
+    c.execute_batch("UPDATE schema_version SET version = 3")
+        .unwrap();
+    drop(c);
+
     let mut db = storage::open(&url_for(&path), &opts).unwrap();
     assert_eq!(
         count(&path, "SELECT version FROM schema_version"),
         storage::sqlite::schema::current_version()
     );
-    let out = db.record_metering_data(&old).unwrap();
+    let out = db.record_metering_data(&v3).unwrap();
     assert_eq!(
         (out.stored, out.duplicates),
         (0, 100),
         "retry into the v3 chunk"
     );
+    // Into the v5 chunk: its 80 stored already, and 5 more pairs.
+    let out = db.record_metering_data(&uuid1_batch(2, 45)).unwrap();
+    assert_eq!((out.stored, out.duplicates), (10, 80), "the v5 chunk");
 
     let new = uuid1_batch(0, 200);
     let out = db.record_metering_data(&new).unwrap();
@@ -721,7 +749,7 @@ fn a_version_3_file_keeps_its_chunks_and_new_chunks_index_the_message_key() {
     assert_eq!(
         (out.stored, out.duplicates),
         (0, 30),
-        "retry into the v4 chunk"
+        "retry into the v6 chunk"
     );
     // Duplicates inside one batch, too.
     let mut twice = uuid1_batch(1, 3);
@@ -729,7 +757,10 @@ fn a_version_3_file_keeps_its_chunks_and_new_chunks_index_the_message_key() {
     let out = db.record_metering_data(&twice).unwrap();
     assert_eq!((out.stored, out.duplicates), (6, 6));
 
-    let key_index = |table: &str| {
+    let tables = chunk_tables(&path);
+    assert_eq!(tables.len(), 4);
+    let c = Connection::open(&path).unwrap();
+    let glob_index = |table: &str| {
         count(
             &path,
             &format!(
@@ -738,34 +769,65 @@ fn a_version_3_file_keeps_its_chunks_and_new_chunks_index_the_message_key() {
             ),
         )
     };
-    let tables = chunk_tables(&path);
-    assert_eq!(tables.len(), 3);
-    assert_eq!(key_index(&tables[0]), 0);
-    assert_eq!(key_index(&tables[1]), 1);
-    assert_eq!(key_index(&tables[2]), 1);
+    let keyed = |t: &str| storage::sqlite::schema::keyed_chunk(&c, t).unwrap();
+    assert_eq!((keyed(&tables[0]), glob_index(&tables[0])), (false, 0));
+    assert_eq!((keyed(&tables[1]), glob_index(&tables[1])), (false, 1));
+    assert_eq!((keyed(&tables[2]), glob_index(&tables[2])), (true, 0));
+    assert_eq!((keyed(&tables[3]), glob_index(&tables[3])), (true, 0));
+    // A uuid1 id's key is its 16 bytes, any other id's the id itself.
+    let kinds = count(
+        &path,
+        &format!(
+            "SELECT COUNT(*) FROM \"{}\" WHERE (typeof(message_key) = 'blob'
+               AND length(message_key) = 16 AND message_id GLOB '*-*-1*')
+               OR (typeof(message_key) = 'text' AND message_key = message_id)",
+            tables[3]
+        ),
+    );
+    assert_eq!(kinds, 400);
     // The column keeps each id as sent.
     let got = db.get_samples(&SampleFilter::default()).unwrap();
     let mut ids: Vec<String> = got.into_iter().map(|s| s.message_id).collect();
     ids.sort();
-    let mut want: Vec<String> = old
+    let mut want: Vec<String> = v3
         .iter()
+        .chain(&uuid1_batch(2, 45))
         .chain(&new)
         .chain(&twice[..6])
         .map(|s| s.message_id.clone())
         .collect();
     want.sort();
     assert_eq!(ids, want);
-    // A client outside the daemon (the sqlite3 shell) can write the keyed chunk, and the
-    // key still refuses a duplicate.
-    let c = Connection::open(&path).unwrap();
-    let insert = format!(
-        "INSERT INTO \"{}\" (meter_id, resource_id, volume, timestamp, recorded_at, message_id)
-           SELECT meter_id, resource_id, volume, timestamp, recorded_at, message_id
-             FROM \"{}\" LIMIT 1",
-        tables[2], tables[2]
+    // A client outside the daemon (the sqlite3 shell) can write each chunk, and the unique
+    // index still refuses a duplicate: in a version 6 chunk it must give the key, which
+    // msgkey::message_key_blob_sql computes.
+    for (table, key) in [
+        (&tables[1], None),
+        (
+            &tables[3],
+            Some(storage::msgkey::message_key_blob_sql("message_id")),
+        ),
+    ] {
+        let (col, val) = match &key {
+            Some(k) => (", message_key", format!(", {k}")),
+            None => ("", String::new()),
+        };
+        let insert = format!(
+            "INSERT INTO \"{table}\" (meter_id, resource_id, volume, timestamp, recorded_at,
+               message_id{col})
+               SELECT meter_id, resource_id, volume, timestamp, recorded_at, message_id{val}
+                 FROM \"{table}\" WHERE message_id GLOB '*-*-1*' LIMIT 1"
+        );
+        let err = c.execute(&insert, []).unwrap_err().to_string();
+        assert!(err.contains("UNIQUE"), "{table}: {err}");
+    }
+    let missing_key = format!(
+        "INSERT INTO \"{t}\" (meter_id, resource_id, volume, timestamp, recorded_at, message_id)
+           VALUES (1, 1, 1.0, 1, 1, 'new-id')",
+        t = tables[3]
     );
-    let err = c.execute(&insert, []).unwrap_err().to_string();
-    assert!(err.contains("UNIQUE"), "{err}");
+    let err = c.execute(&missing_key, []).unwrap_err().to_string();
+    assert!(err.contains("NOT NULL"), "{err}");
 }
 
 /// SQLite refuses a compound SELECT of more than 500 terms: a store of day chunks kept without

@@ -19,6 +19,7 @@ pub mod schema;
 
 use crate::json::{flatten, FlatValue, Json};
 use crate::model::to_micros;
+use crate::msgkey::StoredKey;
 use crate::partition::{self, Partitions};
 use crate::rollup::{self, BatchRollup};
 use crate::url::StorageUrl;
@@ -93,6 +94,9 @@ pub struct SqliteStorage {
     /// The chunk tables known to this connection; reloaded with the caches (expiry drops
     /// chunks and bumps the epoch) and when a batch needs one it does not know.
     partitions: Partitions,
+    /// Whether each chunk table used so far has schema 6's `message_key` column (which
+    /// insert statement it takes); forgotten with the partitions.
+    keyed: std::collections::HashMap<String, bool>,
     /// When rollup retention last ran (it walks every series, so not on every pass).
     rollup_retention_at: Option<Instant>,
     /// Whether `sample_graveyard` may list expired chunks whose pages are still to be
@@ -150,21 +154,35 @@ struct Row<'a> {
 /// fixed set of sizes keeps the statements in the prepared-statement cache.
 const CHUNK_SIZES: [usize; 4] = [128, 32, 8, 1];
 
-/// The largest chunk size that fits in `remaining` rows, and its statement for chunk `table`.
-fn insert_statement(table: &str, remaining: usize) -> (usize, String) {
+/// The largest chunk size that fits in `remaining` rows, and its statement for chunk `table`
+/// (`keyed`: made by schema 6 or later, with a `message_key` column; see [`schema::keyed_chunk`]).
+///
+/// A keyed chunk's insert is `INSERT OR IGNORE` of plain values: nothing in it can fail
+/// half-way (no SQL function, no constraint resolved by aborting), so SQLite keeps no statement
+/// journal for it. Its constraints are the unique key (a duplicate is skipped, as `ON CONFLICT
+/// DO NOTHING` did) and NOT NULLs the bound values always satisfy. An older chunk's unique
+/// index is an expression of `message_id` ([`crate::msgkey::message_key_sql`]), evaluated by
+/// SQLite for every row, and keeps its statement.
+fn insert_statement(table: &str, remaining: usize, keyed: bool) -> (usize, String) {
     let i = CHUNK_SIZES
         .iter()
         .position(|&n| n <= remaining)
         .unwrap_or(CHUNK_SIZES.len() - 1);
-    let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; CHUNK_SIZES[i]].join(", ");
-    (
-        CHUNK_SIZES[i],
+    let sql = if keyed {
+        let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; CHUNK_SIZES[i]].join(", ");
+        format!(
+            "INSERT OR IGNORE INTO \"{table}\" (meter_id, resource_id, volume, timestamp,
+               recorded_at, message_id, message_signature, message_key) VALUES {values}"
+        )
+    } else {
+        let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; CHUNK_SIZES[i]].join(", ");
         format!(
             "INSERT INTO \"{table}\" (meter_id, resource_id, volume, timestamp, recorded_at,
                message_id, message_signature) VALUES {values}
              ON CONFLICT DO NOTHING"
-        ),
-    )
+        )
+    };
+    (CHUNK_SIZES[i], sql)
 }
 
 /// Rollup rows are upserted by multi-row statements of these sizes.
@@ -273,13 +291,23 @@ fn write_rollups(conn: &Connection, b: &BatchRollup<'_>) -> rusqlite::Result<()>
 fn insert_chunk(
     conn: &Connection,
     table: &str,
+    keyed: bool,
     sql: &str,
     chunk: &[&Row<'_>],
     recorded_at: i64,
     outcome: &mut RecordOutcome,
 ) -> rusqlite::Result<()> {
-    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(chunk.len() * 7);
-    for r in chunk {
+    let keys: Vec<StoredKey<'_>> = if keyed {
+        chunk
+            .iter()
+            .map(|r| StoredKey::of(&r.sample.message_id))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let width = if keyed { 8 } else { 7 };
+    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(chunk.len() * width);
+    for (i, r) in chunk.iter().enumerate() {
         params.extend_from_slice(&[
             &r.meter_id as &dyn ToSql,
             &r.resource_id,
@@ -289,6 +317,9 @@ fn insert_chunk(
             &r.sample.message_id,
             &r.sample.message_signature,
         ]);
+        if let Some(k) = keys.get(i) {
+            params.push(k);
+        }
     }
     let inserted = conn.prepare_cached(sql)?.execute(&*params)?;
     if inserted == chunk.len() {
@@ -346,6 +377,7 @@ impl SqliteStorage {
             epoch: i64::MIN,
             json_buf: Vec::new(),
             partitions: Partitions::default(),
+            keyed: Default::default(),
             rollup_retention_at: None,
             graveyard: true,
             plan: rollup::ResourcePlan::default(),
@@ -397,6 +429,7 @@ impl SqliteStorage {
         self.meters.clear();
         self.resources.clear();
         self.partitions.clear();
+        self.keyed.clear();
         self.epoch = i64::MIN;
     }
 
@@ -427,6 +460,7 @@ impl SqliteStorage {
             self.meters.clear();
             self.resources.clear();
             self.partitions.clear();
+            self.keyed.clear();
             self.epoch = epoch;
             self.graveyard = graveyard_pending(&tx)?;
             self.plan = rollup::ResourcePlan::new(&self.opts.rollups, &query::load_levels(&tx)?);
@@ -464,13 +498,21 @@ impl SqliteStorage {
                 self.partitions.insert(*range);
                 name
             };
+            let keyed = match self.keyed.get(&table) {
+                Some(&k) => k,
+                None => {
+                    let k = schema::keyed_chunk(&tx, &table)?;
+                    self.keyed.insert(table.clone(), k);
+                    k
+                }
+            };
             part_rows.clear();
             part_rows.extend(positions.iter().map(|&i| &rows[i]));
             let mut rest = &part_rows[..];
             while !rest.is_empty() {
-                let (size, sql) = insert_statement(&table, rest.len());
+                let (size, sql) = insert_statement(&table, rest.len(), keyed);
                 let (chunk, tail) = rest.split_at(size);
-                insert_chunk(&tx, &table, &sql, chunk, recorded_at, outcome)?;
+                insert_chunk(&tx, &table, keyed, &sql, chunk, recorded_at, outcome)?;
                 rest = tail;
             }
         }

@@ -54,11 +54,13 @@ fn from(parts: &[Range]) -> String {
     let union = if parts.is_empty() {
         NO_SAMPLES.to_string()
     } else {
-        super::schema::union_all(
-            parts
-                .iter()
-                .map(|p| format!("SELECT * FROM \"{}\"", p.name("sample_"))),
-        )
+        super::schema::union_all(parts.iter().map(|p| {
+            format!(
+                "SELECT {} FROM \"{}\"",
+                super::schema::CHUNK_COLUMNS,
+                p.name("sample_")
+            )
+        }))
     };
     format!(
         " FROM ({union}) s

@@ -12,13 +12,14 @@
 //! Version 4 indexes new chunks' `message_id`s by their time-ordered key ([`crate::msgkey`]).
 //! Version 5 records each rollup level's *source* ([`crate::rollup::Level`]): coarser levels of
 //! a new store take their per-resource buckets from the finest, at its retention.
+//! Version 6 gives new chunks a `message_key` column ([`crate::msgkey::StoredKey`]), written by
+//! the driver, in place of version 4's index expression.
 
-use crate::msgkey::{message_key_sql, Dialect};
+use crate::msgkey::message_key_blob_sql;
 use crate::partition::Range;
 use crate::rollup::{self, Granularity};
 use crate::StorageError;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
-use std::sync::OnceLock;
 
 /// Version 1: ceilometer's normalized model (meter, resource, sample) plus typed, flattened
 /// resource metadata and the cache epoch. See docs/storage.md for the reasoning per column.
@@ -166,9 +167,11 @@ fn v2(tx: &Transaction<'_>, layout: &Layout<'_>) -> rusqlite::Result<()> {
         let name = create_chunk(tx, r)?;
         tx.execute(
             &format!(
-                "INSERT INTO \"{name}\" SELECT * FROM sample
+                "INSERT INTO \"{name}\" ({CHUNK_COLUMNS}, message_key)
+                 SELECT {CHUNK_COLUMNS}, {key} FROM sample
                   WHERE meter_id IN (SELECT id FROM meter) AND timestamp >= ?1 AND timestamp < ?2
-                  ORDER BY id"
+                  ORDER BY id",
+                key = message_key_blob_sql("message_id")
             ),
             params![r.lo, r.hi],
         )?;
@@ -211,7 +214,11 @@ pub fn refresh_view(conn: &Connection) -> rusqlite::Result<()> {
     let body = if names.is_empty() {
         NO_SAMPLES.to_string()
     } else {
-        union_all(names.iter().map(|n| format!("SELECT * FROM \"{n}\"")))
+        union_all(
+            names
+                .iter()
+                .map(|n| format!("SELECT {CHUNK_COLUMNS} FROM \"{n}\"")),
+        )
     };
     conn.execute_batch(&format!(
         "DROP VIEW IF EXISTS sample; CREATE VIEW sample AS {body};"
@@ -257,7 +264,12 @@ pub fn and_all(terms: impl Iterator<Item = String>) -> String {
     terms.remove(0)
 }
 
-/// The columns of every chunk table, for an empty stand-in when there is no chunk.
+/// The columns every chunk table has, whichever version made it (version 6's also have
+/// `message_key`): what the `sample` view and the raw queries select.
+pub const CHUNK_COLUMNS: &str =
+    "id, meter_id, resource_id, volume, timestamp, recorded_at, message_id, message_signature";
+
+/// [`CHUNK_COLUMNS`] as an empty stand-in when there is no chunk.
 pub const NO_SAMPLES: &str = "SELECT 0 AS id, 0 AS meter_id, 0 AS resource_id, 0.0 AS volume,
     0 AS timestamp, 0 AS recorded_at, '' AS message_id, NULL AS message_signature WHERE 0";
 
@@ -322,12 +334,13 @@ fn create_chunk(tx: &Connection, r: Range) -> rusqlite::Result<String> {
              timestamp         INTEGER NOT NULL,
              recorded_at       INTEGER NOT NULL,
              message_id        TEXT NOT NULL,
-             message_signature TEXT
+             message_signature TEXT,
+             -- msgkey::StoredKey of message_id (a blob for uuid1, else the id): unique.
+             message_key       BLOB NOT NULL
          );
-         CREATE UNIQUE INDEX IF NOT EXISTS \"ix_{name}_message_key\" ON \"{name}\" {key};
+         CREATE UNIQUE INDEX IF NOT EXISTS \"ix_{name}_message_key\" ON \"{name}\" (message_key);
          CREATE INDEX IF NOT EXISTS \"ix_{name}_meter_timestamp\" ON \"{name}\" (meter_id, timestamp);
          CREATE INDEX IF NOT EXISTS \"ix_{name}_resource_timestamp\" ON \"{name}\" (resource_id, timestamp);",
-        key = message_key_index()
     ))?;
     let added = tx.execute(
         "INSERT OR IGNORE INTO sample_partition (lo, hi, name) VALUES (?1, ?2, ?3)",
@@ -337,13 +350,6 @@ fn create_chunk(tx: &Connection, r: Range) -> rusqlite::Result<String> {
         refresh_view(tx)?;
     }
     Ok(name)
-}
-
-/// The unique index expression of a chunk made by version 4: [`crate::msgkey`]'s key of
-/// `message_id`, so that uuid1 ids are inserted in time order instead of at random pages.
-fn message_key_index() -> &'static str {
-    static SQL: OnceLock<String> = OnceLock::new();
-    SQL.get_or_init(|| format!("({})", message_key_sql("message_id", Dialect::Sqlite)))
 }
 
 /// Version 4: chunks made from now on enforce `message_id`'s uniqueness by a unique index on
@@ -378,8 +384,29 @@ fn v5(tx: &Transaction<'_>, _: &Layout<'_>) -> rusqlite::Result<()> {
     )
 }
 
+/// Version 6: chunks made from now on carry their samples' [`crate::msgkey::StoredKey`] in a
+/// `message_key` column, written by the driver with each row, and are unique on that column
+/// instead of on version 4's expression. Evaluating the expression (two `GLOB`s, five
+/// `substr`s) for every inserted row cost more than the column, and any SQL function in a
+/// statement makes SQLite keep a statement journal, a copy of every page a multi-row insert
+/// changes: with a plain column and `INSERT OR IGNORE`, an insert can no longer fail half-way
+/// and keeps none (docs/performance.md, seventh session). Older chunks keep their index and
+/// the driver's older statement for them; nothing is rewritten. The version changes so that an
+/// older build, which would insert rows without the key, refuses the file.
+fn v6(_: &Transaction<'_>, _: &Layout<'_>) -> rusqlite::Result<()> {
+    Ok(())
+}
+
 /// Applied in order; entry `i` takes a file from version `i` to `i + 1`. Append only.
-pub const MIGRATIONS: &[Step] = &[v1, v2, v3, v4, v5];
+pub const MIGRATIONS: &[Step] = &[v1, v2, v3, v4, v5, v6];
+
+/// Whether chunk table `name` has version 6's `message_key` column.
+pub fn keyed_chunk(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = 'message_key')",
+    )?
+    .query_row([name], |r| r.get(0))
+}
 
 /// The `rollup_resource` upsert that merges the rows of granularity `?2` chosen by `filter` (a
 /// condition on `bucket`) into level `?1`, each into the bucket of `?1` holding it.
