@@ -125,6 +125,22 @@ impl rusqlite::ToSql for StoredKey<'_> {
     }
 }
 
+/// The `message_id` of a SQLite chunk row, in SQL (`p` prefixes the column names, e.g. `s.`):
+/// chunks made from schema 6 on keep the id only as its [`StoredKey`] (`message_id` is NULL),
+/// which this turns back into the id (lowercase hex in uuid1 order for a blob, the text
+/// itself otherwise); older chunks keep `message_id` (and a NULL key).
+pub fn message_id_sql(p: &str) -> String {
+    let k = format!("{p}message_key");
+    let digits: Vec<String> = [(8, 8), (4, 4), (0, 4), (16, 4), (20, 12)]
+        .iter()
+        .map(|(at, len)| format!("substr(hex({k}), {}, {len})", at + 1))
+        .collect();
+    format!(
+        "COALESCE({p}message_id, CASE typeof({k}) WHEN 'blob' THEN lower({}) ELSE {k} END)",
+        digits.join(" || '-' || ")
+    )
+}
+
 /// [`StoredKey`] of column (or parameter) `col` in SQLite SQL (`unhex` needs SQLite 3.41).
 pub fn message_key_blob_sql(col: &str) -> String {
     let digits: Vec<String> = KEY_FIELDS
@@ -289,6 +305,17 @@ mod tests {
             let sql = format!("SELECT {0} IS ?2 AND typeof({0}) = typeof(?2)", message_key_blob_sql("?1"));
             let same: bool = conn.query_row(&sql, rusqlite::params![s, StoredKey::of(&s)], |r| r.get(0)).unwrap();
             proptest::prop_assert!(same, "{:?}", StoredKey::of(&s));
+        }
+
+        #[test]
+        fn sqlite_gives_back_the_id_from_its_stored_key(s in "[0-9a-f]{8}-[0-9a-f]{4}-1[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-fA-F]{8}-[0-9a-f]{4}-[14][0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}|\\PC{0,40}") {
+            let conn = rusqlite::Connection::open_in_memory().unwrap();
+            conn.execute_batch("CREATE TABLE t (message_id TEXT, message_key BLOB)").unwrap();
+            conn.execute("INSERT INTO t VALUES (NULL, ?1)", [StoredKey::of(&s)]).unwrap();
+            let back: String = conn
+                .query_row(&format!("SELECT {} FROM t", message_id_sql("")), [], |r| r.get(0))
+                .unwrap();
+            proptest::prop_assert_eq!(back, s);
         }
 
         #[test]

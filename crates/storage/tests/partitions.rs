@@ -683,6 +683,7 @@ fn remake_chunk_as_before_v6(c: &Connection, chunk: &str, unique_index: Option<&
             format!("CREATE UNIQUE INDEX \"ix_{chunk}_message_key\" ON \"{chunk}\" ({expr});"),
         ),
     };
+    let id = storage::msgkey::message_id_sql("");
     c.execute_batch(&format!(
         "DROP VIEW sample;
          CREATE TABLE old_rows AS SELECT * FROM \"{chunk}\";
@@ -695,7 +696,7 @@ fn remake_chunk_as_before_v6(c: &Connection, chunk: &str, unique_index: Option<&
          CREATE INDEX \"ix_{chunk}_meter_timestamp\" ON \"{chunk}\" (meter_id, timestamp);
          CREATE INDEX \"ix_{chunk}_resource_timestamp\" ON \"{chunk}\" (resource_id, timestamp);
          INSERT INTO \"{chunk}\" SELECT id, meter_id, resource_id, volume, timestamp, recorded_at,
-           message_id, message_signature FROM old_rows;
+           {id}, message_signature FROM old_rows;
          DROP TABLE old_rows;"
     ))
     .unwrap();
@@ -774,17 +775,32 @@ fn every_version_s_chunks_admit_exactly_the_distinct_message_ids() {
     assert_eq!((keyed(&tables[1]), glob_index(&tables[1])), (false, 1));
     assert_eq!((keyed(&tables[2]), glob_index(&tables[2])), (true, 0));
     assert_eq!((keyed(&tables[3]), glob_index(&tables[3])), (true, 0));
-    // A uuid1 id's key is its 16 bytes, any other id's the id itself.
-    let kinds = count(
-        &path,
-        &format!(
-            "SELECT COUNT(*) FROM \"{}\" WHERE (typeof(message_key) = 'blob'
-               AND length(message_key) = 16 AND message_id GLOB '*-*-1*')
-               OR (typeof(message_key) = 'text' AND message_key = message_id)",
-            tables[3]
-        ),
+    // A v6 chunk keeps each id as its key only: a uuid1 id's 16 bytes, any other id itself.
+    let kinds = |t: &str, blob: &str| {
+        count(
+            &path,
+            &format!(
+                "SELECT COUNT(*) FROM \"{t}\" WHERE message_id IS NULL
+                   AND typeof(message_key) = '{blob}'
+                   AND (typeof(message_key) = 'text' OR length(message_key) = 16)"
+            ),
+        )
+    };
+    assert_eq!(
+        (kinds(&tables[3], "blob"), kinds(&tables[3], "text")),
+        (200, 200)
     );
-    assert_eq!(kinds, 400);
+    // Older chunks keep their ids; the key column v6 added them stays empty.
+    let kept = |t: &str| {
+        count(
+            &path,
+            &format!(
+                "SELECT COUNT(*) FROM \"{t}\" WHERE message_id IS NOT NULL
+                   AND message_key IS NULL"
+            ),
+        )
+    };
+    assert_eq!((kept(&tables[0]), kept(&tables[1])), (100, 90));
     // The column keeps each id as sent.
     let got = db.get_samples(&SampleFilter::default()).unwrap();
     let mut ids: Vec<String> = got.into_iter().map(|s| s.message_id).collect();
@@ -801,26 +817,21 @@ fn every_version_s_chunks_admit_exactly_the_distinct_message_ids() {
     // A client outside the daemon (the sqlite3 shell) can write each chunk, and the unique
     // index still refuses a duplicate: in a version 6 chunk it must give the key, which
     // msgkey::message_key_blob_sql computes.
-    for (table, key) in [
-        (&tables[1], None),
-        (
-            &tables[3],
-            Some(storage::msgkey::message_key_blob_sql("message_id")),
-        ),
-    ] {
-        let (col, val) = match &key {
-            Some(k) => (", message_key", format!(", {k}")),
-            None => ("", String::new()),
-        };
+    let again = |table: &str, id_col: &str, id: &str| {
         let insert = format!(
             "INSERT INTO \"{table}\" (meter_id, resource_id, volume, timestamp, recorded_at,
-               message_id{col})
-               SELECT meter_id, resource_id, volume, timestamp, recorded_at, message_id{val}
-                 FROM \"{table}\" WHERE message_id GLOB '*-*-1*' LIMIT 1"
+               {id_col})
+               SELECT meter_id, resource_id, volume, timestamp, recorded_at, {id}
+                 FROM sample WHERE message_id GLOB '*-*-1*' AND timestamp IN
+                   (SELECT timestamp FROM \"{table}\") LIMIT 1"
         );
-        let err = c.execute(&insert, []).unwrap_err().to_string();
-        assert!(err.contains("UNIQUE"), "{table}: {err}");
-    }
+        c.execute(&insert, []).unwrap_err().to_string()
+    };
+    let err = again(&tables[1], "message_id", "message_id");
+    assert!(err.contains("UNIQUE"), "{err}");
+    let key = storage::msgkey::message_key_blob_sql("message_id");
+    let err = again(&tables[3], "message_key", &key);
+    assert!(err.contains("UNIQUE"), "{err}");
     let missing_key = format!(
         "INSERT INTO \"{t}\" (meter_id, resource_id, volume, timestamp, recorded_at, message_id)
            VALUES (1, 1, 1.0, 1, 1, 'new-id')",

@@ -157,7 +157,8 @@ const CHUNK_SIZES: [usize; 4] = [128, 32, 8, 1];
 /// The largest chunk size that fits in `remaining` rows, and its statement for chunk `table`
 /// (`keyed`: made by schema 6 or later, with a `message_key` column; see [`schema::keyed_chunk`]).
 ///
-/// A keyed chunk's insert is `INSERT OR IGNORE` of plain values: nothing in it can fail
+/// A keyed chunk's insert gives the id as its key only (`message_id` stays NULL, see
+/// [`schema::keyed_chunk`]) and is `INSERT OR IGNORE` of plain values: nothing in it can fail
 /// half-way (no SQL function, no constraint resolved by aborting), so SQLite keeps no statement
 /// journal for it. Its constraints are the unique key (a duplicate is skipped, as `ON CONFLICT
 /// DO NOTHING` did) and NOT NULLs the bound values always satisfy. An older chunk's unique
@@ -169,10 +170,10 @@ fn insert_statement(table: &str, remaining: usize, keyed: bool) -> (usize, Strin
         .position(|&n| n <= remaining)
         .unwrap_or(CHUNK_SIZES.len() - 1);
     let sql = if keyed {
-        let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; CHUNK_SIZES[i]].join(", ");
+        let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; CHUNK_SIZES[i]].join(", ");
         format!(
             "INSERT OR IGNORE INTO \"{table}\" (meter_id, resource_id, volume, timestamp,
-               recorded_at, message_id, message_signature, message_key) VALUES {values}"
+               recorded_at, message_signature, message_key) VALUES {values}"
         )
     } else {
         let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; CHUNK_SIZES[i]].join(", ");
@@ -305,8 +306,7 @@ fn insert_chunk(
     } else {
         Vec::new()
     };
-    let width = if keyed { 8 } else { 7 };
-    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(chunk.len() * width);
+    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(chunk.len() * 7);
     for (i, r) in chunk.iter().enumerate() {
         params.extend_from_slice(&[
             &r.meter_id as &dyn ToSql,
@@ -314,11 +314,14 @@ fn insert_chunk(
             &r.volume,
             &r.timestamp,
             &recorded_at,
-            &r.sample.message_id,
-            &r.sample.message_signature,
         ]);
-        if let Some(k) = keys.get(i) {
-            params.push(k);
+        // A keyed chunk keeps the id as its key only (see schema::v6).
+        match keys.get(i) {
+            Some(k) => params.extend_from_slice(&[&r.sample.message_signature as &dyn ToSql, k]),
+            None => params.extend_from_slice(&[
+                &r.sample.message_id as &dyn ToSql,
+                &r.sample.message_signature,
+            ]),
         }
     }
     let inserted = conn.prepare_cached(sql)?.execute(&*params)?;
@@ -333,7 +336,8 @@ fn insert_chunk(
     if inserted > 0 {
         let last = conn.last_insert_rowid();
         let mut stmt = conn.prepare_cached(&format!(
-            "SELECT message_id FROM \"{table}\" WHERE id > ?1 AND id <= ?2"
+            "SELECT {} FROM \"{table}\" WHERE id > ?1 AND id <= ?2",
+            crate::msgkey::message_id_sql("")
         ))?;
         let ids = stmt.query_map(params![last - inserted as i64, last], |r| {
             r.get::<_, String>(0)

@@ -57,7 +57,7 @@ fn from(parts: &[Range]) -> String {
         super::schema::union_all(parts.iter().map(|p| {
             format!(
                 "SELECT {} FROM \"{}\"",
-                super::schema::CHUNK_COLUMNS,
+                super::schema::chunk_columns(),
                 p.name("sample_")
             )
         }))
@@ -190,9 +190,10 @@ pub fn samples(conn: &Connection, filter: &SampleFilter) -> Result<Vec<StoredSam
         };
         let sql = format!(
             "SELECT r.source_id, m.name, m.type, m.unit, s.volume, r.user_id, r.project_id,
-                    r.resource_id, s.timestamp, s.recorded_at, r.resource_metadata, s.message_id,
+                    r.resource_id, s.timestamp, s.recorded_at, r.resource_metadata, {},
                     s.message_signature
              {}{} ORDER BY s.timestamp DESC, s.id DESC LIMIT ?",
+            crate::msgkey::message_id_sql("s."),
             from_one(part, filter),
             w.sql
         );

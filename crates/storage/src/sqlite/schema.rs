@@ -12,14 +12,16 @@
 //! Version 4 indexes new chunks' `message_id`s by their time-ordered key ([`crate::msgkey`]).
 //! Version 5 records each rollup level's *source* ([`crate::rollup::Level`]): coarser levels of
 //! a new store take their per-resource buckets from the finest, at its retention.
-//! Version 6 gives new chunks a `message_key` column ([`crate::msgkey::StoredKey`]), written by
-//! the driver, in place of version 4's index expression.
+//! Version 6 keeps new chunks' ids as their keys in a `message_key` column
+//! ([`crate::msgkey::StoredKey`]), written by the driver, in place of version 4's index
+//! expression.
 
-use crate::msgkey::message_key_blob_sql;
+use crate::msgkey::{message_id_sql, message_key_blob_sql};
 use crate::partition::Range;
 use crate::rollup::{self, Granularity};
 use crate::StorageError;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use std::sync::OnceLock;
 
 /// Version 1: ceilometer's normalized model (meter, resource, sample) plus typed, flattened
 /// resource metadata and the cache epoch. See docs/storage.md for the reasoning per column.
@@ -167,8 +169,10 @@ fn v2(tx: &Transaction<'_>, layout: &Layout<'_>) -> rusqlite::Result<()> {
         let name = create_chunk(tx, r)?;
         tx.execute(
             &format!(
-                "INSERT INTO \"{name}\" ({CHUNK_COLUMNS}, message_key)
-                 SELECT {CHUNK_COLUMNS}, {key} FROM sample
+                "INSERT INTO \"{name}\" (id, meter_id, resource_id, volume, timestamp,
+                                        recorded_at, message_signature, message_key)
+                 SELECT id, meter_id, resource_id, volume, timestamp, recorded_at,
+                        message_signature, {key} FROM sample
                   WHERE meter_id IN (SELECT id FROM meter) AND timestamp >= ?1 AND timestamp < ?2
                   ORDER BY id",
                 key = message_key_blob_sql("message_id")
@@ -217,7 +221,7 @@ pub fn refresh_view(conn: &Connection) -> rusqlite::Result<()> {
         union_all(
             names
                 .iter()
-                .map(|n| format!("SELECT {CHUNK_COLUMNS} FROM \"{n}\"")),
+                .map(|n| format!("SELECT {} FROM \"{n}\"", chunk_columns())),
         )
     };
     conn.execute_batch(&format!(
@@ -264,12 +268,21 @@ pub fn and_all(terms: impl Iterator<Item = String>) -> String {
     terms.remove(0)
 }
 
-/// The columns every chunk table has, whichever version made it (version 6's also have
-/// `message_key`): what the `sample` view and the raw queries select.
-pub const CHUNK_COLUMNS: &str =
-    "id, meter_id, resource_id, volume, timestamp, recorded_at, message_id, message_signature";
+/// What the `sample` view and the raw queries select from a chunk table, whichever version
+/// made it: its columns, with `message_id` given back from the key where only the key is kept
+/// ([`crate::msgkey::message_id_sql`]).
+pub fn chunk_columns() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        format!(
+            "id, meter_id, resource_id, volume, timestamp, recorded_at, {} AS message_id,
+             message_signature",
+            message_id_sql("")
+        )
+    })
+}
 
-/// [`CHUNK_COLUMNS`] as an empty stand-in when there is no chunk.
+/// [`chunk_columns`] as an empty stand-in when there is no chunk.
 pub const NO_SAMPLES: &str = "SELECT 0 AS id, 0 AS meter_id, 0 AS resource_id, 0.0 AS volume,
     0 AS timestamp, 0 AS recorded_at, '' AS message_id, NULL AS message_signature WHERE 0";
 
@@ -333,9 +346,9 @@ fn create_chunk(tx: &Connection, r: Range) -> rusqlite::Result<String> {
              volume            REAL NOT NULL,
              timestamp         INTEGER NOT NULL,
              recorded_at       INTEGER NOT NULL,
-             message_id        TEXT NOT NULL,
+             message_id        TEXT,         -- NULL: the id is kept as its key
              message_signature TEXT,
-             -- msgkey::StoredKey of message_id (a blob for uuid1, else the id): unique.
+             -- msgkey::StoredKey of the id (16 bytes for uuid1, else the id): unique.
              message_key       BLOB NOT NULL
          );
          CREATE UNIQUE INDEX IF NOT EXISTS \"ix_{name}_message_key\" ON \"{name}\" (message_key);
@@ -384,26 +397,48 @@ fn v5(tx: &Transaction<'_>, _: &Layout<'_>) -> rusqlite::Result<()> {
     )
 }
 
-/// Version 6: chunks made from now on carry their samples' [`crate::msgkey::StoredKey`] in a
-/// `message_key` column, written by the driver with each row, and are unique on that column
-/// instead of on version 4's expression. Evaluating the expression (two `GLOB`s, five
-/// `substr`s) for every inserted row cost more than the column, and any SQL function in a
-/// statement makes SQLite keep a statement journal, a copy of every page a multi-row insert
-/// changes: with a plain column and `INSERT OR IGNORE`, an insert can no longer fail half-way
-/// and keeps none (docs/performance.md, seventh session). Older chunks keep their index and
-/// the driver's older statement for them; nothing is rewritten. The version changes so that an
-/// older build, which would insert rows without the key, refuses the file.
-fn v6(_: &Transaction<'_>, _: &Layout<'_>) -> rusqlite::Result<()> {
-    Ok(())
+/// Version 6: chunks made from now on keep their samples' ids as [`crate::msgkey::StoredKey`]s
+/// in a `message_key` column (16 bytes for a uuid1 id instead of 36 characters; `message_id`
+/// is left NULL and given back from the key when read), written by the driver with each row,
+/// and are unique on that column instead of on version 4's expression. Evaluating the
+/// expression (two `GLOB`s, five `substr`s) for every inserted row cost more than the column,
+/// and any SQL function in a statement makes SQLite keep a statement journal, a copy of every
+/// page a multi-row insert changes: with a plain column and `INSERT OR IGNORE`, an insert can
+/// no longer fail half-way and keeps none (docs/performance.md, seventh session). Older chunks
+/// keep their rows, index and the driver's older statement; they get a `message_key` column
+/// that stays NULL (adding a nullable column rewrites nothing), so that every chunk answers
+/// [`chunk_columns`]. The version changes so that an older build, which would insert rows
+/// without the key, refuses the file.
+fn v6(tx: &Transaction<'_>, _: &Layout<'_>) -> rusqlite::Result<()> {
+    let names: Vec<String> = {
+        let mut stmt = tx.prepare("SELECT name FROM sample_partition ORDER BY lo")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    for name in names {
+        let has: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = 'message_key')",
+            [&name],
+            |r| r.get(0),
+        )?;
+        if !has {
+            tx.execute_batch(&format!(
+                "ALTER TABLE \"{name}\" ADD COLUMN message_key BLOB"
+            ))?;
+        }
+    }
+    refresh_view(tx)
 }
 
 /// Applied in order; entry `i` takes a file from version `i` to `i + 1`. Append only.
 pub const MIGRATIONS: &[Step] = &[v1, v2, v3, v4, v5, v6];
 
-/// Whether chunk table `name` has version 6's `message_key` column.
+/// Whether chunk table `name` was made by version 6 or later: unique on its `message_key`
+/// column (`NOT NULL` there; an older chunk's, added by [`v6`], is nullable and unused).
 pub fn keyed_chunk(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     conn.prepare_cached(
-        "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = 'message_key')",
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1)
+                         WHERE name = 'message_key' AND \"notnull\" = 1)",
     )?
     .query_row([name], |r| r.get(0))
 }
