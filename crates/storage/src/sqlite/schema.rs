@@ -380,12 +380,7 @@ fn v4(_: &Transaction<'_>, _: &Layout<'_>) -> rusqlite::Result<()> {
 /// sources; a store with rollups gets its sources at registration, from a bucket ahead.
 fn v5(tx: &Transaction<'_>, _: &Layout<'_>) -> rusqlite::Result<()> {
     for (column, default) in [("source", "0"), ("fold_from", "-9223372036854775808")] {
-        let has: bool = tx.query_row(
-            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('rollup_level') WHERE name = ?1)",
-            [column],
-            |r| r.get(0),
-        )?;
-        if !has {
+        if !has_column(tx, "rollup_level", column)? {
             tx.execute_batch(&format!(
                 "ALTER TABLE rollup_level ADD COLUMN {column} INTEGER NOT NULL DEFAULT {default};"
             ))?;
@@ -416,12 +411,7 @@ fn v6(tx: &Transaction<'_>, _: &Layout<'_>) -> rusqlite::Result<()> {
         rows.collect::<rusqlite::Result<_>>()?
     };
     for name in names {
-        let has: bool = tx.query_row(
-            "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = 'message_key')",
-            [&name],
-            |r| r.get(0),
-        )?;
-        if !has {
+        if !has_column(tx, &name, "message_key")? {
             tx.execute_batch(&format!(
                 "ALTER TABLE \"{name}\" ADD COLUMN message_key BLOB"
             ))?;
@@ -432,6 +422,15 @@ fn v6(tx: &Transaction<'_>, _: &Layout<'_>) -> rusqlite::Result<()> {
 
 /// Applied in order; entry `i` takes a file from version `i` to `i + 1`. Append only.
 pub const MIGRATIONS: &[Step] = &[v1, v2, v3, v4, v5, v6];
+
+/// Whether `table` has a column `column` (migrations that add one may run again).
+fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
+        [table, column],
+        |r| r.get(0),
+    )
+}
 
 /// Whether chunk table `name` was made by version 6 or later: unique on its `message_key`
 /// column (`NOT NULL` there; an older chunk's, added by [`v6`], is nullable and unused).
