@@ -25,10 +25,15 @@ pub struct Granularity {
 
 impl Granularity {
     pub fn micros(&self) -> i64 {
-        i64::try_from(self.seconds)
-            .unwrap_or(i64::MAX / 1_000_000)
-            .saturating_mul(1_000_000)
+        micros_of(self.seconds)
     }
+}
+
+/// A length in seconds as microseconds, saturating (a bucket's or a level's step).
+pub fn micros_of(seconds: u64) -> i64 {
+    i64::try_from(seconds)
+        .unwrap_or(i64::MAX / 1_000_000)
+        .saturating_mul(1_000_000)
 }
 
 /// The defaults: 1 hour kept 90 days, 1 day kept 5 years.
@@ -187,9 +192,7 @@ pub fn assign_sources(config: &[Granularity], registered: &[Level], now: i64) ->
             (Some(l), _) if l.source != 0 && secs.contains(&l.source) => *l,
             (Some(_), None) => Level::direct(s),
             (Some(_), Some(c)) => {
-                let step = i64::try_from(s)
-                    .unwrap_or(i64::MAX / 1_000_000)
-                    .saturating_mul(1_000_000);
+                let step = micros_of(s);
                 Level {
                     seconds: s,
                     source: c,
@@ -228,9 +231,7 @@ pub fn level_changes(config: &[Granularity], registered: &[Level]) -> Vec<(Optio
 /// from: the bucket after it (samples stored before were not counted at that level), or the
 /// beginning on a store without rollups.
 pub fn complete_from(newest: Option<i64>, seconds: u64) -> i64 {
-    let step = i64::try_from(seconds)
-        .unwrap_or(i64::MAX / 1_000_000)
-        .saturating_mul(1_000_000);
+    let step = micros_of(seconds);
     match newest {
         Some(ts) => floor_to(ts, step).saturating_add(step),
         None => i64::MIN,

@@ -10,7 +10,7 @@
 mod common;
 mod servers;
 
-use common::{fold, s, sample, Aggregate, NO_SAMPLES};
+use common::{fold, level, s, sample, Aggregate, NO_SAMPLES};
 use meter::{CounterType, Sample, Value, Volume};
 use servers::proxy::Proxy;
 use servers::{Kind, TestDb};
@@ -550,12 +550,12 @@ fn rollups_answer_aligned_statistics_as_the_raw_computation(kind: Kind) {
 
 /// Rollups hourly kept a day, daily kept forever.
 fn hourly_for_a_day_and_daily() -> StorageOptions {
-    let level = |seconds, retention_seconds| storage::rollup::Granularity {
-        seconds,
-        retention_seconds,
+    let hourly = storage::rollup::Granularity {
+        seconds: 3600,
+        retention_seconds: 86_400,
     };
     StorageOptions {
-        rollups: vec![level(3600, 86_400), level(86_400, 0)],
+        rollups: vec![hourly, level(86_400)],
         ..Default::default()
     }
 }
@@ -707,10 +707,6 @@ fn assert_daily(
 /// at open) and is written directly from then on: its answers stay the raw computation's.
 fn a_folded_level_whose_source_is_removed_takes_its_buckets(kind: Kind) {
     let t = TestDb::new(kind);
-    let level = |seconds| storage::rollup::Granularity {
-        seconds,
-        retention_seconds: 0,
-    };
     let both = StorageOptions {
         rollups: vec![level(3600), level(86_400)],
         ..Default::default()

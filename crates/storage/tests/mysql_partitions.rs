@@ -4,7 +4,7 @@
 mod common;
 mod servers;
 
-use common::{fold, sample, Aggregate, NO_SAMPLES};
+use common::{fold, level, sample, Aggregate, NO_SAMPLES};
 use mysql::prelude::Queryable;
 use servers::{Admin, Kind, TestDb};
 use std::collections::BTreeMap;
@@ -698,14 +698,7 @@ fn expiry_reports_exact_rows_with_and_without_rollups() {
         (Vec::new(), 86_400, false),
         (storage::rollup::default_granularities(), 86_400, false),
         (storage::rollup::default_granularities(), 86_400, true),
-        (
-            vec![storage::rollup::Granularity {
-                seconds: 86_400,
-                retention_seconds: 0,
-            }],
-            3600,
-            false,
-        ),
+        (vec![level(86_400)], 3600, false),
     ] {
         let t = TestDb::new(Kind::Mysql);
         let opts = StorageOptions {
@@ -824,10 +817,6 @@ fn the_message_key_admits_exactly_the_distinct_ids() {
 #[test]
 fn one_resource_statistics_read_the_rollup_by_primary_key() {
     let t = TestDb::new(Kind::Mysql);
-    let level = |seconds| storage::rollup::Granularity {
-        seconds,
-        retention_seconds: 0,
-    };
     let opts = StorageOptions {
         rollups: vec![level(3600), level(86_400)],
         ..Default::default()

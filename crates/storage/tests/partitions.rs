@@ -4,10 +4,9 @@
 
 mod common;
 
-use common::{fold, sample, url_for, Aggregate, NO_SAMPLES};
+use common::{fold, level, sample, url_for, Aggregate, NO_SAMPLES};
 use rusqlite::Connection;
 use std::collections::{BTreeMap, HashMap};
-use storage::rollup::Granularity;
 use storage::{SampleFilter, Statistics, StatsSource, Storage as _, StorageOptions};
 use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime};
@@ -392,10 +391,7 @@ fn a_granularity_added_later_is_used_only_where_complete() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.db");
     let hourly = StorageOptions {
-        rollups: vec![Granularity {
-            seconds: 3600,
-            retention_seconds: 0,
-        }],
+        rollups: vec![level(3600)],
         ..Default::default()
     };
     let t = today() - Duration::days(2) + Duration::hours(3);

@@ -7,7 +7,7 @@
 mod common;
 mod servers;
 
-use common::sample;
+use common::{level, sample};
 use servers::{Admin, Kind, TestDb};
 use storage::{SampleFilter, StatsSource, StorageOptions};
 use time::format_description::well_known::Rfc3339;
@@ -742,13 +742,7 @@ fn expiry_reports_exact_rows_with_and_without_rollups() {
         (Vec::new(), 86_400),
         (storage::rollup::default_granularities(), 86_400),
         (storage::rollup::default_granularities(), 3600),
-        (
-            vec![storage::rollup::Granularity {
-                seconds: 86_400,
-                retention_seconds: 0,
-            }],
-            3600,
-        ),
+        (vec![level(86_400)], 3600),
     ] {
         let t = TestDb::new(Kind::Postgres);
         let opts = StorageOptions {

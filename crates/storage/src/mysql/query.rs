@@ -420,10 +420,7 @@ fn resource_buckets(
     let (Some((Some(lo), Some(hi))), false) = (stored, meters.is_empty()) else {
         return Ok(Vec::new());
     };
-    let step = i64::try_from(granularity)
-        .unwrap_or(i64::MAX)
-        .saturating_mul(1_000_000)
-        .max(1);
+    let step = crate::rollup::micros_of(granularity).max(1);
     // The first bucket at or after the start (buckets are multiples of the step).
     let first = crate::partition::floor_to(start.max(lo), step);
     let first = if first < start.max(lo) {

@@ -393,7 +393,7 @@ pub(super) fn statistics_from(
     for (seconds, from) in grans {
         let gran = seconds as i64;
         let start = start.max(from);
-        let step = gran.saturating_mul(1_000_000);
+        let step = crate::rollup::micros_of(seconds);
         let end: i64 = match filter.end {
             Some(e) => to_micros(e),
             None => {

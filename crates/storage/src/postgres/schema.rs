@@ -285,9 +285,7 @@ pub fn register_levels(
                 )?;
             }
             None => {
-                let g_us = i64::try_from(want.seconds)
-                    .unwrap_or(i64::MAX / 1_000_000)
-                    .saturating_mul(1_000_000);
+                let g_us = crate::rollup::micros_of(want.seconds);
                 tx.execute(
                     "INSERT INTO rollup_level (granularity, complete_from, source, fold_from)
                      SELECT $1::BIGINT, COALESCE(

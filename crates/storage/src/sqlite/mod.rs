@@ -169,14 +169,14 @@ fn insert_statement(table: &str, remaining: usize, keyed: bool) -> (usize, Strin
         .iter()
         .position(|&n| n <= remaining)
         .unwrap_or(CHUNK_SIZES.len() - 1);
+    // Seven values a row either way: a keyed chunk's key in place of the id.
+    let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; CHUNK_SIZES[i]].join(", ");
     let sql = if keyed {
-        let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; CHUNK_SIZES[i]].join(", ");
         format!(
             "INSERT OR IGNORE INTO \"{table}\" (meter_id, resource_id, volume, timestamp,
                recorded_at, message_signature, message_key) VALUES {values}"
         )
     } else {
-        let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; CHUNK_SIZES[i]].join(", ");
         format!(
             "INSERT INTO \"{table}\" (meter_id, resource_id, volume, timestamp, recorded_at,
                message_id, message_signature) VALUES {values}
@@ -1042,7 +1042,6 @@ fn synchronous_level(value: &str) -> Result<&'static str, StorageError> {
     }
 }
 
-/// Open, configure and migrate one connection.
 /// SQLite's allocator, mimalloc: see [`use_mimalloc`].
 unsafe extern "C" fn mem_malloc(n: c_int) -> *mut c_void {
     libmimalloc_sys::mi_malloc(usize::try_from(n).unwrap_or(0))
@@ -1100,6 +1099,7 @@ fn use_mimalloc() {
     });
 }
 
+/// Open, configure and migrate one connection.
 fn connect(
     target: &Target,
     opts: &StorageOptions,

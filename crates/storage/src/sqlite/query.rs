@@ -399,11 +399,7 @@ fn from_rollup(
         let levels = load_levels(conn)?;
         let mut buckets = Vec::new();
         for (gran, from) in rollup::resource_granularities(&levels, g.seconds) {
-            let level = Granularity {
-                seconds: gran,
-                retention_seconds: 0,
-            };
-            resource_buckets(conn, filter, res, start, from, &level, &mut buckets)?;
+            resource_buckets(conn, filter, res, start, from, gran, &mut buckets)?;
         }
         return rollup::statistics(buckets, filter, period).map_err(QueryError::Storage);
     }
@@ -447,27 +443,27 @@ pub(crate) fn load_levels(conn: &Connection) -> rusqlite::Result<Vec<rollup::Lev
     rows.collect()
 }
 
-/// One resource's `rollup_resource` rows of level `g` from `start` (and not before bucket
-/// `from`) to the filter's end.
+/// One resource's `rollup_resource` rows of the level of `seconds` from `start` (and not
+/// before bucket `from`) to the filter's end.
 fn resource_buckets(
     conn: &Connection,
     filter: &SampleFilter,
     res: &str,
     start: time::OffsetDateTime,
     from: i64,
-    g: &Granularity,
+    seconds: u64,
     out: &mut Vec<BucketRow>,
 ) -> Result<()> {
     // rollup_resource is keyed by time first: enumerate the buckets of the range and seek
     // each (one index seek per bucket and meter row), rather than scan every series.
-    let mut params = vec![SqlValue::Integer(g.seconds as i64)];
-    let step = g.micros();
+    let mut params = vec![SqlValue::Integer(seconds as i64)];
+    let step = rollup::micros_of(seconds);
     let end = match filter.end {
         Some(e) => to_micros(e),
         None => {
             let last: Option<i64> = conn
                 .prepare_cached("SELECT MAX(bucket) FROM rollup_resource WHERE granularity = ?1")?
-                .query_row([g.seconds as i64], |r| r.get(0))?;
+                .query_row([seconds as i64], |r| r.get(0))?;
             last.map_or(to_micros(start), |b| b.saturating_add(step))
         }
     };

@@ -44,6 +44,14 @@ pub fn sample(
     }
 }
 
+/// A rollup level of `seconds` whose buckets are kept forever.
+pub fn level(seconds: u64) -> storage::rollup::Granularity {
+    storage::rollup::Granularity {
+        seconds,
+        retention_seconds: 0,
+    }
+}
+
 pub fn url_for(path: &Path) -> String {
     // An absolute path after `sqlite:///` gives the four-slash absolute form.
     format!("sqlite:///{}", path.display())
