@@ -161,6 +161,14 @@ pub fn decode_value_ref(buf: &[u8]) -> Result<ValueRef<'_>, DecodeError> {
     whole(buf, &Limits::default())
 }
 
+/// [`decode_value_ref`] with explicit limits.
+pub fn decode_value_ref_with<'a>(
+    buf: &'a [u8],
+    limits: &Limits,
+) -> Result<ValueRef<'a>, DecodeError> {
+    whole(buf, limits)
+}
+
 fn whole<'a, T: Build<'a>>(buf: &'a [u8], limits: &Limits) -> Result<T, DecodeError> {
     let (value, consumed) = read(buf, limits)?;
     if consumed != buf.len() {

@@ -75,6 +75,11 @@ impl Metadata {
         }
     }
 
+    /// The encoding itself (a msgpack map).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// Whether this is the empty map.
     pub fn is_empty(&self) -> bool {
         *self.bytes == EMPTY

@@ -13,7 +13,7 @@ use crate::decode::{decode_value_with, DecodeError, Limits};
 use crate::metadata::Metadata;
 use crate::signature::SIGNATURE_FIELD;
 use crate::timestamp::{parse_timestamp, TimestampError};
-use crate::value::{Parts, Value, View};
+use crate::value::{Parts, Value, ValueRef, View};
 
 /// Why a message is not a sample. Every variant that concerns a field names it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -358,6 +358,61 @@ impl Sample {
             put(k, v.clone());
         }
         Value::Map(pairs)
+    }
+
+    /// Append the msgpack encoding of [`Sample::to_value`] to `out`, written directly: the
+    /// metadata's bytes as they are, no tree built. (How one worker hands a batch to another,
+    /// `collector::relay`.)
+    pub fn encode_to(&self, out: &mut Vec<u8>) {
+        use crate::encode::{encode_value, map_header};
+        let s = |v: &str, out: &mut Vec<u8>| encode_value(&ValueRef::Str(v), out);
+        let opt = |v: &Option<String>, out: &mut Vec<u8>| match v {
+            Some(v) => s(v, out),
+            None => out.push(0xc0),
+        };
+        let fields = FIELDS.len() - usize::from(self.message_signature.is_none());
+        if !map_header(out, fields + self.extra.len()) {
+            return;
+        }
+        s("source", out);
+        s(&self.source, out);
+        s("counter_name", out);
+        s(&self.counter_name, out);
+        s("counter_type", out);
+        s(self.counter_type.as_str(), out);
+        s("counter_unit", out);
+        s(&self.counter_unit, out);
+        s("counter_volume", out);
+        encode_value(&self.counter_volume.to_value(), out);
+        s("user_id", out);
+        opt(&self.user_id, out);
+        s("user_name", out);
+        opt(&self.user_name, out);
+        s("project_id", out);
+        opt(&self.project_id, out);
+        s("project_name", out);
+        opt(&self.project_name, out);
+        s("resource_id", out);
+        s(&self.resource_id, out);
+        s("timestamp", out);
+        s(&self.timestamp, out);
+        s("resource_metadata", out);
+        out.extend_from_slice(self.resource_metadata.as_bytes());
+        s("message_id", out);
+        s(&self.message_id, out);
+        s("monotonic_time", out);
+        match self.monotonic_time {
+            Some(f) => encode_value(&Value::Float(f), out),
+            None => out.push(0xc0),
+        }
+        if let Some(sig) = &self.message_signature {
+            s(SIGNATURE_FIELD, out);
+            s(sig, out);
+        }
+        for (k, v) in &self.extra {
+            s(k, out);
+            encode_value(v, out);
+        }
     }
 
     /// `timestamp` normalized to UTC (DESIGN §6).
