@@ -152,6 +152,8 @@ pub enum WriterMsg {
     Batch(Batch),
     /// USR1 / logrotate: reopen the file dispatcher's file.
     Reopen,
+    /// Another worker's batch for the SQLite file this worker writes ([`crate::relay`]).
+    Relay(crate::relay::Request),
 }
 
 /// Wakes the event loop; implemented by `mio::Waker` in the daemon.
@@ -395,25 +397,31 @@ impl Writer {
     ) -> bool {
         {
             // Group commit: whatever queued behind the previous commit goes in this one.
+            // Other workers' batches (this worker writing the SQLite file for all) join it.
             let mut batches = Vec::new();
+            let mut relays = Vec::new();
             let mut next = Some(msg);
             while let Some(msg) = next.take() {
                 match msg {
                     WriterMsg::Reopen => self.reopen(),
                     WriterMsg::Batch(b) => batches.push(b),
+                    WriterMsg::Relay(r) => relays.push(r),
                 }
-                if batches.len() < MERGE_MAX {
+                if batches.len() + relays.len() < MERGE_MAX {
                     next = rx.try_recv().ok();
                 }
             }
-            if !batches.is_empty() {
+            if !batches.is_empty() || !relays.is_empty() {
                 let primary_is_db = self.storage.is_some();
-                let c = self.write(merge(batches, primary_is_db));
-                *down = c.error_kind == Some("database");
-                if tx.send(c).is_err() {
-                    return false;
+                let c = self.write(merge(batches, primary_is_db), relays);
+                // A commit of relayed samples only is answered to the relays, not the loop.
+                if c.batches > 0 {
+                    *down = c.error_kind == Some("database");
+                    if tx.send(c).is_err() {
+                        return false;
+                    }
+                    waker.wake();
                 }
-                waker.wake();
             }
         }
         true
@@ -427,7 +435,14 @@ impl Writer {
         }
     }
 
-    fn write(&mut self, (batch, merged): (Batch, usize)) -> Completion {
+    /// Run the dispatchers on a merged batch; `relays` (other workers' batches) are stored in
+    /// the same transaction and answered here. A completion with `batches == 0` had only
+    /// relayed samples and goes to nobody.
+    fn write(
+        &mut self,
+        (batch, merged): (Batch, usize),
+        relays: Vec<crate::relay::Request>,
+    ) -> Completion {
         let started = Instant::now();
         let mut counts = BatchCounts {
             samples: batch.db.len(),
@@ -454,9 +469,16 @@ impl Writer {
                 ..Default::default()
             })
             .collect();
+        let mut batch = batch;
+        let relayed = store_relays(
+            self.storage.as_deref_mut(),
+            &mut batch.db,
+            relays,
+            error.is_none(),
+        );
         if let Some(st) = self.storage.as_mut() {
             if error.is_none() && !batch.db.is_empty() {
-                match st.record_metering_data(&batch.db) {
+                match relayed.unwrap_or_else(|| st.record_metering_data(&batch.db)) {
                     Ok(out) => {
                         counts.stored = out.stored;
                         counts.duplicates = out.duplicate_indices.len();
@@ -549,6 +571,71 @@ impl Writer {
             probe: false,
             spent: [batch.db, batch.file],
         }
+    }
+}
+
+/// Store other workers' batches (`relays`) with this worker's own `db` samples, in one
+/// transaction, and answer each relay with its part of the outcome. Returns the outcome of
+/// `db`'s part, or `None` when there was nothing relayed (the caller stores `db` itself).
+/// `db` is as it was when this returns. `ok`: the file dispatcher has not failed the batch (if
+/// it has, `db` is not stored, but the relays still are).
+fn store_relays(
+    storage: Option<&mut (dyn Storage + 'static)>,
+    db: &mut Vec<Sample>,
+    relays: Vec<crate::relay::Request>,
+    ok: bool,
+) -> Option<Result<storage::RecordOutcome, storage::StorageError>> {
+    if relays.is_empty() {
+        return None;
+    }
+    let Some(st) = storage else {
+        for r in relays {
+            let _ = r.reply.send(Err(storage::StorageError::Unavailable(
+                "this worker has no database".into(),
+            )));
+        }
+        return None;
+    };
+    let own = if ok { db.len() } else { 0 };
+    let mut all = std::mem::take(db);
+    let mut parts = Vec::with_capacity(relays.len() + 1);
+    parts.push(0..own);
+    let mut replies = Vec::with_capacity(relays.len());
+    let mut own_rest = all.split_off(own);
+    for r in relays {
+        let at = all.len();
+        all.extend(r.samples);
+        parts.push(at..all.len());
+        replies.push(r.reply);
+    }
+    let result = st.record_metering_data(&all);
+    let mut outcomes = match &result {
+        Ok(out) => crate::relay::split_outcome(out, &parts)
+            .into_iter()
+            .map(Ok)
+            .collect(),
+        Err(e) => parts
+            .iter()
+            .map(|_| Err(clone_error(e)))
+            .collect::<Vec<_>>(),
+    };
+    for (reply, outcome) in replies.into_iter().zip(outcomes.drain(1..)) {
+        let _ = reply.send(outcome);
+    }
+    all.truncate(own);
+    all.append(&mut own_rest);
+    *db = all;
+    if !ok || own == 0 {
+        return None;
+    }
+    outcomes.pop()
+}
+
+fn clone_error(e: &storage::StorageError) -> storage::StorageError {
+    if e.is_transient() {
+        storage::StorageError::Unavailable(e.to_string())
+    } else {
+        storage::StorageError::Database(e.to_string())
     }
 }
 
@@ -829,5 +916,88 @@ mod tests {
         assert!(c.spent[1].is_empty());
         drop(wtx);
         thread.join().unwrap();
+    }
+
+    /// Another worker's batches (relayed) are stored with this worker's in one transaction;
+    /// each gets its own part of the outcome, and only this worker's reach the loop.
+    #[test]
+    fn relayed_batches_are_answered_with_their_own_outcome() {
+        let opts = storage::StorageOptions::default();
+        let mut writer = Writer {
+            storage: Some(storage::open("sqlite://", &opts).unwrap()),
+            file: None,
+            ttl_seconds: None,
+            expiry_interval: Duration::from_secs(3600),
+            retention: None,
+        };
+        let (wtx, wrx) = std::sync::mpsc::channel();
+        let (ctx, crx) = std::sync::mpsc::channel();
+        let own = vec![old_sample("a", 0), old_sample("b", 0)];
+        let meta = vec![
+            SampleMeta {
+                source: 0,
+                time_ms: None
+            };
+            own.len()
+        ];
+        let (r1, a1) = std::sync::mpsc::channel();
+        let (r2, a2) = std::sync::mpsc::channel();
+        let mut bad = old_sample("", 0);
+        bad.message_id.clear();
+        // Relay 1: a duplicate of this worker's "b", and "c". Relay 2: "c" again and a
+        // sample storage rejects (empty id).
+        wtx.send(WriterMsg::Relay(crate::relay::Request {
+            samples: vec![old_sample("b", 0), old_sample("c", 0)],
+            reply: r1,
+        }))
+        .unwrap();
+        wtx.send(WriterMsg::Relay(crate::relay::Request {
+            samples: vec![old_sample("c", 0), bad],
+            reply: r2,
+        }))
+        .unwrap();
+        let first = WriterMsg::Batch(Batch {
+            id: 1,
+            db: own.clone(),
+            tickets: vec![ticket(0..2)],
+            meta,
+            ..Default::default()
+        });
+        let mut down = false;
+        assert!(writer.handle(
+            first,
+            &wrx,
+            &ctx,
+            &(Arc::new(NoWake) as Arc<dyn Wake>),
+            &mut down
+        ));
+        let c = crx.try_recv().expect("this worker's completion");
+        assert_eq!((c.counts.stored, c.counts.duplicates), (2, 0));
+        assert_eq!(c.spent[0], own, "this worker's samples come back to it");
+        assert!(crx.try_recv().is_err(), "nothing else reaches the loop");
+        let o1 = a1.try_recv().unwrap().unwrap();
+        assert_eq!((o1.stored, o1.duplicate_indices.clone()), (1, vec![0]));
+        let o2 = a2.try_recv().unwrap().unwrap();
+        assert_eq!(o2.stored, 0);
+        assert_eq!(o2.duplicate_indices, vec![0]);
+        assert_eq!(o2.rejected.len(), 1);
+        assert_eq!(o2.rejected[0].0, 1);
+        // A relay alone (no batch of this worker's) is stored and answered too.
+        let (r3, a3) = std::sync::mpsc::channel();
+        let only = WriterMsg::Relay(crate::relay::Request {
+            samples: vec![old_sample("d", 0)],
+            reply: r3,
+        });
+        assert!(writer.handle(
+            only,
+            &wrx,
+            &ctx,
+            &(Arc::new(NoWake) as Arc<dyn Wake>),
+            &mut down
+        ));
+        assert_eq!(a3.try_recv().unwrap().unwrap().stored, 1);
+        assert!(crx.try_recv().is_err());
+        let st = writer.storage.as_mut().unwrap();
+        assert_eq!(st.get_samples(&SampleFilter::default()).unwrap().len(), 4);
     }
 }

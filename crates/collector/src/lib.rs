@@ -19,6 +19,7 @@ pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod options;
+pub mod relay;
 pub mod rpc;
 pub mod sockets;
 pub mod source;

@@ -61,6 +61,8 @@ pub struct Worker {
     last_error: Option<String>,
     /// Wall clock (Unix ms) of the last commit that stored samples, for the freshness gauge.
     last_commit_unix_ms: Option<i64>,
+    /// Worker 0 with an SQLite file: the socket other workers hand their batches to.
+    relay: Option<crate::relay::Server>,
 }
 
 /// Errors that stop a worker before it serves: the launcher treats them as boot errors.
@@ -134,7 +136,24 @@ impl Worker {
                 },
             )
         };
-        let storage = if db { Some(open_storage()?) } else { None };
+        let mut storage = if db { Some(open_storage()?) } else { None };
+        // One writer per SQLite file: under a launcher, worker 0 stores every worker's
+        // batches (crate::relay); the others hand theirs over while it answers.
+        let relay_path = if link.is_some() && storage.is_some() {
+            crate::relay::socket_path(&cfg)
+        } else {
+            None
+        };
+        if let (Some(path), false) = (&relay_path, index == 0) {
+            if let Some(direct) = storage.take() {
+                let busy = Duration::from_millis(cfg.database.storage_options().busy_timeout_ms);
+                storage = Some(Box::new(crate::relay::RelayStorage::new(
+                    direct,
+                    path.clone(),
+                    busy,
+                )));
+            }
+        }
         let file_dispatcher = if file {
             let d = &cfg.dispatcher_file;
             Some(
@@ -152,6 +171,20 @@ impl Worker {
         let waker: Arc<dyn Wake> = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (wtx, wrx) = mpsc::channel();
         let (ctx, crx) = mpsc::channel();
+        let relay = match (&relay_path, index) {
+            (Some(path), 0) => match crate::relay::Server::start(path, wtx.clone()) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    log::warn!(
+                        "relay: cannot listen on {}: {e}; every worker writes to the SQLite \
+                         file itself",
+                        path.display()
+                    );
+                    None
+                }
+            },
+            _ => None,
+        };
         // Only worker 0 expires old samples, so N workers do not race to delete the same rows.
         let ttl = (index == 0 && cfg.database.metering_time_to_live > 0)
             .then_some(cfg.database.metering_time_to_live as u64);
@@ -230,6 +263,7 @@ impl Worker {
             stopping: None,
             last_error: None,
             last_commit_unix_ms: None,
+            relay,
         })
     }
 
@@ -458,6 +492,11 @@ impl Worker {
 
     fn shutdown(&mut self) {
         self.intake.flush_batch();
+        // Other workers' batches stop here (they write to the file themselves meanwhile), so
+        // the writer sees its channel close once the loop lets go of it.
+        if let Some(r) = self.relay.take() {
+            r.close();
+        }
         self.intake.close_writer();
         if let Some(h) = self.writer.take() {
             let _ = h.join();

@@ -1,0 +1,688 @@
+//! One writer per SQLite file: the workers of a launcher store through worker 0's writer.
+//!
+//! SQLite lets one connection write at a time, and whenever another connection has committed
+//! it drops a connection's whole page cache, so every worker writing the one file re-read the
+//! pages its next commit touched after each commit of another, and waited for the write lock
+//! in its busy handler. Two workers spent 1.3-1.8 times the CPU per stored sample of one
+//! (docs/performance.md, "One writer per SQLite file"). Here the worker in slot 0 listens on a
+//! Unix socket beside the database (`<db>-writer.sock`, mode 0600, the same user only) and its
+//! writer thread stores what the other workers' writers send it, in the same transaction as
+//! its own batches; the others decode, verify and batch as before and hand each batch over
+//! ([`RelayStorage`]). When slot 0 cannot be reached (not started yet, restarting, a reload
+//! moving to a new generation) a worker writes to the file itself, as before, and tries the
+//! socket again a second later: nothing waits on slot 0 and nothing is lost. A batch whose
+//! answer never came is written directly; idempotence on `message_id` makes that safe (what
+//! slot 0 did commit counts as duplicates).
+//!
+//! Frames on the socket: a little-endian `u32` length, then the body. A request is a `u32`
+//! sample count and each sample as a `u32` length and the msgpack map ceilometer would send
+//! ([`meter::Sample::to_value`]); an answer is a status byte (0 stored, 1 storage unavailable,
+//! 2 other storage error) and either the [`RecordOutcome`] or the error text.
+
+use crate::config::Config;
+use crate::dispatch::WriterMsg;
+use meter::decode::{decode_value_ref_with, Limits, MAX_DEPTH_CEILING};
+use meter::Sample;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use storage::{
+    MeterInfo, RecordOutcome, ResourceInfo, SampleFilter, Statistics, StatsSource, Storage,
+    StorageError, StoredSample,
+};
+
+/// A frame larger than this is refused (a batch of 8 × 1,000 samples of 64 KiB is 512 MiB).
+const MAX_FRAME: usize = 1 << 30;
+
+/// After slot 0 could not be reached, write directly for this long before trying again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The longest `sun_path` Linux takes, without its terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The socket of the writer of the SQLite file `cfg` stores into, if it stores into one.
+pub fn socket_path(cfg: &Config) -> Option<PathBuf> {
+    if !cfg.has_dispatcher("database") {
+        return None;
+    }
+    let url = storage::url::StorageUrl::parse(&cfg.database.connection).ok()?;
+    if url.scheme != "sqlite" {
+        return None;
+    }
+    match storage::sqlite::Target::from_url(&url).ok()? {
+        storage::sqlite::Target::File(db) => {
+            let mut p = db.into_os_string();
+            p.push("-writer.sock");
+            let p = PathBuf::from(p);
+            if p.as_os_str().len() > MAX_SOCKET_PATH {
+                log::warn!(
+                    "{}: longer than a Unix socket path may be; every worker writes to the \
+                     SQLite file itself",
+                    p.display()
+                );
+                return None;
+            }
+            Some(p)
+        }
+        storage::sqlite::Target::Memory => None,
+    }
+}
+
+/// A batch another worker's writer handed over, and where its outcome goes.
+pub struct Request {
+    pub samples: Vec<Sample>,
+    pub reply: Sender<Result<RecordOutcome, StorageError>>,
+}
+
+/// Slot 0's listener: one thread accepting, one per connected worker.
+pub struct Server {
+    /// The writer's channel; `None` once the worker stops, so the writer sees its channel
+    /// close when the loop's end goes (connections then answer "unavailable").
+    tx: Arc<Mutex<Option<Sender<WriterMsg>>>>,
+    path: PathBuf,
+    /// Device and inode of the socket this server bound, so it removes only its own.
+    id: (u64, u64),
+}
+
+impl Server {
+    /// Bind `path` (atomically replacing a socket a previous worker 0 left, or the one the
+    /// old generation's worker 0 still serves during a reload) and serve in the background.
+    pub fn start(path: &Path, tx: Sender<WriterMsg>) -> io::Result<Server> {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp)?;
+        let installed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = installed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let meta = std::fs::symlink_metadata(path)?;
+        let shared = Arc::new(Mutex::new(Some(tx)));
+        let serving = shared.clone();
+        std::thread::Builder::new()
+            .name("relay".into())
+            .spawn(move || accept_loop(listener, serving))?;
+        Ok(Server {
+            tx: shared,
+            path: path.to_path_buf(),
+            id: (meta.dev(), meta.ino()),
+        })
+    }
+
+    /// Stop taking batches for the writer; remove the socket unless a successor replaced it.
+    pub fn close(&self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+            if (m.dev(), m.ino()) == self.id {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+fn accept_loop(listener: UnixListener, tx: Arc<Mutex<Option<Sender<WriterMsg>>>>) {
+    for conn in listener.incoming() {
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("relay: accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if !same_user(&conn) {
+            log::warn!("relay: refused a connection from another user");
+            continue;
+        }
+        let tx = tx.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name("relay-conn".into())
+            .spawn(move || serve(conn, &tx))
+        {
+            log::warn!("relay: cannot start a connection thread: {e}");
+        }
+    }
+}
+
+/// Whether the peer runs as this process's effective user (the socket is 0600 too).
+fn same_user(conn: &UnixStream) -> bool {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given; the fd is open.
+    let rc = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: geteuid has no preconditions.
+    rc == 0 && cred.uid == unsafe { libc::geteuid() }
+}
+
+/// Answer one worker's batches until it hangs up or this worker stops.
+fn serve(mut conn: UnixStream, tx: &Mutex<Option<Sender<WriterMsg>>>) {
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        match read_frame(&mut conn, &mut buf) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                log::warn!("relay: reading a batch: {e}");
+                return;
+            }
+        }
+        let result = match decode_request(&buf) {
+            Ok(samples) => {
+                let (reply, answer) = mpsc::channel();
+                let sent = match tx.lock().ok().and_then(|t| t.clone()) {
+                    Some(t) => t.send(WriterMsg::Relay(Request { samples, reply })).is_ok(),
+                    None => false,
+                };
+                match sent.then(|| answer.recv().ok()).flatten() {
+                    Some(r) => r,
+                    // This worker is stopping: hanging up makes the other write the batch
+                    // to the file itself.
+                    None => return,
+                }
+            }
+            Err(e) => Err(StorageError::Database(format!("relayed batch: {e}"))),
+        };
+        out.clear();
+        encode_reply(&result, &mut out);
+        if let Err(e) = write_frame(&mut conn, &out) {
+            log::warn!("relay: answering a batch: {e}");
+            return;
+        }
+    }
+}
+
+/// Read one frame into `buf`; `false` at a clean end of stream.
+fn read_frame(conn: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<bool> {
+    let mut len = [0u8; 4];
+    match conn.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    let n = u32::from_le_bytes(len) as usize;
+    if n > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {n} bytes"),
+        ));
+    }
+    buf.clear();
+    buf.resize(n, 0);
+    conn.read_exact(buf)?;
+    Ok(true)
+}
+
+fn write_frame(conn: &mut impl Write, body: &[u8]) -> io::Result<()> {
+    let n = u32::try_from(body.len())
+        .ok()
+        .filter(|&n| n as usize <= MAX_FRAME)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
+    conn.write_all(&n.to_le_bytes())?;
+    conn.write_all(body)
+}
+
+fn put_u32(out: &mut Vec<u8>, v: usize) {
+    out.extend_from_slice(&(v.min(u32::MAX as usize) as u32).to_le_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, v: usize) {
+    out.extend_from_slice(&(v as u64).to_le_bytes());
+}
+
+/// Cursor over a body, every read checked.
+struct Cur<'a>(&'a [u8]);
+
+impl<'a> Cur<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err("truncated".into());
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u32(&mut self) -> Result<usize, String> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    }
+    fn u64(&mut self) -> Result<usize, String> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        usize::try_from(u64::from_le_bytes(a)).map_err(|_| "count out of range".into())
+    }
+}
+
+pub fn encode_request(samples: &[Sample], out: &mut Vec<u8>) {
+    put_u32(out, samples.len());
+    for s in samples {
+        let at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        s.encode_to(out);
+        let n = (out.len() - at - 4) as u32;
+        out[at..at + 4].copy_from_slice(&n.to_le_bytes());
+    }
+}
+
+pub fn decode_request(body: &[u8]) -> Result<Vec<Sample>, String> {
+    let limits = Limits {
+        max_depth: MAX_DEPTH_CEILING,
+        max_bytes: None,
+    };
+    let mut c = Cur(body);
+    let n = c.u32()?;
+    // Every sample takes at least its 4-byte length: a claim cannot outgrow the body.
+    let mut samples = Vec::with_capacity(n.min(body.len() / 4));
+    for i in 0..n {
+        let len = c.u32()?;
+        let bytes = c.take(len)?;
+        let v = decode_value_ref_with(bytes, &limits).map_err(|e| format!("sample {i}: {e}"))?;
+        samples.push(Sample::from_value(v).map_err(|e| format!("sample {i}: {e}"))?);
+    }
+    if !c.0.is_empty() {
+        return Err("bytes after the last sample".into());
+    }
+    Ok(samples)
+}
+
+pub fn encode_reply(r: &Result<RecordOutcome, StorageError>, out: &mut Vec<u8>) {
+    match r {
+        Ok(o) => {
+            out.push(0);
+            put_u64(out, o.stored);
+            put_u64(out, o.expired);
+            put_u32(out, o.duplicate_indices.len());
+            for &i in &o.duplicate_indices {
+                put_u32(out, i);
+            }
+            put_u32(out, o.rejected.len());
+            for (i, why) in &o.rejected {
+                put_u32(out, *i);
+                put_u32(out, why.len());
+                out.extend_from_slice(why.as_bytes());
+            }
+        }
+        Err(e) => {
+            out.push(if e.is_transient() { 1 } else { 2 });
+            let text = e.to_string();
+            put_u32(out, text.len());
+            out.extend_from_slice(text.as_bytes());
+        }
+    }
+}
+
+pub fn decode_reply(body: &[u8]) -> Result<Result<RecordOutcome, StorageError>, String> {
+    let mut c = Cur(body);
+    let status = c.take(1)?[0];
+    let text = |c: &mut Cur<'_>| -> Result<String, String> {
+        let n = c.u32()?;
+        String::from_utf8(c.take(n)?.to_vec()).map_err(|_| "text is not UTF-8".to_string())
+    };
+    let r = match status {
+        0 => {
+            let stored = c.u64()?;
+            let expired = c.u64()?;
+            let n = c.u32()?;
+            let mut duplicate_indices = Vec::with_capacity(n.min(body.len() / 4));
+            for _ in 0..n {
+                duplicate_indices.push(c.u32()?);
+            }
+            let n = c.u32()?;
+            let mut rejected = Vec::with_capacity(n.min(body.len() / 8));
+            for _ in 0..n {
+                let i = c.u32()?;
+                rejected.push((i, text(&mut c)?));
+            }
+            Ok(RecordOutcome {
+                stored,
+                duplicates: duplicate_indices.len(),
+                duplicate_indices,
+                rejected,
+                expired,
+            })
+        }
+        1 => Err(StorageError::Unavailable(text(&mut c)?)),
+        2 => Err(StorageError::Database(text(&mut c)?)),
+        s => return Err(format!("unknown status {s}")),
+    };
+    if !c.0.is_empty() {
+        return Err("bytes after the answer".into());
+    }
+    Ok(r)
+}
+
+/// The outcome of a batch made of `parts` (consecutive index ranges of it), one per part,
+/// indices relative to the part.
+pub fn split_outcome(out: &RecordOutcome, parts: &[std::ops::Range<usize>]) -> Vec<RecordOutcome> {
+    parts
+        .iter()
+        .map(|r| {
+            let duplicate_indices: Vec<usize> = out
+                .duplicate_indices
+                .iter()
+                .filter(|i| r.contains(i))
+                .map(|i| i - r.start)
+                .collect();
+            let rejected: Vec<(usize, String)> = out
+                .rejected
+                .iter()
+                .filter(|(i, _)| r.contains(i))
+                .map(|(i, why)| (i - r.start, why.clone()))
+                .collect();
+            let expired = rejected
+                .iter()
+                .filter(|(_, why)| why == storage::EXPIRED_REASON)
+                .count();
+            RecordOutcome {
+                stored: r.len() - duplicate_indices.len() - rejected.len(),
+                duplicates: duplicate_indices.len(),
+                duplicate_indices,
+                rejected,
+                expired,
+            }
+        })
+        .collect()
+}
+
+/// A worker's storage when another worker (slot 0) writes its SQLite file: batches go over
+/// the socket, everything else (queries, the probe) to the file directly.
+pub struct RelayStorage {
+    direct: Box<dyn Storage>,
+    path: PathBuf,
+    conn: Option<UnixStream>,
+    /// No connection attempt before this (after a failure).
+    retry_at: Option<Instant>,
+    /// How long an answer may take: slot 0's own wait for the lock, and then some.
+    timeout: Duration,
+    /// Whether the last batch went through slot 0 (for one log line per change).
+    relaying: Option<bool>,
+    buf: Vec<u8>,
+}
+
+impl RelayStorage {
+    pub fn new(direct: Box<dyn Storage>, path: PathBuf, busy_timeout: Duration) -> RelayStorage {
+        RelayStorage {
+            direct,
+            path,
+            conn: None,
+            retry_at: None,
+            timeout: busy_timeout * 2 + Duration::from_secs(5),
+            relaying: None,
+            buf: Vec::new(),
+        }
+    }
+
+    fn connected(&mut self) -> Option<&mut UnixStream> {
+        if self.conn.is_none() {
+            if self.retry_at.is_some_and(|t| Instant::now() < t) {
+                return None;
+            }
+            match UnixStream::connect(&self.path).and_then(|c| {
+                c.set_read_timeout(Some(self.timeout))?;
+                c.set_write_timeout(Some(self.timeout))?;
+                Ok(c)
+            }) {
+                Ok(c) => self.conn = Some(c),
+                Err(e) => {
+                    self.went_direct(&e.to_string());
+                    return None;
+                }
+            }
+        }
+        self.conn.as_mut()
+    }
+
+    fn went_direct(&mut self, why: &str) {
+        self.conn = None;
+        self.retry_at = Some(Instant::now() + RETRY_AFTER);
+        if self.relaying != Some(false) {
+            log::info!(
+                "sqlite: the file's writer (worker 0, {}) is not reachable ({why}): this \
+                 worker writes to the file itself until it is",
+                self.path.display()
+            );
+            self.relaying = Some(false);
+        }
+    }
+
+    fn relay(&mut self, batch: &[Sample]) -> io::Result<Result<RecordOutcome, StorageError>> {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        encode_request(batch, &mut buf);
+        let result = (|| {
+            let conn = self
+                .connected()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "not connected"))?;
+            write_frame(conn, &buf)?;
+            if !read_frame(conn, &mut buf)? {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before answering",
+                ));
+            }
+            decode_reply(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        })();
+        // A huge batch once does not pin its buffer.
+        if buf.capacity() <= 1 << 24 {
+            self.buf = buf;
+        }
+        result
+    }
+}
+
+impl Storage for RelayStorage {
+    fn record_metering_data(&mut self, batch: &[Sample]) -> Result<RecordOutcome, StorageError> {
+        if batch.is_empty() {
+            return self.direct.record_metering_data(batch);
+        }
+        let was_connected = self.conn.is_some();
+        match self.relay(batch) {
+            Ok(Ok(outcome)) => {
+                if self.relaying != Some(true) {
+                    log::info!(
+                        "sqlite: writing through the file's writer (worker 0, {})",
+                        self.path.display()
+                    );
+                    self.relaying = Some(true);
+                }
+                return Ok(outcome);
+            }
+            // Slot 0 answered with its storage's error: the file fails for us too.
+            Ok(Err(e)) => return Err(e),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected && !was_connected => {}
+            Err(e) => self.went_direct(&e.to_string()),
+        }
+        self.direct.record_metering_data(batch)
+    }
+
+    fn get_samples(&mut self, filter: &SampleFilter) -> Result<Vec<StoredSample>, StorageError> {
+        self.direct.get_samples(filter)
+    }
+
+    fn get_meters(&mut self, filter: &SampleFilter) -> Result<Vec<MeterInfo>, StorageError> {
+        self.direct.get_meters(filter)
+    }
+
+    fn get_resources(&mut self, filter: &SampleFilter) -> Result<Vec<ResourceInfo>, StorageError> {
+        self.direct.get_resources(filter)
+    }
+
+    fn get_meter_statistics(
+        &mut self,
+        filter: &SampleFilter,
+        period: Option<u64>,
+    ) -> Result<Vec<Statistics>, StorageError> {
+        self.direct.get_meter_statistics(filter, period)
+    }
+
+    fn get_meter_statistics_from(
+        &mut self,
+        filter: &SampleFilter,
+        period: Option<u64>,
+    ) -> Result<(Vec<Statistics>, StatsSource), StorageError> {
+        self.direct.get_meter_statistics_from(filter, period)
+    }
+
+    fn clear_expired_metering_data(&mut self, ttl_seconds: u64) -> Result<u64, StorageError> {
+        self.direct.clear_expired_metering_data(ttl_seconds)
+    }
+
+    fn retention_step(&mut self) -> Result<bool, StorageError> {
+        self.direct.retention_step()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples(n: usize) -> Vec<Sample> {
+        (0..n)
+            .map(|i| {
+                let mut m = meter::Value::Map(vec![(
+                    meter::Value::Str("flavor".into()),
+                    meter::Value::Str(format!("m1.{i}")),
+                )]);
+                if i % 3 == 0 {
+                    m = meter::Value::Map(Vec::new());
+                }
+                Sample {
+                    source: "openstack".into(),
+                    counter_name: "cpu".into(),
+                    counter_type: meter::CounterType::Cumulative,
+                    counter_unit: "ns".into(),
+                    counter_volume: if i % 2 == 0 {
+                        meter::Volume::Int(i as i64 * 1000)
+                    } else {
+                        meter::Volume::Float(i as f64 / 3.0)
+                    },
+                    user_id: (i % 4 != 1).then(|| format!("u{i}")),
+                    project_id: Some("p".into()),
+                    user_name: None,
+                    project_name: None,
+                    resource_id: format!("r-{}", i % 7),
+                    timestamp: format!("2026-12-01T10:{:02}:00.000000", i % 60),
+                    resource_metadata: meter::Metadata::from_value(&m),
+                    message_id: format!("id-{i}"),
+                    message_signature: (i % 5 != 0).then(|| "ab".repeat(32)),
+                    monotonic_time: (i % 6 == 0).then_some(1.5),
+                    extra: Vec::new(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_crosses_the_socket_unchanged() {
+        for n in [0, 1, 17] {
+            let batch = samples(n);
+            let mut body = Vec::new();
+            encode_request(&batch, &mut body);
+            assert_eq!(decode_request(&body).unwrap(), batch);
+        }
+    }
+
+    #[test]
+    fn outcomes_and_errors_cross_the_socket_unchanged() {
+        let out = RecordOutcome {
+            stored: 5,
+            duplicates: 2,
+            duplicate_indices: vec![1, 4],
+            rejected: vec![
+                (2, "bad timestamp".into()),
+                (6, storage::EXPIRED_REASON.into()),
+            ],
+            expired: 1,
+        };
+        let mut body = Vec::new();
+        encode_reply(&Ok(out.clone()), &mut body);
+        assert_eq!(decode_reply(&body).unwrap().unwrap(), out);
+        for (e, transient) in [
+            (StorageError::Unavailable("database is locked".into()), true),
+            (StorageError::Database("no such table".into()), false),
+        ] {
+            body.clear();
+            encode_reply(&Err(e), &mut body);
+            let back = decode_reply(&body).unwrap().unwrap_err();
+            assert_eq!(back.is_transient(), transient);
+        }
+    }
+
+    #[test]
+    fn every_truncation_of_a_frame_is_an_error_not_a_panic() {
+        let mut req = Vec::new();
+        encode_request(&samples(3), &mut req);
+        for cut in 0..req.len() {
+            assert!(decode_request(&req[..cut]).is_err(), "request cut at {cut}");
+        }
+        let mut extra = req.clone();
+        extra.push(0);
+        assert!(decode_request(&extra).is_err());
+        let mut rep = Vec::new();
+        encode_reply(
+            &Ok(RecordOutcome {
+                stored: 1,
+                duplicates: 1,
+                duplicate_indices: vec![0],
+                rejected: vec![(1, "why".into())],
+                expired: 0,
+            }),
+            &mut rep,
+        );
+        for cut in 0..rep.len() {
+            assert!(decode_reply(&rep[..cut]).is_err(), "answer cut at {cut}");
+        }
+        // A count claiming more samples than the body could hold allocates nothing large.
+        assert!(decode_request(&[0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn a_merged_outcome_splits_into_each_part_s_own() {
+        // Parts 0..3 (own), 3..3 (empty), 3..7; duplicates at 1 and 4, rejected 2 and 6.
+        let out = RecordOutcome {
+            stored: 3,
+            duplicates: 2,
+            duplicate_indices: vec![1, 4],
+            rejected: vec![(2, "bad".into()), (6, storage::EXPIRED_REASON.into())],
+            expired: 1,
+        };
+        let parts = split_outcome(&out, &[0..3, 3..3, 3..7]);
+        assert_eq!(parts[0].stored, 1);
+        assert_eq!(parts[0].duplicate_indices, vec![1]);
+        assert_eq!(parts[0].rejected, vec![(2, "bad".to_string())]);
+        assert_eq!(parts[0].expired, 0);
+        assert_eq!(parts[1], RecordOutcome::default());
+        assert_eq!(parts[2].stored, 2);
+        assert_eq!(parts[2].duplicate_indices, vec![1]);
+        assert_eq!(
+            parts[2].rejected,
+            vec![(3, storage::EXPIRED_REASON.to_string())]
+        );
+        assert_eq!(parts[2].expired, 1);
+        let stored: usize = parts.iter().map(|p| p.stored).sum();
+        assert_eq!(stored, out.stored);
+    }
+}
