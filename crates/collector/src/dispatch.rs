@@ -248,6 +248,11 @@ const RETENTION_POLL: Duration = Duration::from_millis(50);
 /// At most this many queued batches are merged into one transaction.
 const MERGE_MAX: usize = 8;
 
+/// ... and no more once this many samples are in: with other workers' batches relayed to this
+/// writer, eight messages could be eight workers' full batches held decoded at once (a
+/// worker 0 serving three others peaked at 31 MiB before this bound).
+const MERGE_MAX_SAMPLES: usize = 4_000;
+
 /// How often a writer whose database write failed checks whether storage answers again.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
@@ -401,13 +406,20 @@ impl Writer {
             let mut batches = Vec::new();
             let mut relays = Vec::new();
             let mut next = Some(msg);
+            let mut samples = 0;
             while let Some(msg) = next.take() {
                 match msg {
                     WriterMsg::Reopen => self.reopen(),
-                    WriterMsg::Batch(b) => batches.push(b),
-                    WriterMsg::Relay(r) => relays.push(r),
+                    WriterMsg::Batch(b) => {
+                        samples += b.len();
+                        batches.push(b)
+                    }
+                    WriterMsg::Relay(r) => {
+                        samples += r.samples.len();
+                        relays.push(r)
+                    }
                 }
-                if batches.len() + relays.len() < MERGE_MAX {
+                if batches.len() + relays.len() < MERGE_MAX && samples < MERGE_MAX_SAMPLES {
                     next = rx.try_recv().ok();
                 }
             }
