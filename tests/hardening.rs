@@ -514,9 +514,10 @@ fn transient_failure_probe() {
         assert!(!p.is_null(), "no user nobody");
         (*p).pw_uid
     };
-    // Room for the launcher and one worker with its writer thread (and a little for other
-    // processes of nobody's that come and go), not for a second worker and its thread.
-    let limit = tasks_of_uid(nobody) + 4;
+    // Room for the launcher and one worker with its writer thread and the SQLite writer's
+    // relay thread (and a little for other processes of nobody's that come and go), not for
+    // a second worker and its thread.
+    let limit = tasks_of_uid(nobody) + 5;
     let nproc = format!("--nproc={limit}:{limit}");
     let mut setup = Setup::default();
     setup.service.push("user = \"nobody\"".into());

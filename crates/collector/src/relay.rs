@@ -5,7 +5,8 @@
 //! pages its next commit touched after each commit of another, and waited for the write lock
 //! in its busy handler. Two workers spent 1.3-1.8 times the CPU per stored sample of one
 //! (docs/performance.md, "One writer per SQLite file"). Here the worker in slot 0 listens on a
-//! Unix socket beside the database (`<db>-writer.sock`, mode 0600, the same user only) and its
+//! Unix socket beside the database (`<db>-writer.sock`, mode 0600; both ends check that the
+//! other is a worker of the same launcher: same user, same parent) and its
 //! writer thread stores what the other workers' writers send it, in the same transaction as
 //! its own batches; the others decode, verify and batch as before and hand each batch over
 //! ([`RelayStorage`]). When slot 0 cannot be reached (not started yet, restarting, a reload
@@ -140,8 +141,8 @@ fn accept_loop(listener: UnixListener, tx: Arc<Mutex<Option<Sender<WriterMsg>>>>
                 continue;
             }
         };
-        if !same_user(&conn) {
-            log::warn!("relay: refused a connection from another user");
+        if !sibling(&conn) {
+            log::warn!("relay: refused a connection from a process that is not a worker");
             continue;
         }
         let tx = tx.clone();
@@ -154,8 +155,30 @@ fn accept_loop(listener: UnixListener, tx: Arc<Mutex<Option<Sender<WriterMsg>>>>
     }
 }
 
-/// Whether the peer runs as this process's effective user (the socket is 0600 too).
-fn same_user(conn: &UnixStream) -> bool {
+/// Whether the peer is another worker of this launcher: the same effective user (the socket
+/// is 0600 too) and the same parent. Both ends check: a worker hands samples, which it has
+/// verified, only to a sibling, and takes "stored" only from one.
+fn sibling(conn: &UnixStream) -> bool {
+    let Some((pid, uid)) = peer(conn) else {
+        return false;
+    };
+    // SAFETY: geteuid and getppid have no preconditions.
+    let (euid, ppid) = unsafe { (libc::geteuid(), libc::getppid()) };
+    uid == euid && parent_of(pid) == Some(ppid)
+}
+
+/// The parent of `pid`, from `/proc/PID/stat` (the field after the parenthesised name).
+fn parent_of(pid: libc::pid_t) -> Option<libc::pid_t> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The peer's pid and effective user.
+fn peer(conn: &UnixStream) -> Option<(libc::pid_t, libc::uid_t)> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -172,8 +195,7 @@ fn same_user(conn: &UnixStream) -> bool {
             &mut len,
         )
     };
-    // SAFETY: geteuid has no preconditions.
-    rc == 0 && cred.uid == unsafe { libc::geteuid() }
+    (rc == 0).then_some((cred.pid, cred.uid))
 }
 
 /// Answer one worker's batches until it hangs up or this worker stops.
@@ -441,6 +463,12 @@ impl RelayStorage {
                 return None;
             }
             match UnixStream::connect(&self.path).and_then(|c| {
+                if !sibling(&c) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        "the socket is not served by a worker of this collector",
+                    ));
+                }
                 c.set_read_timeout(Some(self.timeout))?;
                 c.set_write_timeout(Some(self.timeout))?;
                 Ok(c)
@@ -657,6 +685,47 @@ mod tests {
         }
         // A count claiming more samples than the body could hold allocates nothing large.
         assert!(decode_request(&[0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn only_a_process_of_the_same_parent_is_taken_for_a_worker() {
+        // SAFETY: getpid and getppid have no preconditions.
+        let (me, parent) = unsafe { (libc::getpid(), libc::getppid()) };
+        assert_eq!(parent_of(me), Some(parent));
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert!(sibling(&a), "this process has this process's parent");
+        // A child of this process connecting: its parent is this process, not its parent.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import socket, sys, time\n\
+                 s = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\ntime.sleep(30)",
+            ])
+            .arg(&path)
+            .spawn()
+            .expect("python3");
+        listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let conn = loop {
+            match listener.accept() {
+                Ok((c, _)) => break Some(c),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(_) => break None,
+            }
+        };
+        let refused = conn.as_ref().map(|c| !sibling(c));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(
+            refused,
+            Some(true),
+            "a child of this process passed for a sibling"
+        );
     }
 
     #[test]
