@@ -429,6 +429,31 @@ pub fn split_outcome(out: &RecordOutcome, parts: &[std::ops::Range<usize>]) -> V
         .collect()
 }
 
+/// Whether `out` accounts for each of a batch's `n` samples exactly once (as the writer's
+/// per-request attribution assumes): indices ascending and in the batch, none both a
+/// duplicate and rejected, and the rest stored.
+fn accounts_for(out: &RecordOutcome, n: usize) -> bool {
+    fn ascending(v: impl Iterator<Item = usize>, n: usize) -> bool {
+        let mut last = None;
+        for i in v {
+            if i >= n || last.is_some_and(|l| i <= l) {
+                return false;
+            }
+            last = Some(i);
+        }
+        true
+    }
+    ascending(out.duplicate_indices.iter().copied(), n)
+        && ascending(out.rejected.iter().map(|(i, _)| *i), n)
+        && out.duplicates == out.duplicate_indices.len()
+        && out.expired <= out.rejected.len()
+        && out
+            .duplicate_indices
+            .iter()
+            .all(|i| out.rejected.binary_search_by_key(i, |(r, _)| *r).is_err())
+        && out.stored + out.duplicate_indices.len() + out.rejected.len() == n
+}
+
 /// A worker's storage when another worker (slot 0) writes its SQLite file: batches go over
 /// the socket, everything else (queries, the probe) to the file directly.
 pub struct RelayStorage {
@@ -528,6 +553,9 @@ impl Storage for RelayStorage {
         }
         let was_connected = self.conn.is_some();
         match self.relay(batch) {
+            Ok(Ok(outcome)) if !accounts_for(&outcome, batch.len()) => {
+                self.went_direct("an answer that does not account for the batch")
+            }
             Ok(Ok(outcome)) => {
                 if self.relaying != Some(true) {
                     log::info!(
@@ -753,5 +781,33 @@ mod tests {
         assert_eq!(parts[2].expired, 1);
         let stored: usize = parts.iter().map(|p| p.stored).sum();
         assert_eq!(stored, out.stored);
+        assert!(accounts_for(&out, 7));
+        for (p, r) in parts.iter().zip([3, 0, 4]) {
+            assert!(accounts_for(p, r), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn an_answer_that_miscounts_the_batch_is_not_taken() {
+        let ok = RecordOutcome {
+            stored: 2,
+            duplicates: 1,
+            duplicate_indices: vec![1],
+            rejected: vec![(3, "bad".into())],
+            expired: 0,
+        };
+        assert!(accounts_for(&ok, 4));
+        assert!(!accounts_for(&ok, 5), "one sample unaccounted for");
+        let mut twice = ok.clone();
+        twice.duplicate_indices = vec![1, 1];
+        twice.duplicates = 2;
+        twice.stored = 1;
+        assert!(!accounts_for(&twice, 4), "an index twice");
+        let mut both = ok.clone();
+        both.duplicate_indices = vec![3];
+        assert!(!accounts_for(&both, 4), "duplicate and rejected at once");
+        let mut outside = ok;
+        outside.rejected = vec![(9, "bad".into())];
+        assert!(!accounts_for(&outside, 4), "an index past the batch");
     }
 }
