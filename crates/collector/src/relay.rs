@@ -60,7 +60,8 @@ pub fn socket_path(cfg: &Config) -> Option<PathBuf> {
             let mut p = db.into_os_string();
             p.push("-writer.sock");
             let p = PathBuf::from(p);
-            if p.as_os_str().len() > MAX_SOCKET_PATH {
+            // Room for the temporary name it is bound under first (`.PID`).
+            if p.as_os_str().len() + 12 > MAX_SOCKET_PATH {
                 log::warn!(
                     "{}: longer than a Unix socket path may be; every worker writes to the \
                      SQLite file itself",
