@@ -653,6 +653,35 @@ mod tests {
     }
 
     #[test]
+    fn only_an_sqlite_file_short_enough_gets_a_writer_socket() {
+        let cfg =
+            |url: &str| Config::parse(&format!("[database]\nconnection = \"{url}\"\n")).unwrap();
+        assert_eq!(
+            socket_path(&cfg("sqlite:////var/lib/collector/c.db")),
+            Some(PathBuf::from("/var/lib/collector/c.db-writer.sock"))
+        );
+        assert_eq!(
+            socket_path(&cfg("sqlite:///data/c.db")),
+            Some(PathBuf::from("data/c.db-writer.sock"))
+        );
+        for url in [
+            "sqlite://",
+            "sqlite:///:memory:",
+            "postgresql://h/db",
+            "mysql://r@h/db",
+        ] {
+            assert_eq!(socket_path(&cfg(url)), None, "{url}");
+        }
+        let long = format!("sqlite:////{}/c.db", "d".repeat(90));
+        assert_eq!(socket_path(&cfg(&long)), None, "past a Unix socket address");
+        let file_only = Config::parse(
+            "[collector]\ndispatchers = [\"file\"]\n[database]\nconnection = \"sqlite:////x.db\"\n",
+        )
+        .unwrap();
+        assert_eq!(socket_path(&file_only), None, "no database dispatcher");
+    }
+
+    #[test]
     fn a_batch_crosses_the_socket_unchanged() {
         for n in [0, 1, 17] {
             let batch = samples(n);
