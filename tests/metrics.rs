@@ -136,6 +136,7 @@ const STATS_TO_METRICS: &[(&str, &str, &[&str])] = &[
         &["kind=\"file\""],
     ),
     ("batches_written", "collector_batches_written_total", &[]),
+    ("batches_relayed", "collector_batches_relayed_total", &[]),
     (
         "batch_latency_ms",
         "collector_batch_commit_duration_seconds_count",

@@ -65,6 +65,14 @@ fn workers_store_through_worker_0_and_by_themselves_while_it_is_down() {
         assert!(seen.is_some(), "no {line:?} after {n} calls:\n{}", d.log());
     };
     until("writing through the file's writer", 1, &mut acked);
+    let relayed = wait_for(WAIT, || {
+        let n = d.stats()["batches_relayed"].as_u64().unwrap_or(0);
+        (n >= 1).then_some(n)
+    });
+    assert!(
+        relayed.is_some(),
+        "batches_relayed counts what worker 0 stored for the other"
+    );
 
     // Worker 0 killed: the other worker's relay breaks, and it stores by itself.
     // SAFETY: killing our own daemon's worker.

@@ -146,6 +146,9 @@ pub struct Counters {
     pub dispatch_errors: u64,
     pub samples_dropped: u64,
     pub batches_written: u64,
+    /// Of `batches_written`: batches whose database samples this worker handed to worker 0,
+    /// the writer of the SQLite file (`crate::relay`), and that worker 0 stored.
+    pub batches_relayed: u64,
     /// Histogram: count of batches whose commit took at most `LATENCY_BUCKETS_MS[i]` ms; the
     /// extra last entry counts slower ones.
     pub batch_latency_ms: Vec<u64>,
@@ -221,6 +224,7 @@ impl Counters {
             dispatch_errors,
             samples_dropped,
             batches_written,
+            batches_relayed,
             batch_latency_us_sum,
             respawns,
             batch_size_sum,

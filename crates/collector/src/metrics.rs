@@ -397,6 +397,12 @@ impl Collector for Snapshot {
             &[(driver.clone(), t.batches_written)],
         )?;
         o.counters(
+            "collector_batches_relayed",
+            "Batches a worker handed to worker 0, the writer of the SQLite file, stored there.",
+            None,
+            &[(driver.clone(), t.batches_relayed)],
+        )?;
+        o.counters(
             "collector_dispatch_errors",
             "Batches a dispatcher failed to write (storage unavailable, file error).",
             None,

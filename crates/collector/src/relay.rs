@@ -29,6 +29,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -468,11 +469,19 @@ pub struct RelayStorage {
     /// Whether the last batch went through slot 0 (for one log line per change).
     relaying: Option<bool>,
     buf: Vec<u8>,
+    /// Batches worker 0 stored for this worker (the worker's `batches_relayed`).
+    relayed: Arc<AtomicU64>,
 }
 
 impl RelayStorage {
-    pub fn new(direct: Box<dyn Storage>, path: PathBuf, busy_timeout: Duration) -> RelayStorage {
+    pub fn new(
+        direct: Box<dyn Storage>,
+        path: PathBuf,
+        busy_timeout: Duration,
+        relayed: Arc<AtomicU64>,
+    ) -> RelayStorage {
         RelayStorage {
+            relayed,
             direct,
             path,
             conn: None,
@@ -558,6 +567,7 @@ impl Storage for RelayStorage {
                 self.went_direct("an answer that does not account for the batch")
             }
             Ok(Ok(outcome)) => {
+                self.relayed.fetch_add(1, Ordering::Relaxed);
                 if self.relaying != Some(true) {
                     log::info!(
                         "sqlite: writing through the file's writer (worker 0, {})",

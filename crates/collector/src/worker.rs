@@ -63,6 +63,8 @@ pub struct Worker {
     last_commit_unix_ms: Option<i64>,
     /// Worker 0 with an SQLite file: the socket other workers hand their batches to.
     relay: Option<crate::relay::Server>,
+    /// The other workers with an SQLite file: batches worker 0 stored for this one.
+    relayed: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// Errors that stop a worker before it serves: the launcher treats them as boot errors.
@@ -144,14 +146,18 @@ impl Worker {
         } else {
             None
         };
+        let mut relayed = None;
         if let (Some(path), false) = (&relay_path, index == 0) {
             if let Some(direct) = storage.take() {
                 let busy = Duration::from_millis(cfg.database.storage_options().busy_timeout_ms);
+                let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
                 storage = Some(Box::new(crate::relay::RelayStorage::new(
                     direct,
                     path.clone(),
                     busy,
+                    count.clone(),
                 )));
+                relayed = Some(count);
             }
         }
         let file_dispatcher = if file {
@@ -264,6 +270,7 @@ impl Worker {
             last_error: None,
             last_commit_unix_ms: None,
             relay,
+            relayed,
         })
     }
 
@@ -536,6 +543,10 @@ impl Worker {
             let counters = &mut self.intake.counters;
             self.intake.in_flight = self.intake.in_flight.saturating_sub(c.batches);
             dispatch::count_completion(&c, counters);
+            if let Some(r) = &self.relayed {
+                // Counted by the writer before this completion was sent.
+                counters.batches_relayed = r.load(std::sync::atomic::Ordering::Relaxed);
+            }
             let requeue = self.cfg.collector.requeue_sample_on_dispatcher_error;
             if c.result.is_ok() && !c.probe && c.counts.stored > 0 {
                 self.last_commit_unix_ms = Some(c.committed_unix_ms);
