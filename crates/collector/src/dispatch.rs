@@ -628,7 +628,7 @@ fn store_relays(
             .collect(),
         Err(e) => parts
             .iter()
-            .map(|_| Err(clone_error(e)))
+            .map(|_| Err(crate::relay::clone_error(e)))
             .collect::<Vec<_>>(),
     };
     for (reply, outcome) in replies.into_iter().zip(outcomes.drain(1..)) {
@@ -641,14 +641,6 @@ fn store_relays(
         return None;
     }
     outcomes.pop()
-}
-
-fn clone_error(e: &storage::StorageError) -> storage::StorageError {
-    if e.is_transient() {
-        storage::StorageError::Unavailable(e.to_string())
-    } else {
-        storage::StorageError::Database(e.to_string())
-    }
 }
 
 /// Concatenate batches into one, shifting each ticket's range (into `db`, or into `file` when

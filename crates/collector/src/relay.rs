@@ -351,7 +351,11 @@ pub fn encode_reply(r: &Result<RecordOutcome, StorageError>, out: &mut Vec<u8>) 
         }
         Err(e) => {
             out.push(if e.is_transient() { 1 } else { 2 });
-            let text = e.to_string();
+            // The text a `clone_error` of it holds, so that it reads the same on both sides.
+            let text = match clone_error(e) {
+                StorageError::Unavailable(s) | StorageError::Database(s) => s,
+                other => other.to_string(),
+            };
             put_u32(out, text.len());
             out.extend_from_slice(text.as_bytes());
         }
@@ -396,6 +400,16 @@ pub fn decode_reply(body: &[u8]) -> Result<Result<RecordOutcome, StorageError>, 
         return Err("bytes after the answer".into());
     }
     Ok(r)
+}
+
+/// The same error for another batch: its kind (transient or not) and its text.
+pub fn clone_error(e: &StorageError) -> StorageError {
+    match e {
+        StorageError::Unavailable(s) => StorageError::Unavailable(s.clone()),
+        StorageError::Database(s) => StorageError::Database(s.clone()),
+        e if e.is_transient() => StorageError::Unavailable(e.to_string()),
+        e => StorageError::Database(e.to_string()),
+    }
 }
 
 /// The outcome of a batch made of `parts` (consecutive index ranges of it), one per part,
@@ -719,11 +733,24 @@ mod tests {
         for (e, transient) in [
             (StorageError::Unavailable("database is locked".into()), true),
             (StorageError::Database("no such table".into()), false),
+            (
+                StorageError::SchemaTooNew {
+                    found: 9,
+                    supported: 6,
+                },
+                false,
+            ),
         ] {
             body.clear();
-            encode_reply(&Err(e), &mut body);
+            encode_reply(&Err(clone_error(&e)), &mut body);
             let back = decode_reply(&body).unwrap().unwrap_err();
             assert_eq!(back.is_transient(), transient);
+            assert_eq!(
+                back.to_string(),
+                clone_error(&e).to_string(),
+                "read the same"
+            );
+            assert!(!back.to_string().contains("database error: database error"));
         }
     }
 
