@@ -882,29 +882,37 @@ mod tests {
 
     /// The writer stores a batch and hands its samples back in the completion, so the loop
     /// thread that decoded them frees them.
-    #[test]
-    fn a_written_batch_comes_back_with_its_samples() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite:///{}", dir.path().join("c.db").display());
-        let opts = storage::StorageOptions::default();
-        let writer = Writer {
-            storage: Some(storage::open(&url, &opts).unwrap()),
+    /// A writer with only the database dispatcher, on `url`, no retention.
+    fn database_writer(url: &str) -> Writer {
+        Writer {
+            storage: Some(storage::open(url, &storage::StorageOptions::default()).unwrap()),
             file: None,
             ttl_seconds: None,
             expiry_interval: Duration::from_secs(3600),
             retention: None,
-        };
-        let (wtx, wrx) = std::sync::mpsc::channel();
-        let (ctx, crx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || writer.run(wrx, ctx, Arc::new(NoWake)));
-        let samples = vec![old_sample("a", 0), old_sample("b", 0)];
-        let meta = vec![
+        }
+    }
+
+    fn meta_of(n: usize) -> Vec<SampleMeta> {
+        vec![
             SampleMeta {
                 source: 0,
                 time_ms: None
             };
-            samples.len()
-        ];
+            n
+        ]
+    }
+
+    #[test]
+    fn a_written_batch_comes_back_with_its_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:///{}", dir.path().join("c.db").display());
+        let writer = database_writer(&url);
+        let (wtx, wrx) = std::sync::mpsc::channel();
+        let (ctx, crx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || writer.run(wrx, ctx, Arc::new(NoWake)));
+        let samples = vec![old_sample("a", 0), old_sample("b", 0)];
+        let meta = meta_of(samples.len());
         wtx.send(WriterMsg::Batch(Batch {
             id: 7,
             db: samples.clone(),
@@ -926,24 +934,11 @@ mod tests {
     /// each gets its own part of the outcome, and only this worker's reach the loop.
     #[test]
     fn relayed_batches_are_answered_with_their_own_outcome() {
-        let opts = storage::StorageOptions::default();
-        let mut writer = Writer {
-            storage: Some(storage::open("sqlite://", &opts).unwrap()),
-            file: None,
-            ttl_seconds: None,
-            expiry_interval: Duration::from_secs(3600),
-            retention: None,
-        };
+        let mut writer = database_writer("sqlite://");
         let (wtx, wrx) = std::sync::mpsc::channel();
         let (ctx, crx) = std::sync::mpsc::channel();
         let own = vec![old_sample("a", 0), old_sample("b", 0)];
-        let meta = vec![
-            SampleMeta {
-                source: 0,
-                time_ms: None
-            };
-            own.len()
-        ];
+        let meta = meta_of(own.len());
         let (r1, a1) = std::sync::mpsc::channel();
         let (r2, a2) = std::sync::mpsc::channel();
         let mut bad = old_sample("", 0);
