@@ -3,8 +3,8 @@
 //! SQLite lets one connection write at a time, and whenever another connection has committed
 //! it drops a connection's whole page cache, so every worker writing the one file re-read the
 //! pages its next commit touched after each commit of another, and waited for the write lock
-//! in its busy handler. Two workers spent 1.3-1.8 times the CPU per stored sample of one
-//! (docs/performance.md, "One writer per SQLite file"). Here the worker in slot 0 listens on a
+//! in its busy handler. Two workers spent 1.17-1.80 CPU-s per 100k stored samples, one
+//! 0.85-0.95 (docs/performance.md, "One writer per SQLite file"). Here the worker in slot 0 listens on a
 //! Unix socket beside the database (`<db>-writer.sock`, mode 0600; both ends check that the
 //! other is a worker of the same launcher: same user, same parent) and its
 //! writer thread stores what the other workers' writers send it, in the same transaction as
