@@ -26,6 +26,10 @@ struct Cli {
     /// Read the samples from this file (written by `gen`) instead of generating them first.
     #[arg(long, global = true, value_name = "FILE")]
     samples: Option<PathBuf>,
+    /// Leave out the first N samples: send sequence numbers N..N+COUNT (after a warm-up run
+    /// that sent 0..N, the same samples would all be duplicates).
+    #[arg(long, global = true, default_value_t = 0, value_name = "N")]
+    skip: usize,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -247,6 +251,7 @@ fn spawn_watcher(
     interval_ms: u64,
     settle_ms: u64,
     count: usize,
+    first: u64,
 ) -> (
     Arc<watch::Progress>,
     Option<std::thread::JoinHandle<Result<watch::Observed>>>,
@@ -259,6 +264,7 @@ fn spawn_watcher(
                 interval: Duration::from_millis(interval_ms),
                 settle: Duration::from_millis(settle_ms),
                 limit: Duration::from_secs(60),
+                first,
             },
             count,
             progress.clone(),
@@ -297,6 +303,7 @@ fn watched(
     db: &std::path::Path,
     sent: &udp::Sent,
     watch_interval_ms: u64,
+    first: u64,
 ) -> Result<()> {
     let obs = match w.join() {
         Ok(r) => r?,
@@ -310,7 +317,7 @@ fn watched(
         .map(|(seen, sent)| seen - sent)
         .collect();
     let duration = (obs.last_new_ns - sent.first_ns) as f64 / 1e9;
-    let recorded = watch::recorded_latencies(db, &sent.send_ns)?;
+    let recorded = watch::recorded_latencies(db, &sent.send_ns, first)?;
     out["stored"] = json!(obs.stored);
     out["lost"] = json!(sent.sent.saturating_sub(obs.stored));
     out["foreign_rows"] = json!(obs.foreign);
@@ -339,7 +346,10 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<serde_json::Value> {
-    let payloads = |count: usize| samples::obtain(cli.samples.as_deref(), count, &cli.secret);
+    let skip = cli.skip;
+    let payloads = |count: usize| {
+        samples::obtain(cli.samples.as_deref(), skip + count, &cli.secret).map(|p| p.skip(skip))
+    };
     Ok(match cli.mode {
         Mode::Gen { count, out } => {
             let started = std::time::Instant::now();
@@ -367,16 +377,21 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
             let socks = (0..clients.max(1))
                 .map(|_| udp::connect(to))
                 .collect::<Result<Vec<_>>>()?;
-            let (progress, watcher) =
-                spawn_watcher(watch_db.as_deref(), watch_interval_ms, settle_ms, count);
+            let (progress, watcher) = spawn_watcher(
+                watch_db.as_deref(),
+                watch_interval_ms,
+                settle_ms,
+                count,
+                skip as u64,
+            );
             let rcvbuf_before = udp_rcvbuf_errors();
             let sent = udp::send(&socks, &p, count, rate, &progress);
             let mut out = sent_summary("udp", to, &sent, rate, socks.len(), &p);
             if let Some(path) = &sends_out {
-                watch::save_sends(path, &sent.send_ns)?;
+                watch::save_sends(path, &sent.send_ns, skip as u64)?;
             }
             if let (Some(w), Some(db)) = (watcher, watch_db.as_ref()) {
-                watched(&mut out, w, db, &sent, watch_interval_ms)?;
+                watched(&mut out, w, db, &sent, watch_interval_ms, skip as u64)?;
                 let rcvbuf_after = udp_rcvbuf_errors();
                 out["rcvbuf_errors"] = json!(match (rcvbuf_before, rcvbuf_after) {
                     (Some(a), Some(b)) => Some(b.saturating_sub(a)),
@@ -395,12 +410,17 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
             settle_ms,
         } => {
             let p = payloads(count)?;
-            let (progress, watcher) =
-                spawn_watcher(watch_db.as_deref(), watch_interval_ms, settle_ms, count);
+            let (progress, watcher) = spawn_watcher(
+                watch_db.as_deref(),
+                watch_interval_ms,
+                settle_ms,
+                count,
+                skip as u64,
+            );
             let (sent, open) = tcp::send(to, clients, &p, count, rate, &progress)?;
             let mut out = sent_summary("tcp", to, &sent, rate, open.len(), &p);
             if let (Some(w), Some(db)) = (watcher, watch_db.as_ref()) {
-                watched(&mut out, w, db, &sent, watch_interval_ms)?;
+                watched(&mut out, w, db, &sent, watch_interval_ms, skip as u64)?;
             }
             drop(open);
             out
@@ -449,7 +469,7 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
         }
         Mode::Latency { db, sends } => {
             let table = watch::load_sends(&sends)?;
-            let lat = watch::recorded_latencies(&db, &table)?;
+            let lat = watch::recorded_latencies(&db, &table, 0)?;
             json!({
                 "mode": "latency",
                 "latency_ms": latency_summary(lat),

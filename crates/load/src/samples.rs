@@ -403,12 +403,26 @@ impl Fleet {
 }
 
 /// Encoded samples, one contiguous buffer: sample `i` is `data[offsets[i]..offsets[i + 1]]`.
+#[derive(Clone)]
 pub struct Payloads {
     data: Vec<u8>,
     offsets: Vec<usize>,
 }
 
 impl Payloads {
+    /// These without the first `n` (all of them if there are fewer).
+    pub fn skip(self, n: usize) -> Payloads {
+        let n = n.min(self.len());
+        if n == 0 {
+            return self;
+        }
+        let start = self.offsets[n];
+        Payloads {
+            data: self.data[start..].to_vec(),
+            offsets: self.offsets[n..].iter().map(|o| o - start).collect(),
+        }
+    }
+
     /// Generate `count` signed samples (seq 0..count). Timestamps start at the current time.
     pub fn generate(count: usize, secret: &str) -> Payloads {
         let base = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64;
@@ -604,5 +618,20 @@ mod tests {
         assert_eq!(q.get(4), p.get(4));
         assert_eq!(q.concat(0..5), p.concat(0..5));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn skipping_keeps_the_later_samples_and_their_sequence_numbers() {
+        let p = Payloads::generate(10, "k");
+        let q = p.clone().skip(3);
+        assert_eq!(q.len(), 7);
+        for i in 0..7 {
+            assert_eq!(q.get(i), p.get(i + 3));
+        }
+        assert_eq!(q.concat(0..7), p.concat(3..10));
+        let id = |b: &[u8]| meter::Sample::decode(b).unwrap().message_id;
+        assert_eq!(seq_of(&id(q.get(0))), Some(3));
+        assert_eq!(p.clone().skip(0).len(), 10);
+        assert!(p.skip(12).is_empty());
     }
 }

@@ -43,6 +43,8 @@ pub struct WatchOptions {
     pub settle: Duration,
     /// Give up this long after the sender is done.
     pub limit: Duration,
+    /// The first sequence number sent (`--skip`): sequence number `first + i` is the `i`th.
+    pub first: u64,
 }
 
 fn open(db: &Path) -> Result<Connection> {
@@ -85,7 +87,10 @@ fn run(opts: WatchOptions, expected: usize, progress: &Progress) -> Result<Obser
         while let Some(row) = rows.next()? {
             last_id = row.get(0)?;
             let id: String = row.get(1)?;
-            match seq_of(&id).map(|s| s as usize) {
+            match seq_of(&id)
+                .and_then(|s| s.checked_sub(opts.first))
+                .map(|s| s as usize)
+            {
                 Some(s) if s < expected && obs.seen_at[s] == 0 => {
                     obs.seen_at[s] = t;
                     obs.stored += 1;
@@ -110,7 +115,9 @@ fn run(opts: WatchOptions, expected: usize, progress: &Progress) -> Result<Obser
 
 /// `recorded_at` (µs, stamped by the collector's SQLite driver when it starts writing a batch)
 /// minus the send time, in ns, for every stored sample we have a send time for.
-pub fn recorded_latencies(db: &Path, send_ns: &[i64]) -> Result<Vec<i64>> {
+///
+/// `send_ns[i]` is the send time of sequence number `first + i`.
+pub fn recorded_latencies(db: &Path, send_ns: &[i64], first: u64) -> Result<Vec<i64>> {
     let conn = open(db)?;
     let mut stmt = conn.prepare("SELECT message_id, recorded_at FROM sample")?;
     let mut rows = stmt.query([])?;
@@ -118,7 +125,8 @@ pub fn recorded_latencies(db: &Path, send_ns: &[i64]) -> Result<Vec<i64>> {
     while let Some(row) = rows.next()? {
         let id: String = row.get(0)?;
         let recorded: i64 = row.get(1)?;
-        if let Some(&sent) = seq_of(&id).and_then(|s| send_ns.get(s as usize)) {
+        let at = seq_of(&id).and_then(|s| s.checked_sub(first));
+        if let Some(&sent) = at.and_then(|s| send_ns.get(s as usize)) {
             if sent > 0 {
                 out.push(recorded * 1_000 - sent);
             }
@@ -128,11 +136,13 @@ pub fn recorded_latencies(db: &Path, send_ns: &[i64]) -> Result<Vec<i64>> {
 }
 
 /// Send times written by `udp --sends-out`: (u64 seq, i64 ns) little-endian pairs.
-pub fn save_sends(path: &Path, send_ns: &[i64]) -> Result<()> {
+///
+/// `send_ns[i]` is the send time of sequence number `first + i`.
+pub fn save_sends(path: &Path, send_ns: &[i64], first: u64) -> Result<()> {
     let mut out = Vec::with_capacity(send_ns.len() * 16);
-    for (seq, &t) in send_ns.iter().enumerate() {
+    for (i, &t) in send_ns.iter().enumerate() {
         if t > 0 {
-            out.extend_from_slice(&(seq as u64).to_le_bytes());
+            out.extend_from_slice(&(first + i as u64).to_le_bytes());
             out.extend_from_slice(&t.to_le_bytes());
         }
     }
