@@ -622,14 +622,8 @@ fn store_relays(
     }
     let result = st.record_metering_data(&all);
     let mut outcomes = match &result {
-        Ok(out) => crate::relay::split_outcome(out, &parts)
-            .into_iter()
-            .map(Ok)
-            .collect(),
-        Err(e) => parts
-            .iter()
-            .map(|_| Err(crate::relay::clone_error(e)))
-            .collect::<Vec<_>>(),
+        Ok(out) => split_outcome(out, &parts).into_iter().map(Ok).collect(),
+        Err(e) => parts.iter().map(|_| Err(e.clone())).collect::<Vec<_>>(),
     };
     for (reply, outcome) in replies.into_iter().zip(outcomes.drain(1..)) {
         let _ = reply.send(outcome);
@@ -668,22 +662,49 @@ fn merge(batches: Vec<Batch>, primary_is_db: bool) -> (Batch, usize) {
     (all, n)
 }
 
+/// The outcome of a batch made of `parts` (consecutive index ranges of it), one per part,
+/// indices relative to the part.
+pub fn split_outcome(
+    out: &storage::RecordOutcome,
+    parts: &[std::ops::Range<usize>],
+) -> Vec<storage::RecordOutcome> {
+    parts
+        .iter()
+        .map(|r| {
+            let duplicate_indices: Vec<usize> = out
+                .duplicate_indices
+                .iter()
+                .filter(|i| r.contains(i))
+                .map(|i| i - r.start)
+                .collect();
+            let rejected: Vec<(usize, String)> = out
+                .rejected
+                .iter()
+                .filter(|(i, _)| r.contains(i))
+                .map(|(i, why)| (i - r.start, why.clone()))
+                .collect();
+            let expired = rejected
+                .iter()
+                .filter(|(_, why)| why == storage::EXPIRED_REASON)
+                .count();
+            storage::RecordOutcome {
+                stored: r.len() - duplicate_indices.len() - rejected.len(),
+                duplicates: duplicate_indices.len(),
+                duplicate_indices,
+                rejected,
+                expired,
+            }
+        })
+        .collect()
+}
+
 /// Split the batch's outcome over the requests that contributed to it.
 fn attribute(tickets: &[Ticket], results: &mut [TicketResult], out: &storage::RecordOutcome) {
-    for (t, r) in tickets.iter().zip(results.iter_mut()) {
-        let dup = out
-            .duplicate_indices
-            .iter()
-            .filter(|i| t.range.contains(i))
-            .count();
-        let rej = out
-            .rejected
-            .iter()
-            .filter(|(i, _)| t.range.contains(i))
-            .count();
-        r.duplicates = dup;
-        r.rejected += rej;
-        r.stored = t.range.len() - dup - rej;
+    let ranges: Vec<Range<usize>> = tickets.iter().map(|t| t.range.clone()).collect();
+    for (r, part) in results.iter_mut().zip(split_outcome(out, &ranges)) {
+        r.duplicates = part.duplicates;
+        r.rejected += part.rejected.len();
+        r.stored = part.stored;
     }
 }
 

@@ -402,47 +402,14 @@ pub fn decode_reply(body: &[u8]) -> Result<Result<RecordOutcome, StorageError>, 
     Ok(r)
 }
 
-/// The same error for another batch: its kind (transient or not) and its text.
-pub fn clone_error(e: &StorageError) -> StorageError {
+/// The error as it crosses the socket: its kind (transient or not) and its own text.
+fn clone_error(e: &StorageError) -> StorageError {
     match e {
         StorageError::Unavailable(s) => StorageError::Unavailable(s.clone()),
         StorageError::Database(s) => StorageError::Database(s.clone()),
         e if e.is_transient() => StorageError::Unavailable(e.to_string()),
         e => StorageError::Database(e.to_string()),
     }
-}
-
-/// The outcome of a batch made of `parts` (consecutive index ranges of it), one per part,
-/// indices relative to the part.
-pub fn split_outcome(out: &RecordOutcome, parts: &[std::ops::Range<usize>]) -> Vec<RecordOutcome> {
-    parts
-        .iter()
-        .map(|r| {
-            let duplicate_indices: Vec<usize> = out
-                .duplicate_indices
-                .iter()
-                .filter(|i| r.contains(i))
-                .map(|i| i - r.start)
-                .collect();
-            let rejected: Vec<(usize, String)> = out
-                .rejected
-                .iter()
-                .filter(|(i, _)| r.contains(i))
-                .map(|(i, why)| (i - r.start, why.clone()))
-                .collect();
-            let expired = rejected
-                .iter()
-                .filter(|(_, why)| why == storage::EXPIRED_REASON)
-                .count();
-            RecordOutcome {
-                stored: r.len() - duplicate_indices.len() - rejected.len(),
-                duplicates: duplicate_indices.len(),
-                duplicate_indices,
-                rejected,
-                expired,
-            }
-        })
-        .collect()
 }
 
 /// Whether `out` accounts for each of a batch's `n` samples exactly once (as the writer's
@@ -833,7 +800,7 @@ mod tests {
             rejected: vec![(2, "bad".into()), (6, storage::EXPIRED_REASON.into())],
             expired: 1,
         };
-        let parts = split_outcome(&out, &[0..3, 3..3, 3..7]);
+        let parts = crate::dispatch::split_outcome(&out, &[0..3, 3..3, 3..7]);
         assert_eq!(parts[0].stored, 1);
         assert_eq!(parts[0].duplicate_indices, vec![1]);
         assert_eq!(parts[0].rejected, vec![(2, "bad".to_string())]);

@@ -2,7 +2,7 @@
 //! Every mode prints one JSON object on one line on stdout; see docs/performance.md.
 
 use anyhow::{bail, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use collector_load::samples::{self, Payloads};
 use collector_load::stats::{latency_summary, udp_rcvbuf_errors};
 use collector_load::{grow, json as sample_json, raw_server, raw_sqlite, rpc, tcp, udp, watch};
@@ -34,6 +34,20 @@ struct Cli {
     mode: Mode,
 }
 
+/// Where and how `udp` and `tcp` watch the database for their samples' commits.
+#[derive(Args)]
+struct WatchArgs {
+    /// Watch this SQLite file for the samples' commits: stored count, throughput, latency.
+    #[arg(long, value_name = "PATH")]
+    watch_db: Option<PathBuf>,
+    /// Poll interval of the watcher (latency resolution).
+    #[arg(long, default_value_t = 5)]
+    watch_interval_ms: u64,
+    /// After sending, stop watching once no new sample was committed for this long.
+    #[arg(long, default_value_t = 1500)]
+    settle_ms: u64,
+}
+
 #[derive(Subcommand)]
 enum Mode {
     /// Generate COUNT signed samples into a file, so timed runs need not sign.
@@ -56,15 +70,8 @@ enum Mode {
         /// Datagrams per second; flat out when absent.
         #[arg(long)]
         rate: Option<f64>,
-        /// Watch this SQLite file for the samples' commits: stored count, throughput, latency.
-        #[arg(long, value_name = "PATH")]
-        watch_db: Option<PathBuf>,
-        /// Poll interval of the watcher (latency resolution).
-        #[arg(long, default_value_t = 5)]
-        watch_interval_ms: u64,
-        /// After sending, stop watching once no new sample was committed for this long.
-        #[arg(long, default_value_t = 1500)]
-        settle_ms: u64,
+        #[command(flatten)]
+        watch: WatchArgs,
         /// Also write (seq, send time) pairs here, for `latency`.
         #[arg(long, value_name = "FILE")]
         sends_out: Option<PathBuf>,
@@ -87,15 +94,8 @@ enum Mode {
         /// Connections (one thread each), as many publishers.
         #[arg(long, default_value_t = 1)]
         clients: usize,
-        /// Watch this SQLite file for the samples' commits: stored count, throughput, latency.
-        #[arg(long, value_name = "PATH")]
-        watch_db: Option<PathBuf>,
-        /// Poll interval of the watcher (latency resolution).
-        #[arg(long, default_value_t = 5)]
-        watch_interval_ms: u64,
-        /// After sending, stop watching once no new sample was committed for this long.
-        #[arg(long, default_value_t = 1500)]
-        settle_ms: u64,
+        #[command(flatten)]
+        watch: WatchArgs,
     },
     /// Pipelined MessagePack-RPC record_metering_data calls of BATCH samples.
     Rpc {
@@ -243,13 +243,11 @@ fn round(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
-/// Watch the SQLite file at `db` (if any) for the `count` samples a sender reports through
-/// `progress`.
+/// Watch the SQLite file of `w` (if any) for the `count` samples from sequence number `first`
+/// a sender reports through `progress`.
 #[allow(clippy::type_complexity)]
 fn spawn_watcher(
-    db: Option<&std::path::Path>,
-    interval_ms: u64,
-    settle_ms: u64,
+    w: &WatchArgs,
     count: usize,
     first: u64,
 ) -> (
@@ -257,12 +255,12 @@ fn spawn_watcher(
     Option<std::thread::JoinHandle<Result<watch::Observed>>>,
 ) {
     let progress = Arc::new(watch::Progress::default());
-    let watcher = db.map(|db| {
+    let watcher = w.watch_db.as_deref().map(|db| {
         watch::spawn(
             watch::WatchOptions {
                 db: db.to_path_buf(),
-                interval: Duration::from_millis(interval_ms),
-                settle: Duration::from_millis(settle_ms),
+                interval: Duration::from_millis(w.watch_interval_ms),
+                settle: Duration::from_millis(w.settle_ms),
                 limit: Duration::from_secs(60),
                 first,
             },
@@ -347,6 +345,8 @@ fn main() {
 
 fn run(cli: Cli) -> Result<serde_json::Value> {
     let skip = cli.skip;
+    // The first sequence number sent, as the watcher and the send-time tables key them.
+    let first = skip as u64;
     let payloads = |count: usize| {
         samples::obtain(cli.samples.as_deref(), skip + count, &cli.secret).map(|p| p.skip(skip))
     };
@@ -367,9 +367,7 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
             to,
             count,
             rate,
-            watch_db,
-            watch_interval_ms,
-            settle_ms,
+            watch,
             sends_out,
             clients,
         } => {
@@ -377,21 +375,15 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
             let socks = (0..clients.max(1))
                 .map(|_| udp::connect(to))
                 .collect::<Result<Vec<_>>>()?;
-            let (progress, watcher) = spawn_watcher(
-                watch_db.as_deref(),
-                watch_interval_ms,
-                settle_ms,
-                count,
-                skip as u64,
-            );
+            let (progress, watcher) = spawn_watcher(&watch, count, first);
             let rcvbuf_before = udp_rcvbuf_errors();
             let sent = udp::send(&socks, &p, count, rate, &progress);
             let mut out = sent_summary("udp", to, &sent, rate, socks.len(), &p);
             if let Some(path) = &sends_out {
-                watch::save_sends(path, &sent.send_ns, skip as u64)?;
+                watch::save_sends(path, &sent.send_ns, first)?;
             }
-            if let (Some(w), Some(db)) = (watcher, watch_db.as_ref()) {
-                watched(&mut out, w, db, &sent, watch_interval_ms, skip as u64)?;
+            if let (Some(w), Some(db)) = (watcher, watch.watch_db.as_ref()) {
+                watched(&mut out, w, db, &sent, watch.watch_interval_ms, first)?;
                 let rcvbuf_after = udp_rcvbuf_errors();
                 out["rcvbuf_errors"] = json!(match (rcvbuf_before, rcvbuf_after) {
                     (Some(a), Some(b)) => Some(b.saturating_sub(a)),
@@ -405,22 +397,14 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
             count,
             rate,
             clients,
-            watch_db,
-            watch_interval_ms,
-            settle_ms,
+            watch,
         } => {
             let p = payloads(count)?;
-            let (progress, watcher) = spawn_watcher(
-                watch_db.as_deref(),
-                watch_interval_ms,
-                settle_ms,
-                count,
-                skip as u64,
-            );
+            let (progress, watcher) = spawn_watcher(&watch, count, first);
             let (sent, open) = tcp::send(to, clients, &p, count, rate, &progress)?;
             let mut out = sent_summary("tcp", to, &sent, rate, open.len(), &p);
-            if let (Some(w), Some(db)) = (watcher, watch_db.as_ref()) {
-                watched(&mut out, w, db, &sent, watch_interval_ms, skip as u64)?;
+            if let (Some(w), Some(db)) = (watcher, watch.watch_db.as_ref()) {
+                watched(&mut out, w, db, &sent, watch.watch_interval_ms, first)?;
             }
             drop(open);
             out

@@ -133,6 +133,18 @@ pub struct Sample {
     pub extra: Vec<(String, Value)>,
 }
 
+/// One field of a sample's message map, borrowed ([`Sample::to_value`], [`Sample::encode_to`]).
+#[derive(Clone, Copy)]
+enum Field<'a> {
+    Str(&'a str),
+    /// nil when `None`.
+    Opt(Option<&'a str>),
+    Volume(Volume),
+    Metadata(&'a Metadata),
+    /// nil when `None`.
+    Float(Option<f64>),
+}
+
 /// The fields [`Sample`] types, in the order ceilometer's `meter_message_from_counter` builds
 /// them (and [`Sample::to_value`] writes them).
 pub const FIELDS: [&str; 15] = [
@@ -326,36 +338,55 @@ impl Sample {
         Sample::from_value(decode_value_with(bytes, limits)?)
     }
 
+    /// The fields of [`Sample::to_value`]'s map, borrowed, in the order ceilometer's
+    /// `meter_message_from_counter` builds them (`FIELDS`); the signature only when present,
+    /// `extra` not included.
+    fn fields(&self) -> impl Iterator<Item = (&'static str, Field<'_>)> + Clone {
+        [
+            ("source", Field::Str(&self.source)),
+            ("counter_name", Field::Str(&self.counter_name)),
+            ("counter_type", Field::Str(self.counter_type.as_str())),
+            ("counter_unit", Field::Str(&self.counter_unit)),
+            ("counter_volume", Field::Volume(self.counter_volume)),
+            ("user_id", Field::Opt(self.user_id.as_deref())),
+            ("user_name", Field::Opt(self.user_name.as_deref())),
+            ("project_id", Field::Opt(self.project_id.as_deref())),
+            ("project_name", Field::Opt(self.project_name.as_deref())),
+            ("resource_id", Field::Str(&self.resource_id)),
+            ("timestamp", Field::Str(&self.timestamp)),
+            (
+                "resource_metadata",
+                Field::Metadata(&self.resource_metadata),
+            ),
+            ("message_id", Field::Str(&self.message_id)),
+            ("monotonic_time", Field::Float(self.monotonic_time)),
+        ]
+        .into_iter()
+        .chain(
+            self.message_signature
+                .as_deref()
+                .map(|sig| (SIGNATURE_FIELD, Field::Str(sig))),
+        )
+    }
+
     /// The message map ceilometer would send for this sample, in its field order; `None`
     /// optionals become nil (as ceilometer sends them), `message_signature` is left out when
     /// absent, and `extra` follows.
     pub fn to_value(&self) -> Value {
         let s = |v: &str| Value::Str(v.to_owned());
-        let opt = |v: &Option<String>| v.as_deref().map_or(Value::Nil, s);
         let mut pairs: Vec<(Value, Value)> = Vec::with_capacity(FIELDS.len() + self.extra.len());
-        let mut put = |k: &str, v: Value| pairs.push((s(k), v));
-        put("source", s(&self.source));
-        put("counter_name", s(&self.counter_name));
-        put("counter_type", s(self.counter_type.as_str()));
-        put("counter_unit", s(&self.counter_unit));
-        put("counter_volume", self.counter_volume.to_value());
-        put("user_id", opt(&self.user_id));
-        put("user_name", opt(&self.user_name));
-        put("project_id", opt(&self.project_id));
-        put("project_name", opt(&self.project_name));
-        put("resource_id", s(&self.resource_id));
-        put("timestamp", s(&self.timestamp));
-        put("resource_metadata", self.resource_metadata.value());
-        put("message_id", s(&self.message_id));
-        put(
-            "monotonic_time",
-            self.monotonic_time.map_or(Value::Nil, Value::Float),
-        );
-        if let Some(sig) = &self.message_signature {
-            put(SIGNATURE_FIELD, s(sig));
+        for (k, f) in self.fields() {
+            let v = match f {
+                Field::Str(v) => s(v),
+                Field::Opt(v) => v.map_or(Value::Nil, s),
+                Field::Volume(v) => v.to_value(),
+                Field::Metadata(m) => m.value(),
+                Field::Float(v) => v.map_or(Value::Nil, Value::Float),
+            };
+            pairs.push((s(k), v));
         }
         for (k, v) in &self.extra {
-            put(k, v.clone());
+            pairs.push((s(k), v.clone()));
         }
         Value::Map(pairs)
     }
@@ -366,48 +397,19 @@ impl Sample {
     pub fn encode_to(&self, out: &mut Vec<u8>) {
         use crate::encode::{encode_value, map_header};
         let s = |v: &str, out: &mut Vec<u8>| encode_value(&ValueRef::Str(v), out);
-        let opt = |v: &Option<String>, out: &mut Vec<u8>| match v {
-            Some(v) => s(v, out),
-            None => out.push(0xc0),
-        };
-        let fields = FIELDS.len() - usize::from(self.message_signature.is_none());
-        if !map_header(out, fields + self.extra.len()) {
+        let fields = self.fields();
+        if !map_header(out, fields.clone().count() + self.extra.len()) {
             return;
         }
-        s("source", out);
-        s(&self.source, out);
-        s("counter_name", out);
-        s(&self.counter_name, out);
-        s("counter_type", out);
-        s(self.counter_type.as_str(), out);
-        s("counter_unit", out);
-        s(&self.counter_unit, out);
-        s("counter_volume", out);
-        encode_value(&self.counter_volume.to_value(), out);
-        s("user_id", out);
-        opt(&self.user_id, out);
-        s("user_name", out);
-        opt(&self.user_name, out);
-        s("project_id", out);
-        opt(&self.project_id, out);
-        s("project_name", out);
-        opt(&self.project_name, out);
-        s("resource_id", out);
-        s(&self.resource_id, out);
-        s("timestamp", out);
-        s(&self.timestamp, out);
-        s("resource_metadata", out);
-        out.extend_from_slice(self.resource_metadata.as_bytes());
-        s("message_id", out);
-        s(&self.message_id, out);
-        s("monotonic_time", out);
-        match self.monotonic_time {
-            Some(f) => encode_value(&Value::Float(f), out),
-            None => out.push(0xc0),
-        }
-        if let Some(sig) = &self.message_signature {
-            s(SIGNATURE_FIELD, out);
-            s(sig, out);
+        for (k, f) in fields {
+            s(k, out);
+            match f {
+                Field::Str(v) | Field::Opt(Some(v)) => s(v, out),
+                Field::Opt(None) | Field::Float(None) => out.push(0xc0),
+                Field::Volume(v) => encode_value(&v.to_value(), out),
+                Field::Metadata(m) => out.extend_from_slice(m.as_bytes()),
+                Field::Float(Some(f)) => encode_value(&Value::Float(f), out),
+            }
         }
         for (k, v) in &self.extra {
             s(k, out);

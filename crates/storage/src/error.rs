@@ -4,7 +4,7 @@
 ///
 /// Driver-specific error types (rusqlite's, a future PostgreSQL client's) never leak out: each
 /// driver maps its errors onto these variants, so the daemon handles every backend alike.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum StorageError {
     /// The URL's scheme names no compiled-in driver. A start-up error.
     #[error("unknown storage scheme {scheme:?}; known: {}", known.join(", "))]
