@@ -15,15 +15,15 @@
 //! answer never came is written directly; idempotence on `message_id` makes that safe (what
 //! slot 0 did commit counts as duplicates).
 //!
-//! Frames on the socket: a little-endian `u32` length, then the body. A request is a `u32`
-//! sample count and each sample as a `u32` length and the msgpack map ceilometer would send
-//! ([`meter::Sample::to_value`]); an answer is a status byte (0 stored, 1 storage unavailable,
-//! 2 other storage error) and either the [`RecordOutcome`] or the error text.
+//! Frames on the socket: a little-endian `u32` length, then the body. A request is a layout
+//! byte, a `u32` sample count and each sample's fields as the worker holds them
+//! ([`encode_request`]); an answer is a status byte (0 stored, 1 storage unavailable, 2 other
+//! storage error) and either the [`RecordOutcome`] or the error text.
 
 use crate::config::Config;
 use crate::dispatch::WriterMsg;
-use meter::decode::{decode_value_ref_with, Limits, MAX_DEPTH_CEILING};
-use meter::Sample;
+use meter::decode::{Limits, MAX_DEPTH_CEILING};
+use meter::{CounterType, Sample, Volume};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
@@ -292,6 +292,26 @@ impl<'a> Cur<'a> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
     }
+    fn u64_bits(&mut self) -> Result<u64, String> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn str(&mut self) -> Result<String, String> {
+        let n = self.u32()?;
+        let b = self.take(n)?;
+        std::str::from_utf8(b)
+            .map(str::to_owned)
+            .map_err(|_| "a str that is not UTF-8".to_string())
+    }
+    fn opt(&mut self) -> Result<Option<String>, String> {
+        if self.0.get(..4) == Some(&NONE.to_le_bytes()[..]) {
+            self.0 = &self.0[4..];
+            return Ok(None);
+        }
+        self.str().map(Some)
+    }
     fn u64(&mut self) -> Result<usize, String> {
         let b = self.take(8)?;
         let mut a = [0u8; 8];
@@ -300,36 +320,169 @@ impl<'a> Cur<'a> {
     }
 }
 
+/// The first byte of a request: the layout below. Both ends are the same build (forked by one
+/// launcher); the byte makes a mismatch an error rather than a misreading.
+const REQUEST_LAYOUT: u8 = 2;
+
+/// An absent optional str.
+const NONE: u32 = u32::MAX;
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_u32(out, s.len());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_opt(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => put_str(out, s),
+        None => out.extend_from_slice(&NONE.to_le_bytes()),
+    }
+}
+
+/// A request: the layout byte, the sample count, then each sample's fields as they are held
+/// (not as a msgpack map: slot 0 would decode the metadata into a tree only to encode it again,
+/// about as much work per sample as storing it): counter type, volume, monotonic time, the
+/// strs, the metadata's encoded bytes (checked, not decoded, by [`meter::Metadata::from_encoded`])
+/// and the extra fields as msgpack.
 pub fn encode_request(samples: &[Sample], out: &mut Vec<u8>) {
+    out.push(REQUEST_LAYOUT);
     put_u32(out, samples.len());
     for s in samples {
-        let at = out.len();
-        out.extend_from_slice(&[0; 4]);
-        s.encode_to(out);
-        let n = (out.len() - at - 4) as u32;
-        out[at..at + 4].copy_from_slice(&n.to_le_bytes());
+        out.push(match s.counter_type {
+            CounterType::Gauge => 0,
+            CounterType::Delta => 1,
+            CounterType::Cumulative => 2,
+        });
+        let (tag, bits) = match s.counter_volume {
+            Volume::Int(i) => (0, i as u64),
+            Volume::Float(f) => (1, f.to_bits()),
+        };
+        out.push(tag);
+        out.extend_from_slice(&bits.to_le_bytes());
+        match s.monotonic_time {
+            Some(t) => {
+                out.push(1);
+                out.extend_from_slice(&t.to_bits().to_le_bytes());
+            }
+            None => out.push(0),
+        }
+        for f in [
+            &s.source,
+            &s.counter_name,
+            &s.counter_unit,
+            &s.resource_id,
+            &s.timestamp,
+            &s.message_id,
+        ] {
+            put_str(out, f);
+        }
+        for f in [
+            &s.user_id,
+            &s.project_id,
+            &s.user_name,
+            &s.project_name,
+            &s.message_signature,
+        ] {
+            put_opt(out, f.as_deref());
+        }
+        let m = s.resource_metadata.as_bytes();
+        put_u32(out, m.len());
+        out.extend_from_slice(m);
+        put_u32(out, s.extra.len());
+        for (k, v) in &s.extra {
+            put_str(out, k);
+            let at = out.len();
+            out.extend_from_slice(&[0; 4]);
+            meter::encode_value(v, out);
+            let n = (out.len() - at - 4) as u32;
+            out[at..at + 4].copy_from_slice(&n.to_le_bytes());
+        }
     }
 }
 
 pub fn decode_request(body: &[u8]) -> Result<Vec<Sample>, String> {
-    let limits = Limits {
-        max_depth: MAX_DEPTH_CEILING,
-        max_bytes: None,
-    };
     let mut c = Cur(body);
+    let layout = c.take(1)?[0];
+    if layout != REQUEST_LAYOUT {
+        return Err(format!(
+            "request layout {layout}, expected {REQUEST_LAYOUT}"
+        ));
+    }
     let n = c.u32()?;
-    // Every sample takes at least its 4-byte length: a claim cannot outgrow the body.
-    let mut samples = Vec::with_capacity(n.min(body.len() / 4));
+    // Every sample takes at least 40 bytes: a claim cannot outgrow the body.
+    let mut samples = Vec::with_capacity(n.min(body.len() / 40));
     for i in 0..n {
-        let len = c.u32()?;
-        let bytes = c.take(len)?;
-        let v = decode_value_ref_with(bytes, &limits).map_err(|e| format!("sample {i}: {e}"))?;
-        samples.push(Sample::from_value(v).map_err(|e| format!("sample {i}: {e}"))?);
+        samples.push(decode_sample(&mut c).map_err(|e| format!("sample {i}: {e}"))?);
     }
     if !c.0.is_empty() {
         return Err("bytes after the last sample".into());
     }
     Ok(samples)
+}
+
+fn decode_sample(c: &mut Cur<'_>) -> Result<Sample, String> {
+    let counter_type = match c.take(1)?[0] {
+        0 => CounterType::Gauge,
+        1 => CounterType::Delta,
+        2 => CounterType::Cumulative,
+        t => return Err(format!("counter type {t}")),
+    };
+    let tag = c.take(1)?[0];
+    let bits = c.u64_bits()?;
+    let counter_volume = match tag {
+        0 => Volume::Int(bits as i64),
+        1 => Volume::Float(f64::from_bits(bits)),
+        t => return Err(format!("volume tag {t}")),
+    };
+    let monotonic_time = match c.take(1)?[0] {
+        0 => None,
+        1 => Some(f64::from_bits(c.u64_bits()?)),
+        t => return Err(format!("monotonic time tag {t}")),
+    };
+    let mut strs: [String; 6] = Default::default();
+    for s in &mut strs {
+        *s = c.str()?;
+    }
+    let mut opts: [Option<String>; 5] = Default::default();
+    for o in &mut opts {
+        *o = c.opt()?;
+    }
+    let len = c.u32()?;
+    let resource_metadata =
+        meter::Metadata::from_encoded(c.take(len)?).map_err(|e| format!("metadata: {e}"))?;
+    let n = c.u32()?;
+    let limits = Limits {
+        max_depth: MAX_DEPTH_CEILING,
+        max_bytes: None,
+    };
+    let mut extra = Vec::with_capacity(n.min(c.0.len() / 8));
+    for _ in 0..n {
+        let k = c.str()?;
+        let len = c.u32()?;
+        let v = meter::decode_value_with(c.take(len)?, &limits)
+            .map_err(|e| format!("field {k:?}: {e}"))?;
+        extra.push((k, v));
+    }
+    let [source, counter_name, counter_unit, resource_id, timestamp, message_id] = strs;
+    let [user_id, project_id, user_name, project_name, message_signature] = opts;
+    Ok(Sample {
+        source,
+        counter_name,
+        counter_type,
+        counter_unit,
+        counter_volume,
+        user_id,
+        project_id,
+        user_name,
+        project_name,
+        resource_id,
+        timestamp,
+        resource_metadata,
+        message_id,
+        message_signature,
+        monotonic_time,
+        extra,
+    })
 }
 
 pub fn encode_reply(r: &Result<RecordOutcome, StorageError>, out: &mut Vec<u8>) {
@@ -616,11 +769,30 @@ mod tests {
                 )]);
                 if i % 3 == 0 {
                     m = meter::Value::Map(Vec::new());
+                } else if i % 3 == 2 {
+                    m = meter::Value::Map(vec![
+                        (meter::Value::Str("é ✓".into()), meter::Value::Float(-0.0)),
+                        (
+                            meter::Value::Str("nested".into()),
+                            meter::Value::Map(vec![(
+                                meter::Value::Int(-40_000),
+                                meter::Value::Array(vec![
+                                    meter::Value::UInt(u64::MAX),
+                                    meter::Value::Bin(vec![0xff, 0]),
+                                    meter::Value::Nil,
+                                ]),
+                            )]),
+                        ),
+                    ]);
                 }
                 Sample {
                     source: "openstack".into(),
                     counter_name: "cpu".into(),
-                    counter_type: meter::CounterType::Cumulative,
+                    counter_type: [
+                        meter::CounterType::Cumulative,
+                        meter::CounterType::Gauge,
+                        meter::CounterType::Delta,
+                    ][i % 3],
                     counter_unit: "ns".into(),
                     counter_volume: if i % 2 == 0 {
                         meter::Volume::Int(i as i64 * 1000)
@@ -629,15 +801,25 @@ mod tests {
                     },
                     user_id: (i % 4 != 1).then(|| format!("u{i}")),
                     project_id: Some("p".into()),
-                    user_name: None,
-                    project_name: None,
+                    user_name: (i % 2 == 1).then(|| "ünïcode".into()),
+                    project_name: (i % 3 == 1).then(String::new),
                     resource_id: format!("r-{}", i % 7),
                     timestamp: format!("2026-12-01T10:{:02}:00.000000", i % 60),
                     resource_metadata: meter::Metadata::from_value(&m),
                     message_id: format!("id-{i}"),
                     message_signature: (i % 5 != 0).then(|| "ab".repeat(32)),
                     monotonic_time: (i % 6 == 0).then_some(1.5),
-                    extra: Vec::new(),
+                    extra: if i % 4 == 2 {
+                        vec![
+                            ("zeta".into(), meter::Value::Int(-3)),
+                            (
+                                "ünïcode".into(),
+                                meter::Value::Array(vec![meter::Value::Nil]),
+                            ),
+                        ]
+                    } else {
+                        Vec::new()
+                    },
                 }
             })
             .collect()
@@ -746,7 +928,31 @@ mod tests {
             assert!(decode_reply(&rep[..cut]).is_err(), "answer cut at {cut}");
         }
         // A count claiming more samples than the body could hold allocates nothing large.
-        assert!(decode_request(&[0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(decode_request(&[REQUEST_LAYOUT, 0xff, 0xff, 0xff, 0xff]).is_err());
+        // Another layout, a field out of range, metadata not in the encoder's form: refused.
+        assert!(decode_request(&[1, 0, 0, 0, 0]).is_err());
+        let one = |edit: &dyn Fn(&mut Vec<u8>)| {
+            let mut req = Vec::new();
+            encode_request(&samples(1), &mut req);
+            edit(&mut req);
+            decode_request(&req)
+        };
+        assert!(one(&|_| ()).is_ok());
+        assert!(one(&|r| r[5] = 3).unwrap_err().contains("counter type 3"));
+        assert!(one(&|r| r[6] = 2).unwrap_err().contains("volume tag 2"));
+        assert!(one(&|r| r[15] = 7)
+            .unwrap_err()
+            .contains("monotonic time tag 7"));
+        // samples(1)'s metadata is the empty map, 0x80, just before the extra count.
+        let at = |r: &Vec<u8>| r.len() - 5;
+        assert!(one(&|r| {
+            let i = at(r);
+            r[i] = 0x90
+        })
+        .unwrap_err()
+        .contains("metadata: not a map"));
+        // A str that is not UTF-8 (the first byte of the source, after its monotonic time).
+        assert!(one(&|r| r[28] = 0xff).unwrap_err().contains("UTF-8"));
     }
 
     #[test]

@@ -51,11 +51,6 @@ pub fn encode_value<N: Node>(value: &N, out: &mut Vec<u8>) {
     }
 }
 
-/// A map header for `len` pairs (the caller writes them).
-pub(crate) fn map_header(out: &mut Vec<u8>, len: usize) -> bool {
-    header(out, len, Some((0x80, 16)), None, [0xde, 0xdf])
-}
-
 /// A str, bin, array or map header: the fix form (`fix`: its marker and the lengths below
 /// which it applies) when there is one, else the 8-bit length (str and bin only), else the
 /// 16-bit or 32-bit one. A length past `u32::MAX` writes nil and answers false: no payload

@@ -75,6 +75,19 @@ impl Metadata {
         }
     }
 
+    /// Metadata from bytes said to be this module's encoding of a map (what
+    /// [`Metadata::as_bytes`] gave another process of this collector), checked without
+    /// building the tree: one complete map, nested at most [`MAX_DEPTH_CEILING`] deep, every
+    /// header, int and float in the form [`encode_value`] writes (so that equality stays that
+    /// of the trees), no ext type, every str UTF-8, nothing after it. Anything else is refused;
+    /// the cost is one pass over the bytes and one copy.
+    pub fn from_encoded(bytes: &[u8]) -> Result<Metadata, &'static str> {
+        check_encoded(bytes)?;
+        Ok(Metadata {
+            bytes: Box::from(bytes),
+        })
+    }
+
     /// The encoding itself (a msgpack map).
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes
@@ -110,6 +123,123 @@ impl fmt::Debug for Metadata {
     /// As the tree it encodes.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.value().fmt(f)
+    }
+}
+
+/// [`Metadata::from_encoded`]'s check: walks the items in order, keeping for each open
+/// container how many items it still has (a claimed length costs nothing until its items are
+/// read, so a false claim runs out of bytes).
+fn check_encoded(b: &[u8]) -> Result<(), &'static str> {
+    fn be(b: &[u8], at: usize, n: usize) -> Result<u64, &'static str> {
+        let field = b.get(at..at + n).ok_or("truncated")?;
+        Ok(field.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x)))
+    }
+    const NOT_OURS: &str = "not in the form the collector encodes";
+    let mut open: Vec<u64> = Vec::new();
+    let mut i = 0;
+    loop {
+        let m = *b.get(i).ok_or("truncated")?;
+        if i == 0 && !matches!(m, 0x80..=0x8f | 0xde | 0xdf) {
+            return Err("not a map");
+        }
+        i += 1;
+        // Items a container opened here holds; payload bytes of a str (true) or bin (false).
+        let mut items = None;
+        let mut payload = None;
+        match m {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => {}
+            0x80..=0x8f => items = Some(2 * u64::from(m & 0x0f)),
+            0x90..=0x9f => items = Some(u64::from(m & 0x0f)),
+            0xa0..=0xbf => payload = Some((u64::from(m & 0x1f), true)),
+            // (marker, bytes of the field, smallest value this form is written for)
+            _ => {
+                let (n, min) = match m {
+                    0xcc | 0xd9 => (1, if m == 0xcc { 128 } else { 32 }),
+                    0xc4 => (1, 0),
+                    0xcd | 0xc5 | 0xda => (2, 256),
+                    0xdc | 0xde => (2, 16),
+                    0xce | 0xc6 | 0xdb | 0xdd | 0xdf => (4, 65_536),
+                    0xcf => (8, 1 << 32),
+                    0xcb => (8, 0),
+                    0xd0..=0xd3 => {
+                        // Negative ints below the next smaller form's range.
+                        let (n, bits): (usize, u32) = match m {
+                            0xd0 => (1, 8),
+                            0xd1 => (2, 16),
+                            0xd2 => (4, 32),
+                            _ => (8, 64),
+                        };
+                        let raw = be(b, i, n)?;
+                        let v = ((raw << (64 - bits)) as i64) >> (64 - bits);
+                        let below = match m {
+                            0xd0 => -32,
+                            0xd1 => -128,
+                            0xd2 => -32_768,
+                            _ => -2_147_483_648,
+                        };
+                        if v >= below {
+                            return Err(NOT_OURS);
+                        }
+                        i += n;
+                        (0, 0)
+                    }
+                    _ => return Err(NOT_OURS),
+                };
+                if n > 0 {
+                    let v = be(b, i, n)?;
+                    i += n;
+                    if v < min {
+                        return Err(NOT_OURS);
+                    }
+                    match m {
+                        0xc4..=0xc6 => payload = Some((v, false)),
+                        0xd9..=0xdb => payload = Some((v, true)),
+                        0xdc | 0xdd => items = Some(v),
+                        0xde | 0xdf => items = Some(2 * v),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        if let Some((n, is_str)) = payload {
+            let end = usize::try_from(n)
+                .ok()
+                .and_then(|n| i.checked_add(n))
+                .ok_or("truncated")?;
+            let data = b.get(i..end).ok_or("truncated")?;
+            if is_str && !data.is_ascii() && std::str::from_utf8(data).is_err() {
+                return Err("a str that is not UTF-8");
+            }
+            i = end;
+        }
+        if let Some(n) = items {
+            if open.len() >= MAX_DEPTH_CEILING {
+                return Err("nested too deep");
+            }
+            if n > 0 {
+                open.push(n);
+                continue;
+            }
+        }
+        // An item is complete: so is every container it was the last item of.
+        loop {
+            match open.last_mut() {
+                None => {
+                    return if i == b.len() {
+                        Ok(())
+                    } else {
+                        Err("bytes after the map")
+                    };
+                }
+                Some(left) => {
+                    *left -= 1;
+                    if *left > 0 {
+                        break;
+                    }
+                    open.pop();
+                }
+            }
+        }
     }
 }
 
@@ -261,5 +391,138 @@ mod tests {
         }
         let m = Metadata::from_value(&v);
         assert_eq!(m.value(), v);
+    }
+
+    /// Maps holding every form the encoder writes: each int, str, bin, array and map width.
+    fn every_form() -> Vec<Value> {
+        let mut out = vec![Value::Map(Vec::new())];
+        let ints = [
+            0,
+            127,
+            128,
+            255,
+            256,
+            65_535,
+            65_536,
+            (1 << 32) - 1,
+            1 << 32,
+            i64::MAX,
+            -1,
+            -32,
+            -33,
+            -128,
+            -129,
+            -32_768,
+            -32_769,
+            -2_147_483_648,
+            -2_147_483_649,
+            i64::MIN,
+        ];
+        let mut pairs: Vec<(Value, Value)> = ints
+            .iter()
+            .map(|&i| (s(&format!("i{i}")), Value::Int(i)))
+            .collect();
+        pairs.push((s("u"), Value::UInt(u64::MAX)));
+        pairs.push((s("f"), Value::Float(-0.0)));
+        pairs.push((s("nil"), Value::Nil));
+        pairs.push((s("t"), Value::Bool(true)));
+        pairs.push((s("é"), s("ünïcode ✓")));
+        pairs.push((Value::Int(7), Value::Bin(vec![0xff, 0, 1])));
+        out.push(Value::Map(pairs));
+        for n in [0, 15, 16, 31, 32, 255, 256, 65_535, 65_536] {
+            out.push(Value::Map(vec![
+                (s("str"), s(&"x".repeat(n))),
+                (s("bin"), Value::Bin(vec![0xfe; n])),
+                (s("array"), Value::Array(vec![Value::Nil; n])),
+                (
+                    s("map"),
+                    Value::Map((0..n).map(|i| (Value::Int(i as i64), Value::Nil)).collect()),
+                ),
+            ]));
+        }
+        out
+    }
+
+    #[test]
+    fn encoded_bytes_are_taken_back_as_they_were() {
+        for v in every_form() {
+            let m = Metadata::from_value(&v);
+            let again = Metadata::from_encoded(m.as_bytes()).expect("the encoder's own bytes");
+            assert_eq!(again, m);
+            assert_eq!(again.value(), v);
+        }
+        let mut deep = Value::Map(Vec::new());
+        for _ in 0..MAX_DEPTH_CEILING - 1 {
+            deep = Value::Map(vec![(s("k"), deep)]);
+        }
+        let m = Metadata::from_value(&deep);
+        assert!(Metadata::from_encoded(m.as_bytes()).is_ok());
+        let deeper = Metadata::from_value(&Value::Map(vec![(s("k"), deep)]));
+        assert_eq!(
+            Metadata::from_encoded(deeper.as_bytes()),
+            Err("nested too deep")
+        );
+    }
+
+    #[test]
+    fn every_truncation_and_any_extra_byte_is_refused() {
+        for v in every_form().into_iter().take(4) {
+            let bytes = Metadata::from_value(&v).as_bytes().to_vec();
+            for n in 0..bytes.len() {
+                assert!(Metadata::from_encoded(&bytes[..n]).is_err(), "{n} of {v:?}");
+            }
+            let mut more = bytes.clone();
+            more.push(0xc0);
+            assert_eq!(Metadata::from_encoded(&more), Err("bytes after the map"));
+        }
+    }
+
+    #[test]
+    fn bytes_the_encoder_would_not_write_are_refused() {
+        // Each: a map of one pair "k" => the value, in a form the encoder never writes for
+        // it (equal trees would then differ in bytes), or not a value at all.
+        let forms: [&[u8]; 19] = [
+            &[0xcc, 0x05],                   // 5 as uint8
+            &[0xcd, 0x00, 0xff],             // 255 as uint16
+            &[0xce, 0x00, 0x00, 0xff, 0xff], // 65,535 as uint32
+            &[0xcf, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff],
+            &[0xd0, 0xff],                   // -1 as int8
+            &[0xd1, 0xff, 0x80],             // -128 as int16
+            &[0xd2, 0xff, 0xff, 0x80, 0x00], // -32,768 as int32
+            &[0xd3, 0xff, 0xff, 0xff, 0xff, 0x80, 0, 0, 0],
+            &[0xd9, 0x01, b'a'],       // a 1-byte str as str8
+            &[0xda, 0x00, 0x01, b'a'], // as str16
+            &[0xc5, 0x00, 0x01, 0x00], // a 1-byte bin as bin16
+            &[0xdc, 0x00, 0x00],       // an empty array as array16
+            &[0xde, 0x00, 0x00],       // an empty map as map16
+            &[0xca, 0, 0, 0, 0],       // float32
+            &[0xd4, 0x01, 0x00],       // fixext1
+            &[0xc7, 0x00, 0x01],       // ext8
+            &[0xc1],                   // never used
+            &[0xa2, 0xc3, 0x28],       // a str that is not UTF-8
+            &[0xa1, 0xff],             // nor this
+        ];
+        for f in forms {
+            let mut b = vec![0x81, 0xa1, b'k'];
+            b.extend_from_slice(f);
+            assert!(Metadata::from_encoded(&b).is_err(), "{b:x?}");
+        }
+        // A bin need not be UTF-8; the smallest forms of the same values are taken.
+        for ok in [
+            &[0xc4, 0x01, 0xff][..],
+            &[0x05],
+            &[0xff],
+            &[0xd0, 0xdf],
+            &[0xa1, b'a'],
+        ] {
+            let mut b = vec![0x81, 0xa1, b'k'];
+            b.extend_from_slice(ok);
+            assert!(Metadata::from_encoded(&b).is_ok(), "{b:x?}");
+        }
+        // Only a map, and a claimed length the bytes do not hold fails without allocating it.
+        assert_eq!(Metadata::from_encoded(&[0x90]), Err("not a map"));
+        assert_eq!(Metadata::from_encoded(&[0xa0]), Err("not a map"));
+        assert!(Metadata::from_encoded(&[0xdf, 0xff, 0xff, 0xff, 0xff, 0xc0]).is_err());
+        assert!(Metadata::from_encoded(&[0x81, 0xdb, 0xff, 0xff, 0xff, 0xff]).is_err());
     }
 }

@@ -13,7 +13,7 @@ use crate::decode::{decode_value_with, DecodeError, Limits};
 use crate::metadata::Metadata;
 use crate::signature::SIGNATURE_FIELD;
 use crate::timestamp::{parse_timestamp, TimestampError};
-use crate::value::{Parts, Value, ValueRef, View};
+use crate::value::{Parts, Value, View};
 
 /// Why a message is not a sample. Every variant that concerns a field names it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -133,7 +133,7 @@ pub struct Sample {
     pub extra: Vec<(String, Value)>,
 }
 
-/// One field of a sample's message map, borrowed ([`Sample::to_value`], [`Sample::encode_to`]).
+/// One field of a sample's message map, borrowed ([`Sample::to_value`]).
 #[derive(Clone, Copy)]
 enum Field<'a> {
     Str(&'a str),
@@ -389,32 +389,6 @@ impl Sample {
             pairs.push((s(k), v.clone()));
         }
         Value::Map(pairs)
-    }
-
-    /// Append the msgpack encoding of [`Sample::to_value`] to `out`, written directly: the
-    /// metadata's bytes as they are, no tree built. (How one worker hands a batch to another,
-    /// `collector::relay`.)
-    pub fn encode_to(&self, out: &mut Vec<u8>) {
-        use crate::encode::{encode_value, map_header};
-        let s = |v: &str, out: &mut Vec<u8>| encode_value(&ValueRef::Str(v), out);
-        let fields = self.fields();
-        if !map_header(out, fields.clone().count() + self.extra.len()) {
-            return;
-        }
-        for (k, f) in fields {
-            s(k, out);
-            match f {
-                Field::Str(v) | Field::Opt(Some(v)) => s(v, out),
-                Field::Opt(None) | Field::Float(None) => out.push(0xc0),
-                Field::Volume(v) => encode_value(&v.to_value(), out),
-                Field::Metadata(m) => out.extend_from_slice(m.as_bytes()),
-                Field::Float(Some(f)) => encode_value(&Value::Float(f), out),
-            }
-        }
-        for (k, v) in &self.extra {
-            s(k, out);
-            encode_value(v, out);
-        }
     }
 
     /// `timestamp` normalized to UTC (DESIGN §6).

@@ -284,30 +284,16 @@ fn huge_unsigned_volume_becomes_a_float() {
 }
 
 #[test]
-fn encode_to_writes_what_to_value_encodes() {
-    // Every vector, and variants with what the vectors lack: no signature, nil optionals, a
-    // monotonic time, unknown fields, an empty metadata map.
-    let mut samples: Vec<Sample> = ceilometer_vectors()
+fn every_vector_s_metadata_is_taken_back_from_its_bytes() {
+    // How one worker hands a sample's metadata to another (collector::relay): the bytes, checked.
+    let samples: Vec<Sample> = ceilometer_vectors()
         .iter()
         .filter_map(|v| Sample::decode(&v.bytes).ok())
         .collect();
     assert!(samples.len() >= 4, "{} vectors are samples", samples.len());
-    let mut bare = samples[0].clone();
-    bare.message_signature = None;
-    bare.user_id = None;
-    bare.project_name = None;
-    bare.monotonic_time = Some(12.5);
-    bare.resource_metadata = meter::Metadata::default();
-    bare.extra = vec![
-        ("zeta".into(), Value::Int(-3)),
-        ("alpha".into(), Value::Nil),
-    ];
-    samples.push(bare);
     for sample in samples {
-        let mut direct = Vec::new();
-        sample.encode_to(&mut direct);
-        assert_eq!(direct, meter::encode::to_msgpack(&sample.to_value()));
-        assert_eq!(Sample::decode(&direct).unwrap(), sample);
+        let m = &sample.resource_metadata;
+        assert_eq!(meter::Metadata::from_encoded(m.as_bytes()).as_ref(), Ok(m));
     }
 }
 
