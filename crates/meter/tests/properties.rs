@@ -186,6 +186,30 @@ proptest! {
         exercise(&bytes);
     }
 
+    /// How one worker hands metadata to another: its encoding is taken back as it was, and
+    /// bytes that are taken back are exactly the encoding of what they decode to (so equal
+    /// metadata stay equal bytes); nothing panics.
+    #[test]
+    fn metadata_bytes_are_taken_back_only_in_the_encoder_s_form(
+        metadata in tree(),
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+    ) {
+        let tree = match metadata {
+            m @ Value::Map(_) => m,
+            other => map(vec![("value", other)]),
+        };
+        let m = meter::Metadata::from_value(&tree);
+        prop_assert_eq!(meter::Metadata::from_encoded(m.as_bytes()), Ok(m.clone()));
+        let mut bytes = m.as_bytes().to_vec();
+        for (at, byte) in edits {
+            let i = at.index(bytes.len());
+            bytes[i] = byte;
+        }
+        if let Ok(back) = meter::Metadata::from_encoded(&bytes) {
+            prop_assert_eq!(to_msgpack(&back.value()), bytes);
+        }
+    }
+
     #[test]
     fn sign_then_verify_round_trips(
         metadata in tree(),
