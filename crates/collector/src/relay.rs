@@ -18,7 +18,9 @@
 //! Frames on the socket: a little-endian `u32` length, then the body. A request is a layout
 //! byte, a `u32` sample count and each sample's fields as the worker holds them
 //! ([`encode_request`]); an answer is a status byte (0 stored, 1 storage unavailable, 2 other
-//! storage error) and either the [`RecordOutcome`] or the error text.
+//! storage error, 3 the request could not be read) and either the [`RecordOutcome`] or the
+//! error text. A request that cannot be read is written by its worker itself, like one that
+//! got no answer.
 
 use crate::config::Config;
 use crate::dispatch::WriterMsg;
@@ -213,7 +215,18 @@ fn serve(mut conn: UnixStream, tx: &Mutex<Option<Sender<WriterMsg>>>) {
                 return;
             }
         }
+        out.clear();
         let result = match decode_request(&buf) {
+            Err(e) => {
+                // Not a storage failure: the sender writes the batch to the file itself.
+                log::warn!("relay: a batch could not be read ({e}); its worker writes it itself");
+                encode_unreadable(&e, &mut out);
+                if let Err(e) = write_frame(&mut conn, &out) {
+                    log::warn!("relay: answering a batch: {e}");
+                    return;
+                }
+                continue;
+            }
             Ok(samples) => {
                 let (reply, answer) = mpsc::channel();
                 let sent = match tx.lock().ok().and_then(|t| t.clone()) {
@@ -227,9 +240,7 @@ fn serve(mut conn: UnixStream, tx: &Mutex<Option<Sender<WriterMsg>>>) {
                     None => return,
                 }
             }
-            Err(e) => Err(StorageError::Database(format!("relayed batch: {e}"))),
         };
-        out.clear();
         encode_reply(&result, &mut out);
         if let Err(e) = write_frame(&mut conn, &out) {
             log::warn!("relay: answering a batch: {e}");
@@ -515,6 +526,15 @@ pub fn encode_reply(r: &Result<RecordOutcome, StorageError>, out: &mut Vec<u8>) 
     }
 }
 
+/// The answer to a request that could not be read (status 3 and why): unlike a storage
+/// error, it makes the sender write the batch itself ([`decode_reply`] answers `Err`).
+pub fn encode_unreadable(why: &str, out: &mut Vec<u8>) {
+    out.push(3);
+    put_str(out, why);
+}
+
+/// An answer: the outcome, or the storage's error. `Err` when the answer cannot be read, or
+/// says the request could not be.
 pub fn decode_reply(body: &[u8]) -> Result<Result<RecordOutcome, StorageError>, String> {
     let mut c = Cur(body);
     let status = c.take(1)?[0];
@@ -547,6 +567,12 @@ pub fn decode_reply(body: &[u8]) -> Result<Result<RecordOutcome, StorageError>, 
         }
         1 => Err(StorageError::Unavailable(text(&mut c)?)),
         2 => Err(StorageError::Database(text(&mut c)?)),
+        3 => {
+            return Err(format!(
+                "worker 0 could not read the batch: {}",
+                text(&mut c)?
+            ))
+        }
         s => return Err(format!("unknown status {s}")),
     };
     if !c.0.is_empty() {
@@ -852,6 +878,85 @@ mod tests {
         )
         .unwrap();
         assert_eq!(socket_path(&file_only), None, "no database dispatcher");
+    }
+
+    /// A request worker 0 cannot read is answered as such (the sender then writes the batch
+    /// itself: `decode_reply` is `Err`, as for a broken connection), not as a storage error,
+    /// and the connection goes on serving the next one.
+    #[test]
+    fn an_unreadable_request_is_answered_so_its_worker_writes_it_itself() {
+        let (writer_tx, writer_rx) = mpsc::channel::<WriterMsg>();
+        // Worker 0's writer: stores every relayed batch.
+        let writer = std::thread::spawn(move || {
+            for msg in writer_rx {
+                if let WriterMsg::Relay(r) = msg {
+                    let _ = r.reply.send(Ok(RecordOutcome {
+                        stored: r.samples.len(),
+                        ..Default::default()
+                    }));
+                }
+            }
+        });
+        let (mut client, server) = UnixStream::pair().unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let shared = Arc::new(Mutex::new(Some(writer_tx)));
+        let serving = shared.clone();
+        let server = std::thread::spawn(move || serve(server, &serving));
+        let mut answer = Vec::new();
+        for garbage in [&[9u8, 0, 0, 0, 0][..], &[REQUEST_LAYOUT, 1, 0, 0, 0, 7]] {
+            write_frame(&mut client, garbage).unwrap();
+            assert!(read_frame(&mut client, &mut answer).unwrap());
+            let err = decode_reply(&answer).unwrap_err();
+            assert!(err.contains("could not read the batch"), "{err}");
+        }
+        let mut req = Vec::new();
+        encode_request(&samples(3), &mut req);
+        write_frame(&mut client, &req).unwrap();
+        assert!(read_frame(&mut client, &mut answer).unwrap());
+        assert_eq!(decode_reply(&answer).unwrap().unwrap().stored, 3);
+        drop(client);
+        server.join().unwrap();
+        shared.lock().unwrap().take();
+        writer.join().unwrap();
+    }
+
+    /// The sending side: told its batch could not be read, a worker writes it to the file
+    /// itself (and is not counted as relayed).
+    #[test]
+    fn a_worker_told_its_batch_was_unreadable_writes_it_itself() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let db = format!("sqlite:///{}", dir.join("c.db").display());
+        let direct = storage::open(&db, &storage::StorageOptions::default()).unwrap();
+        let path = dir.join("c.db-writer.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        // A worker 0 that cannot read anything.
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            let mut out = Vec::new();
+            while read_frame(&mut conn, &mut buf).unwrap() {
+                out.clear();
+                encode_unreadable("test", &mut out);
+                write_frame(&mut conn, &out).unwrap();
+            }
+        });
+        let relayed = Arc::new(AtomicU64::new(0));
+        let mut st = RelayStorage::new(direct, path, Duration::from_secs(5), relayed.clone());
+        let out = st.record_metering_data(&samples(3)).unwrap();
+        assert_eq!(out.stored, 3);
+        assert_eq!(relayed.load(Ordering::Relaxed), 0);
+        let stored = st
+            .get_samples(&SampleFilter {
+                limit: Some(10),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(stored.len(), 3, "written to the file directly");
+        drop(st);
+        server.join().unwrap();
     }
 
     #[test]
