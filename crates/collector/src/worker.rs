@@ -254,8 +254,12 @@ impl Worker {
             SIGNALS,
             Interest::READABLE,
         )?;
+        let mut intake = Intake::new(&cfg, wtx);
+        if relayed.is_some() {
+            intake.hand_over_sooner();
+        }
         Ok(Worker {
-            intake: Intake::new(&cfg, wtx),
+            intake,
             db,
             cfg,
             poll,

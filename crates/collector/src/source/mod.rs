@@ -140,6 +140,13 @@ pub struct Intake {
 }
 
 impl Intake {
+    /// A worker whose batches go to another worker's writer (`crate::relay`) hands them over
+    /// at half `batch_timeout`: the hop and worker 0's commit then fit in the rest, so that its
+    /// samples are committed about as soon as worker 0's own.
+    pub fn hand_over_sooner(&mut self) {
+        self.batch_timeout /= 2;
+    }
+
     pub fn new(cfg: &crate::config::Config, writer_tx: mpsc::Sender<WriterMsg>) -> Intake {
         let db = cfg.has_dispatcher("database");
         Intake {
@@ -448,5 +455,29 @@ mod tests {
             "took {taken} samples of 100 KB"
         );
         assert!(!intake.can_accept());
+    }
+
+    #[test]
+    fn a_relaying_worker_hands_its_batch_over_at_half_the_timeout() {
+        let mut cfg = crate::config::Config::default();
+        cfg.collector.batch_timeout = 0.2;
+        let secret = cfg.publisher.telemetry_secret.clone();
+        for (relaying, after) in [(false, 200), (true, 100)] {
+            let (tx, rx) = mpsc::channel();
+            let mut intake = Intake::new(&cfg, tx);
+            if relaying {
+                intake.hand_over_sooner();
+            }
+            assert!(intake.ingest(sample(1, 10, &secret), "udp"));
+            let opened = intake.batch.opened.expect("the batch is open");
+            assert_eq!(
+                intake.deadline(),
+                Some(opened + Duration::from_millis(after))
+            );
+            intake.maybe_flush(opened + Duration::from_millis(after - 1));
+            assert_eq!(rx.try_iter().count(), 0, "not yet ({relaying})");
+            intake.maybe_flush(opened + Duration::from_millis(after));
+            assert_eq!(rx.try_iter().count(), 1, "handed over ({relaying})");
+        }
     }
 }
