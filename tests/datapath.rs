@@ -172,6 +172,65 @@ fn rpc_pipelined_requests_are_answered_in_order() {
     assert_eq!(d.count_samples(), 100);
 }
 
+/// Connections paused because the worker's batches are full are resumed in turn, not always
+/// from the first slot. Each connection pipelines calls larger than a batch and than one
+/// read, so the worker pauses reading them between reads while its writer is busy; a worker
+/// that always resumed slot 0 first answered the connections one after the other (the last
+/// one waited for all the others: seconds at a real load). No connection may get all its
+/// answers before every other has had its first.
+#[test]
+fn paused_rpc_connections_are_resumed_in_turn() {
+    const CONNS: usize = 4;
+    const CALLS: usize = 30;
+    const PER_CALL: usize = 300;
+    let d = Daemon::start(Setup::default().collector("batch_size = 100"));
+    let addr = d.rpc.unwrap();
+    let clients: Vec<RpcClient> = (0..CONNS)
+        .map(|_| RpcClient::connect(addr).unwrap())
+        .collect();
+    // Each connection sends from a thread of its own (all compete for the worker at once) and
+    // is read from another, which notes the order answers arrive in over all connections.
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let start = std::sync::Arc::new(std::sync::Barrier::new(CONNS));
+    let mut threads = Vec::new();
+    for (c, mut client) in clients.into_iter().enumerate() {
+        let mut out = client.stream.try_clone().unwrap();
+        let start = start.clone();
+        threads.push(std::thread::spawn(move || {
+            start.wait();
+            for j in 0..CALLS {
+                let samples = (0..PER_CALL)
+                    .map(|k| sample(&format!("turn-{c}-{j}-{k}"), SECRET))
+                    .collect();
+                out.write_all(&rpc_request(j as u64 + 1, samples)).unwrap();
+            }
+        }));
+        let order = order.clone();
+        threads.push(std::thread::spawn(move || {
+            for _ in 0..CALLS {
+                let r = client.recv().unwrap();
+                assert_eq!(r.stored as usize, PER_CALL, "{r:?}");
+                order.lock().unwrap().push(c);
+            }
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    let order = order.lock().unwrap();
+    assert_eq!(order.len(), CONNS * CALLS);
+    let first = |c: usize| order.iter().position(|&x| x == c).unwrap();
+    let last = |c: usize| order.iter().rposition(|&x| x == c).unwrap();
+    let latest_first = (0..CONNS).map(first).max().unwrap();
+    let earliest_last = (0..CONNS).map(last).min().unwrap();
+    assert!(
+        latest_first < earliest_last,
+        "a connection got all its answers (by answer {earliest_last}) before another got its \
+         first (answer {latest_first}): {order:?}"
+    );
+    assert_eq!(d.count_samples(), (CONNS * CALLS * PER_CALL) as i64);
+}
+
 #[test]
 fn rpc_100_concurrent_connections() {
     let d = Daemon::start(Setup::default().workers(2));

@@ -207,6 +207,9 @@ pub struct Connections {
     max_held: usize,
     /// The budget was exhausted at the last sweep too.
     exhausted: bool,
+    /// Where [`Connections::resume_paused`] starts its next round: after the last connection
+    /// it resumed, so that every paused connection gets its turn.
+    resume_from: usize,
     frame_timeout: Duration,
     /// Gives the pages of freed large buffers back to the system.
     releaser: crate::memory::Releaser,
@@ -257,6 +260,7 @@ impl Connections {
             held: 0,
             max_held: cfg.max_buffered_bytes,
             exhausted: false,
+            resume_from: 0,
             frame_timeout: Duration::from_secs_f64(cfg.frame_timeout),
             releaser: crate::memory::Releaser::new(Duration::from_millis(10)),
             log: Throttle::new(),
@@ -759,9 +763,14 @@ impl Connections {
         c.interest = want;
     }
 
-    /// Resume connections paused by back-pressure once there is room again.
+    /// Resume connections paused by back-pressure once there is room again, in turn: a round
+    /// starts after the connection the last one resumed (room is usually taken by the first
+    /// connection resumed; always starting at slot 0 left the later slots paused for as long
+    /// as the earlier ones had more to send, seconds under a sustained load).
     pub fn resume_paused(&mut self, intake: &mut Intake) {
-        for i in 0..self.conns.len() {
+        let n = self.conns.len();
+        let start = self.resume_from.min(n);
+        for i in (start..n).chain(0..start) {
             if !intake.can_accept() {
                 return;
             }
@@ -775,6 +784,7 @@ impl Connections {
                 _ => false,
             };
             if resume {
+                self.resume_from = i + 1;
                 if let Some(c) = self.conns[i].as_mut() {
                     c.paused = false;
                     c.mem_paused = false;
