@@ -901,8 +901,6 @@ mod tests {
         retention_expires_while_no_batch_arrives(true);
     }
 
-    /// The writer stores a batch and hands its samples back in the completion, so the loop
-    /// thread that decoded them frees them.
     /// A writer with only the database dispatcher, on `url`, no retention.
     fn database_writer(url: &str) -> Writer {
         Writer {
@@ -924,6 +922,8 @@ mod tests {
         ]
     }
 
+    /// The writer stores a batch and hands its samples back in the completion, so the loop
+    /// thread that decoded them frees them.
     #[test]
     fn a_written_batch_comes_back_with_its_samples() {
         let dir = tempfile::tempdir().unwrap();

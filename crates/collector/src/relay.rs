@@ -216,16 +216,11 @@ fn serve(mut conn: UnixStream, tx: &Mutex<Option<Sender<WriterMsg>>>) {
             }
         }
         out.clear();
-        let result = match decode_request(&buf) {
+        match decode_request(&buf) {
             Err(e) => {
                 // Not a storage failure: the sender writes the batch to the file itself.
                 log::warn!("relay: a batch could not be read ({e}); its worker writes it itself");
                 encode_unreadable(&e, &mut out);
-                if let Err(e) = write_frame(&mut conn, &out) {
-                    log::warn!("relay: answering a batch: {e}");
-                    return;
-                }
-                continue;
             }
             Ok(samples) => {
                 let (reply, answer) = mpsc::channel();
@@ -234,14 +229,13 @@ fn serve(mut conn: UnixStream, tx: &Mutex<Option<Sender<WriterMsg>>>) {
                     None => false,
                 };
                 match sent.then(|| answer.recv().ok()).flatten() {
-                    Some(r) => r,
+                    Some(r) => encode_reply(&r, &mut out),
                     // This worker is stopping: hanging up makes the other write the batch
                     // to the file itself.
                     None => return,
                 }
             }
-        };
-        encode_reply(&result, &mut out);
+        }
         if let Err(e) = write_frame(&mut conn, &out) {
             log::warn!("relay: answering a batch: {e}");
             return;
@@ -324,10 +318,7 @@ impl<'a> Cur<'a> {
         self.str().map(Some)
     }
     fn u64(&mut self) -> Result<usize, String> {
-        let b = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        usize::try_from(u64::from_le_bytes(a)).map_err(|_| "count out of range".into())
+        usize::try_from(self.u64_bits()?).map_err(|_| "count out of range".into())
     }
 }
 
@@ -509,19 +500,12 @@ pub fn encode_reply(r: &Result<RecordOutcome, StorageError>, out: &mut Vec<u8>) 
             put_u32(out, o.rejected.len());
             for (i, why) in &o.rejected {
                 put_u32(out, *i);
-                put_u32(out, why.len());
-                out.extend_from_slice(why.as_bytes());
+                put_str(out, why);
             }
         }
         Err(e) => {
             out.push(if e.is_transient() { 1 } else { 2 });
-            // The text a `clone_error` of it holds, so that it reads the same on both sides.
-            let text = match clone_error(e) {
-                StorageError::Unavailable(s) | StorageError::Database(s) => s,
-                other => other.to_string(),
-            };
-            put_u32(out, text.len());
-            out.extend_from_slice(text.as_bytes());
+            put_str(out, &error_text(e));
         }
     }
 }
@@ -538,10 +522,6 @@ pub fn encode_unreadable(why: &str, out: &mut Vec<u8>) {
 pub fn decode_reply(body: &[u8]) -> Result<Result<RecordOutcome, StorageError>, String> {
     let mut c = Cur(body);
     let status = c.take(1)?[0];
-    let text = |c: &mut Cur<'_>| -> Result<String, String> {
-        let n = c.u32()?;
-        String::from_utf8(c.take(n)?.to_vec()).map_err(|_| "text is not UTF-8".to_string())
-    };
     let r = match status {
         0 => {
             let stored = c.u64()?;
@@ -555,7 +535,7 @@ pub fn decode_reply(body: &[u8]) -> Result<Result<RecordOutcome, StorageError>, 
             let mut rejected = Vec::with_capacity(n.min(body.len() / 8));
             for _ in 0..n {
                 let i = c.u32()?;
-                rejected.push((i, text(&mut c)?));
+                rejected.push((i, c.str()?));
             }
             Ok(RecordOutcome {
                 stored,
@@ -565,14 +545,9 @@ pub fn decode_reply(body: &[u8]) -> Result<Result<RecordOutcome, StorageError>, 
                 expired,
             })
         }
-        1 => Err(StorageError::Unavailable(text(&mut c)?)),
-        2 => Err(StorageError::Database(text(&mut c)?)),
-        3 => {
-            return Err(format!(
-                "worker 0 could not read the batch: {}",
-                text(&mut c)?
-            ))
-        }
+        1 => Err(StorageError::Unavailable(c.str()?)),
+        2 => Err(StorageError::Database(c.str()?)),
+        3 => return Err(format!("worker 0 could not read the batch: {}", c.str()?)),
         s => return Err(format!("unknown status {s}")),
     };
     if !c.0.is_empty() {
@@ -581,13 +556,12 @@ pub fn decode_reply(body: &[u8]) -> Result<Result<RecordOutcome, StorageError>, 
     Ok(r)
 }
 
-/// The error as it crosses the socket: its kind (transient or not) and its own text.
-fn clone_error(e: &StorageError) -> StorageError {
+/// The text an error crosses the socket with: its own for the kinds that carry one, so that
+/// it reads the same on both sides.
+fn error_text(e: &StorageError) -> String {
     match e {
-        StorageError::Unavailable(s) => StorageError::Unavailable(s.clone()),
-        StorageError::Database(s) => StorageError::Database(s.clone()),
-        e if e.is_transient() => StorageError::Unavailable(e.to_string()),
-        e => StorageError::Database(e.to_string()),
+        StorageError::Unavailable(s) | StorageError::Database(s) => s.clone(),
+        e => e.to_string(),
     }
 }
 
@@ -785,6 +759,15 @@ impl Storage for RelayStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The error as it crosses the socket: its kind (transient or not) and its own text.
+    fn clone_error(e: &StorageError) -> StorageError {
+        if e.is_transient() {
+            StorageError::Unavailable(error_text(e))
+        } else {
+            StorageError::Database(error_text(e))
+        }
+    }
 
     fn samples(n: usize) -> Vec<Sample> {
         (0..n)

@@ -126,14 +126,56 @@ impl fmt::Debug for Metadata {
     }
 }
 
+/// The bytes of a big-endian field of `n` bytes at `at`, as a number; `None` past the end.
+fn read_be(b: &[u8], at: usize, n: usize) -> Option<u64> {
+    let field = b.get(at..at.checked_add(n)?)?;
+    Some(field.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x)))
+}
+
+/// What follows a marker's field.
+enum Then {
+    Nothing,
+    Str,
+    Bin,
+    Array,
+    Map,
+}
+
+/// The form [`encode_value`] writes marker `m` in, for a marker with a field of its own: the
+/// field's bytes, the field values it writes that marker for (a smaller value has a smaller
+/// form; for negative ints, the two's complement of the ints below the next smaller form's)
+/// and what follows. `None`: a marker it never writes (float32, ext, the reserved one).
+fn field_form(m: u8) -> Option<(usize, std::ops::RangeInclusive<u64>, Then)> {
+    const U16: u64 = 0xffff;
+    const U32: u64 = 0xffff_ffff;
+    Some(match m {
+        0xcc => (1, 128..=0xff, Then::Nothing),
+        0xcd => (2, 256..=U16, Then::Nothing),
+        0xce => (4, 65_536..=U32, Then::Nothing),
+        0xcf => (8, 1 << 32..=u64::MAX, Then::Nothing),
+        0xd0 => (1, 0x80..=0xdf, Then::Nothing),
+        0xd1 => (2, 0x8000..=0xff7f, Then::Nothing),
+        0xd2 => (4, 0x8000_0000..=0xffff_7fff, Then::Nothing),
+        0xd3 => (8, 1 << 63..=0xffff_ffff_7fff_ffff, Then::Nothing),
+        0xcb => (8, 0..=u64::MAX, Then::Nothing),
+        0xd9 => (1, 32..=0xff, Then::Str),
+        0xda => (2, 256..=U16, Then::Str),
+        0xdb => (4, 65_536..=U32, Then::Str),
+        0xc4 => (1, 0..=0xff, Then::Bin),
+        0xc5 => (2, 256..=U16, Then::Bin),
+        0xc6 => (4, 65_536..=U32, Then::Bin),
+        0xdc => (2, 16..=U16, Then::Array),
+        0xdd => (4, 65_536..=U32, Then::Array),
+        0xde => (2, 16..=U16, Then::Map),
+        0xdf => (4, 65_536..=U32, Then::Map),
+        _ => return None,
+    })
+}
+
 /// [`Metadata::from_encoded`]'s check: walks the items in order, keeping for each open
 /// container how many items it still has (a claimed length costs nothing until its items are
 /// read, so a false claim runs out of bytes).
 fn check_encoded(b: &[u8]) -> Result<(), &'static str> {
-    fn be(b: &[u8], at: usize, n: usize) -> Result<u64, &'static str> {
-        let field = b.get(at..at + n).ok_or("truncated")?;
-        Ok(field.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x)))
-    }
     const NOT_OURS: &str = "not in the form the collector encodes";
     let mut open: Vec<u64> = Vec::new();
     let mut i = 0;
@@ -144,63 +186,27 @@ fn check_encoded(b: &[u8]) -> Result<(), &'static str> {
         }
         i += 1;
         // Items a container opened here holds; payload bytes of a str (true) or bin (false).
-        let mut items = None;
-        let mut payload = None;
-        match m {
-            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => {}
-            0x80..=0x8f => items = Some(2 * u64::from(m & 0x0f)),
-            0x90..=0x9f => items = Some(u64::from(m & 0x0f)),
-            0xa0..=0xbf => payload = Some((u64::from(m & 0x1f), true)),
-            // (marker, bytes of the field, smallest value this form is written for)
+        let (items, payload) = match m {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (None, None),
+            0x80..=0x8f => (Some(2 * u64::from(m & 0x0f)), None),
+            0x90..=0x9f => (Some(u64::from(m & 0x0f)), None),
+            0xa0..=0xbf => (None, Some((u64::from(m & 0x1f), true))),
             _ => {
-                let (n, min) = match m {
-                    0xcc | 0xd9 => (1, if m == 0xcc { 128 } else { 32 }),
-                    0xc4 => (1, 0),
-                    0xcd | 0xc5 | 0xda => (2, 256),
-                    0xdc | 0xde => (2, 16),
-                    0xce | 0xc6 | 0xdb | 0xdd | 0xdf => (4, 65_536),
-                    0xcf => (8, 1 << 32),
-                    0xcb => (8, 0),
-                    0xd0..=0xd3 => {
-                        // Negative ints below the next smaller form's range.
-                        let (n, bits): (usize, u32) = match m {
-                            0xd0 => (1, 8),
-                            0xd1 => (2, 16),
-                            0xd2 => (4, 32),
-                            _ => (8, 64),
-                        };
-                        let raw = be(b, i, n)?;
-                        let v = ((raw << (64 - bits)) as i64) >> (64 - bits);
-                        let below = match m {
-                            0xd0 => -32,
-                            0xd1 => -128,
-                            0xd2 => -32_768,
-                            _ => -2_147_483_648,
-                        };
-                        if v >= below {
-                            return Err(NOT_OURS);
-                        }
-                        i += n;
-                        (0, 0)
-                    }
-                    _ => return Err(NOT_OURS),
-                };
-                if n > 0 {
-                    let v = be(b, i, n)?;
-                    i += n;
-                    if v < min {
-                        return Err(NOT_OURS);
-                    }
-                    match m {
-                        0xc4..=0xc6 => payload = Some((v, false)),
-                        0xd9..=0xdb => payload = Some((v, true)),
-                        0xdc | 0xdd => items = Some(v),
-                        0xde | 0xdf => items = Some(2 * v),
-                        _ => {}
-                    }
+                let (n, written_for, then) = field_form(m).ok_or(NOT_OURS)?;
+                let v = read_be(b, i, n).ok_or("truncated")?;
+                i += n;
+                if !written_for.contains(&v) {
+                    return Err(NOT_OURS);
+                }
+                match then {
+                    Then::Nothing => (None, None),
+                    Then::Str => (None, Some((v, true))),
+                    Then::Bin => (None, Some((v, false))),
+                    Then::Array => (Some(v), None),
+                    Then::Map => (Some(2 * v), None),
                 }
             }
-        }
+        };
         if let Some((n, is_str)) = payload {
             let end = usize::try_from(n)
                 .ok()
@@ -282,13 +288,11 @@ fn scan_has_nul(b: &[u8]) -> bool {
         let n = if len_bytes == 0 {
             usize::from(m & 0x1f)
         } else {
-            let Some(field) = b.get(i..i + len_bytes) else {
+            let Some(n) = read_be(b, i, len_bytes) else {
                 return true;
             };
             i += len_bytes;
-            field
-                .iter()
-                .fold(0usize, |acc, &x| (acc << 8) | usize::from(x))
+            n as usize
         };
         let Some(data) = b.get(i..i.saturating_add(n)) else {
             return true;

@@ -133,18 +133,6 @@ pub struct Sample {
     pub extra: Vec<(String, Value)>,
 }
 
-/// One field of a sample's message map, borrowed ([`Sample::to_value`]).
-#[derive(Clone, Copy)]
-enum Field<'a> {
-    Str(&'a str),
-    /// nil when `None`.
-    Opt(Option<&'a str>),
-    Volume(Volume),
-    Metadata(&'a Metadata),
-    /// nil when `None`.
-    Float(Option<f64>),
-}
-
 /// The fields [`Sample`] types, in the order ceilometer's `meter_message_from_counter` builds
 /// them (and [`Sample::to_value`] writes them).
 pub const FIELDS: [&str; 15] = [
@@ -338,55 +326,36 @@ impl Sample {
         Sample::from_value(decode_value_with(bytes, limits)?)
     }
 
-    /// The fields of [`Sample::to_value`]'s map, borrowed, in the order ceilometer's
-    /// `meter_message_from_counter` builds them (`FIELDS`); the signature only when present,
-    /// `extra` not included.
-    fn fields(&self) -> impl Iterator<Item = (&'static str, Field<'_>)> + Clone {
-        [
-            ("source", Field::Str(&self.source)),
-            ("counter_name", Field::Str(&self.counter_name)),
-            ("counter_type", Field::Str(self.counter_type.as_str())),
-            ("counter_unit", Field::Str(&self.counter_unit)),
-            ("counter_volume", Field::Volume(self.counter_volume)),
-            ("user_id", Field::Opt(self.user_id.as_deref())),
-            ("user_name", Field::Opt(self.user_name.as_deref())),
-            ("project_id", Field::Opt(self.project_id.as_deref())),
-            ("project_name", Field::Opt(self.project_name.as_deref())),
-            ("resource_id", Field::Str(&self.resource_id)),
-            ("timestamp", Field::Str(&self.timestamp)),
-            (
-                "resource_metadata",
-                Field::Metadata(&self.resource_metadata),
-            ),
-            ("message_id", Field::Str(&self.message_id)),
-            ("monotonic_time", Field::Float(self.monotonic_time)),
-        ]
-        .into_iter()
-        .chain(
-            self.message_signature
-                .as_deref()
-                .map(|sig| (SIGNATURE_FIELD, Field::Str(sig))),
-        )
-    }
-
     /// The message map ceilometer would send for this sample, in its field order; `None`
     /// optionals become nil (as ceilometer sends them), `message_signature` is left out when
     /// absent, and `extra` follows.
     pub fn to_value(&self) -> Value {
         let s = |v: &str| Value::Str(v.to_owned());
+        let opt = |v: &Option<String>| v.as_deref().map_or(Value::Nil, s);
         let mut pairs: Vec<(Value, Value)> = Vec::with_capacity(FIELDS.len() + self.extra.len());
-        for (k, f) in self.fields() {
-            let v = match f {
-                Field::Str(v) => s(v),
-                Field::Opt(v) => v.map_or(Value::Nil, s),
-                Field::Volume(v) => v.to_value(),
-                Field::Metadata(m) => m.value(),
-                Field::Float(v) => v.map_or(Value::Nil, Value::Float),
-            };
-            pairs.push((s(k), v));
+        let mut put = |k: &str, v: Value| pairs.push((s(k), v));
+        put("source", s(&self.source));
+        put("counter_name", s(&self.counter_name));
+        put("counter_type", s(self.counter_type.as_str()));
+        put("counter_unit", s(&self.counter_unit));
+        put("counter_volume", self.counter_volume.to_value());
+        put("user_id", opt(&self.user_id));
+        put("user_name", opt(&self.user_name));
+        put("project_id", opt(&self.project_id));
+        put("project_name", opt(&self.project_name));
+        put("resource_id", s(&self.resource_id));
+        put("timestamp", s(&self.timestamp));
+        put("resource_metadata", self.resource_metadata.value());
+        put("message_id", s(&self.message_id));
+        put(
+            "monotonic_time",
+            self.monotonic_time.map_or(Value::Nil, Value::Float),
+        );
+        if let Some(sig) = &self.message_signature {
+            put(SIGNATURE_FIELD, s(sig));
         }
         for (k, v) in &self.extra {
-            pairs.push((s(k), v.clone()));
+            put(k, v.clone());
         }
         Value::Map(pairs)
     }
